@@ -1,0 +1,571 @@
+// SPDX-License-Identifier: MIT
+// pytest-memleak-ebpf: allocator uprobes + process-lifecycle tracepoints.
+//
+// One program per pytest session (compiled by BCC). Userspace marks the
+// pytest process as a ROOT in `tracked`; every process the root (or a tracked
+// process) creates while a test runs is tracked from birth, in the kernel.
+//
+// Accounting contract, per process image (a new image starts at exec):
+//   live blocks  = blocks the process allocated itself since its last exec
+//                  and has not freed; keyed by (tgid, address)
+//   hand-off     = allocator arguments from entry to return, keyed by
+//                  (thread, function) so nested calls and threads never collide
+//   stacks       = user stacks captured at the allocator's return, as
+//                  build-id + file offset frames (resolvable after exit)
+//
+// Parameters substituted by the loader (tracer.py): MAX_BLOCKS, MAX_PROCS,
+// MAX_STACKS, MAX_HANDOFFS, STACK_DEPTH, RINGBUF_PAGES, EXE_LEN, and
+// HAVE_GROUP_DEAD when sched_process_exit has the group_dead field.
+
+#include <uapi/linux/ptrace.h>
+#include <linux/sched.h>
+
+#define FN_MALLOC          1
+#define FN_CALLOC          2
+#define FN_REALLOC         3
+#define FN_REALLOCARRAY    4
+#define FN_POSIX_MEMALIGN  5
+#define FN_MEMALIGN        6   /* also aligned_alloc */
+#define FN_VALLOC          7
+#define FN_PVALLOC         8
+
+#define TF_ROOT            1   /* the pytest process: children are tracked */
+#define TF_ALLOCS          2   /* record this process's own allocations */
+
+#define PF_EXITED          1
+#define PF_TERMINATED      2   /* exit code or fatal signal recorded */
+
+#define EV_EXEC            1
+#define EV_OPEN            2
+
+#define CTR_LOST_PROCS     0   /* tracked/procs map full: a process went untracked */
+#define CTR_LOST_EVENTS    1   /* ring buffer full: exec/open path not delivered */
+#define CTR_LOST_STACKS    2   /* stack map full */
+#define CTR_NCOUNTERS      4
+
+#ifndef BPF_F_USER_BUILD_ID
+#define BPF_F_USER_BUILD_ID (1ULL << 11)
+#endif
+#ifndef CLONE_THREAD
+#define CLONE_THREAD 0x00010000
+#endif
+#define O_CLOEXEC_FLAG 02000000
+
+/* Per tgid: the filter every probe hits first. */
+struct track_t {
+    u64 serial;          /* unique id of the current process image */
+    u32 test_id;         /* ROOT: current test (0 = none); else owning test */
+    u32 flags;           /* TF_* */
+    u32 nthreads;        /* live threads: the image ends when it reaches 0 */
+    u32 ppid;
+    u64 alloc_bytes;     /* lifetime totals of this image */
+    u64 alloc_blocks;
+    u64 free_blocks;
+    u64 lost_blocks;     /* live-block map full */
+    u64 lost_handoffs;   /* hand-off map full */
+    u64 lost_stacks;     /* stack not captured */
+};
+
+/* Per process image (keyed by serial): what outlives the process. */
+struct proc_t {
+    u64 serial;
+    u64 start_ns;
+    u64 exit_ns;
+    u64 alloc_bytes;
+    u64 alloc_blocks;
+    u64 free_blocks;
+    u64 lost_blocks;
+    u64 lost_handoffs;
+    u64 lost_stacks;
+    u32 tgid;
+    u32 ppid;
+    u32 test_id;
+    u32 uid;
+    u32 flags;           /* PF_* */
+    s32 exit_code;
+    s32 signal;
+    u32 execs;           /* number of execs before this image */
+    char comm[16];
+    char exe[EXE_LEN];
+};
+
+struct block_key_t {
+    u32 tgid;
+    u32 pad;
+    u64 addr;
+};
+
+struct block_t {
+    u64 size;
+    u64 ts;              /* bpf_ktime at record time */
+    u64 serial;          /* image that allocated it */
+    u64 stack;           /* hash of the captured stack, 0 = none */
+};
+
+struct handoff_key_t {
+    u32 tid;
+    u32 fn;
+};
+
+struct handoff_t {
+    u64 a0;
+    u64 a1;
+    u64 ts;
+};
+
+struct stack_t {
+    u32 nframes;
+    u32 pad;
+    struct bpf_stack_build_id frames[STACK_DEPTH];
+};
+
+struct event_t {
+    u32 type;
+    u32 tgid;
+    u64 serial;
+    char path[256];
+};
+
+BPF_HASH(tracked, u32, struct track_t, MAX_PROCS);
+BPF_F_TABLE("hash", u64, struct proc_t, procs, MAX_PROCS, BPF_F_NO_PREALLOC);
+BPF_F_TABLE("hash", struct block_key_t, struct block_t, blocks, MAX_BLOCKS, BPF_F_NO_PREALLOC);
+BPF_HASH(handoffs, struct handoff_key_t, struct handoff_t, MAX_HANDOFFS);
+BPF_F_TABLE("hash", u64, struct stack_t, stacks, MAX_STACKS, BPF_F_NO_PREALLOC);
+BPF_PERCPU_ARRAY(scratch, struct stack_t, 1);
+BPF_PERCPU_ARRAY(proc_scratch, struct proc_t, 1);
+BPF_ARRAY(counters, u64, CTR_NCOUNTERS);
+BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
+
+static __always_inline void count(u32 idx)
+{
+    u64 *c = counters.lookup(&idx);
+    if (c)
+        __sync_fetch_and_add(c, 1);
+}
+
+/* n * sz without overflow; ~0 when it overflows. (The opaque max stops
+ * clang from turning the check into a 128-bit multiply BPF lacks.) */
+static __always_inline u64 mul_or_max(u64 n, u64 sz)
+{
+    u64 max = ~0ULL;
+    asm volatile("" : "+r"(max));
+    if (sz && n > max / sz)
+        return ~0ULL;
+    return n * sz;
+}
+
+/* A unique id for a process image: monotonic time, made unique per CPU
+ * (an image is created by one task on one CPU at a time). */
+static __always_inline u64 next_serial(void)
+{
+    return (bpf_ktime_get_ns() << 8) | (bpf_get_smp_processor_id() & 0xff);
+}
+
+/* The filter: tracked image whose own allocations we record, else NULL. */
+static __always_inline struct track_t *allocs_tracked(u32 tgid)
+{
+    struct track_t *t = tracked.lookup(&tgid);
+    if (!t || !(t->flags & TF_ALLOCS))
+        return NULL;
+    return t;
+}
+
+/* ---- allocator probes ------------------------------------------------- */
+
+static __always_inline int gen_entry(u32 fn, u64 a0, u64 a1)
+{
+    u64 id = bpf_get_current_pid_tgid();
+    struct track_t *t = allocs_tracked(id >> 32);
+    if (!t)
+        return 0;
+    struct handoff_key_t k = {.tid = (u32)id, .fn = fn};
+    struct handoff_t h = {.a0 = a0, .a1 = a1, .ts = bpf_ktime_get_ns()};
+    if (handoffs.update(&k, &h) != 0)
+        __sync_fetch_and_add(&t->lost_handoffs, 1);
+    return 0;
+}
+
+/* Forget block `addr` if it existed before `before` (a nested call or
+ * another thread may already have re-used the address). */
+static __always_inline void forget_block(struct track_t *t, u32 tgid, u64 addr, u64 before)
+{
+    struct block_key_t k = {.tgid = tgid, .addr = addr};
+    struct block_t *b = blocks.lookup(&k);
+    if (!b || b->ts >= before || b->serial != t->serial)
+        return;
+    if (blocks.delete(&k) == 0)
+        __sync_fetch_and_add(&t->free_blocks, 1);
+}
+
+static __always_inline u64 capture_stack(struct pt_regs *ctx, struct track_t *t)
+{
+    u32 zero = 0;
+    struct stack_t *s = scratch.lookup(&zero);
+    if (!s)
+        return 0;
+    long len = bpf_get_stack(ctx, s->frames, sizeof(s->frames),
+                             BPF_F_USER_STACK | BPF_F_USER_BUILD_ID);
+    if (len <= 0) {
+        __sync_fetch_and_add(&t->lost_stacks, 1);
+        return 0;
+    }
+    u32 n = len / sizeof(struct bpf_stack_build_id);
+    s->nframes = n;
+    u64 h = 0xcbf29ce484222325ULL ^ n;
+    for (int i = 0; i < STACK_DEPTH; i++) {
+        if (i >= n)
+            break;
+        u64 *w = (u64 *)&s->frames[i];
+        h = (h ^ w[0]) * 0x100000001b3ULL;
+        h = (h ^ w[1]) * 0x100000001b3ULL;
+        h = (h ^ w[2]) * 0x100000001b3ULL;
+        h = (h ^ w[3]) * 0x100000001b3ULL;
+    }
+    if (h == 0)
+        h = 1;
+    if (!stacks.lookup(&h)) {
+        if (stacks.update(&h, s) != 0) {
+            __sync_fetch_and_add(&t->lost_stacks, 1);
+            count(CTR_LOST_STACKS);
+            return 0;
+        }
+    }
+    return h;
+}
+
+/* Record a new live block returned by an allocator call that began at `since`. */
+static __always_inline void record_block(struct pt_regs *ctx, struct track_t *t,
+                                         u32 tgid, u64 addr, u64 size, u64 since)
+{
+    struct block_key_t k = {.tgid = tgid, .addr = addr};
+    struct block_t *old = blocks.lookup(&k);
+    if (old && old->ts >= since && old->serial == t->serial)
+        return; /* already recorded by a nested allocator call */
+    struct block_t b = {.size = size, .ts = bpf_ktime_get_ns(), .serial = t->serial};
+    b.stack = capture_stack(ctx, t);
+    if (blocks.update(&k, &b) != 0) {
+        __sync_fetch_and_add(&t->lost_blocks, 1);
+        return;
+    }
+    __sync_fetch_and_add(&t->alloc_blocks, 1);
+    __sync_fetch_and_add(&t->alloc_bytes, size);
+}
+
+static __always_inline int gen_return(struct pt_regs *ctx, u32 fn)
+{
+    u64 id = bpf_get_current_pid_tgid();
+    u32 tgid = id >> 32;
+    struct handoff_key_t k = {.tid = (u32)id, .fn = fn};
+    struct handoff_t *hp = handoffs.lookup(&k);
+    if (!hp)
+        return 0;
+    struct handoff_t h = *hp;
+    handoffs.delete(&k);
+    struct track_t *t = allocs_tracked(tgid);
+    if (!t)
+        return 0;
+    u64 ret = PT_REGS_RC(ctx);
+
+    switch (fn) {
+    case FN_MALLOC:
+    case FN_VALLOC:
+        if (ret)
+            record_block(ctx, t, tgid, ret, h.a0, h.ts);
+        break;
+    case FN_PVALLOC: {
+        /* glibc rounds the request up to whole pages */
+        u64 page = 4096;
+        u64 sz = (h.a0 + page - 1) & ~(page - 1);
+        if (sz == 0)
+            sz = page;
+        if (ret)
+            record_block(ctx, t, tgid, ret, sz, h.ts);
+        break;
+    }
+    case FN_CALLOC: {
+        u64 total = mul_or_max(h.a0, h.a1);
+        if (ret && total != ~0ULL)
+            record_block(ctx, t, tgid, ret, total, h.ts);
+        break;
+    }
+    case FN_MEMALIGN:
+        if (ret)
+            record_block(ctx, t, tgid, ret, h.a1, h.ts);
+        break;
+    case FN_REALLOC:
+    case FN_REALLOCARRAY: {
+        /* a0 = old pointer, a1 = new size (overflow already folded to ~0) */
+        u64 oldp = h.a0, sz = h.a1;
+        if (ret) {
+            if (oldp)
+                forget_block(t, tgid, oldp, h.ts);
+            record_block(ctx, t, tgid, ret, sz, h.ts);
+        } else if (oldp && sz == 0) {
+            forget_block(t, tgid, oldp, h.ts); /* realloc(p, 0) frees */
+        }
+        /* ret == 0 && sz != 0: failed, the old block stays */
+        break;
+    }
+    case FN_POSIX_MEMALIGN: {
+        /* a0 = void **memptr, a1 = size; returns 0 on success */
+        if ((int)ret == 0) {
+            u64 p = 0;
+            if (bpf_probe_read_user(&p, sizeof(p), (void *)h.a0) == 0 && p)
+                record_block(ctx, t, tgid, p, h.a1, h.ts);
+        }
+        break;
+    }
+    }
+    return 0;
+}
+
+int malloc_entry(struct pt_regs *ctx)         { return gen_entry(FN_MALLOC, PT_REGS_PARM1(ctx), 0); }
+int malloc_return(struct pt_regs *ctx)        { return gen_return(ctx, FN_MALLOC); }
+int calloc_entry(struct pt_regs *ctx)         { return gen_entry(FN_CALLOC, PT_REGS_PARM1(ctx), PT_REGS_PARM2(ctx)); }
+int calloc_return(struct pt_regs *ctx)        { return gen_return(ctx, FN_CALLOC); }
+int realloc_entry(struct pt_regs *ctx)        { return gen_entry(FN_REALLOC, PT_REGS_PARM1(ctx), PT_REGS_PARM2(ctx)); }
+int realloc_return(struct pt_regs *ctx)       { return gen_return(ctx, FN_REALLOC); }
+int reallocarray_entry(struct pt_regs *ctx)
+{
+    return gen_entry(FN_REALLOCARRAY, PT_REGS_PARM1(ctx),
+                     mul_or_max(PT_REGS_PARM2(ctx), PT_REGS_PARM3(ctx)));
+}
+int reallocarray_return(struct pt_regs *ctx)  { return gen_return(ctx, FN_REALLOCARRAY); }
+int posix_memalign_entry(struct pt_regs *ctx) { return gen_entry(FN_POSIX_MEMALIGN, PT_REGS_PARM1(ctx), PT_REGS_PARM3(ctx)); }
+int posix_memalign_return(struct pt_regs *ctx){ return gen_return(ctx, FN_POSIX_MEMALIGN); }
+int memalign_entry(struct pt_regs *ctx)       { return gen_entry(FN_MEMALIGN, PT_REGS_PARM1(ctx), PT_REGS_PARM2(ctx)); }
+int memalign_return(struct pt_regs *ctx)      { return gen_return(ctx, FN_MEMALIGN); }
+int valloc_entry(struct pt_regs *ctx)         { return gen_entry(FN_VALLOC, PT_REGS_PARM1(ctx), 0); }
+int valloc_return(struct pt_regs *ctx)        { return gen_return(ctx, FN_VALLOC); }
+int pvalloc_entry(struct pt_regs *ctx)        { return gen_entry(FN_PVALLOC, PT_REGS_PARM1(ctx), 0); }
+int pvalloc_return(struct pt_regs *ctx)       { return gen_return(ctx, FN_PVALLOC); }
+
+/* free is entry-only; the loader may place it after the prologue's
+ * single-stepped instructions (argument registers intact there). */
+int free_entry(struct pt_regs *ctx)
+{
+    u64 id = bpf_get_current_pid_tgid();
+    u32 tgid = id >> 32;
+    struct track_t *t = allocs_tracked(tgid);
+    if (!t)
+        return 0;
+    u64 addr = PT_REGS_PARM1(ctx);
+    if (!addr)
+        return 0;
+    struct block_key_t k = {.tgid = tgid, .addr = addr};
+    if (blocks.delete(&k) == 0)
+        __sync_fetch_and_add(&t->free_blocks, 1);
+    return 0;
+}
+
+/* ---- process lifecycle ------------------------------------------------ */
+
+static __always_inline void fill_proc(struct proc_t *p, struct track_t *t, u32 tgid)
+{
+    p->serial = t->serial;
+    p->start_ns = bpf_ktime_get_ns();
+    p->tgid = tgid;
+    p->ppid = t->ppid;
+    p->test_id = t->test_id;
+    p->uid = (u32)bpf_get_current_uid_gid();
+    bpf_get_current_comm(&p->comm, sizeof(p->comm));
+}
+
+/* New tasks: a thread of a tracked image, or a process created by a root or
+ * by a tracked process. Runs in the parent's context. */
+TRACEPOINT_PROBE(task, task_newtask)
+{
+    u32 tgid = bpf_get_current_pid_tgid() >> 32;
+    struct track_t *parent = tracked.lookup(&tgid);
+    if (!parent)
+        return 0;
+    if (args->clone_flags & CLONE_THREAD) {
+        if (!(parent->flags & TF_ROOT))
+            __sync_fetch_and_add(&parent->nthreads, 1);
+        return 0;
+    }
+    if (parent->test_id == 0)
+        return 0;           /* root between tests */
+    u32 child = args->pid;
+    struct track_t t = {};
+    t.serial = next_serial();
+    t.test_id = parent->test_id;
+    t.flags = TF_ALLOCS;
+    t.nthreads = 1;
+    t.ppid = tgid;
+    if (tracked.update(&child, &t) != 0) {
+        count(CTR_LOST_PROCS);
+        return 0;
+    }
+    u32 zero = 0;
+    struct proc_t *p = proc_scratch.lookup(&zero);
+    if (!p)
+        return 0;
+    __builtin_memset(p, 0, sizeof(*p));
+    fill_proc(p, &t, child);
+    p->tgid = child;
+    /* until exec the child runs the parent's image */
+    if (parent->flags & TF_ROOT) {
+        p->exe[0] = 0;
+    } else {
+        u64 ps = parent->serial;
+        struct proc_t *pp = procs.lookup(&ps);
+        if (pp) {
+            p->execs = pp->execs;
+            bpf_probe_read_kernel(p->exe, sizeof(p->exe), pp->exe);
+        }
+    }
+    if (procs.update(&t.serial, p) != 0) {
+        count(CTR_LOST_PROCS);
+        tracked.delete(&child);
+    }
+    return 0;
+}
+
+/* exec: the old image's records vanish, a new image (serial) begins. */
+TRACEPOINT_PROBE(sched, sched_process_exec)
+{
+    u32 tgid = bpf_get_current_pid_tgid() >> 32;
+    struct track_t *t = tracked.lookup(&tgid);
+    if (!t || (t->flags & TF_ROOT))
+        return 0;
+    u64 old = t->serial;
+    u32 execs = 0;
+    struct proc_t *op = procs.lookup(&old);
+    if (op)
+        execs = op->execs + 1;
+    procs.delete(&old);
+    t->serial = next_serial();
+    t->nthreads = 1;
+    t->alloc_bytes = 0;
+    t->alloc_blocks = 0;
+    t->free_blocks = 0;
+    t->lost_blocks = 0;
+    t->lost_handoffs = 0;
+    t->lost_stacks = 0;
+
+    u32 zero = 0;
+    struct proc_t *p = proc_scratch.lookup(&zero);
+    if (!p)
+        return 0;
+    __builtin_memset(p, 0, sizeof(*p));
+    fill_proc(p, t, tgid);
+    p->execs = execs;
+    unsigned short loc = args->data_loc_filename & 0xFFFF;
+    bpf_probe_read_kernel_str(p->exe, sizeof(p->exe), (void *)args + loc);
+    if (procs.update(&t->serial, p) != 0)
+        count(CTR_LOST_PROCS);
+
+    struct event_t *e = events.ringbuf_reserve(sizeof(struct event_t));
+    if (!e) {
+        count(CTR_LOST_EVENTS);
+        return 0;
+    }
+    e->type = EV_EXEC;
+    e->tgid = tgid;
+    e->serial = t->serial;
+    bpf_probe_read_kernel_str(e->path, sizeof(e->path), (void *)args + loc);
+    events.ringbuf_submit(e, 0);
+    return 0;
+}
+
+/* The dynamic loader opens libraries O_RDONLY|O_CLOEXEC: their paths let the
+ * symbolizer find modules by build id after the process is gone. */
+TRACEPOINT_PROBE(syscalls, sys_enter_openat)
+{
+    if (args->flags != O_CLOEXEC_FLAG)
+        return 0;
+    u32 tgid = bpf_get_current_pid_tgid() >> 32;
+    struct track_t *t = tracked.lookup(&tgid);
+    if (!t || (t->flags & TF_ROOT))
+        return 0;
+    struct event_t *e = events.ringbuf_reserve(sizeof(struct event_t));
+    if (!e) {
+        count(CTR_LOST_EVENTS);
+        return 0;
+    }
+    e->type = EV_OPEN;
+    e->tgid = tgid;
+    e->serial = t->serial;
+    if (bpf_probe_read_user_str(e->path, sizeof(e->path), (void *)args->filename) < 0)
+        e->path[0] = 0;
+    events.ringbuf_submit(e, 0);
+    return 0;
+}
+
+static __always_inline void set_terminal(u32 tgid, s32 code, s32 sig)
+{
+    struct track_t *t = tracked.lookup(&tgid);
+    if (!t || (t->flags & TF_ROOT))
+        return;
+    u64 s = t->serial;
+    struct proc_t *p = procs.lookup(&s);
+    if (!p || (p->flags & PF_TERMINATED))
+        return;
+    p->exit_code = code;
+    p->signal = sig;
+    p->flags |= PF_TERMINATED;
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_exit_group)
+{
+    set_terminal(bpf_get_current_pid_tgid() >> 32, (s32)(args->error_code & 0xff), 0);
+    return 0;
+}
+
+/* A signal whose default action terminates the process, delivered with
+ * SIG_DFL (or SIGKILL): the process dies of it. */
+TRACEPOINT_PROBE(signal, signal_deliver)
+{
+    int sig = args->sig;
+    if (sig != 9 && args->sa_handler != 0)
+        return 0;
+    switch (sig) {
+    case 17: /* SIGCHLD */
+    case 18: /* SIGCONT */
+    case 19: /* SIGSTOP */
+    case 20: /* SIGTSTP */
+    case 21: /* SIGTTIN */
+    case 22: /* SIGTTOU */
+    case 23: /* SIGURG */
+    case 28: /* SIGWINCH */
+        return 0;
+    }
+    if (sig <= 0 || sig > 64)
+        return 0;
+    set_terminal(bpf_get_current_pid_tgid() >> 32, -1, sig);
+    return 0;
+}
+
+/* The image ends when its last thread exits. */
+TRACEPOINT_PROBE(sched, sched_process_exit)
+{
+    u32 tgid = bpf_get_current_pid_tgid() >> 32;
+    struct track_t *t = tracked.lookup(&tgid);
+    if (!t || (t->flags & TF_ROOT))
+        return 0;
+#ifdef HAVE_GROUP_DEAD
+    if (!args->group_dead)
+        return 0;
+#else
+    /* Older kernels: count threads. Two last threads racing may both see 0;
+     * finalising twice writes the same values. */
+    __sync_fetch_and_add(&t->nthreads, -1);
+    if (t->nthreads != 0)
+        return 0;
+#endif
+    u64 s = t->serial;
+    struct proc_t *p = procs.lookup(&s);
+    if (p) {
+        p->exit_ns = bpf_ktime_get_ns();
+        p->flags |= PF_EXITED;
+        p->alloc_bytes = t->alloc_bytes;
+        p->alloc_blocks = t->alloc_blocks;
+        p->free_blocks = t->free_blocks;
+        p->lost_blocks = t->lost_blocks;
+        p->lost_handoffs = t->lost_handoffs;
+        p->lost_stacks = t->lost_stacks;
+    }
+    tracked.delete(&tgid);
+    return 0;
+}

@@ -1,0 +1,394 @@
+"""The tracer: compile and load the BPF program once (BCC), attach the allocator
+uprobes and process tracepoints, and read/clear the maps per test.
+
+Everything this module returns is made of builtin types; the accounting and
+reporting layers never see BCC or ctypes objects.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+from . import placement as _placement
+
+# Allocator functions: name -> (argument registers the entry reads, has return probe)
+ALLOCATORS: dict[str, tuple[tuple[str, ...], bool]] = {
+    "malloc": (("rdi",), True),
+    "calloc": (("rdi", "rsi"), True),
+    "realloc": (("rdi", "rsi"), True),
+    "reallocarray": (("rdi", "rsi", "rdx"), True),
+    "posix_memalign": (("rdi", "rsi", "rdx"), True),
+    "aligned_alloc": (("rdi", "rsi"), True),
+    "memalign": (("rdi", "rsi"), True),
+    "valloc": (("rdi",), True),
+    "pvalloc": (("rdi",), True),
+    "free": (("rdi",), False),
+}
+# BPF function prefix per allocator (aligned_alloc has memalign's signature)
+_BPF_FN = {"aligned_alloc": "memalign"}
+
+TF_ROOT, TF_ALLOCS = 1, 2
+PF_EXITED, PF_TERMINATED = 1, 2
+EV_EXEC, EV_OPEN = 1, 2
+CTR_LOST_PROCS, CTR_LOST_EVENTS, CTR_LOST_STACKS = 0, 1, 2
+BUILD_ID_VALID, BUILD_ID_IP = 1, 2
+
+
+@dataclass
+class TracerConfig:
+    max_blocks: int = 1 << 20
+    max_procs: int = 1 << 15
+    max_stacks: int = 1 << 15
+    max_handoffs: int = 1 << 14
+    stack_depth: int = 32
+    ringbuf_pages: int = 512
+    exe_len: int = 256
+
+
+@dataclass
+class ProbeInfo:
+    function: str
+    library: str
+    offset: int
+    instruction: str
+    emulated: bool
+    return_probe: bool
+    aliases: tuple[str, ...] = ()
+
+
+@dataclass
+class RawTest:
+    """Everything the maps held for one test, as builtin types."""
+
+    processes: list[dict] = field(default_factory=list)
+    blocks: dict[int, list[tuple[int, int]]] = field(default_factory=dict)  # serial -> [(size, stack)]
+    stacks: dict[int, list[tuple[int, str | None, int]]] = field(default_factory=dict)  # hash -> frames
+    paths: dict[int, list[str]] = field(default_factory=dict)  # serial -> exec/open paths
+    lost_procs: int = 0
+    lost_events: int = 0
+
+
+def bpf_source_path() -> Path:
+    """The BPF C source, shipped inside the package (or the checkout's bpf/)."""
+    try:
+        p = resources.files("pytest_memleak_ebpf").joinpath("bpf/memleak.bpf.c")
+        if p.is_file():
+            return Path(str(p))
+    except (ModuleNotFoundError, FileNotFoundError):
+        pass
+    p = Path(__file__).resolve().parent.parent / "bpf" / "memleak.bpf.c"
+    if p.is_file():
+        return p
+    raise FileNotFoundError("memleak.bpf.c is missing from the installation (expected in pytest_memleak_ebpf/bpf/)")
+
+
+def find_libc() -> str:
+    """The libc this process maps (the one dynamically linked programs load)."""
+    with open("/proc/self/maps") as f:
+        for line in f:
+            parts = line.split()
+            if len(parts) >= 6 and os.path.basename(parts[5]).startswith("libc.so"):
+                return os.path.realpath(parts[5])
+    for cand in ("/lib/x86_64-linux-gnu/libc.so.6", "/lib64/libc.so.6", "/usr/lib64/libc.so.6"):
+        if os.path.exists(cand):
+            return os.path.realpath(cand)
+    raise FileNotFoundError("libc.so.6 not found")
+
+
+def _tracepoint_has_field(event: str, name: str) -> bool:
+    for d in ("/sys/kernel/tracing", "/sys/kernel/debug/tracing"):
+        try:
+            with open(f"{d}/events/{event}/format") as f:
+                return any(f" {name};" in line for line in f)
+        except OSError:
+            continue
+    return False
+
+
+def _int(v) -> int:
+    return int(getattr(v, "value", v))
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+class Tracer:
+    def __init__(self, config: TracerConfig | None = None, *, libc: str | None = None):
+        from .bccloader import load_bcc
+
+        self.config = config or TracerConfig()
+        bcc = load_bcc()
+        t0 = time.monotonic()
+        c = self.config
+        cflags = [
+            f"-DMAX_BLOCKS={int(c.max_blocks)}",
+            f"-DMAX_PROCS={int(c.max_procs)}",
+            f"-DMAX_STACKS={int(c.max_stacks)}",
+            f"-DMAX_HANDOFFS={int(c.max_handoffs)}",
+            f"-DSTACK_DEPTH={int(c.stack_depth)}",
+            f"-DRINGBUF_PAGES={_pow2(c.ringbuf_pages)}",
+            f"-DEXE_LEN={int(c.exe_len)}",
+            "-Wno-macro-redefined",
+        ]
+        if _tracepoint_has_field("sched/sched_process_exit", "group_dead"):
+            cflags.append("-DHAVE_GROUP_DEAD=1")
+        self.bpf = bcc.BPF(src_file=str(bpf_source_path()).encode(), cflags=cflags)
+        self.libc = libc or find_libc()
+        self.probes: list[ProbeInfo] = []
+        self._attach_allocators()
+        self.tracepoints = sum(1 for _ in self.bpf.tracepoint_fds)
+        self.load_seconds = time.monotonic() - t0
+        self._tracked = self.bpf["tracked"]
+        self._procs = self.bpf["procs"]
+        self._blocks = self.bpf["blocks"]
+        self._stacks = self.bpf["stacks"]
+        self._counters = self.bpf["counters"]
+        self._paths: dict[int, list[str]] = {}
+        self._roots: dict[int, str] = {}
+        self._lock = threading.Lock()
+        self._closed = False
+        self._test_id = 0
+        self._counter_base = self._read_counters()
+        self.bpf["events"].open_ring_buffer(self._on_event)
+        self._poller = threading.Thread(target=self._poll_loop, name="memleak-ebpf-events", daemon=True)
+        self._poller.start()
+
+    # -- set-up ---------------------------------------------------------
+
+    def _attach_allocators(self) -> None:
+        wanted = {name: regs for name, (regs, _) in ALLOCATORS.items()}
+        placed = _placement.place_probes(self.libc, wanted)
+        seen_addresses: set[int] = set()
+        for name, (regs, has_return) in ALLOCATORS.items():
+            sp = placed.get(name)
+            if sp is None or sp.address in seen_addresses:
+                continue  # not in this libc, or an alias already probed
+            seen_addresses.add(sp.address)
+            prefix = _BPF_FN.get(name, name)
+            if has_return:
+                # the return probe hijacks the return address at the entry,
+                # so both probes sit on the function's first instruction
+                off = 0
+                self.bpf.attach_uprobe(name=self.libc.encode(), sym=name.encode(), fn_name=f"{prefix}_entry".encode())
+                self.bpf.attach_uretprobe(name=self.libc.encode(), sym=name.encode(), fn_name=f"{prefix}_return".encode())
+                insn = sp.entry_instruction if hasattr(sp, "entry_instruction") else ""
+                emulated = bool(getattr(sp, "entry_emulated", False))
+            else:
+                off = sp.placement.offset
+                self.bpf.attach_uprobe(name=self.libc.encode(), sym=name.encode(), sym_off=off,
+                                       fn_name=f"{prefix}_entry".encode())
+                insn = sp.placement.insn
+                emulated = sp.placement.emulated
+            self.probes.append(ProbeInfo(name, self.libc, off, insn, emulated, has_return, tuple(sp.aliases)))
+
+    @property
+    def probe_count(self) -> int:
+        return len(self.bpf.uprobe_fds) + self.tracepoints
+
+    # -- events -----------------------------------------------------------
+
+    def _on_event(self, ctx, data, size) -> None:
+        ev = self.bpf["events"].event(data)
+        path = ev.path.decode("utf-8", "surrogateescape")
+        if not path:
+            return
+        tgid = int(ev.tgid)
+        if not path.startswith("/"):
+            path = self._absolutize(tgid, path, ev.type == EV_EXEC)
+        self._paths.setdefault(int(ev.serial), []).append(path)
+
+    def _absolutize(self, tgid: int, path: str, is_exec: bool) -> str:
+        if is_exec:
+            try:
+                return os.readlink(f"/proc/{tgid}/exe")
+            except OSError:
+                pass
+        try:
+            cwd = os.readlink(f"/proc/{tgid}/cwd")
+        except OSError:
+            cwd = os.getcwd()
+        return os.path.normpath(os.path.join(cwd, path))
+
+    def _poll_loop(self) -> None:
+        while not self._closed:
+            with self._lock:
+                if self._closed:
+                    return
+                try:
+                    self.bpf.ring_buffer_poll(timeout=0)
+                except Exception:
+                    pass
+            time.sleep(0.02)
+
+    # -- per test -------------------------------------------------------
+
+    def add_root(self, tgid: int) -> None:
+        """Track processes that `tgid` creates during tests."""
+        self._roots[tgid] = ""
+        self._set_root(tgid, 0)
+
+    def _set_root(self, tgid: int, test_id: int) -> None:
+        key = self._tracked.Key(tgid)
+        leaf = self._tracked.Leaf()
+        leaf.test_id = test_id
+        leaf.flags = TF_ROOT
+        leaf.nthreads = 0
+        self._tracked[key] = leaf
+
+    def begin_test(self) -> int:
+        self._test_id += 1
+        for tgid in self._roots:
+            self._set_root(tgid, self._test_id)
+        return self._test_id
+
+    def _read_counters(self) -> list[int]:
+        return [int(v.value) for v in self._counters.values()]
+
+    def end_test(self, test_id: int) -> RawTest:
+        """Stop attributing new processes to the test and collect its records.
+
+        Processes of the test still running are reported as running and
+        stop being tracked, so they never reach another test's figures.
+        """
+        for tgid in self._roots:
+            self._set_root(tgid, 0)
+        raw = RawTest()
+        with self._lock:
+            try:
+                self.bpf.ring_buffer_consume()
+            except Exception:
+                pass
+            running = self._untrack_test(test_id)
+            procs: dict[int, dict] = {}
+            for k, v in list(self._procs.items()):
+                serial = _int(k)
+                if int(v.test_id) != test_id:
+                    # left over from an earlier test (a process forked while that
+                    # test was being collected): drop it
+                    if int(v.test_id) < test_id:
+                        self._delete(self._procs, k)
+                    continue
+                procs[serial] = self._proc_dict(v, running.get(serial))
+                self._delete(self._procs, k)
+            blocks: dict[int, list[tuple[int, int]]] = {}
+            for k, v in self._drain(self._blocks):
+                serial = int(v.serial)
+                if serial in procs:
+                    blocks.setdefault(serial, []).append((int(v.size), int(v.stack)))
+            wanted = {h for bl in blocks.values() for _, h in bl if h}
+            stacks: dict[int, list] = {}
+            for k, v in self._drain(self._stacks):
+                h = _int(k)
+                if h in wanted:
+                    stacks[h] = self._frames(v)
+            paths = {s: self._paths.pop(s) for s in list(self._paths) if s in procs}
+            # paths of images we will never report (exec'd away, other tests)
+            self._paths = {s: p for s, p in self._paths.items() if s > max(procs, default=0)}
+        counters = self._read_counters()
+        raw.lost_procs = counters[CTR_LOST_PROCS] - self._counter_base[CTR_LOST_PROCS]
+        raw.lost_events = counters[CTR_LOST_EVENTS] - self._counter_base[CTR_LOST_EVENTS]
+        self._counter_base = counters
+        raw.processes = sorted(procs.values(), key=lambda p: p["serial"])
+        raw.blocks = blocks
+        raw.stacks = stacks
+        raw.paths = paths
+        return raw
+
+    def _untrack_test(self, test_id: int) -> dict[int, dict]:
+        """Remove the test's still-running processes from `tracked`; return
+        their live counters by serial."""
+        running: dict[int, dict] = {}
+        for _ in range(3):
+            found = False
+            for k, v in list(self._tracked.items()):
+                if int(v.flags) & TF_ROOT or int(v.test_id) != test_id:
+                    continue
+                found = True
+                running[int(v.serial)] = {
+                    "alloc_bytes": int(v.alloc_bytes),
+                    "alloc_blocks": int(v.alloc_blocks),
+                    "free_blocks": int(v.free_blocks),
+                    "lost_blocks": int(v.lost_blocks),
+                    "lost_handoffs": int(v.lost_handoffs),
+                    "lost_stacks": int(v.lost_stacks),
+                }
+                self._delete(self._tracked, k)
+            if not found:
+                break
+        return running
+
+    @staticmethod
+    def _delete(table, key) -> None:
+        try:
+            del table[key]
+        except KeyError:
+            pass
+
+    @staticmethod
+    def _drain(table):
+        try:
+            items = list(table.items_lookup_and_delete_batch())
+        except Exception:
+            items = list(table.items())
+            for k, _ in items:
+                Tracer._delete(table, k)
+        return items
+
+    @staticmethod
+    def _proc_dict(v, running: dict | None) -> dict:
+        flags = int(v.flags)
+        d = {
+            "serial": int(v.serial),
+            "pid": int(v.tgid),
+            "ppid": int(v.ppid),
+            "uid": int(v.uid),
+            "comm": bytes(v.comm).split(b"\0", 1)[0].decode("utf-8", "replace"),
+            "exe_raw": bytes(v.exe).split(b"\0", 1)[0].decode("utf-8", "surrogateescape") or None,
+            "execs": int(v.execs),
+            "exited": bool(flags & PF_EXITED),
+            "exit_code": int(v.exit_code) if flags & PF_TERMINATED and int(v.signal) == 0 else None,
+            "signal": int(v.signal) if flags & PF_TERMINATED and int(v.signal) else None,
+            "start_ns": int(v.start_ns),
+            "exit_ns": int(v.exit_ns) or None,
+            "alloc_bytes": int(v.alloc_bytes),
+            "alloc_blocks": int(v.alloc_blocks),
+            "free_blocks": int(v.free_blocks),
+            "lost_blocks": int(v.lost_blocks),
+            "lost_handoffs": int(v.lost_handoffs),
+            "lost_stacks": int(v.lost_stacks),
+        }
+        if running is not None and not d["exited"]:
+            d.update(running)
+        d["running_at_test_end"] = not d["exited"]
+        return d
+
+    def _frames(self, v) -> list[tuple[int, str | None, int]]:
+        out = []
+        n = min(int(v.nframes), self.config.stack_depth)
+        for i in range(n):
+            f = v.frames[i]
+            status = int(f.status)
+            if status == BUILD_ID_VALID:
+                out.append((status, bytes(f.build_id).hex(), int(f.offset)))
+            elif status == BUILD_ID_IP:
+                out.append((status, None, int(f.ip)))
+            else:
+                break
+        return out
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        with self._lock:
+            try:
+                self.bpf.cleanup()
+            except Exception:
+                pass
