@@ -145,18 +145,18 @@ class Tracer:
         self._attach_allocators()
         self.tracepoints = sum(1 for _ in self.bpf.tracepoint_fds)
         self.load_seconds = time.monotonic() - t0
-        self._tracked = self.bpf["tracked"]
-        self._procs = self.bpf["procs"]
-        self._blocks = self.bpf["blocks"]
-        self._stacks = self.bpf["stacks"]
-        self._counters = self.bpf["counters"]
+        self._tracked = self.bpf[b"tracked"]
+        self._procs = self.bpf[b"procs"]
+        self._blocks = self.bpf[b"blocks"]
+        self._stacks = self.bpf[b"stacks"]
+        self._counters = self.bpf[b"counters"]
         self._paths: dict[int, list[str]] = {}
         self._roots: dict[int, str] = {}
         self._lock = threading.Lock()
         self._closed = False
         self._test_id = 0
         self._counter_base = self._read_counters()
-        self.bpf["events"].open_ring_buffer(self._on_event)
+        self.bpf[b"events"].open_ring_buffer(self._on_event)
         self._poller = threading.Thread(target=self._poll_loop, name="memleak-ebpf-events", daemon=True)
         self._poller.start()
 
@@ -195,7 +195,7 @@ class Tracer:
     # -- events -----------------------------------------------------------
 
     def _on_event(self, ctx, data, size) -> None:
-        ev = self.bpf["events"].event(data)
+        ev = self.bpf[b"events"].event(data)
         path = ev.path.decode("utf-8", "surrogateescape")
         if not path:
             return

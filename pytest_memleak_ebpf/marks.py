@@ -1,0 +1,87 @@
+"""The `leak_budget` marker: one pure function turning a marker (or the
+session default) into a Budget."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+from .sizes import SizeError, format_blocks, format_bytes, parse_count, parse_size
+
+MARKER = "leak_budget"
+MARKER_HELP = (
+    "leak_budget(limit, *, blocks=None): fail the test (with --ebpf-leaks) when the processes it "
+    "launches leak more than `limit` bytes (an int, or a string such as '4 KiB', '1.5 MiB'), or more "
+    "than `blocks` blocks; leak_budget(None) turns the check off for the test."
+)
+KNOWN_KEYWORDS = ("blocks",)
+
+
+class MarkerError(ValueError):
+    """A bad leak_budget marker; the message names the problem and the value."""
+
+
+@dataclass(frozen=True)
+class Budget:
+    bytes: int | None          # None: no byte limit
+    blocks: int | None         # None: no block limit
+    checked: bool = True       # False: leak_budget(None) — report, never fail
+    source: str = "default"    # "marker" | "option" | "ini" | "default"
+
+    def exceeded_by(self, leaked_bytes: int, leaked_blocks: int) -> bool:
+        if not self.checked:
+            return False
+        if self.bytes is not None and leaked_bytes > self.bytes:
+            return True
+        if self.blocks is not None and leaked_blocks > self.blocks:
+            return True
+        return False
+
+    def describe(self) -> str:
+        if not self.checked:
+            return "budget off"
+        parts = []
+        if self.bytes is not None:
+            parts.append(format_bytes(self.bytes))
+        if self.blocks is not None:
+            parts.append(format_blocks(self.blocks))
+        return "budget " + (", ".join(parts) if parts else "none")
+
+
+def budget_from_marker(args: Sequence[Any], kwargs: Mapping[str, Any], default: Budget) -> Budget:
+    """Budget for a test carrying `@pytest.mark.leak_budget(*args, **kwargs)`."""
+    unknown = sorted(set(kwargs) - set(KNOWN_KEYWORDS))
+    if unknown:
+        raise MarkerError(
+            f"leak_budget got unknown keyword argument(s) {', '.join(map(repr, unknown))} "
+            f"(known: {', '.join(KNOWN_KEYWORDS)})"
+        )
+    if len(args) > 1:
+        raise MarkerError(f"leak_budget takes one positional argument (the limit), got {len(args)}: {tuple(args)!r}")
+    if not args and "blocks" not in kwargs:
+        raise MarkerError("leak_budget needs a limit: leak_budget('4 KiB'), leak_budget(0), or leak_budget(None)")
+    blocks = None
+    if kwargs.get("blocks") is not None:
+        try:
+            blocks = parse_count(kwargs["blocks"])
+        except SizeError as exc:
+            raise MarkerError(f"leak_budget(blocks={kwargs['blocks']!r}): {exc}") from None
+    if not args:
+        return Budget(bytes=None, blocks=blocks, checked=True, source="marker")
+    limit = args[0]
+    if limit is None:
+        if blocks is not None:
+            return Budget(bytes=None, blocks=blocks, checked=True, source="marker")
+        return Budget(bytes=None, blocks=None, checked=False, source="marker")
+    try:
+        nbytes = parse_size(limit)
+    except SizeError as exc:
+        raise MarkerError(f"leak_budget({limit!r}): {exc}") from None
+    return Budget(bytes=nbytes, blocks=blocks, checked=True, source="marker")
+
+
+def resolve_budget(marker: Any | None, default: Budget) -> Budget:
+    """`marker` is the closest pytest Mark (or None)."""
+    if marker is None:
+        return default
+    return budget_from_marker(marker.args, marker.kwargs, default)

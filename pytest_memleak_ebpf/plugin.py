@@ -1,0 +1,297 @@
+"""pytest wiring: options, the leak_budget marker, hooks. The engine (tracer,
+accounting, reports) is imported only when --ebpf-leaks is on."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import pytest
+
+from .marks import MARKER, MARKER_HELP, Budget, MarkerError, resolve_budget
+from .sizes import SizeError, parse_count, parse_size
+
+PLUGIN_NAME = "memleak_ebpf_checker"
+budget_key = pytest.StashKey[Any]()      # Budget or MarkerError
+result_key = pytest.StashKey[Any]()      # TestLeakResult
+outcome_key = pytest.StashKey[str]()
+
+INCOMPLETE_CHOICES = ("error", "warn")
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("ebpf-leaks", "leak checking with eBPF (pytest-memleak-ebpf)")
+    group.addoption("--ebpf-leaks", action="store_true", default=None,
+                    help="check the processes each test launches for leaked malloc-family memory (needs root)")
+    group.addoption("--ebpf-leaks-budget", metavar="SIZE", default=None,
+                    help="leak budget of tests without a leak_budget marker, e.g. 0, 4096, '4 KiB' (default 0)")
+    group.addoption("--ebpf-leaks-json", metavar="PATH", default=None,
+                    help="write a JSON leak report (schema version 1) to PATH")
+    group.addoption("--ebpf-leaks-max-blocks", metavar="N", default=None,
+                    help="capacity of the live-block map (default 1048576)")
+    group.addoption("--ebpf-leaks-max-stacks", metavar="N", default=None,
+                    help="capacity of the stack map (default 32768)")
+    group.addoption("--ebpf-leaks-max-processes", metavar="N", default=None,
+                    help="how many processes can be tracked at once (default 32768)")
+    group.addoption("--ebpf-leaks-on-incomplete", metavar="error|warn", default=None,
+                    help="when tracking was incomplete (a map filled up): fail the test (error, default) or warn")
+    parser.addini("ebpf_leaks", type="bool", default=False, help="enable --ebpf-leaks")
+    parser.addini("ebpf_leaks_budget", default="0", help="default leak budget (size)")
+    parser.addini("ebpf_leaks_json", default="", help="JSON leak report path")
+    parser.addini("ebpf_leaks_max_blocks", default="", help="live-block map capacity")
+    parser.addini("ebpf_leaks_max_stacks", default="", help="stack map capacity")
+    parser.addini("ebpf_leaks_max_processes", default="", help="process map capacity")
+    parser.addini("ebpf_leaks_on_incomplete", default="error", help="error|warn")
+
+
+def _opt(config: pytest.Config, name: str) -> tuple[Any, str]:
+    """(value, where it came from) for option `name`, falling back to ini."""
+    value = config.getoption(name.replace("-", "_"))
+    if value is not None:
+        return value, f"--ebpf-leaks{name[len('ebpf_leaks'):]}".replace("_", "-")
+    ini = name
+    return config.getini(ini), f"ini option {ini}"
+
+
+def enabled(config: pytest.Config) -> bool:
+    value = config.getoption("ebpf_leaks")
+    if value is not None:
+        return bool(value)
+    return bool(config.getini("ebpf_leaks"))
+
+
+def _settings(config: pytest.Config):
+    from .engine import Settings
+
+    def size(name: str, default: str) -> int:
+        value, where = _opt(config, name)
+        if value in (None, ""):
+            value = default
+        try:
+            return parse_size(value)
+        except SizeError as exc:
+            raise pytest.UsageError(f"{where}: {exc}") from None
+
+    def capacity(name: str, default: int, minimum: int = 16) -> int:
+        value, where = _opt(config, name)
+        if value in (None, ""):
+            return default
+        try:
+            n = parse_count(value)
+        except SizeError as exc:
+            raise pytest.UsageError(f"{where}: {exc}") from None
+        if n < minimum or n > 1 << 26:
+            raise pytest.UsageError(f"{where}: {value!r} is out of range ({minimum} to {1 << 26})")
+        return n
+
+    on_incomplete, where = _opt(config, "ebpf_leaks_on_incomplete")
+    on_incomplete = on_incomplete or "error"
+    if on_incomplete not in INCOMPLETE_CHOICES:
+        raise pytest.UsageError(f"{where}: {on_incomplete!r} is not one of {', '.join(INCOMPLETE_CHOICES)}")
+    json_path, where = _opt(config, "ebpf_leaks_json")
+    json_path = json_path or None
+    if json_path:
+        d = os.path.dirname(os.path.abspath(json_path))
+        if not os.path.isdir(d) or not os.access(d, os.W_OK):
+            raise pytest.UsageError(f"{where}: cannot write {json_path!r} (directory {d!r} is missing or not writable)")
+    return Settings(
+        default_budget=Budget(bytes=size("ebpf_leaks_budget", "0"), blocks=None, checked=True, source="option"),
+        json_path=json_path,
+        max_blocks=capacity("ebpf_leaks_max_blocks", 1 << 20),
+        max_stacks=capacity("ebpf_leaks_max_stacks", 1 << 15),
+        max_processes=capacity("ebpf_leaks_max_processes", 1 << 15),
+        on_incomplete=on_incomplete,
+    )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", MARKER_HELP)
+    if not enabled(config):
+        return
+    settings = _settings(config)
+    if hasattr(config, "workerinput") or config.getoption("dist", "no") not in ("no", None):
+        pass  # xdist: each worker traces its own tests (see README)
+    from .bccloader import BCCNotFound
+    from .preflight import EnvironmentProblem, run_all
+
+    try:
+        run_all()
+        from .engine import LeakEngine
+
+        engine = LeakEngine(settings)
+    except (EnvironmentProblem, BCCNotFound) as exc:
+        raise pytest.UsageError(f"--ebpf-leaks cannot run: {exc}") from None
+    except Exception as exc:  # BCC compile/attach failure
+        raise pytest.UsageError(
+            f"--ebpf-leaks cannot run: loading the eBPF tracer failed: {exc}. Check that the kernel "
+            "headers match the running kernel (see scripts/setup-system.sh) and that the kernel has "
+            "uprobes and BTF."
+        ) from None
+    config.pluginmanager.register(LeakChecker(config, engine), PLUGIN_NAME)
+
+
+class LeakChecker:
+    """Hooks active only with --ebpf-leaks."""
+
+    def __init__(self, config: pytest.Config, engine):
+        self.config = config
+        self.engine = engine
+        self._collector = None
+
+    # -- header / collection ----------------------------------------------
+
+    def pytest_report_header(self, config: pytest.Config) -> list[str]:
+        info = self.engine.info
+        free = next((p for p in self.engine.tracer.probes if p.function == "free"), None)
+        placed = f", free probed at +{free.offset} ('{free.instruction}')" if free else ""
+        return [
+            f"ebpf-leaks: tracer ready: {info.probes} probes ({info.uprobes} allocator uprobes on "
+            f"{info.libc}{placed}), loaded in {info.load_seconds:.2f} s; default budget "
+            f"{self.engine.settings.default_budget.describe()[7:]}"
+        ]
+
+    def pytest_collection_modifyitems(self, items: list[pytest.Item]) -> None:
+        default = self.engine.settings.default_budget
+        for item in items:
+            marker = item.get_closest_marker(MARKER)
+            try:
+                item.stash[budget_key] = resolve_budget(marker, default)
+            except MarkerError as exc:
+                item.stash[budget_key] = MarkerError(f"{item.nodeid}: {exc}")
+
+    # -- per test ----------------------------------------------------------
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_runtest_setup(self, item: pytest.Item) -> None:
+        budget = item.stash.get(budget_key, None)
+        if isinstance(budget, MarkerError):
+            raise _MarkerFailure(str(budget))
+        self.engine.begin()
+
+    @pytest.hookimpl(hookwrapper=True)
+    def pytest_runtest_makereport(self, item: pytest.Item, call: pytest.CallInfo):
+        outcome = yield
+        report: pytest.TestReport = outcome.get_result()
+        if not self.engine.active():
+            return
+        if call.when == "call" or (call.when == "setup" and report.outcome != "passed"):
+            budget = item.stash.get(budget_key, self.engine.settings.default_budget)
+            result = self.engine.finish(item.nodeid, budget)
+            item.stash[result_key] = result
+            self._apply(item, report, result)
+
+    def _apply(self, item: pytest.Item, report: pytest.TestReport, result) -> None:
+        from .report import failure_text
+
+        props = [
+            ("leak_bytes", result.leaked.bytes),
+            ("leak_blocks", result.leaked.blocks),
+            ("leak_budget_bytes", result.budget.bytes if result.budget.checked and result.budget.bytes is not None else ""),
+            ("leak_processes", len(result.processes)),
+        ]
+        item.user_properties.extend(props)
+        incomplete_fails = bool(result.incomplete) and self.engine.settings.on_incomplete == "error"
+        if not (result.over_budget or incomplete_fails):
+            if result.incomplete:
+                item.warn(pytest.PytestWarning(f"{item.nodeid}: {result.incomplete_headline()}"))
+            if result.leaked.blocks and report.outcome != "skipped":
+                report.sections.append(("ebpf-leaks", failure_text(
+                    result, headline=f"leaked {result.leaked.bytes:,} B in {result.leaked.blocks:,} blocks "
+                                     f"(within {result.budget.describe()})")))
+            return
+        headline = result.headline() if result.over_budget else result.incomplete_headline()
+        text = failure_text(result, headline=headline)
+        if report.outcome == "passed" and report.when == "call":
+            report.outcome = "failed"
+            report.longrepr = LeakRepr(item, headline, text)
+        elif report.failed and hasattr(report.longrepr, "addsection"):
+            report.longrepr.addsection("ebpf leak report", text)
+        else:
+            report.sections.append(("ebpf leak report", text))
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        if self._collector is not None:
+            self._collector(report)
+
+    @pytest.hookimpl(hookwrapper=True)
+    def pytest_runtest_protocol(self, item: pytest.Item, nextitem):
+        reports: list[pytest.TestReport] = []
+
+        def collect(report):
+            if report.nodeid == item.nodeid:
+                reports.append(report)
+
+        self._collector = collect
+        try:
+            yield
+        finally:
+            self._collector = None
+            self.engine.abandon()
+        result = item.stash.get(result_key, None)
+        if result is not None:
+            self.engine.record_json(result, _outcome(reports))
+
+    def pytest_terminal_summary(self, terminalreporter, exitstatus, config) -> None:
+        from .report import summary_lines
+
+        lines = summary_lines(self.engine.results)
+        tr = terminalreporter
+        checked = len(self.engine.results)
+        leaked = sum(r.leaked.bytes for r in self.engine.results)
+        tr.write_sep("=", "ebpf leak summary")
+        tr.write_line(f"{checked} tests checked, {len(lines)} over budget or incomplete; "
+                      f"{leaked:,} B leaked in total; report time {self.engine.report_seconds:.2f} s")
+        for line in lines:
+            tr.write_line(line, red=True)
+        path = self.engine.settings.json_path
+        if path:
+            tr.write_line(f"JSON leak report: {path}")
+
+    def pytest_sessionfinish(self, session, exitstatus) -> None:
+        try:
+            self.engine.write_json()
+        except OSError as exc:
+            session.config.get_terminal_writer().line(
+                f"ebpf-leaks: could not write the JSON report {self.engine.settings.json_path!r}: {exc}", red=True)
+
+    def pytest_unconfigure(self, config) -> None:
+        self.engine.close()
+
+
+class _MarkerFailure(Exception):
+    """A bad leak_budget marker: fails that test's setup with a clear message."""
+
+
+def _outcome(reports: list[pytest.TestReport]) -> str:
+    by = {r.when: r for r in reports}
+    setup, call, teardown = by.get("setup"), by.get("call"), by.get("teardown")
+    if setup is not None and setup.failed:
+        return "error"
+    if setup is not None and setup.skipped:
+        return "skipped"
+    if call is not None and call.skipped:
+        return "skipped"
+    if call is not None and call.failed:
+        return "failed"
+    if teardown is not None and teardown.failed:
+        return "error"
+    return "passed"
+
+
+class LeakRepr:
+    """longrepr of a test failed by its leak budget: first line self-contained."""
+
+    def __init__(self, item: pytest.Item, headline: str, text: str):
+        from _pytest._code.code import ReprFileLocation
+
+        path, lineno, _ = item.location
+        self.reprcrash = ReprFileLocation(path, (lineno or 0) + 1, headline)
+        self.text = text
+        self.sections: list = []
+
+    def toterminal(self, tw) -> None:
+        for line in self.text.splitlines():
+            tw.line(line, red=line.startswith(("leak budget", "leak tracking", "INCOMPLETE")))
+
+    def __str__(self) -> str:
+        return self.text

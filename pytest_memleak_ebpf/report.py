@@ -1,0 +1,139 @@
+"""Reporting: the failure text (terminal and JUnit body), the end-of-run
+summary and the JSON report (schema version 1)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal as _signal
+import tempfile
+from typing import Iterable
+
+from .accounting import ProcessLeak, StackLeak, TestLeakResult
+from .sizes import format_blocks, format_bytes
+
+JSON_VERSION = 1
+
+
+def format_frame(f: dict) -> str:
+    module = f.get("module")
+    fn = f.get("function")
+    if fn:
+        off = f.get("offset")
+        s = f"{fn}+{off:#x}" if off is not None else fn
+        s += f" ({module})" if module else ""
+    elif module:
+        off = f.get("offset")
+        s = f"[unknown] ({module}+{off:#x})" if off is not None else f"[unknown] ({module})"
+    elif f.get("address") is not None:
+        s = f"{f['address']:#x} [unknown]"
+    else:
+        s = "[stack not captured]"
+    if f.get("file"):
+        s += f" at {f['file']}" + (f":{f['line']}" if f.get("line") else "")
+    return s
+
+
+def _status(p: ProcessLeak) -> str:
+    if p.running_at_test_end:
+        return "running"
+    if p.signal:
+        try:
+            return _signal.Signals(p.signal).name
+        except ValueError:
+            return f"signal {p.signal}"
+    if p.exit_code is not None:
+        return f"exit {p.exit_code}"
+    return "exited"
+
+
+def process_table(result: TestLeakResult) -> list[str]:
+    rows = [("pid", "ppid", "comm", "status", "leaked", "allocated (lifetime)", "exe")]
+    for p in result.processes:
+        rows.append((
+            str(p.pid), str(p.ppid), p.comm, _status(p),
+            f"{format_bytes(p.leaked.bytes)} in {format_blocks(p.leaked.blocks)}",
+            f"{format_bytes(p.allocated.bytes)} in {format_blocks(p.allocated.blocks)}",
+            p.exe or "-",
+        ))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
+    lines = []
+    for r in rows:
+        lines.append("  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1])
+    return lines
+
+
+def top_stacks(result: TestLeakResult, *, max_stacks: int = 10, max_frames: int = 16) -> list[str]:
+    entries: list[tuple[StackLeak, ProcessLeak]] = [
+        (s, p) for p in result.processes for s in p.stacks
+    ]
+    entries.sort(key=lambda e: (-e[0].bytes, -e[0].blocks))
+    lines = []
+    truncated_hint = False
+    for i, (s, p) in enumerate(entries[:max_stacks], 1):
+        lines.append(f"  #{i} {format_bytes(s.bytes)} in {format_blocks(s.blocks)} from pid {p.pid} ({p.comm}):")
+        for f in s.frames[:max_frames]:
+            lines.append(f"      {format_frame(f)}")
+        if len(s.frames) > max_frames:
+            lines.append(f"      ... {len(s.frames) - max_frames} more frames")
+        if s.captured and len(s.frames) <= 2:
+            truncated_hint = True
+    if len(entries) > max_stacks:
+        rest = entries[max_stacks:]
+        lines.append(
+            f"  ... and {len(rest)} more stacks with {format_bytes(sum(s.bytes for s, _ in rest))} "
+            f"in {format_blocks(sum(s.blocks for s, _ in rest))}"
+        )
+    if truncated_hint:
+        lines.append(
+            "  (short stacks: the code was probably built without frame pointers; "
+            "build with -fno-omit-frame-pointer for full stacks)"
+        )
+    return lines
+
+
+def failure_text(result: TestLeakResult, *, headline: str | None = None) -> str:
+    lines = [headline or result.headline(), ""]
+    lines += process_table(result)
+    if result.leaked.blocks:
+        lines += ["", "Top leaking stacks (largest first):"]
+        lines += top_stacks(result)
+    for w in result.incomplete:
+        lines.append(f"INCOMPLETE: {w}")
+    for w in result.warnings:
+        lines.append(f"warning: {w}")
+    return "\n".join(lines)
+
+
+def summary_lines(results: Iterable[TestLeakResult]) -> list[str]:
+    lines = []
+    for r in results:
+        if r.over_budget:
+            lines.append(f"{r.nodeid}: {r.headline()}")
+        elif r.incomplete:
+            lines.append(f"{r.nodeid}: {r.incomplete_headline()}")
+    return lines
+
+
+def json_report(entries: Iterable[dict], *, session: dict | None = None) -> dict:
+    doc = {"version": JSON_VERSION, "tests": list(entries)}
+    if session:
+        doc["session"] = session
+    return doc
+
+
+def write_json_atomic(path: str, doc: dict) -> None:
+    """Write `doc` to `path` atomically (temp file in the same directory + rename)."""
+    directory = os.path.dirname(os.path.abspath(path)) or "."
+    fd, tmp = tempfile.mkstemp(prefix=".ebpf-leaks-", suffix=".json.tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(doc, f, indent=2)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise

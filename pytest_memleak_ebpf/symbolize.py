@@ -1,0 +1,1148 @@
+"""Offline symbolization of BUILD-ID user stacks.
+
+The BPF side records user stacks with ``BPF_F_USER_BUILD_ID``: each frame is
+either ``(build_id[20], file_offset)`` -- ``file_offset`` being
+``vma->vm_pgoff * PAGE_SIZE + ip - vma->vm_start``, i.e. the offset of the
+instruction *in the ELF file* -- or, when the kernel could not read the build
+id, the raw instruction pointer.  The traced processes are normally gone by the
+time a report is rendered, so everything here works from files on disk:
+
+* the ELF for a build id is found among the files registered with
+  :meth:`Symbolizer.add_candidate` (executables and shared objects the traced
+  processes used), then among the libraries of the dynamic loader cache
+  (``/etc/ld.so.cache``), then as ``<debug_dir>/.build-id/xx/rest.debug``;
+* the file offset is turned into a virtual address with the module's
+  ``PT_LOAD`` program headers;
+* the function comes from ``.symtab`` (of the separate debug file when there is
+  one, else of the module) or ``.dynsym``;
+* ``file:line`` comes from DWARF ``.debug_line`` (via pyelftools), the compile
+  unit being located through ``.debug_aranges``.
+
+Nothing in here raises on missing or corrupt files: frames degrade to
+``function+offset`` without a line, or to ``[unknown]``.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+import os
+import shutil
+import struct
+import subprocess
+import threading
+import zlib
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+__all__ = ["Frame", "Symbolizer", "read_build_id", "ld_cache_paths"]
+
+log = logging.getLogger(__name__)
+
+# --------------------------------------------------------------------------
+# Public result type
+# --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Frame:
+    function: str | None
+    """Symbol name (C++ names demangled when ``c++filt`` is available)."""
+    offset: int | None
+    """Offset of the address (not address-1) from the start of ``function``."""
+    module: str | None
+    """Path of the ELF module (the real file, never the separate .debug file)."""
+    file: str | None = None
+    """Source file from DWARF line info, when available."""
+    line: int | None = None
+    build_id: str | None = None
+    """Build id (hex) for build-id frames."""
+    address: int | None = None
+    """The file offset (build-id frames) or the raw ip (unresolved frames)."""
+
+    def format(self) -> str:
+        if self.function is not None:
+            off = self.offset or 0
+            where = self.module if self.module else f"build-id {self.build_id}"
+            text = f"{self.function}+0x{off:x} ({where})"
+        elif self.module is not None:
+            text = f"[unknown] ({self.module}+0x{(self.address or 0):x})"
+        elif self.build_id is not None:
+            text = f"[unknown] (build-id {self.build_id}+0x{(self.address or 0):x})"
+        elif self.address is not None:
+            text = f"0x{self.address:x} [unknown]"
+        else:
+            text = "[unknown]"
+        if self.file and self.line:
+            text += f" at {self.file}:{self.line}"
+        return text
+
+    __str__ = format
+
+
+# --------------------------------------------------------------------------
+# Minimal, fast ELF reading (header, program headers, notes, sections)
+# --------------------------------------------------------------------------
+
+_ELF_MAGIC = b"\x7fELF"
+PT_LOAD = 1
+PT_NOTE = 4
+SHT_SYMTAB = 2
+SHT_NOTE = 7
+SHT_NOBITS = 8
+SHT_DYNSYM = 11
+SHF_COMPRESSED = 0x800
+NT_GNU_BUILD_ID = 3
+STT_FUNC = 2
+STT_GNU_IFUNC = 10
+STB_LOCAL, STB_GLOBAL, STB_WEAK = 0, 1, 2
+
+_HEAD_READ = 4096  # header + phdrs + build-id note almost always fit in here
+
+
+class _ElfHeader:
+    __slots__ = ("is64", "endian", "e_type", "phoff", "phentsize", "phnum",
+                 "shoff", "shentsize", "shnum", "shstrndx")
+
+    def __init__(self, buf: bytes):
+        if len(buf) < 52 or buf[:4] != _ELF_MAGIC:
+            raise ValueError("not an ELF file")
+        ei_class, ei_data = buf[4], buf[5]
+        if ei_class not in (1, 2) or ei_data not in (1, 2):
+            raise ValueError("bad ELF ident")
+        self.is64 = ei_class == 2
+        self.endian = "<" if ei_data == 1 else ">"
+        e = self.endian
+        if self.is64:
+            if len(buf) < 64:
+                raise ValueError("truncated ELF header")
+            (self.e_type,) = struct.unpack_from(e + "H", buf, 0x10)
+            self.phoff, self.shoff = struct.unpack_from(e + "QQ", buf, 0x20)
+            (self.phentsize, self.phnum, self.shentsize, self.shnum,
+             self.shstrndx) = struct.unpack_from(e + "HHHHH", buf, 0x36)
+        else:
+            (self.e_type,) = struct.unpack_from(e + "H", buf, 0x10)
+            self.phoff, self.shoff = struct.unpack_from(e + "II", buf, 0x1C)
+            (self.phentsize, self.phnum, self.shentsize, self.shnum,
+             self.shstrndx) = struct.unpack_from(e + "HHHHH", buf, 0x2A)
+
+
+class _Phdr:
+    __slots__ = ("type", "flags", "offset", "vaddr", "filesz", "memsz", "align")
+
+    def __init__(self, type_, flags, offset, vaddr, filesz, memsz, align):
+        self.type, self.flags, self.offset, self.vaddr = type_, flags, offset, vaddr
+        self.filesz, self.memsz, self.align = filesz, memsz, align
+
+
+class _Shdr:
+    __slots__ = ("name_off", "name", "type", "flags", "addr", "offset", "size",
+                 "link", "info", "addralign", "entsize")
+
+    def __init__(self, name_off, type_, flags, addr, offset, size, link, info,
+                 addralign, entsize):
+        self.name_off, self.type, self.flags, self.addr = name_off, type_, flags, addr
+        self.offset, self.size, self.link, self.info = offset, size, link, info
+        self.addralign, self.entsize = addralign, entsize
+        self.name = ""
+
+
+def _pread(f, offset: int, size: int, head: bytes = b"") -> bytes:
+    """Read ``size`` bytes at ``offset``, served from ``head`` when possible."""
+    if offset + size <= len(head):
+        return head[offset:offset + size]
+    f.seek(offset)
+    data = f.read(size)
+    if len(data) != size:
+        raise ValueError("truncated ELF file")
+    return data
+
+
+def _read_phdrs(f, h: _ElfHeader, head: bytes = b"") -> list[_Phdr]:
+    if h.phnum == 0 or h.phoff == 0:
+        return []
+    if h.phnum > 4096 or h.phentsize < (56 if h.is64 else 32):
+        raise ValueError("bad program header table")
+    raw = _pread(f, h.phoff, h.phnum * h.phentsize, head)
+    out = []
+    e = h.endian
+    for i in range(h.phnum):
+        base = i * h.phentsize
+        if h.is64:
+            t, fl, off, va, _pa, fsz, msz, al = struct.unpack_from(e + "IIQQQQQQ", raw, base)
+        else:
+            t, off, va, _pa, fsz, msz, fl, al = struct.unpack_from(e + "IIIIIIII", raw, base)
+        out.append(_Phdr(t, fl, off, va, fsz, msz, al))
+    return out
+
+
+def _read_shdrs(f, h: _ElfHeader, file_size: int) -> list[_Shdr]:
+    if h.shnum == 0 or h.shoff == 0:
+        return []
+    if h.shnum > 65535 or h.shentsize < (64 if h.is64 else 40):
+        raise ValueError("bad section header table")
+    if h.shoff + h.shnum * h.shentsize > file_size:
+        raise ValueError("section header table past end of file")
+    raw = _pread(f, h.shoff, h.shnum * h.shentsize)
+    e = h.endian
+    out = []
+    for i in range(h.shnum):
+        base = i * h.shentsize
+        if h.is64:
+            vals = struct.unpack_from(e + "IIQQQQIIQQ", raw, base)
+        else:
+            vals = struct.unpack_from(e + "IIIIIIIIII", raw, base)
+        out.append(_Shdr(*vals))
+    if 0 < h.shstrndx < len(out):
+        strsec = out[h.shstrndx]
+        if strsec.type != SHT_NOBITS and strsec.offset + strsec.size <= file_size:
+            names = _pread(f, strsec.offset, strsec.size)
+            for s in out:
+                end = names.find(b"\0", s.name_off)
+                if end >= 0:
+                    s.name = names[s.name_off:end].decode("utf-8", "replace")
+    return out
+
+
+def _section_data(f, h: _ElfHeader, s: _Shdr, file_size: int) -> bytes:
+    if s.type == SHT_NOBITS or s.offset + s.size > file_size:
+        raise ValueError(f"section {s.name!r} has no data in this file")
+    data = _pread(f, s.offset, s.size)
+    if s.flags & SHF_COMPRESSED:
+        e = h.endian
+        if h.is64:
+            ch_type, _res, ch_size, _al = struct.unpack_from(e + "IIQQ", data, 0)
+            hdr = 24
+        else:
+            ch_type, ch_size, _al = struct.unpack_from(e + "III", data, 0)
+            hdr = 12
+        if ch_type != 1:  # ELFCOMPRESS_ZLIB; zstd is not in the stdlib
+            raise ValueError(f"unsupported section compression {ch_type}")
+        data = zlib.decompress(data[hdr:])
+        if len(data) != ch_size:
+            raise ValueError("bad compressed section")
+    return data
+
+
+def _parse_build_id_notes(data: bytes, endian: str, align: int) -> bytes | None:
+    pos, n = 0, len(data)
+    align = 8 if align == 8 else 4
+    while pos + 12 <= n:
+        namesz, descsz, ntype = struct.unpack_from(endian + "III", data, pos)
+        pos += 12
+        name_end = pos + namesz
+        desc_start = (name_end + align - 1) & ~(align - 1)
+        desc_end = desc_start + descsz
+        if desc_end > n:
+            return None
+        if ntype == NT_GNU_BUILD_ID and data[pos:name_end] == b"GNU\0" and descsz:
+            return bytes(data[desc_start:desc_end])
+        pos = (desc_end + align - 1) & ~(align - 1)
+    return None
+
+
+def _build_id_from_open_file(f, file_size: int) -> bytes | None:
+    head = f.read(_HEAD_READ)
+    h = _ElfHeader(head)
+    for ph in _read_phdrs(f, h, head):
+        if ph.type == PT_NOTE and ph.filesz and ph.offset + ph.filesz <= file_size \
+                and ph.filesz < (1 << 20):
+            bid = _parse_build_id_notes(_pread(f, ph.offset, ph.filesz, head),
+                                        h.endian, ph.align)
+            if bid:
+                return bid
+    # No usable PT_NOTE (separate debug files, relocatable objects): sections.
+    for s in _read_shdrs(f, h, file_size):
+        if s.type == SHT_NOTE and s.size and s.size < (1 << 20) \
+                and s.offset + s.size <= file_size:
+            bid = _parse_build_id_notes(_pread(f, s.offset, s.size),
+                                        h.endian, s.addralign)
+            if bid:
+                return bid
+    return None
+
+
+_bid_cache: dict[tuple, bytes | None] = {}
+_bid_cache_lock = threading.Lock()
+
+
+def _stat_key(st: os.stat_result) -> tuple:
+    return (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
+
+
+def read_build_id(path: str) -> bytes | None:
+    """GNU build id of the ELF at ``path`` (None if none or unreadable).
+
+    Only the ELF header, the program headers and the PT_NOTE segments are
+    read; results are cached by (st_dev, st_ino, st_mtime_ns, st_size).
+    """
+    try:
+        with open(path, "rb", buffering=0) as f:
+            st = os.fstat(f.fileno())
+            key = _stat_key(st)
+            with _bid_cache_lock:
+                if key in _bid_cache:
+                    return _bid_cache[key]
+            try:
+                bid = _build_id_from_open_file(f, st.st_size)
+            except (ValueError, struct.error):
+                bid = None
+    except OSError:
+        return None
+    with _bid_cache_lock:
+        if len(_bid_cache) > 65536:
+            _bid_cache.clear()
+        _bid_cache[key] = bid
+    return bid
+
+
+def _norm_bid(bid: bytes) -> bytes:
+    """Kernel build ids are 20 bytes, zero padded; normalise ours the same way."""
+    return bid + b"\0" * (20 - len(bid)) if len(bid) < 20 else bid
+
+
+# --------------------------------------------------------------------------
+# Dynamic loader cache
+# --------------------------------------------------------------------------
+
+_LD_CACHE_FILE = "/etc/ld.so.cache"
+_NEW_CACHE_MAGIC = b"glibc-ld.so.cache1.1"
+
+
+def _parse_ld_so_cache(data: bytes) -> list[str] | None:
+    """Paths in a new-format (glibc >= 2.32 default) ld.so.cache, or None."""
+    if not data.startswith(_NEW_CACHE_MAGIC) or len(data) < 48:
+        return None
+    end = "<" if struct.pack("=I", 1) == struct.pack("<I", 1) else ">"
+    nlibs, _len_strings = struct.unpack_from(end + "II", data, 20)
+    if 48 + nlibs * 24 > len(data):
+        return None
+    out = []
+    for i in range(nlibs):
+        _flags, key, value, _osv, _hwcap = struct.unpack_from(end + "iIIIQ", data, 48 + i * 24)
+        if value >= len(data):
+            continue
+        stop = data.find(b"\0", value)
+        if stop > value:
+            out.append(os.fsdecode(data[value:stop]))
+    return out
+
+
+def _ldconfig_p() -> list[str]:
+    exe = shutil.which("ldconfig") or next(
+        (p for p in ("/sbin/ldconfig", "/usr/sbin/ldconfig") if os.path.exists(p)), None)
+    if exe is None:
+        return []
+    try:
+        res = subprocess.run([exe, "-p"], capture_output=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return []
+    out = []
+    for line in res.stdout.decode("utf-8", "replace").splitlines():
+        if " => " in line:
+            out.append(line.rsplit(" => ", 1)[1].strip())
+    return out
+
+
+def ld_cache_paths(cache_file: str = _LD_CACHE_FILE) -> list[str]:
+    """Library paths known to the dynamic loader (parsed from ld.so.cache,
+    falling back to ``ldconfig -p``), one path per distinct file, preferring
+    SONAME-style names (``libfoo.so.1``) over development symlinks."""
+    paths: list[str] | None = None
+    try:
+        with open(cache_file, "rb") as f:
+            paths = _parse_ld_so_cache(f.read())
+    except OSError:
+        paths = None
+    if paths is None:
+        paths = _ldconfig_p()
+    seen: dict[tuple, int] = {}
+    out: list[str] = []
+    for p in paths:
+        try:
+            st = os.stat(p)
+        except OSError:
+            continue
+        k = (st.st_dev, st.st_ino)
+        if k in seen:
+            idx = seen[k]
+            if out[idx].endswith(".so") and not p.endswith(".so"):
+                out[idx] = p
+            continue
+        seen[k] = len(out)
+        out.append(p)
+    return out
+
+
+_ld_scan_lock = threading.Lock()
+_ld_scan: tuple[tuple | None, dict[bytes, str]] | None = None
+
+
+def _ld_cache_build_ids(cache_file: str = _LD_CACHE_FILE) -> dict[bytes, str]:
+    """normalised build id -> path for every library of the loader cache.
+    Computed once per content of ld.so.cache (keyed by its stat)."""
+    global _ld_scan
+    try:
+        key: tuple | None = _stat_key(os.stat(cache_file))
+    except OSError:
+        key = None
+    with _ld_scan_lock:
+        if _ld_scan is not None and _ld_scan[0] == key and key is not None:
+            return _ld_scan[1]
+        mapping: dict[bytes, str] = {}
+        for p in ld_cache_paths(cache_file):
+            bid = read_build_id(p)
+            if bid:
+                mapping.setdefault(_norm_bid(bid), p)
+        _ld_scan = (key, mapping)
+        return mapping
+
+
+# --------------------------------------------------------------------------
+# Symbol tables
+# --------------------------------------------------------------------------
+
+
+def _name_rank(name: str, binding: int) -> tuple:
+    """Sort key choosing the display name among aliases at one address:
+    global/weak before local, unversioned before ``name@VER``, fewer leading
+    underscores, GLOBAL before WEAK, shorter, then alphabetical."""
+    nonlocal_ = 0 if binding in (STB_GLOBAL, STB_WEAK) else 1
+    underscores = len(name) - len(name.lstrip("_"))
+    return (nonlocal_, "@" in name, underscores, 0 if binding == STB_GLOBAL else 1,
+            len(name), name)
+
+
+class _SymbolTable:
+    """Function symbols as sorted parallel arrays; lookups are a bisect."""
+
+    _BACKTRACK = 8  # nested/overlapping symbols: look a few entries back
+
+    def __init__(self, starts, ends, names, strtab: bytes, source: str):
+        self.starts: list[int] = starts
+        self.ends: list[int] = ends
+        self._names: list = names  # int (offset into strtab) or str
+        self._strtab = strtab
+        self.source = source
+
+    def __len__(self):
+        return len(self.starts)
+
+    def _name(self, i: int) -> str:
+        n = self._names[i]
+        if isinstance(n, int):
+            stop = self._strtab.find(b"\0", n)
+            n = self._strtab[n:stop if stop >= 0 else len(self._strtab)].decode("utf-8", "replace")
+            n = n.split("@", 1)[0] or n
+            self._names[i] = n
+        return n
+
+    def lookup(self, vaddr: int) -> tuple[str, int] | None:
+        i = bisect.bisect_right(self.starts, vaddr) - 1
+        stop = max(i - self._BACKTRACK, -1)
+        while i > stop:
+            if vaddr < self.ends[i]:
+                return self._name(i), self.starts[i]
+            i -= 1
+        return None
+
+    @classmethod
+    def from_file(cls, path: str, types: Sequence[int]) -> _SymbolTable | None:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            h = _ElfHeader(f.read(64))
+            shdrs = _read_shdrs(f, h, size)
+            for want in types:
+                for s in shdrs:
+                    if s.type != want or not s.size or not (0 < s.link < len(shdrs)):
+                        continue
+                    try:
+                        syms = _section_data(f, h, s, size)
+                        strtab = _section_data(f, h, shdrs[s.link], size)
+                    except (ValueError, zlib.error, struct.error):
+                        continue
+                    tab = cls._build(syms, strtab, h, f"{path}:{s.name}")
+                    if tab is not None and len(tab):
+                        return tab
+        return None
+
+    @classmethod
+    def _build(cls, syms: bytes, strtab: bytes, h: _ElfHeader, source: str):
+        if h.is64:
+            fmt, esz = h.endian + "IBBHQQ", 24
+            rows = struct.iter_unpack(fmt, memoryview(syms)[:len(syms) - len(syms) % esz])
+            funcs = [(value, value + size, info >> 4, name)
+                     for name, info, _other, shndx, value, size in rows
+                     if size and shndx and ((info & 0xF) == STT_FUNC or (info & 0xF) == STT_GNU_IFUNC)]
+        else:
+            fmt, esz = h.endian + "IIIBBH", 16
+            rows = struct.iter_unpack(fmt, memoryview(syms)[:len(syms) - len(syms) % esz])
+            funcs = [(value, value + size, info >> 4, name)
+                     for name, value, size, info, _other, shndx in rows
+                     if size and shndx and ((info & 0xF) == STT_FUNC or (info & 0xF) == STT_GNU_IFUNC)]
+        if not funcs:
+            return None
+        funcs.sort()
+        starts: list[int] = []
+        ends: list[int] = []
+        names: list = []
+
+        def decode(off: int) -> str:
+            stop = strtab.find(b"\0", off)
+            return strtab[off:stop if stop >= 0 else len(strtab)].decode("utf-8", "replace")
+
+        i, n = 0, len(funcs)
+        while i < n:
+            start = funcs[i][0]
+            j = i + 1
+            while j < n and funcs[j][0] == start:
+                j += 1
+            if j - i == 1:
+                starts.append(start)
+                ends.append(funcs[i][1])
+                names.append(funcs[i][3])
+            else:
+                group = funcs[i:j]
+                best = min(group, key=lambda g: _name_rank(decode(g[3]), g[2]))
+                nm = decode(best[3])
+                starts.append(start)
+                ends.append(max(g[1] for g in group))
+                names.append(nm.split("@", 1)[0] or nm)
+            i = j
+        return cls(starts, ends, names, strtab, source)
+
+
+# --------------------------------------------------------------------------
+# DWARF line tables
+# --------------------------------------------------------------------------
+
+
+def _uleb(data: bytes, pos: int) -> tuple[int, int]:
+    result = shift = 0
+    while True:
+        b = data[pos]
+        pos += 1
+        result |= (b & 0x7F) << shift
+        if b < 0x80:
+            return result, pos
+        shift += 7
+
+
+def _sleb(data: bytes, pos: int) -> tuple[int, int]:
+    result = shift = 0
+    while True:
+        b = data[pos]
+        pos += 1
+        result |= (b & 0x7F) << shift
+        shift += 7
+        if b < 0x80:
+            if b & 0x40:
+                result -= 1 << shift
+            return result, pos
+
+
+def _decode_line_rows(data: bytes, pos: int, end: int, hdr, little: bool) -> list[tuple]:
+    """Run a DWARF (v2-v5) line number program; returns the rows as
+    ``(address, 0 if end_sequence else 1, file, line)``.
+
+    pyelftools' decoder builds an object (and a state copy) per opcode, which
+    is ~10x slower; the header and file tables still come from pyelftools.
+    """
+    min_inst = hdr["minimum_instruction_length"]
+    if (hdr.get("maximum_operations_per_instruction", 1) or 1) != 1:
+        raise ValueError("VLIW line programs are not supported")
+    line_base = hdr["line_base"]
+    line_range = hdr["line_range"]
+    opcode_base = hdr["opcode_base"]
+    std_lens = list(hdr["standard_opcode_lengths"])
+    if not line_range:
+        raise ValueError("bad line_range")
+    aadv = [0] * 256
+    ladv = [0] * 256
+    for op in range(opcode_base, 256):
+        adj = op - opcode_base
+        aadv[op] = (adj // line_range) * min_inst
+        ladv[op] = line_base + adj % line_range
+    const_add_pc = ((255 - opcode_base) // line_range) * min_inst
+    order = "little" if little else "big"
+    rows: list[tuple] = []
+    append = rows.append
+    address, file, line = 0, 1, 1
+    end = min(end, len(data))
+    while pos < end:
+        op = data[pos]
+        pos += 1
+        if op >= opcode_base:
+            address += aadv[op]
+            line += ladv[op]
+            append((address, 1, file, line))
+        elif op == 0:  # extended opcode
+            n, pos = _uleb(data, pos)
+            sub_end = pos + n
+            if n:
+                ex = data[pos]
+                if ex == 1:  # DW_LNE_end_sequence
+                    append((address, 0, file, line))
+                    address, file, line = 0, 1, 1
+                elif ex == 2:  # DW_LNE_set_address
+                    address = int.from_bytes(data[pos + 1:sub_end], order)
+                # DW_LNE_define_file / set_discriminator / vendor: skipped
+            pos = sub_end
+        elif op == 1:  # DW_LNS_copy
+            append((address, 1, file, line))
+        elif op == 2:  # DW_LNS_advance_pc
+            v, pos = _uleb(data, pos)
+            address += v * min_inst
+        elif op == 3:  # DW_LNS_advance_line
+            v, pos = _sleb(data, pos)
+            line += v
+        elif op == 4:  # DW_LNS_set_file
+            file, pos = _uleb(data, pos)
+        elif op == 8:  # DW_LNS_const_add_pc
+            address += const_add_pc
+        elif op == 9:  # DW_LNS_fixed_advance_pc
+            address += int.from_bytes(data[pos:pos + 2], order)
+            pos += 2
+        elif op in (6, 7, 10, 11):  # negate_stmt, basic_block, prologue/epilogue
+            pass
+        else:  # set_column (5), set_isa (12), unknown standard opcodes
+            nargs = std_lens[op - 1] if op - 1 < len(std_lens) else 0
+            for _ in range(nargs):
+                _v, pos = _uleb(data, pos)
+    return rows
+
+
+class _CULines:
+    __slots__ = ("addrs", "rows", "_files", "_lp", "_comp_dir", "_version")
+
+    def __init__(self, lineprog, comp_dir: str | None, line_data: bytes | None = None,
+                 little: bool = True):
+        rows = None
+        if line_data is not None:
+            try:
+                rows = _decode_line_rows(line_data, lineprog.program_start_offset,
+                                         lineprog.program_end_offset, lineprog.header, little)
+            except (ValueError, IndexError, KeyError, TypeError) as exc:
+                log.debug("fast line program decoding failed (%s), using pyelftools", exc)
+                rows = None
+        if rows is None:
+            rows = []
+            for entry in lineprog.get_entries():
+                st = entry.state
+                if st is None:
+                    continue
+                rows.append((st.address, 0 if st.end_sequence else 1, st.file, st.line))
+        # Stable sort: at an address shared by an end_sequence and the start of
+        # the next sequence the start wins; rows of one sequence at one address
+        # keep their order (the last one describes the range).
+        rows.sort(key=_row_key)
+        self.addrs = [r[0] for r in rows]
+        self.rows = rows
+        self._files: dict[int, str | None] = {}
+        self._lp = lineprog
+        self._comp_dir = comp_dir
+        self._version = lineprog.header.get("version", 4)
+
+    def _file_name(self, idx: int) -> str | None:
+        if idx in self._files:
+            return self._files[idx]
+        name = None
+        try:
+            lp = self._lp
+            entries = lp["file_entry"]
+            dirs = lp["include_directory"]
+            if self._version >= 5:
+                fe = entries[idx]
+                d = dirs[fe.dir_index] if fe.dir_index < len(dirs) else None
+            else:
+                fe = entries[idx - 1]
+                if fe.dir_index == 0:
+                    d = None
+                else:
+                    d = dirs[fe.dir_index - 1]
+            name = _dec(fe.name)
+            dname = _dec(d) if d is not None else None
+            if not os.path.isabs(name):
+                if dname:
+                    name = os.path.join(dname, name)
+                if not os.path.isabs(name) and self._comp_dir:
+                    name = os.path.join(self._comp_dir, name)
+            name = os.path.normpath(name)
+        except Exception:  # malformed tables: no file name
+            name = None
+        self._files[idx] = name
+        return name
+
+    def lookup(self, vaddr: int) -> tuple[str | None, int] | None:
+        i = bisect.bisect_right(self.addrs, vaddr) - 1
+        if i < 0:
+            return None
+        _addr, not_end, fidx, line = self.rows[i]
+        if not not_end or not line:
+            return None
+        return self._file_name(fidx), line
+
+
+def _row_key(r: tuple) -> tuple:
+    return (r[0], r[1])
+
+
+def _dec(v) -> str:
+    return v.decode("utf-8", "replace") if isinstance(v, (bytes, bytearray)) else str(v)
+
+
+class _DwarfLines:
+    """file:line lookups for one ELF with DWARF (.debug_info + .debug_line)."""
+
+    def __init__(self, path: str):
+        from elftools.elf.elffile import ELFFile
+
+        self.path = path
+        with open(path, "rb") as f:
+            elf = ELFFile(f)
+            if elf.get_section_by_name(".debug_line") is None or \
+                    elf.get_section_by_name(".debug_info") is None:
+                raise ValueError("no DWARF line info")
+            # Section contents are copied into memory streams here, so the
+            # file can be closed afterwards.
+            self._di = elf.get_dwarf_info(relocate_dwarf_sections=False, follow_links=False)
+        self._aranges = self._di.get_aranges()
+        try:
+            self._line_data: bytes | None = self._di.debug_line_sec.stream.getvalue()
+        except Exception:
+            self._line_data = None
+        self._little = bool(self._di.config.little_endian)
+        self._cu_index: tuple[list[int], list[int], list[int]] | None = None
+        self._cus: dict[int, _CULines | None] = {}
+
+    # CU lookup -------------------------------------------------------------
+    def _cu_offset(self, vaddr: int) -> int | None:
+        if self._aranges is not None:
+            try:
+                off = self._aranges.cu_offset_at_addr(vaddr)
+            except Exception:
+                off = None
+            if off is not None:
+                return off
+        return self._cu_offset_from_index(vaddr)
+
+    def _cu_offset_from_index(self, vaddr: int) -> int | None:
+        """Fallback when .debug_aranges is missing or incomplete: a one-time
+        index of the address ranges of all CUs (from their top DIEs)."""
+        if self._cu_index is None:
+            ranges = []
+            for cu in self._di.iter_CUs():
+                try:
+                    for lo, hi in self._cu_ranges(cu):
+                        if hi > lo:
+                            ranges.append((lo, hi, cu.cu_offset))
+                except Exception:
+                    continue
+            ranges.sort()
+            self._cu_index = ([r[0] for r in ranges], [r[1] for r in ranges],
+                              [r[2] for r in ranges])
+        starts, ends, offs = self._cu_index
+        i = bisect.bisect_right(starts, vaddr) - 1
+        stop = max(i - 64, -1)
+        while i > stop:
+            if vaddr < ends[i]:
+                return offs[i]
+            i -= 1
+        return None
+
+    def _cu_ranges(self, cu) -> list[tuple[int, int]]:
+        top = cu.get_top_DIE()
+        attrs = top.attributes
+        low = attrs["DW_AT_low_pc"].value if "DW_AT_low_pc" in attrs else None
+        if "DW_AT_ranges" in attrs:
+            rl = self._di.range_lists()
+            if rl is None or attrs["DW_AT_ranges"].form not in ("DW_FORM_sec_offset", "DW_FORM_data4", "DW_FORM_data8"):
+                return []
+            base = low or 0
+            out = []
+            for e in rl.get_range_list_at_offset(attrs["DW_AT_ranges"].value, cu=cu):
+                if hasattr(e, "base_address"):
+                    base = e.base_address
+                elif e.is_absolute:
+                    out.append((e.begin_offset, e.end_offset))
+                else:
+                    out.append((base + e.begin_offset, base + e.end_offset))
+            return out
+        if low is not None and "DW_AT_high_pc" in attrs:
+            hp = attrs["DW_AT_high_pc"]
+            high = hp.value if hp.form == "DW_FORM_addr" else low + hp.value
+            return [(low, high)]
+        return []
+
+    # line lookup -----------------------------------------------------------
+    def _cu_lines(self, cu_off: int) -> _CULines | None:
+        if cu_off in self._cus:
+            return self._cus[cu_off]
+        lines = None
+        try:
+            cu = self._di.get_CU_at(cu_off)
+            lp = self._di.line_program_for_CU(cu)
+            if lp is not None:
+                comp_dir = None
+                attrs = cu.get_top_DIE().attributes
+                if "DW_AT_comp_dir" in attrs:
+                    try:
+                        comp_dir = _dec(attrs["DW_AT_comp_dir"].value)
+                    except Exception:
+                        comp_dir = None
+                lines = _CULines(lp, comp_dir, self._line_data, self._little)
+        except Exception as exc:
+            log.debug("line program of CU 0x%x in %s unusable: %s", cu_off, self.path, exc)
+            lines = None
+        self._cus[cu_off] = lines
+        return lines
+
+    def lookup(self, vaddr: int) -> tuple[str | None, int] | None:
+        cu_off = self._cu_offset(vaddr)
+        if cu_off is None:
+            return None
+        lines = self._cu_lines(cu_off)
+        if lines is None:
+            return None
+        return lines.lookup(vaddr)
+
+
+# --------------------------------------------------------------------------
+# Per build id module information
+# --------------------------------------------------------------------------
+
+
+class _Module:
+    def __init__(self, build_id: bytes, path: str | None, debug_path: str | None,
+                 want_lines: bool):
+        self.build_id = build_id
+        self.path = path
+        self.debug_path = debug_path
+        self._want_lines = want_lines
+        self._loads: list[tuple[int, int, int, int]] | None = None  # (off, filesz, vaddr, memsz)
+        self._loads_guessed = False
+        self._symbols: _SymbolTable | None | bool = False  # False: not loaded yet
+        self._lines: _DwarfLines | None | bool = False
+
+    # file offset -> vaddr ----------------------------------------------------
+    def _load_segments(self) -> list[tuple[int, int, int, int]]:
+        if self._loads is not None:
+            return self._loads
+        loads: list[tuple[int, int, int, int]] = []
+        if self.path is not None:
+            try:
+                with open(self.path, "rb") as f:
+                    head = f.read(_HEAD_READ)
+                    h = _ElfHeader(head)
+                    loads = [(p.offset, p.filesz, p.vaddr, p.memsz)
+                             for p in _read_phdrs(f, h, head) if p.type == PT_LOAD]
+            except (OSError, ValueError, struct.error) as exc:
+                log.debug("cannot read program headers of %s: %s", self.path, exc)
+        elif self.debug_path is not None:
+            # A separate debug file keeps the program headers with the right
+            # vaddrs but NOBITS offsets; assume the usual linker layout where
+            # offset == vaddr - first PT_LOAD vaddr (exact for -z separate-code
+            # text segments, which is where code lives).
+            try:
+                with open(self.debug_path, "rb") as f:
+                    head = f.read(_HEAD_READ)
+                    h = _ElfHeader(head)
+                    ph = sorted((p for p in _read_phdrs(f, h, head) if p.type == PT_LOAD),
+                                key=lambda p: p.vaddr)
+                if ph:
+                    base = ph[0].vaddr - ph[0].vaddr % max(ph[0].align, 1)
+                    loads = [(p.vaddr - base, p.memsz, p.vaddr, p.memsz) for p in ph]
+                    self._loads_guessed = True
+            except (OSError, ValueError, struct.error) as exc:
+                log.debug("cannot read program headers of %s: %s", self.debug_path, exc)
+        self._loads = loads
+        return loads
+
+    def vaddr_of(self, file_offset: int) -> int | None:
+        loads = self._load_segments()
+        for off, filesz, vaddr, _memsz in loads:
+            if off <= file_offset < off + filesz:
+                return file_offset - off + vaddr
+        # Mappings are page granular: accept the page-rounded extent too.
+        for off, filesz, vaddr, _memsz in loads:
+            lo = off & ~0xFFF
+            hi = (off + filesz + 0xFFF) & ~0xFFF
+            if lo <= file_offset < hi:
+                return file_offset - off + vaddr
+        return None
+
+    # symbols -------------------------------------------------------------------
+    def symbols(self) -> _SymbolTable | None:
+        if self._symbols is not False:
+            return self._symbols  # type: ignore[return-value]
+        tab = None
+        sources: list[tuple[str, tuple[int, ...]]] = []
+        if self.debug_path:
+            sources.append((self.debug_path, (SHT_SYMTAB,)))
+        if self.path:
+            sources.append((self.path, (SHT_SYMTAB, SHT_DYNSYM)))
+        for p, types in sources:
+            try:
+                tab = _SymbolTable.from_file(p, types)
+            except (OSError, ValueError, struct.error) as exc:
+                log.debug("cannot read symbols of %s: %s", p, exc)
+                tab = None
+            if tab is not None:
+                break
+        self._symbols = tab
+        return tab
+
+    # lines ---------------------------------------------------------------------
+    def lines(self) -> _DwarfLines | None:
+        if self._lines is not False:
+            return self._lines  # type: ignore[return-value]
+        result = None
+        if self._want_lines:
+            for p in (self.debug_path, self.path):
+                if not p:
+                    continue
+                try:
+                    result = _DwarfLines(p)
+                    break
+                except Exception as exc:  # pyelftools raises many things
+                    log.debug("no DWARF lines from %s: %s", p, exc)
+        self._lines = result
+        return result
+
+
+# --------------------------------------------------------------------------
+# C++ demangling (optional, through c++filt)
+# --------------------------------------------------------------------------
+
+_demangle_cache: dict[str, str] = {}
+_demangle_lock = threading.Lock()
+
+
+def _demangle_many(names: Iterable[str]) -> None:
+    todo = sorted({n for n in names if n.startswith("_Z") and n not in _demangle_cache
+                   and "\n" not in n})
+    if not todo:
+        return
+    exe = shutil.which("c++filt")
+    out: list[str] = []
+    if exe is not None:
+        try:
+            res = subprocess.run([exe], input="\n".join(todo) + "\n", capture_output=True,
+                                 text=True, timeout=30)
+            out = res.stdout.splitlines()
+        except (OSError, subprocess.SubprocessError):
+            out = []
+    if len(out) != len(todo):
+        out = todo  # no demangler (or it misbehaved): keep mangled names
+    with _demangle_lock:
+        for k, v in zip(todo, out):
+            _demangle_cache[k] = v or k
+
+
+def _demangle(name: str) -> str:
+    if not name.startswith("_Z"):
+        return name
+    if name not in _demangle_cache:
+        _demangle_many([name])
+    return _demangle_cache.get(name, name)
+
+
+# --------------------------------------------------------------------------
+# Symbolizer
+# --------------------------------------------------------------------------
+
+
+class Symbolizer:
+    """Resolve build-id frames from files on disk.
+
+    One instance is meant to live for a whole session: ELF symbol tables,
+    DWARF line tables and resolved frames are cached per build id.
+    """
+
+    def __init__(self, *, debug_dirs: Sequence[str] = ("/usr/lib/debug",),
+                 search_ld_cache: bool = True, lines: bool = True,
+                 demangle: bool = True, ld_cache_file: str = _LD_CACHE_FILE):
+        self.debug_dirs = tuple(debug_dirs)
+        self.search_ld_cache = search_ld_cache
+        self.lines = lines
+        self.demangle = demangle
+        self._ld_cache_file = ld_cache_file
+        self._lock = threading.RLock()
+        self._pending: list[str] = []
+        self._candidates_seen: set[str] = set()
+        self._by_bid: dict[bytes, str] = {}
+        self._modules: dict[bytes, _Module | None] = {}
+        self._memo: dict[tuple[bytes, int, bool], Frame] = {}
+
+    # registration ------------------------------------------------------------
+    def add_candidate(self, path: str) -> None:
+        """Register a file a traced process executed or mapped.  Its build id
+        is only read when an unknown build id is asked for."""
+        with self._lock:
+            if path and path not in self._candidates_seen:
+                self._candidates_seen.add(path)
+                self._pending.append(path)
+
+    # locating files -------------------------------------------------------------
+    def _drain_candidates(self) -> None:
+        pending, self._pending = self._pending, []
+        for p in pending:
+            bid = read_build_id(p)
+            if bid:
+                self._by_bid.setdefault(_norm_bid(bid), p)
+
+    def _find_module_path(self, key: bytes) -> str | None:
+        p = self._by_bid.get(key)
+        if p is not None:
+            return p
+        if self._pending:
+            self._drain_candidates()
+            p = self._by_bid.get(key)
+            if p is not None:
+                return p
+        if self.search_ld_cache:
+            try:
+                return _ld_cache_build_ids(self._ld_cache_file).get(key)
+            except Exception as exc:
+                log.debug("ld cache scan failed: %s", exc)
+        return None
+
+    def _find_debug_file(self, key: bytes, real_bid: bytes | None,
+                         module_path: str | None) -> str | None:
+        variants = []
+        for b in (real_bid, key, key.rstrip(b"\0")):
+            if b and len(b) >= 2 and b not in variants:
+                variants.append(b)
+        for d in self.debug_dirs:
+            for b in variants:
+                h = b.hex()
+                cand = os.path.join(d, ".build-id", h[:2], h[2:] + ".debug")
+                if os.path.isfile(cand):
+                    return cand
+        if module_path is not None:
+            return self._find_debuglink(module_path, real_bid)
+        return None
+
+    def _find_debuglink(self, module_path: str, real_bid: bytes | None) -> str | None:
+        try:
+            with open(module_path, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                h = _ElfHeader(f.read(64))
+                link = next((s for s in _read_shdrs(f, h, size) if s.name == ".gnu_debuglink"), None)
+                if link is None:
+                    return None
+                data = _section_data(f, h, link, size)
+        except (OSError, ValueError, struct.error, zlib.error):
+            return None
+        name = os.fsdecode(data.split(b"\0", 1)[0])
+        if not name or "/" in name:
+            return None
+        mdir = os.path.dirname(os.path.realpath(module_path))
+        cands = [os.path.join(mdir, name), os.path.join(mdir, ".debug", name)]
+        cands += [os.path.join(d, mdir.lstrip("/"), name) for d in self.debug_dirs]
+        for c in cands:
+            if os.path.isfile(c) and os.path.realpath(c) != os.path.realpath(module_path):
+                bid = read_build_id(c)
+                if real_bid is None or bid is None or bid == real_bid:
+                    return c
+        return None
+
+    def _module(self, key: bytes) -> _Module | None:
+        if key in self._modules:
+            return self._modules[key]
+        path = self._find_module_path(key)
+        real_bid = read_build_id(path) if path else None
+        debug = self._find_debug_file(key, real_bid, path)
+        mod = _Module(key, path, debug, self.lines) if (path or debug) else None
+        self._modules[key] = mod
+        return mod
+
+    # resolution -------------------------------------------------------------------
+    def resolve(self, build_id: bytes | str, file_offset: int, *,
+                is_return_address: bool = True) -> Frame:
+        """Resolve a (build id, file offset) frame.  Never raises."""
+        fr = self._resolve_raw(build_id, file_offset, is_return_address)
+        return _with_demangled(fr) if self.demangle else fr
+
+    def _resolve_raw(self, build_id, file_offset: int, is_return_address: bool) -> Frame:
+        try:
+            if isinstance(build_id, str):
+                build_id = bytes.fromhex(build_id)
+            key = _norm_bid(bytes(build_id))
+            file_offset = int(file_offset)
+        except (ValueError, TypeError):
+            return Frame(None, None, None, build_id=str(build_id),
+                         address=file_offset if isinstance(file_offset, int) else None)
+        bid_hex = bytes(build_id).hex()
+        memo_key = (key, file_offset, bool(is_return_address))
+        with self._lock:
+            fr = self._memo.get(memo_key)
+            if fr is not None:
+                return fr
+            try:
+                fr = self._resolve(key, bid_hex, file_offset, is_return_address)
+            except Exception as exc:  # never let a report die on symbolization
+                log.debug("resolving %s+0x%x failed: %s", bid_hex, file_offset, exc)
+                fr = Frame(None, None, None, build_id=bid_hex, address=file_offset)
+            if len(self._memo) > 200_000:
+                self._memo.clear()
+            self._memo[memo_key] = fr
+            return fr
+
+    def _resolve(self, key: bytes, bid_hex: str, file_offset: int,
+                 is_return_address: bool) -> Frame:
+        mod = self._module(key)
+        if mod is None:
+            return Frame(None, None, None, build_id=bid_hex, address=file_offset)
+        vaddr = mod.vaddr_of(file_offset)
+        if vaddr is None:
+            return Frame(None, None, mod.path, build_id=bid_hex, address=file_offset)
+        probe = vaddr - 1 if is_return_address and vaddr > 0 else vaddr
+        function = offset = None
+        tab = mod.symbols()
+        if tab is not None:
+            hit = tab.lookup(probe)
+            if hit is not None:
+                name, start = hit
+                function = _demangle(name) if self.demangle else name
+                offset = vaddr - start
+        file = line = None
+        dl = mod.lines()
+        if dl is not None:
+            try:
+                hit2 = dl.lookup(probe)
+            except Exception as exc:
+                log.debug("line lookup failed in %s: %s", dl.path, exc)
+                hit2 = None
+            if hit2 is not None:
+                file, line = hit2
+        return Frame(function, offset, mod.path, file, line, bid_hex, file_offset)
+
+    def resolve_many(self, frames: Iterable[tuple]) -> list[Frame]:
+        """Resolve ``(build_id, file_offset[, is_return_address])`` tuples,
+        demangling C++ names with a single ``c++filt`` run."""
+        raw = [self._resolve_raw(it[0], it[1], bool(it[2]) if len(it) > 2 else True)
+               for it in frames]
+        if not self.demangle:
+            return raw
+        try:
+            _demangle_many(f.function for f in raw if f.function)
+        except Exception as exc:
+            log.debug("demangling failed: %s", exc)
+        return [_with_demangled(f) for f in raw]
+
+    def resolve_raw_ip(self, ip: int) -> Frame:
+        """A frame whose build id the kernel could not read.  Without the
+        process's memory map (gone by report time) it cannot be resolved."""
+        return Frame(None, None, None, address=ip)
+
+
+def _with_demangled(fr: Frame) -> Frame:
+    if fr.function and fr.function.startswith("_Z"):
+        try:
+            name = _demangle(fr.function)
+        except Exception:
+            return fr
+        return Frame(name, fr.offset, fr.module, fr.file, fr.line,
+                     fr.build_id, fr.address)
+    return fr

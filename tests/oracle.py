@@ -1,0 +1,545 @@
+"""Reference ("oracle") measurements of heap memory left in use at exit.
+
+This module has no pytest dependency; the plugin's end-to-end tests and
+``tests/test_oracle_fixtures.py`` import it.  It provides
+
+* :func:`build_fixtures` -- compile the C/C++ leak fixtures in
+  ``tests/fixtures/`` (idempotent, safe to call from parallel workers);
+* :func:`run_valgrind` -- run a command under memcheck, following every
+  child process, and parse each process' ``HEAP SUMMARY``;
+* :func:`load_expected` -- the fixture expectations
+  (``tests/fixtures/expected.py``), importable without a package layout.
+
+How valgrind reports process trees (valgrind 3.19, verified by the tests):
+
+* ``--trace-children=yes``: an exec'd program runs under a fresh valgrind
+  instance in the same pid.  Valgrind prints **no** heap summary for the
+  image that called exec -- its allocations vanish, exactly like under the
+  plugin's contract -- and one summary when the final image exits.
+* fork without exec: with ``--child-silent-after-fork=no`` and a ``%p`` in
+  ``--log-file``, the child reopens its own log file and prints its own
+  summary at exit.  That summary includes every block the child inherited
+  from its parent and did not free (the plugin does not count those for the
+  child: they belong to the ancestor).  Its ``total heap usage`` counters
+  also start from the parent's counters at fork time.
+* Log files are named ``vg.<pid>.<n>``; ``%n`` is a per-valgrind-instance
+  sequence number (1 for a fresh instance, 2 for the first forked child of
+  an instance, ...).  A fresh instance started by exec in the same pid opens
+  ``vg.<pid>.1`` with O_TRUNC, which can overwrite the header of the image
+  that exec'd.  So:
+
+  - :attr:`ValgrindResult.images` has one :class:`ProcessHeap` per log file
+    (a pid can have two: the forked-child header written before its exec,
+    without heap numbers, and the final image's);
+  - :attr:`ValgrindResult.heaps` maps pid -> the final image (the one that
+    printed a heap summary).  This is "one entry per pid, for its last
+    image", which is precisely what the plugin's contract counts.
+
+* Processes that valgrind cannot follow (setuid programs, statically linked
+  programs are still followed) or that are killed by an outside SIGKILL
+  print no heap summary and are absent from ``heaps``.
+* ``Parent PID`` is what the process saw as its parent when its valgrind
+  instance started (i.e. at fork or at exec).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Union
+
+__all__ = [
+    "FIXTURES_DIR",
+    "BUILD_DIR",
+    "CFLAGS",
+    "LeakSummary",
+    "ProcessHeap",
+    "ValgrindResult",
+    "ValgrindError",
+    "build_fixtures",
+    "fixture_sources",
+    "run_valgrind",
+    "parse_log",
+    "load_expected",
+    "valgrind_available",
+]
+
+FIXTURES_DIR = Path(__file__).resolve().parent / "fixtures"
+BUILD_DIR = FIXTURES_DIR / "build"
+
+#: Flags every fixture is compiled with (gcc for .c, g++ for .cpp).
+CFLAGS = ["-O0", "-g", "-fno-omit-frame-pointer", "-pthread", "-Wall"]
+
+#: Options always passed to valgrind by :func:`run_valgrind`.
+VALGRIND_BASE_OPTIONS = [
+    "--tool=memcheck",
+    "--run-libc-freeres=no",
+    "--run-cxx-freeres=no",
+    "--child-silent-after-fork=no",
+]
+
+
+class ValgrindError(RuntimeError):
+    """valgrind is missing, or its output could not be understood."""
+
+
+# --------------------------------------------------------------------------
+# result types
+# --------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class LeakSummary:
+    """memcheck's LEAK SUMMARY (absent when nothing was in use at exit)."""
+
+    definitely_lost: int = 0
+    definitely_lost_blocks: int = 0
+    indirectly_lost: int = 0
+    indirectly_lost_blocks: int = 0
+    possibly_lost: int = 0
+    possibly_lost_blocks: int = 0
+    still_reachable: int = 0
+    still_reachable_blocks: int = 0
+    suppressed: int = 0
+    suppressed_blocks: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class ProcessHeap:
+    """What valgrind reported for one process image (one log file).
+
+    ``in_use_bytes``/``in_use_blocks`` are None when the image printed no
+    HEAP SUMMARY (it exec'd, or was killed by an outside SIGKILL).
+    ``command`` is valgrind's ``Command:`` line: the executable path as
+    passed to exec, followed by argv[1:] joined by spaces (a forked child
+    without exec repeats its parent's command).  ``exe`` is its first word.
+    """
+
+    pid: int
+    ppid: Optional[int]
+    command: Optional[str]
+    in_use_bytes: Optional[int] = None
+    in_use_blocks: Optional[int] = None
+    total_allocs: Optional[int] = None
+    total_frees: Optional[int] = None
+    total_bytes_allocated: Optional[int] = None
+    leak_summary: Optional[LeakSummary] = None
+    #: signal number from "Process terminating with default action of
+    #: signal N", if any
+    fatal_signal: Optional[int] = None
+    #: number of errors from "ERROR SUMMARY: N errors"
+    errors: Optional[int] = None
+    #: "Program aborting because of call to X" (valgrind gave up)
+    aborted_call: Optional[str] = None
+    log_path: Optional[str] = None
+    #: log-file sequence number (%n): 1 for a fresh valgrind instance
+    #: (program start or exec), >1 for forked children
+    seq: int = 0
+
+    @property
+    def exe(self) -> Optional[str]:
+        if not self.command:
+            return None
+        return self.command.split(" ", 1)[0]
+
+    @property
+    def exe_name(self) -> Optional[str]:
+        """Basename of :attr:`exe` (e.g. ``"leak_n"``)."""
+        exe = self.exe
+        return os.path.basename(exe) if exe else None
+
+    @property
+    def has_summary(self) -> bool:
+        return self.in_use_bytes is not None
+
+    @property
+    def in_use(self) -> Optional[tuple]:
+        """``(in_use_bytes, in_use_blocks)`` or None."""
+        if not self.has_summary:
+            return None
+        return (self.in_use_bytes, self.in_use_blocks)
+
+
+@dataclasses.dataclass
+class ValgrindResult:
+    argv: List[str]
+    #: subprocess convention: exit status, or -signal if killed by a signal
+    returncode: int
+    stdout: bytes
+    stderr: bytes
+    #: pid of the program (valgrind execs the tool in place: same pid)
+    root_pid: int
+    #: every image that wrote a log file, ordered by (pid, seq)
+    images: List[ProcessHeap]
+    #: pid -> final image of that pid (only images with a heap summary)
+    heaps: Dict[int, ProcessHeap]
+    #: log directory, if kept (``keep_logs=True``)
+    log_dir: Optional[str] = None
+    #: raw log text per file name (always kept, small)
+    logs: Dict[str, str] = dataclasses.field(default_factory=dict)
+
+    @property
+    def root(self) -> ProcessHeap:
+        """Heap summary of the launched program's own pid."""
+        try:
+            return self.heaps[self.root_pid]
+        except KeyError:
+            raise ValgrindError(
+                f"no heap summary for root pid {self.root_pid}; logs: "
+                f"{sorted(self.logs)}"
+            ) from None
+
+    def children(self, pid: int) -> List[ProcessHeap]:
+        """Final images of the processes whose parent is ``pid``."""
+        return sorted(
+            (h for h in self.heaps.values() if h.ppid == pid and h.pid != pid),
+            key=lambda h: h.pid,
+        )
+
+    def descendants(self, pid: Optional[int] = None) -> List[ProcessHeap]:
+        """``pid`` (default: root) and everything below it, depth first."""
+        pid = self.root_pid if pid is None else pid
+        out: List[ProcessHeap] = []
+        if pid in self.heaps:
+            out.append(self.heaps[pid])
+        for child in self.children(pid):
+            out.extend(self.descendants(child.pid))
+        return out
+
+    def depth(self, pid: int) -> int:
+        """0 for the root, 1 for its children, ... (-1 if not below root)."""
+        d = 0
+        seen = set()
+        while pid != self.root_pid:
+            if pid in seen or pid not in self.heaps:
+                return -1
+            seen.add(pid)
+            pid = self.heaps[pid].ppid  # type: ignore[assignment]
+            d += 1
+        return d
+
+    def by_exe(self, name: str) -> List[ProcessHeap]:
+        """Final images whose executable basename is ``name``."""
+        return sorted(
+            (h for h in self.heaps.values() if h.exe_name == name),
+            key=lambda h: h.pid,
+        )
+
+    def total_in_use(self) -> tuple:
+        """Sum of (bytes, blocks) over all processes (valgrind's view)."""
+        return (
+            sum(h.in_use_bytes for h in self.heaps.values()),
+            sum(h.in_use_blocks for h in self.heaps.values()),
+        )
+
+    @property
+    def exit_signal(self) -> Optional[int]:
+        return -self.returncode if self.returncode < 0 else None
+
+
+# --------------------------------------------------------------------------
+# parsing
+# --------------------------------------------------------------------------
+
+_NUM = r"([0-9][0-9,]*)"
+_PREFIX_RE = re.compile(r"^==(\d+)== ?(.*)$")
+_RE = {
+    "command": re.compile(r"^Command: (.*)$"),
+    "ppid": re.compile(r"^Parent PID: (\d+)\s*$"),
+    "in_use": re.compile(rf"^\s*in use at exit: {_NUM} bytes in {_NUM} blocks"),
+    "total": re.compile(
+        rf"^\s*total heap usage: {_NUM} allocs, {_NUM} frees, {_NUM} bytes allocated"
+    ),
+    "leak": re.compile(
+        rf"^\s*(definitely lost|indirectly lost|possibly lost|still reachable|suppressed):"
+        rf" {_NUM} bytes in {_NUM} blocks"
+    ),
+    "signal": re.compile(r"^Process terminating with default action of signal (\d+)"),
+    "errors": re.compile(rf"^ERROR SUMMARY: {_NUM} errors"),
+}
+_ABORT_RE = re.compile(r"^\*\*(\d+)\*\* Program aborting because of call to (\S+)")
+
+
+def _int(s: str) -> int:
+    return int(s.replace(",", ""))
+
+
+def parse_log(text: str, *, log_path: Optional[str] = None, seq: int = 0) -> List[ProcessHeap]:
+    """Parse one valgrind log (text output of memcheck).
+
+    Returns one :class:`ProcessHeap` per pid found in the ``==pid==``
+    prefixes, in order of first appearance (a ``--log-file`` with ``%p``
+    contains one pid; a shared log could contain several).  Numbers may
+    carry thousands separators.  Lines without a ``==pid==`` prefix
+    (valgrind warnings, client output) are ignored.
+    """
+    fields: Dict[int, dict] = {}
+    order: List[int] = []
+
+    def rec(pid: int) -> dict:
+        if pid not in fields:
+            fields[pid] = {"pid": pid, "ppid": None, "command": None, "leak": {}}
+            order.append(pid)
+        return fields[pid]
+
+    for line in text.splitlines():
+        m = _ABORT_RE.match(line)
+        if m:
+            rec(int(m.group(1)))["aborted_call"] = m.group(2)
+            continue
+        m = _PREFIX_RE.match(line)
+        if not m:
+            continue
+        pid, body = int(m.group(1)), m.group(2)
+        r = rec(pid)
+        if r["command"] is None and (mm := _RE["command"].match(body)):
+            r["command"] = mm.group(1).rstrip()
+        elif r["ppid"] is None and (mm := _RE["ppid"].match(body)):
+            r["ppid"] = int(mm.group(1))
+        elif mm := _RE["in_use"].match(body):
+            r["in_use_bytes"] = _int(mm.group(1))
+            r["in_use_blocks"] = _int(mm.group(2))
+        elif mm := _RE["total"].match(body):
+            r["total_allocs"] = _int(mm.group(1))
+            r["total_frees"] = _int(mm.group(2))
+            r["total_bytes_allocated"] = _int(mm.group(3))
+        elif mm := _RE["leak"].match(body):
+            key = mm.group(1).replace(" ", "_")
+            r["leak"][key] = _int(mm.group(2))
+            r["leak"][key + "_blocks"] = _int(mm.group(3))
+        elif mm := _RE["signal"].match(body):
+            r["fatal_signal"] = int(mm.group(1))
+        elif mm := _RE["errors"].match(body):
+            r["errors"] = _int(mm.group(1))
+
+    out = []
+    for pid in order:
+        r = fields[pid]
+        leak = r.pop("leak")
+        out.append(
+            ProcessHeap(
+                leak_summary=LeakSummary(**leak) if leak else None,
+                log_path=log_path,
+                seq=seq,
+                **r,
+            )
+        )
+    return out
+
+
+_LOGNAME_RE = re.compile(r"^vg\.(\d+)\.(\d+)$")
+
+
+def _collect(log_dir: Path, root_pid: int):
+    images: List[ProcessHeap] = []
+    logs: Dict[str, str] = {}
+    for path in log_dir.iterdir():
+        m = _LOGNAME_RE.match(path.name)
+        if not m:
+            continue
+        text = path.read_text(errors="replace")
+        logs[path.name] = text
+        file_pid, seq = int(m.group(1)), int(m.group(2))
+        parsed = parse_log(text, log_path=str(path), seq=seq)
+        if not parsed:  # empty file (process died before writing anything)
+            parsed = [ProcessHeap(pid=file_pid, ppid=None, command=None,
+                                  log_path=str(path), seq=seq)]
+        images.extend(parsed)
+    images.sort(key=lambda h: (h.pid, h.seq))
+    heaps: Dict[int, ProcessHeap] = {}
+    for img in images:
+        if not img.has_summary:
+            continue
+        if img.pid in heaps:
+            raise ValgrindError(
+                f"two heap summaries for pid {img.pid}: "
+                f"{heaps[img.pid].log_path} and {img.log_path} (pid reuse?)"
+            )
+        heaps[img.pid] = img
+    return images, heaps, logs
+
+
+# --------------------------------------------------------------------------
+# running
+# --------------------------------------------------------------------------
+
+
+def valgrind_available(valgrind: str = "valgrind") -> bool:
+    return shutil.which(valgrind) is not None
+
+
+def _no_core_dumps() -> None:  # runs in the child before exec
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+
+
+def run_valgrind(
+    argv: Sequence[Union[str, os.PathLike]],
+    *,
+    cwd: Optional[Union[str, os.PathLike]] = None,
+    env: Optional[Mapping[str, str]] = None,
+    trace_children: bool = True,
+    timeout: float = 120,
+    stdin=subprocess.DEVNULL,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    extra_options: Iterable[str] = (),
+    valgrind: str = "valgrind",
+    keep_logs: bool = False,
+    check_root: bool = True,
+) -> ValgrindResult:
+    """Run ``argv`` under ``valgrind --tool=memcheck`` and parse every log.
+
+    Options used: ``--run-libc-freeres=no --run-cxx-freeres=no
+    --child-silent-after-fork=no --trace-children=yes|no
+    --log-file=<tmpdir>/vg.%p.%n`` plus ``extra_options``.
+
+    ``stdin``/``stdout``/``stderr`` are passed to :mod:`subprocess`
+    (default: stdin from /dev/null, stdout and stderr captured through
+    pipes; pass an open file to give the program a regular file).  Core
+    dumps are disabled (RLIMIT_CORE=0) so that crashing fixtures leave no
+    ``vgcore.*`` files behind.  On timeout the whole process group is
+    killed and :class:`subprocess.TimeoutExpired` is raised.
+
+    With ``check_root`` (default), raise :class:`ValgrindError` if the
+    launched program's own pid printed no heap summary (e.g. valgrind
+    itself failed to start).
+    """
+    vg = shutil.which(valgrind)
+    if vg is None:
+        raise ValgrindError(f"{valgrind!r} not found in PATH")
+    argv = [os.fspath(a) for a in argv]
+    log_dir = Path(tempfile.mkdtemp(prefix="oracle-vg-"))
+    try:
+        log_template = str(log_dir).replace("%", "%%") + "/vg.%p.%n"
+        cmd = [
+            vg,
+            *VALGRIND_BASE_OPTIONS,
+            f"--trace-children={'yes' if trace_children else 'no'}",
+            f"--log-file={log_template}",
+            *extra_options,
+            *argv,
+        ]
+        proc = subprocess.Popen(
+            cmd,
+            cwd=cwd,
+            env=dict(env) if env is not None else None,
+            stdin=stdin,
+            stdout=stdout,
+            stderr=stderr,
+            start_new_session=True,
+            preexec_fn=_no_core_dumps,
+        )
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            proc.communicate()
+            raise
+        images, heaps, logs = _collect(log_dir, proc.pid)
+        result = ValgrindResult(
+            argv=argv,
+            returncode=proc.returncode,
+            stdout=out or b"",
+            stderr=err or b"",
+            root_pid=proc.pid,
+            images=images,
+            heaps=heaps,
+            log_dir=str(log_dir) if keep_logs else None,
+            logs=logs,
+        )
+    finally:
+        if not keep_logs:
+            shutil.rmtree(log_dir, ignore_errors=True)
+    if check_root and proc.pid not in result.heaps:
+        raise ValgrindError(
+            f"valgrind printed no heap summary for {argv!r} (pid {proc.pid}, "
+            f"rc {proc.returncode}); stderr: {result.stderr[-2000:]!r}; "
+            f"logs: {logs!r}"
+        )
+    return result
+
+
+# --------------------------------------------------------------------------
+# fixtures
+# --------------------------------------------------------------------------
+
+
+def fixture_sources(src_dir: Union[str, os.PathLike] = FIXTURES_DIR) -> Dict[str, Path]:
+    """name -> source path for every ``*.c``/``*.cpp`` in ``src_dir``."""
+    src_dir = Path(src_dir)
+    out: Dict[str, Path] = {}
+    for pattern in ("*.c", "*.cpp"):
+        for src in sorted(src_dir.glob(pattern)):
+            if src.stem in out:
+                raise ValueError(f"two fixtures named {src.stem!r}")
+            out[src.stem] = src
+    return out
+
+
+def build_fixtures(
+    outdir: Optional[Union[str, os.PathLike]] = None,
+    *,
+    src_dir: Union[str, os.PathLike] = FIXTURES_DIR,
+    cc: str = "gcc",
+    cxx: str = "g++",
+    force: bool = False,
+) -> Dict[str, Path]:
+    """Compile every fixture; return ``{name: executable path}``.
+
+    ``outdir`` defaults to ``tests/fixtures/build`` (gitignored).  A binary
+    is rebuilt only when missing or older than its source, any header in
+    ``src_dir``, or this file (which holds the flags).  Each binary is
+    linked under a temporary name and renamed into place, so concurrent
+    callers (pytest-xdist workers) never see a half-written file.
+    Raises :class:`subprocess.CalledProcessError` (with the compiler's
+    output) if a fixture does not compile.
+    """
+    src_dir = Path(src_dir)
+    outdir = Path(outdir) if outdir is not None else BUILD_DIR
+    outdir.mkdir(parents=True, exist_ok=True)
+    deps_mtime = max(
+        [p.stat().st_mtime for p in src_dir.glob("*.h")] + [Path(__file__).stat().st_mtime]
+    )
+    built: Dict[str, Path] = {}
+    for name, src in fixture_sources(src_dir).items():
+        exe = outdir / name
+        newest = max(deps_mtime, src.stat().st_mtime)
+        if force or not exe.exists() or exe.stat().st_mtime < newest:
+            compiler = cxx if src.suffix == ".cpp" else cc
+            tmp = outdir / f".{name}.{os.getpid()}.tmp"
+            cmd = [compiler, *CFLAGS, "-I", str(src_dir), str(src), "-o", str(tmp)]
+            proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+            if proc.returncode != 0:
+                tmp.unlink(missing_ok=True)
+                raise subprocess.CalledProcessError(
+                    proc.returncode, cmd, output=proc.stdout
+                )
+            os.replace(tmp, exe)
+        built[name] = exe
+    return built
+
+
+def load_expected():
+    """Import ``tests/fixtures/expected.py`` (as module ``fixture_expected``)."""
+    name = "fixture_expected"
+    if name in sys.modules:
+        return sys.modules[name]
+    path = FIXTURES_DIR / "expected.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    return module
