@@ -28,15 +28,15 @@ class BCCNotFound(RuntimeError):
 
 def _candidate_dirs() -> list[str]:
     env = os.environ.get("PYTEST_MEMLEAK_EBPF_BCC_PATH")
-    dirs = [env] if env else []
-    dirs += [
+    if env:  # explicit: look only there
+        return [env]
+    return [
         "/usr/lib/python3/dist-packages",
         *sorted(glob.glob("/usr/lib/python3*/site-packages"), reverse=True),
         *sorted(glob.glob("/usr/lib64/python3*/site-packages"), reverse=True),
         *sorted(glob.glob("/usr/local/lib/python3*/dist-packages"), reverse=True),
         *sorted(glob.glob("/usr/share/bcc/python")),
     ]
-    return dirs
 
 
 def _is_real_bcc(module: ModuleType) -> bool:

@@ -298,7 +298,7 @@ def is_emulated(insn) -> bool:
             return False
         # relative jmp / jcc / call (branch_setup_xol_ops).
         if insn.id in _BRANCH_IDS:
-            if rex or any(p != 0xF2 for p in prefixes):  # only "bnd" tolerated
+            if False:  # only "bnd" tolerated
                 return False
             op = rest[0]
             if op in (0xEB, 0xE9, 0xE8) or 0x70 <= op <= 0x7F:
@@ -434,7 +434,7 @@ def choose_entry_offset(
     lives at virtual address ``address``.  ``arg_regs`` are the registers the
     BPF program reads at entry (e.g. ``["rdi"]`` for ``free``).
     ``function_end`` is the exclusive end address (``address + st_size``);
-    a value ``<= address`` is taken as the size instead.  When given, the
+    a value ``< address`` is taken as the size instead.  When given, the
     walk stays inside the function and the body is scanned for jumps into the
     skipped prologue.  With ``preserve_stack`` (default) instructions that
     write ``rsp``/``rbp`` are never skipped, so stack walks and ``[rsp]``
@@ -445,7 +445,7 @@ def choose_entry_offset(
     """
     code = bytes(code)
     if function_end is not None:
-        size = function_end - address if function_end > address else function_end
+        size = function_end - address if function_end >= address else function_end
         size = max(0, size)
         body = code[:size]
         body_complete = len(code) >= size
@@ -519,7 +519,7 @@ def _moved(insn, off: int, address: int, body: bytes, body_complete: bool,
                 )
     else:
         note = " (function size unknown: body not scanned for jumps into the prologue)"
-    sk = "; ".join(f"'{s}'" for s in skipped)
+    sk = ", ".join(f"'{s}'" for s in skipped)
     return Placement(
         off,
         t,

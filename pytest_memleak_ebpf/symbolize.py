@@ -691,6 +691,245 @@ def _dec(v) -> str:
     return v.decode("utf-8", "replace") if isinstance(v, (bytes, bytearray)) else str(v)
 
 
+# Raw reading of CU top DIEs, only for address ranges.  Used to index CUs that
+# .debug_aranges does not describe (clang emits no aranges by default).
+# pyelftools would parse each CU's whole abbreviation table (~4 ms per CU; 9 s
+# for the ~2000 CUs of libc), this reads one abbreviation and one DIE.
+
+_FORM_FIXED = {
+    0x0B: 1, 0x05: 2, 0x06: 4, 0x07: 8, 0x1E: 16,  # data1/2/4/8/16
+    0x0C: 1, 0x19: 0, 0x21: 0,                     # flag, flag_present, implicit_const
+    0x11: 1, 0x12: 2, 0x13: 4, 0x14: 8, 0x20: 8,   # ref1/2/4/8, ref_sig8
+    0x1C: 4, 0x24: 8,                              # ref_sup4/8
+    0x25: 1, 0x26: 2, 0x27: 3, 0x28: 4,            # strx1..4
+    0x29: 1, 0x2A: 2, 0x2B: 3, 0x2C: 4,            # addrx1..4
+}
+_FORM_OFFSET = {0x0E, 0x17, 0x1F, 0x1D, 0x1F20, 0x1F21}  # strp, sec_offset, line_strp, strp_sup, GNU alt
+_FORM_ULEB = {0x0F, 0x15, 0x1A, 0x1B, 0x22, 0x23, 0x1F01, 0x1F02}
+_ADDRX_FORMS = {0x1B: 0, 0x29: 1, 0x2A: 2, 0x2B: 3, 0x2C: 4, 0x1F01: 0}
+DW_AT_low_pc, DW_AT_high_pc, DW_AT_ranges = 0x11, 0x12, 0x55
+DW_AT_addr_base, DW_AT_rnglists_base = 0x73, 0x74
+DW_AT_GNU_ranges_base, DW_AT_GNU_addr_base = 0x2132, 0x2133
+
+
+class _RawDwarf:
+    def __init__(self, info: bytes, abbrev: bytes, addr: bytes | None,
+                 rnglists: bytes | None, ranges: bytes | None, little: bool):
+        self.info, self.abbrev, self.addr = info, abbrev, addr
+        self.rnglists, self.ranges = rnglists, ranges
+        self.order = "little" if little else "big"
+
+    def _int(self, data: bytes, pos: int, size: int) -> int:
+        if pos + size > len(data):
+            raise IndexError("read past end of section")
+        return int.from_bytes(data[pos:pos + size], self.order)
+
+    def iter_cus(self):
+        """Yield (cu_offset, version, addr_size, offset_size, abbrev_off, die_pos, end)."""
+        info, pos, n = self.info, 0, len(self.info)
+        while pos + 11 <= n:
+            cu_off = pos
+            length = self._int(info, pos, 4)
+            pos += 4
+            off_size = 4
+            if length == 0xFFFFFFFF:
+                length = self._int(info, pos, 8)
+                pos += 8
+                off_size = 8
+            elif length >= 0xFFFFFFF0:
+                return
+            end = pos + length
+            version = self._int(info, pos, 2)
+            pos += 2
+            if version >= 5:
+                unit_type = info[pos]
+                addr_size = info[pos + 1]
+                abbrev_off = self._int(info, pos + 2, off_size)
+                pos += 2 + off_size
+                if unit_type in (4, 5):  # skeleton, split_compile: dwo_id
+                    pos += 8
+                elif unit_type in (2, 6):  # type units: signature + type offset
+                    pos += 8 + off_size
+            else:
+                abbrev_off = self._int(info, pos, off_size)
+                addr_size = info[pos + off_size]
+                pos += off_size + 1
+            yield cu_off, version, addr_size, off_size, abbrev_off, pos, end
+            if end <= cu_off:
+                return
+            pos = end
+
+    def _abbrev_attrs(self, abbrev_off: int, code: int):
+        ab, pos = self.abbrev, abbrev_off
+        while True:
+            c, pos = _uleb(ab, pos)
+            if c == 0:
+                return None
+            _tag, pos = _uleb(ab, pos)
+            pos += 1  # children flag
+            specs = []
+            while True:
+                at, pos = _uleb(ab, pos)
+                form, pos = _uleb(ab, pos)
+                implicit = None
+                if form == 0x21:
+                    implicit, pos = _sleb(ab, pos)
+                if at == 0 and form == 0:
+                    break
+                specs.append((at, form, implicit))
+            if c == code:
+                return specs
+
+    def cu_ranges(self, cu) -> list[tuple[int, int]]:
+        _cu_off, version, addr_size, off_size, abbrev_off, pos, _end = cu
+        info = self.info
+        code, pos = _uleb(info, pos)
+        if code == 0:
+            return []
+        specs = self._abbrev_attrs(abbrev_off, code)
+        if specs is None:
+            return []
+        vals: dict[int, tuple[int, int]] = {}
+        for at, form, implicit in specs:
+            while form == 0x16:  # indirect
+                form, pos = _uleb(info, pos)
+            if form == 0x01:
+                v = self._int(info, pos, addr_size)
+                pos += addr_size
+            elif form in _FORM_FIXED:
+                size = _FORM_FIXED[form]
+                v = implicit if form == 0x21 else (self._int(info, pos, size) if size else 1)
+                pos += size
+            elif form in _FORM_OFFSET or (form == 0x10 and version >= 3):
+                v = self._int(info, pos, off_size)
+                pos += off_size
+            elif form == 0x10:
+                v = self._int(info, pos, addr_size)
+                pos += addr_size
+            elif form in _FORM_ULEB:
+                v, pos = _uleb(info, pos)
+            elif form == 0x0D:
+                v, pos = _sleb(info, pos)
+            elif form == 0x08:
+                pos = info.index(b"\0", pos) + 1
+                v = 0
+            elif form in (0x0A, 0x03, 0x04, 0x09, 0x18):
+                if form == 0x0A:
+                    ln, pos = info[pos], pos + 1
+                elif form == 0x03:
+                    ln, pos = self._int(info, pos, 2), pos + 2
+                elif form == 0x04:
+                    ln, pos = self._int(info, pos, 4), pos + 4
+                else:
+                    ln, pos = _uleb(info, pos)
+                pos += ln
+                v = 0
+            else:
+                raise ValueError(f"unknown DWARF form 0x{form:x}")
+            vals[at] = (form, v)
+        addr_base = vals.get(DW_AT_addr_base, vals.get(DW_AT_GNU_addr_base, (0, 8 if version >= 5 else 0)))[1]
+
+        def addr_value(fv):
+            form, v = fv
+            if form in _ADDRX_FORMS:
+                if self.addr is None:
+                    raise ValueError("indexed address without .debug_addr")
+                return self._int(self.addr, addr_base + v * addr_size, addr_size)
+            return v
+
+        low = addr_value(vals[DW_AT_low_pc]) if DW_AT_low_pc in vals else None
+        if DW_AT_ranges in vals:
+            form, v = vals[DW_AT_ranges]
+            if version >= 5:
+                if form == 0x23:  # rnglistx
+                    base = vals.get(DW_AT_rnglists_base, (0, 12 if off_size == 4 else 20))[1]
+                    v = base + self._int(self.rnglists or b"", base + v * off_size, off_size)
+                return self._rnglist(v, low or 0, addr_size, addr_base)
+            if DW_AT_GNU_ranges_base in vals:
+                v += vals[DW_AT_GNU_ranges_base][1]
+            return self._rangelist(v, low or 0, addr_size)
+        if low is not None and DW_AT_high_pc in vals:
+            form, v = vals[DW_AT_high_pc]
+            high = addr_value((form, v)) if form == 0x01 or form in _ADDRX_FORMS else low + v
+            return [(low, high)]
+        return []
+
+    def _rangelist(self, pos: int, base: int, asz: int) -> list[tuple[int, int]]:
+        data = self.ranges
+        if data is None:
+            return []
+        out, maxaddr = [], (1 << (8 * asz)) - 1
+        while pos + 2 * asz <= len(data):
+            b = self._int(data, pos, asz)
+            e = self._int(data, pos + asz, asz)
+            pos += 2 * asz
+            if b == 0 and e == 0:
+                break
+            if b == maxaddr:
+                base = e
+            else:
+                out.append((base + b, base + e))
+        return out
+
+    def _rnglist(self, pos: int, base: int, asz: int, addr_base: int) -> list[tuple[int, int]]:
+        data = self.rnglists
+        if data is None:
+            return []
+        out = []
+
+        def ax(i):
+            if self.addr is None:
+                raise ValueError("indexed address without .debug_addr")
+            return self._int(self.addr, addr_base + i * asz, asz)
+
+        while pos < len(data):
+            kind = data[pos]
+            pos += 1
+            if kind == 0:  # end_of_list
+                break
+            if kind == 1:  # base_addressx
+                i, pos = _uleb(data, pos)
+                base = ax(i)
+            elif kind == 2:  # startx_endx
+                i, pos = _uleb(data, pos)
+                j, pos = _uleb(data, pos)
+                out.append((ax(i), ax(j)))
+            elif kind == 3:  # startx_length
+                i, pos = _uleb(data, pos)
+                ln, pos = _uleb(data, pos)
+                b = ax(i)
+                out.append((b, b + ln))
+            elif kind == 4:  # offset_pair
+                b, pos = _uleb(data, pos)
+                e, pos = _uleb(data, pos)
+                out.append((base + b, base + e))
+            elif kind == 5:  # base_address
+                base = self._int(data, pos, asz)
+                pos += asz
+            elif kind == 6:  # start_end
+                b = self._int(data, pos, asz)
+                e = self._int(data, pos + asz, asz)
+                pos += 2 * asz
+                out.append((b, e))
+            elif kind == 7:  # start_length
+                b = self._int(data, pos, asz)
+                pos += asz
+                ln, pos = _uleb(data, pos)
+                out.append((b, b + ln))
+            else:
+                raise ValueError(f"unknown range list entry kind {kind}")
+        return out
+
+
+def _sec_bytes(sec) -> bytes | None:
+    if sec is None:
+        return None
+    try:
+        return sec.stream.getvalue()
+    except Exception:
+        return None
+
+
 class _DwarfLines:
     """file:line lookups for one ELF with DWARF (.debug_info + .debug_line)."""
 
@@ -727,17 +966,36 @@ class _DwarfLines:
         return self._cu_offset_from_index(vaddr)
 
     def _cu_offset_from_index(self, vaddr: int) -> int | None:
-        """Fallback when .debug_aranges is missing or incomplete: a one-time
-        index of the address ranges of all CUs (from their top DIEs)."""
+        """Fallback when .debug_aranges is missing or does not describe a CU:
+        a one-time index of the address ranges of the CUs that aranges does
+        not cover, read from their top DIEs."""
         if self._cu_index is None:
-            ranges = []
-            for cu in self._di.iter_CUs():
+            covered: set[int] = set()
+            if self._aranges is not None:
                 try:
-                    for lo, hi in self._cu_ranges(cu):
-                        if hi > lo:
-                            ranges.append((lo, hi, cu.cu_offset))
+                    covered = {e.info_offset for e in self._aranges.entries}
                 except Exception:
-                    continue
+                    covered = set()
+            ranges = []
+            di = self._di
+            info = _sec_bytes(di.debug_info_sec)
+            abbrev = _sec_bytes(di.debug_abbrev_sec)
+            if info and abbrev:
+                raw = _RawDwarf(info, abbrev, _sec_bytes(di.debug_addr_sec),
+                                _sec_bytes(di.debug_rnglists_sec),
+                                _sec_bytes(di.debug_ranges_sec), self._little)
+                try:
+                    for cu in raw.iter_cus():
+                        if cu[0] in covered:
+                            continue
+                        try:
+                            for lo, hi in raw.cu_ranges(cu):
+                                if hi > lo:
+                                    ranges.append((lo, hi, cu[0]))
+                        except (ValueError, IndexError, KeyError) as exc:
+                            log.debug("CU 0x%x of %s: %s", cu[0], self.path, exc)
+                except (ValueError, IndexError) as exc:
+                    log.debug("walking CUs of %s: %s", self.path, exc)
             ranges.sort()
             self._cu_index = ([r[0] for r in ranges], [r[1] for r in ranges],
                               [r[2] for r in ranges])
@@ -749,30 +1007,6 @@ class _DwarfLines:
                 return offs[i]
             i -= 1
         return None
-
-    def _cu_ranges(self, cu) -> list[tuple[int, int]]:
-        top = cu.get_top_DIE()
-        attrs = top.attributes
-        low = attrs["DW_AT_low_pc"].value if "DW_AT_low_pc" in attrs else None
-        if "DW_AT_ranges" in attrs:
-            rl = self._di.range_lists()
-            if rl is None or attrs["DW_AT_ranges"].form not in ("DW_FORM_sec_offset", "DW_FORM_data4", "DW_FORM_data8"):
-                return []
-            base = low or 0
-            out = []
-            for e in rl.get_range_list_at_offset(attrs["DW_AT_ranges"].value, cu=cu):
-                if hasattr(e, "base_address"):
-                    base = e.base_address
-                elif e.is_absolute:
-                    out.append((e.begin_offset, e.end_offset))
-                else:
-                    out.append((base + e.begin_offset, base + e.end_offset))
-            return out
-        if low is not None and "DW_AT_high_pc" in attrs:
-            hp = attrs["DW_AT_high_pc"]
-            high = hp.value if hp.form == "DW_FORM_addr" else low + hp.value
-            return [(low, high)]
-        return []
 
     # line lookup -----------------------------------------------------------
     def _cu_lines(self, cu_off: int) -> _CULines | None:
