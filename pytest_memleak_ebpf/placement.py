@@ -94,7 +94,7 @@ import re
 import struct
 import threading
 from dataclasses import dataclass, field
-from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 from capstone import CS_ARCH_X86, CS_MODE_64, Cs, CsError
 from capstone import x86_const as X86
@@ -298,7 +298,7 @@ def is_emulated(insn) -> bool:
             return False
         # relative jmp / jcc / call (branch_setup_xol_ops).
         if insn.id in _BRANCH_IDS:
-            if False:  # only "bnd" tolerated
+            if rex or any(p != 0xF2 for p in prefixes):  # only "bnd" tolerated
                 return False
             op = rest[0]
             if op in (0xEB, 0xE9, 0xE8) or 0x70 <= op <= 0x7F:
@@ -558,7 +558,7 @@ def clear_cache() -> None:
         _placement_cache.clear()
 
 
-def _read_symtab(f, elf, sec, versym, kind: int, wanted, symbols, ifuncs) -> None:
+def _read_symtab(elf, sec, versym, kind: int, wanted, symbols, ifuncs) -> None:
     strtab = elf.get_section(sec["sh_link"]).data()
     data = sec.data()
     ent = sec["sh_entsize"] or 24
@@ -588,31 +588,33 @@ def _read_symtab(f, elf, sec, versym, kind: int, wanted, symbols, ifuncs) -> Non
         symbols.setdefault(base, []).append((value, size, st_info >> 4, hidden, kind))
 
 
-def _load_elf(path: str, wanted: frozenset) -> _ElfInfo:
-    with open(path, "rb") as f:
-        elf = ELFFile(f)
-        if elf.elfclass != 64 or not elf.little_endian or elf["e_machine"] != "EM_X86_64":
-            raise ValueError(f"{path}: not an x86-64 ELF64 object")
-        # Program headers read directly: elf.iter_segments() would also build
-        # the PT_DYNAMIC segment and parse the hash tables (~10 ms for libc).
-        loads = []
-        phoff, phentsize = elf["e_phoff"], elf["e_phentsize"] or 56
-        for i in range(elf.num_segments()):
-            f.seek(phoff + i * phentsize)
-            p_type, p_flags, p_offset, p_vaddr, _paddr, p_filesz, _memsz, _align = \
-                struct.unpack("<IIQQQQQQ", f.read(56))
-            if p_type == _PT_LOAD:
-                loads.append((p_vaddr, p_filesz, p_offset, p_flags))
-        symbols: Dict[str, List[Tuple[int, int, int, bool, int]]] = {}
-        ifuncs: Dict[str, int] = {}
-        dynsym = elf.get_section_by_name(".dynsym")
-        versym = elf.get_section_by_name(".gnu.version")
-        if dynsym is not None:
-            _read_symtab(f, elf, dynsym, versym, 0, wanted, symbols, ifuncs)
-        missing = wanted - symbols.keys() - ifuncs.keys()
-        symtab = elf.get_section_by_name(".symtab") if missing else None
-        if symtab is not None:
-            _read_symtab(f, elf, symtab, None, 1, missing, symbols, ifuncs)
+def _load_elf(path: str, wanted: frozenset, f=None) -> _ElfInfo:
+    if f is None:
+        with open(path, "rb") as fh:
+            return _load_elf(path, wanted, fh)
+    elf = ELFFile(f)
+    if elf.elfclass != 64 or not elf.little_endian or elf["e_machine"] != "EM_X86_64":
+        raise ValueError(f"{path}: not an x86-64 ELF64 object")
+    # Program headers read directly: elf.iter_segments() would also build
+    # the PT_DYNAMIC segment and parse the hash tables (~10 ms for libc).
+    loads = []
+    phoff, phentsize = elf["e_phoff"], elf["e_phentsize"] or 56
+    for i in range(elf.num_segments()):
+        f.seek(phoff + i * phentsize)
+        p_type, p_flags, p_offset, p_vaddr, _paddr, p_filesz, _memsz, _align = \
+            struct.unpack("<IIQQQQQQ", f.read(56))
+        if p_type == _PT_LOAD:
+            loads.append((p_vaddr, p_filesz, p_offset, p_flags))
+    symbols: Dict[str, List[Tuple[int, int, int, bool, int]]] = {}
+    ifuncs: Dict[str, int] = {}
+    dynsym = elf.get_section_by_name(".dynsym")
+    versym = elf.get_section_by_name(".gnu.version")
+    if dynsym is not None:
+        _read_symtab(elf, dynsym, versym, 0, wanted, symbols, ifuncs)
+    missing = wanted - symbols.keys() - ifuncs.keys()
+    symtab = elf.get_section_by_name(".symtab") if missing else None
+    if symtab is not None:
+        _read_symtab(elf, symtab, None, 1, missing, symbols, ifuncs)
     return _ElfInfo(symbols, loads, ifuncs)
 
 
@@ -649,20 +651,26 @@ def place_probes(
     per address.
     """
     path = os.path.realpath(elf_path)
-    st = os.stat(path)
+    functions = {n: ([r] if isinstance(r, str) else list(r)) for n, r in functions.items()}
+    with open(path, "rb") as f:
+        return _place_probes(f, path, functions, max_insns, preserve_stack)
+
+
+def _place_probes(f, path, functions, max_insns, preserve_stack) -> Dict[str, SymbolPlacement]:
+    st = os.fstat(f.fileno())
     fkey = (path, st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
     wanted = frozenset(functions)
     with _cache_lock:
         cached = _elf_cache.get(path)
-        info = None
-        if cached is not None and cached[0][0] == fkey:
-            # the cached parse only covers the names asked for then
-            if wanted <= cached[0][1]:
-                info = cached[1]
+    info = None
+    prev_names: frozenset = frozenset()
+    if cached is not None and cached[0][0] == fkey:
+        prev_names = cached[0][1]
+        if wanted <= prev_names:  # the cached parse covers only the names asked for then
+            info = cached[1]
     if info is None:
-        prev_names = cached[0][1] if cached is not None and cached[0][0] == fkey else frozenset()
         all_names = wanted | prev_names
-        info = _load_elf(path, all_names)
+        info = _load_elf(path, all_names, f)
         with _cache_lock:
             _elf_cache[path] = ((fkey, all_names), info)
 
@@ -684,35 +692,34 @@ def place_probes(
         by_addr.setdefault(value, []).append(name)
 
     result: Dict[str, SymbolPlacement] = {}
-    with open(path, "rb") as f:
-        for value, names in by_addr.items():
-            size = max(chosen[n][1] for n in names)
-            file_off = chosen[names[0]][2]
-            regs = tuple(sorted({full_register(r) for n in names for r in functions[n]}))
-            pkey = (fkey, value, size, regs, max_insns, preserve_stack)
+    for value, names in by_addr.items():
+        size = max(chosen[n][1] for n in names)
+        file_off = chosen[names[0]][2]
+        regs = tuple(sorted({full_register(r) for n in names for r in functions[n]}))
+        pkey = (fkey, value, size, regs, max_insns, preserve_stack)
+        with _cache_lock:
+            placement = _placement_cache.get(pkey)
+        if placement is None:
+            nbytes = min(size if size else 15 * max_insns, avail[names[0]])
+            f.seek(file_off)
+            code = f.read(nbytes)
+            placement = choose_entry_offset(
+                code,
+                value,
+                regs,
+                max_insns=max_insns,
+                function_end=(value + size) if size else None,
+                preserve_stack=preserve_stack,
+            )
             with _cache_lock:
-                placement = _placement_cache.get(pkey)
-            if placement is None:
-                nbytes = min(size if size else 15 * max_insns, avail[names[0]])
-                f.seek(file_off)
-                code = f.read(nbytes)
-                placement = choose_entry_offset(
-                    code,
-                    value,
-                    regs,
-                    max_insns=max_insns,
-                    function_end=(value + size) if size else None,
-                    preserve_stack=preserve_stack,
-                )
-                with _cache_lock:
-                    _placement_cache[pkey] = placement
-            for n in names:
-                result[n] = SymbolPlacement(
-                    name=n,
-                    address=value,
-                    file_offset=file_off,
-                    size=chosen[n][1],
-                    placement=placement,
-                    aliases=tuple(sorted(m for m in names if m != n)),
-                )
+                _placement_cache[pkey] = placement
+        for n in names:
+            result[n] = SymbolPlacement(
+                name=n,
+                address=value,
+                file_offset=file_off,
+                size=chosen[n][1],
+                placement=placement,
+                aliases=tuple(sorted(m for m in names if m != n)),
+            )
     return {n: result[n] for n in functions if n in result}

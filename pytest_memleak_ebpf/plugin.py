@@ -238,11 +238,12 @@ class LeakChecker:
         tr = terminalreporter
         checked = len(self.engine.results)
         leaked = sum(r.leaked.bytes for r in self.engine.results)
+        failing = sum(1 for sev, _ in lines if sev == "fail")
         tr.write_sep("=", "ebpf leak summary")
-        tr.write_line(f"{checked} tests checked, {len(lines)} over budget or incomplete; "
+        tr.write_line(f"{checked} tests checked, {failing} over budget or incomplete; "
                       f"{leaked:,} B leaked in total; report time {self.engine.report_seconds:.2f} s")
-        for line in lines:
-            tr.write_line(line, red=True)
+        for sev, line in lines:
+            tr.write_line(line, red=sev == "fail", yellow=sev == "note")
         path = self.engine.settings.json_path
         if path:
             tr.write_line(f"JSON leak report: {path}")

@@ -105,13 +105,18 @@ def failure_text(result: TestLeakResult, *, headline: str | None = None) -> str:
     return "\n".join(lines)
 
 
-def summary_lines(results: Iterable[TestLeakResult]) -> list[str]:
+def summary_lines(results: Iterable[TestLeakResult]) -> list[tuple[str, str]]:
+    """(severity, line) per test that leaked or was incompletely tracked:
+    severity 'fail' (over budget / incomplete) or 'note' (leaked within budget)."""
     lines = []
     for r in results:
         if r.over_budget:
-            lines.append(f"{r.nodeid}: {r.headline()}")
+            lines.append(("fail", f"{r.nodeid}: {r.headline()}"))
         elif r.incomplete:
-            lines.append(f"{r.nodeid}: {r.incomplete_headline()}")
+            lines.append(("fail", f"{r.nodeid}: {r.incomplete_headline()}"))
+        elif r.leaked.blocks:
+            lines.append(("note", f"{r.nodeid}: leaked {format_bytes(r.leaked.bytes)} in "
+                                  f"{format_blocks(r.leaked.blocks)} (within {r.budget.describe()})"))
     return lines
 
 

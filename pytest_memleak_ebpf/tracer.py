@@ -178,8 +178,8 @@ class Tracer:
                 off = 0
                 self.bpf.attach_uprobe(name=self.libc.encode(), sym=name.encode(), fn_name=f"{prefix}_entry".encode())
                 self.bpf.attach_uretprobe(name=self.libc.encode(), sym=name.encode(), fn_name=f"{prefix}_return".encode())
-                insn = sp.entry_instruction if hasattr(sp, "entry_instruction") else ""
-                emulated = bool(getattr(sp, "entry_emulated", False))
+                insn = "function entry (return probe)"
+                emulated = False
             else:
                 off = sp.placement.offset
                 self.bpf.attach_uprobe(name=self.libc.encode(), sym=name.encode(), sym_off=off,

@@ -475,6 +475,22 @@ def test_aliases_use_the_union_of_arg_regs(built):
     assert r["pl_test_je"].placement.offset == 0 == r["pl_alias"].placement.offset
 
 
+@needs_gcc
+def test_symbol_versions_are_read(built):
+    info = P._load_elf(str(built["prologues"]), frozenset({"pl_ver"}))
+    cands = info.symbols["pl_ver"]
+    assert sorted(c[3] for c in cands) == [False, True]  # one @@default, one hidden @
+    default = next(c for c in cands if not c[3])
+    hidden = next(c for c in cands if c[3])
+    data = built["prologues"].read_bytes()
+    # pl_ver@VERS_1 is "push rbx; pop rbx; ret", pl_ver@@VERS_2 is "test rdi,rdi; ..."
+    # (text is mapped 1:1 to file offsets in this tiny -nostdlib object)
+    assert data[hidden[0]:hidden[0] + 3] == h("53 5b c3")
+    assert data[default[0]:default[0] + 3] == h("48 85 ff")
+    r = place_probes(str(built["prologues"]), {"pl_ver": ["rdi"]})
+    assert r["pl_ver"].address == default[0]
+
+
 def test_default_version_preferred_regardless_of_table_order():
     v1 = (0x1070, 3, 1, True, 0)  # pl_ver@VERS_1 (hidden)
     v2 = (0x1080, 7, 1, False, 0)  # pl_ver@@VERS_2
