@@ -116,7 +116,7 @@ def summary_lines(results: Iterable[TestLeakResult]) -> list[tuple[str, str]]:
             lines.append(("fail", f"{r.nodeid}: {r.incomplete_headline()}"))
         elif r.leaked.blocks:
             lines.append(("note", f"{r.nodeid}: leaked {format_bytes(r.leaked.bytes)} in "
-                                  f"{format_blocks(r.leaked.blocks)} (within {r.budget.describe()})"))
+                                  f"{format_blocks(r.leaked.blocks)} " + (f"(within {r.budget.describe()})" if r.budget.checked else "(budget off)")))
     return lines
 
 

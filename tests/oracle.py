@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import json
 import os
 import re
 import shutil
@@ -70,6 +71,9 @@ __all__ = [
     "parse_log",
     "load_expected",
     "valgrind_available",
+    "NativeTrace",
+    "run_native_trace",
+    "gdb_available",
 ]
 
 FIXTURES_DIR = Path(__file__).resolve().parent / "fixtures"
@@ -470,6 +474,282 @@ def run_valgrind(
             f"logs: {logs!r}"
         )
     return result
+
+
+# --------------------------------------------------------------------------
+# native cross-check: gdb breakpoints on libc's allocator entry points
+# --------------------------------------------------------------------------
+
+# Runs inside gdb's Python.  Breakpoints sit on the same addresses the
+# plugin's uprobes use (libc's exported malloc/calloc/realloc/reallocarray/
+# free/memalign(=aligned_alloc)/posix_memalign/valloc/pvalloc), return values
+# are read at the caller's return address.  Calls made while another
+# allocator call is in progress on the same thread (glibc-internal nesting,
+# e.g. realloc(NULL,n) -> malloc, realloc(p,0) -> free, reallocarray ->
+# realloc, memalign(<=16) -> malloc) are ignored: the outermost call is the
+# one that counts.  Sizes are the caller's arguments (calloc: n*size,
+# reallocarray: n*size, pvalloc: the argument, not page-rounded).
+_GDB_TRACER = r"""
+import gdb, json, os, subprocess
+
+FUNCS = {"malloc": 1, "calloc": 2, "realloc": 2, "reallocarray": 3,
+         "free": 1, "memalign": 2, "aligned_alloc": 2,
+         "posix_memalign": 3, "valloc": 1, "pvalloc": 1}
+ST = {"live": {}, "active": {}, "allocs": 0, "frees": 0, "unknown_frees": 0,
+      "libc": None, "exec_seen": False, "bps": [], "written": False,
+      "error": None}
+
+def _u(expr):
+    return int(gdb.parse_and_eval("(unsigned long)(%s)" % expr))
+
+def _tid():
+    return gdb.selected_thread().ptid
+
+def _record(kind, a, rv):
+    live = ST["live"]
+    if kind == "posix_memalign":
+        if rv & 0xffffffff == 0:
+            live[_u("*(unsigned long *)%d" % a[0])] = a[2]
+            ST["allocs"] += 1
+        return
+    if kind in ("realloc", "reallocarray"):
+        n = a[1] if kind == "realloc" else a[1] * a[2]
+        if n >= 1 << 64:           # reallocarray overflow: fails, no change
+            return
+        if rv:
+            if a[0] and live.pop(a[0], None) is not None:
+                ST["frees"] += 1
+            live[rv] = n
+            ST["allocs"] += 1
+        elif n == 0 and a[0]:      # realloc(p, 0): frees p
+            if live.pop(a[0], None) is not None:
+                ST["frees"] += 1
+        return
+    if rv:
+        if kind == "calloc":
+            n = a[0] * a[1]
+        elif kind in ("memalign", "aligned_alloc"):
+            n = a[1]
+        else:
+            n = a[0]
+        live[rv] = n
+        ST["allocs"] += 1
+
+class _Ret(gdb.Breakpoint):
+    def __init__(self, kind, args, tid):
+        self.rsp = _u("$rsp") + 8
+        super().__init__("*%d" % _u("*(unsigned long *)$rsp"), internal=True)
+        self.kind, self.args, self.tid, self.dead = kind, args, tid, False
+    def stop(self):
+        if self.dead or _tid() != self.tid or _u("$rsp") != self.rsp:
+            return False
+        self.dead = True
+        gdb.post_event(self.delete)
+        ST["active"].pop(self.tid, None)
+        _record(self.kind, self.args, _u("$rax"))
+        return False
+
+class _Entry(gdb.Breakpoint):
+    def __init__(self, addr, names):
+        super().__init__("*%d" % addr, internal=True)
+        self.kind = names[0]
+    def stop(self):
+        if ST["exec_seen"]:
+            return False
+        tid = _tid()
+        if tid in ST["active"]:
+            return False
+        regs = ("$rdi", "$rsi", "$rdx")[:FUNCS[self.kind]]
+        a = [_u(r) for r in regs]
+        if self.kind == "free":
+            if a[0]:
+                if ST["live"].pop(a[0], None) is not None:
+                    ST["frees"] += 1
+                else:
+                    ST["unknown_frees"] += 1
+            return False
+        ST["active"][tid] = True
+        _Ret(self.kind, a, tid)
+        return False
+
+def _on_objfile(ev):
+    try:
+        _setup(ev.new_objfile.filename or "")
+    except Exception as e:
+        ST["error"] = "%s: %s" % (type(e).__name__, e)
+
+def _setup(name):
+    if "/libc.so" not in name:
+        return
+    if ST["libc"] is not None:
+        ST["exec_seen"] = True     # a second libc: the process exec'd
+        return
+    ST["libc"] = name
+    pid = gdb.selected_inferior().pid
+    base = None
+    with open("/proc/%d/maps" % pid) as f:
+        for line in f:
+            p = line.split()
+            if (len(p) >= 6 and int(p[2], 16) == 0
+                    and os.path.realpath(p[5]) == os.path.realpath(name)):
+                base = int(p[0].split("-")[0], 16)
+                break
+    if base is None:
+        raise RuntimeError("libc base not found for " + name)
+    nm = subprocess.run(["nm", "-D", "--defined-only", name],
+                        capture_output=True, text=True, check=True).stdout
+    by_addr = {}
+    for line in nm.splitlines():
+        p = line.split()
+        if len(p) == 3 and p[1] in "TtWwi":
+            sym = p[2].split("@")[0]
+            if sym in FUNCS:
+                by_addr.setdefault(int(p[0], 16), []).append(sym)
+    for off, names in sorted(by_addr.items()):
+        names.sort(key=lambda s: list(FUNCS).index(s))
+        ST["bps"].append(_Entry(base + off, names))
+
+def _on_exit(ev):
+    if ST["written"]:
+        return
+    ST["written"] = True
+    code = getattr(ev, "exit_code", None)
+    sig = None
+    if code is None:
+        try:
+            sig = int(gdb.parse_and_eval("$_exitsignal"))
+        except Exception:
+            sig = None
+    with open(ORACLE_OUT, "w") as f:
+        json.dump({"sizes": sorted(ST["live"].values()),
+                   "allocs": ST["allocs"], "frees": ST["frees"],
+                   "unknown_frees": ST["unknown_frees"],
+                   "exit_code": code, "exit_signal": sig,
+                   "exec_seen": ST["exec_seen"], "libc": ST["libc"],
+                   "breakpoints": len(ST["bps"]), "error": ST["error"]}, f)
+
+for cmd in ("set pagination off", "set confirm off", "set width 0",
+            "set startup-with-shell off", "set detach-on-fork on",
+            "set follow-fork-mode parent", "set print thread-events off",
+            "set print inferior-events off", "unset environment LINES",
+            "unset environment COLUMNS", "handle all nostop noprint pass"):
+    gdb.execute(cmd, to_string=True)
+gdb.events.new_objfile.connect(_on_objfile)
+gdb.events.exited.connect(_on_exit)
+gdb.execute("run")
+"""
+
+
+@dataclasses.dataclass
+class NativeTrace:
+    """In-use heap of one process, measured natively (no valgrind) by gdb
+    breakpoints on libc's allocator entry points.  Only the launched
+    process is traced (forked children are detached; an exec makes the
+    measurement invalid and raises)."""
+
+    argv: List[str]
+    returncode: int
+    #: sizes of the blocks still allocated at exit (sorted)
+    sizes: List[int]
+    allocs: int
+    frees: int
+    #: frees of pointers not allocated by a traced call (e.g. glibc freeing
+    #: its internal tcache struct at thread exit)
+    unknown_frees: int
+    stdout: bytes
+    stderr: bytes
+
+    @property
+    def in_use_bytes(self) -> int:
+        return sum(self.sizes)
+
+    @property
+    def in_use_blocks(self) -> int:
+        return len(self.sizes)
+
+    @property
+    def in_use(self) -> tuple:
+        return (self.in_use_bytes, self.in_use_blocks)
+
+
+def gdb_available(gdb: str = "gdb") -> bool:
+    return shutil.which(gdb) is not None and shutil.which("nm") is not None
+
+
+def run_native_trace(
+    argv: Sequence[Union[str, os.PathLike]],
+    *,
+    cwd: Optional[Union[str, os.PathLike]] = None,
+    env: Optional[Mapping[str, str]] = None,
+    timeout: float = 120,
+    stdin=subprocess.DEVNULL,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    gdb: str = "gdb",
+) -> NativeTrace:
+    """Run ``argv`` natively under gdb, tracing libc's allocator calls.
+
+    A second, independent oracle for single-process programs: it sees what
+    the plugin's uprobes see (real glibc, real libstdc++, no valgrind
+    malloc replacement), so it also covers what valgrind cannot run or
+    reports differently (pvalloc, C++ aligned new).  Slow per call (a
+    breakpoint round trip), fine for the fixtures.  The program's stdout and
+    stderr are shared with gdb's (gdb itself prints next to nothing).
+    Raises :class:`ValgrindError` if the process exec'd or gdb produced no
+    result.
+    """
+    gdb_path = shutil.which(gdb)
+    if gdb_path is None:
+        raise ValgrindError(f"{gdb!r} not found in PATH")
+    argv = [os.fspath(a) for a in argv]
+    tmp = Path(tempfile.mkdtemp(prefix="oracle-gdb-"))
+    try:
+        script = tmp / "tracer.py"
+        script.write_text(_GDB_TRACER)
+        out_path = tmp / "result.json"
+        cmd = [
+            gdb_path, "-nx", "-q", "-batch",
+            "-ex", f"python ORACLE_OUT = {str(out_path)!r}",
+            "-x", str(script),
+            "--args", *argv,
+        ]
+        proc = subprocess.Popen(
+            cmd, cwd=cwd, env=dict(env) if env is not None else None,
+            stdin=stdin, stdout=stdout, stderr=stderr,
+            start_new_session=True, preexec_fn=_no_core_dumps,
+        )
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            proc.communicate()
+            raise
+        if not out_path.exists():
+            raise ValgrindError(
+                f"gdb tracer produced no result for {argv!r} (gdb rc "
+                f"{proc.returncode}); stderr: {(err or b'')[-2000:]!r}"
+            )
+        res = json.loads(out_path.read_text())
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if res["error"] or not res["breakpoints"]:
+        raise ValgrindError(f"gdb tracer failed for {argv!r}: {res['error']}")
+    if res["exec_seen"]:
+        raise ValgrindError(f"{argv!r} exec'd: the gdb tracer cannot follow exec")
+    if res["exit_code"] is not None:
+        rc = res["exit_code"]
+    elif res["exit_signal"] is not None:
+        rc = -res["exit_signal"]
+    else:
+        raise ValgrindError(f"gdb tracer: no exit status for {argv!r}")
+    return NativeTrace(
+        argv=argv, returncode=rc, sizes=res["sizes"], allocs=res["allocs"],
+        frees=res["frees"], unknown_frees=res["unknown_frees"],
+        stdout=out or b"", stderr=err or b"",
+    )
 
 
 # --------------------------------------------------------------------------

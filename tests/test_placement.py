@@ -271,6 +271,9 @@ def test_sub_rsp_first():
     # if the caller reads only argument registers it may opt out
     q = choose_entry_offset(code, 0x1000, ["rdi"], preserve_stack=False)
     assert (q.offset, q.insn) == (4, "push rbx")
+    # ... but then a uretprobe must not use that offset ([rsp] moved)
+    assert p.return_probe_ok and not q.return_probe_ok
+    assert choose_entry_offset(GLIBC236_FREE, 0, ["rdi"]).return_probe_ok
 
 
 def test_jump_back_into_prologue_is_refused():
@@ -336,7 +339,8 @@ def test_garbage_and_empty():
 REGS = ["rdi", "rsi", "rdx", "rcx", "r8", "r9", "rax", "rbx"]
 
 
-@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=400, deadline=None, database=None,
+          suppress_health_check=[HealthCheck.too_slow])
 @given(
     code=st.binary(max_size=96),
     address=st.integers(min_value=0, max_value=(1 << 47) - 1),
@@ -365,8 +369,9 @@ def test_never_raises_and_offset_is_an_insn_start(code, address, regs, max_insns
     assert is_emulated(chosen) and p.emulated
     if size is not None:
         assert p.offset + chosen.size <= size
-    # nothing skipped writes an argument register
-    protected = {full_register(r) for r in regs}
+    assert p.return_probe_ok == preserve_stack
+    # nothing skipped writes an argument register (nor rsp/rbp with preserve_stack)
+    protected = {full_register(r) for r in regs} | ({"rsp", "rbp"} if preserve_stack else set())
     for i in decoded:
         if i.address - address >= p.offset:
             break
@@ -383,7 +388,7 @@ BLOCKING = ["31 ff", "48 89 c6", "48 83 ec 08", "ff e0", "c3", "48 89 7c 24 f8",
             "0f 05", "48 55", "e3 00", "40 88 c7"]
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=300, deadline=None, database=None)
 @given(st.lists(st.one_of(
     st.tuples(st.just("skip"), st.sampled_from(SKIPPABLE)),
     st.tuples(st.just("emu"), st.sampled_from(EMULATING)),

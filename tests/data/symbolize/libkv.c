@@ -23,3 +23,11 @@ int kv_exported_helper(int x)
 {
     return x * 3 + 1; /* LINE:kv_helper_body */
 }
+
+/* A local function with a global alias at the same address: symbolization
+ * must prefer the global name. */
+static int kv_impl(int x)
+{
+    return x - 1;
+}
+extern int __kv_alias_public(int x) __attribute__((alias("kv_impl")));
