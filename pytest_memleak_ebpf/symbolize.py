@@ -977,7 +977,7 @@ class _RawDwarf:
             pos += 2 * asz
             if b == 0 and e == 0:
                 break
-            if b == maxaddr + 1:
+            if b == maxaddr:
                 base = e
             else:
                 out.append((base + b, base + e))

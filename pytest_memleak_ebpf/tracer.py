@@ -172,20 +172,19 @@ class Tracer:
                 continue  # not in this libc, or an alias already probed
             seen_addresses.add(sp.address)
             prefix = _BPF_FN.get(name, name)
-            if has_return:
-                # the return probe hijacks the return address at the entry,
-                # so both probes sit on the function's first instruction
-                off = 0
-                self.bpf.attach_uprobe(name=self.libc.encode(), sym=name.encode(), fn_name=f"{prefix}_entry".encode())
-                self.bpf.attach_uretprobe(name=self.libc.encode(), sym=name.encode(), fn_name=f"{prefix}_return".encode())
-                insn = "function entry (return probe)"
-                emulated = False
+            pl = sp.placement
+            # A return probe hijacks the return address at [rsp] where it sits:
+            # it may move past the prologue only if nothing skipped touched rsp
+            # or memory (placement.return_probe_ok); otherwise both stay at +0.
+            if has_return and not getattr(pl, "return_probe_ok", False):
+                off, insn, emulated = 0, "entry", pl.emulated and pl.offset == 0
             else:
-                off = sp.placement.offset
-                self.bpf.attach_uprobe(name=self.libc.encode(), sym=name.encode(), sym_off=off,
-                                       fn_name=f"{prefix}_entry".encode())
-                insn = sp.placement.insn
-                emulated = sp.placement.emulated
+                off, insn, emulated = pl.offset, pl.insn, pl.emulated
+            addr = sp.address + off
+            lib = self.libc.encode()
+            self.bpf.attach_uprobe(name=lib, addr=addr, fn_name=f"{prefix}_entry".encode())
+            if has_return:
+                self.bpf.attach_uretprobe(name=lib, addr=addr, fn_name=f"{prefix}_return".encode())
             self.probes.append(ProbeInfo(name, self.libc, off, insn, emulated, has_return, tuple(sp.aliases)))
 
     @property
