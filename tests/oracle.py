@@ -65,6 +65,8 @@ __all__ = [
     "ProcessHeap",
     "ValgrindResult",
     "ValgrindError",
+    "UprobeInterference",
+    "libc_breakpoints",
     "build_fixtures",
     "fixture_sources",
     "run_valgrind",
@@ -93,6 +95,63 @@ VALGRIND_BASE_OPTIONS = [
 
 class ValgrindError(RuntimeError):
     """valgrind is missing, or its output could not be understood."""
+
+
+class UprobeInterference(ValgrindError):
+    """Someone (typically the plugin's own tracer, in another test process)
+    has uprobes / breakpoints in libc right now.  A uprobe is an int3 byte
+    written into every process' copy of the probed code page; valgrind's
+    JIT translates that byte as a real int3, so the client dies with SIGTRAP
+    ("Process terminating with default action of signal 5 (SIGTRAP)" at
+    the probed function), and gdb's breakpoints collide with it.  Neither
+    oracle can run while the plugin is tracing; retry later."""
+
+
+def libc_breakpoints() -> List[str]:
+    """Where libc's code in *this* process differs from the file on disk by
+    an int3 (0xCC) byte -- i.e. where uprobes (or debugger breakpoints) are
+    currently installed.  Returns ``["<symbol or offset>", ...]`` (empty
+    when libc is clean).  Compares every executable libc mapping."""
+    import ctypes
+
+    libc = ctypes.CDLL("libc.so.6")
+    probe_addr = ctypes.cast(libc.malloc, ctypes.c_void_p).value
+    maps = []
+    with open("/proc/self/maps") as f:
+        for line in f:
+            p = line.split()
+            if len(p) >= 6 and "x" in p[1]:
+                lo, hi = (int(x, 16) for x in p[0].split("-"))
+                maps.append((lo, hi, int(p[2], 16), p[5]))
+    path = next((m[3] for m in maps if m[0] <= probe_addr < m[1]), None)
+    if path is None:
+        return []
+    names = {}
+    for n in ("malloc", "calloc", "realloc", "reallocarray", "free", "memalign",
+              "aligned_alloc", "posix_memalign", "valloc", "pvalloc"):
+        try:
+            names[ctypes.cast(getattr(libc, n), ctypes.c_void_p).value] = n
+        except AttributeError:
+            pass
+    hits = []
+    with open(path, "rb") as f:
+        for lo, hi, off, p in maps:
+            if p != path:
+                continue
+            mem = ctypes.string_at(lo, hi - lo)
+            f.seek(off)
+            disk = f.read(hi - lo)
+            if mem == disk[: len(mem)]:
+                continue
+            for i in range(min(len(mem), len(disk))):
+                if mem[i] == 0xCC and disk[i] != 0xCC:
+                    addr = lo + i
+                    base = max((a for a in names if a <= addr), default=None)
+                    if base is not None and addr - base < 4096:
+                        hits.append(f"{names[base]}+{addr - base:#x}")
+                    else:
+                        hits.append(f"libc+{off + i:#x}")
+    return hits
 
 
 # --------------------------------------------------------------------------
@@ -376,6 +435,15 @@ def _collect(log_dir: Path, root_pid: int):
 # --------------------------------------------------------------------------
 
 
+def _check_no_uprobes(argv) -> None:
+    hits = libc_breakpoints()
+    if hits:
+        raise UprobeInterference(
+            f"not running {argv!r}: libc has int3 breakpoints (uprobes?) at "
+            f"{', '.join(hits[:10])}"
+        )
+
+
 def valgrind_available(valgrind: str = "valgrind") -> bool:
     return shutil.which(valgrind) is not None
 
@@ -422,6 +490,7 @@ def run_valgrind(
     if vg is None:
         raise ValgrindError(f"{valgrind!r} not found in PATH")
     argv = [os.fspath(a) for a in argv]
+    _check_no_uprobes(argv)
     log_dir = Path(tempfile.mkdtemp(prefix="oracle-vg-"))
     try:
         log_template = str(log_dir).replace("%", "%%") + "/vg.%p.%n"
@@ -467,6 +536,13 @@ def run_valgrind(
     finally:
         if not keep_logs:
             shutil.rmtree(log_dir, ignore_errors=True)
+    trapped = [h.pid for h in result.images if h.fatal_signal == signal.SIGTRAP]
+    if trapped:
+        raise UprobeInterference(
+            f"{argv!r}: pid(s) {trapped} died of SIGTRAP under valgrind -- "
+            f"probably uprobes in libc (int3 now at: "
+            f"{libc_breakpoints() or 'none any more'})"
+        )
     if check_root and proc.pid not in result.heaps:
         raise ValgrindError(
             f"valgrind printed no heap summary for {argv!r} (pid {proc.pid}, "
@@ -702,6 +778,7 @@ def run_native_trace(
     if gdb_path is None:
         raise ValgrindError(f"{gdb!r} not found in PATH")
     argv = [os.fspath(a) for a in argv]
+    _check_no_uprobes(argv)
     tmp = Path(tempfile.mkdtemp(prefix="oracle-gdb-"))
     try:
         script = tmp / "tracer.py"
@@ -735,6 +812,8 @@ def run_native_trace(
         res = json.loads(out_path.read_text())
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    if libc_breakpoints():
+        raise UprobeInterference(f"{argv!r}: uprobes appeared in libc during the trace")
     if res["error"] or not res["breakpoints"]:
         raise ValgrindError(f"gdb tracer failed for {argv!r}: {res['error']}")
     if res["exec_seen"]:

@@ -301,6 +301,55 @@ def test_every_instruction_byte_matches_addr2line(built):
         assert not bad, bad[:10]
 
 
+DWARF_VARIANTS = {
+    "dwarf4": ["-gdwarf-4"],
+    "dwarf5": ["-gdwarf-5"],
+    "dwarf4-64bit": ["-gdwarf-4", "-gdwarf64"],
+    "dwarf5-64bit": ["-gdwarf-5", "-gdwarf64"],
+}
+
+
+@needs_tools
+@pytest.mark.parametrize("aranges", [True, False], ids=["aranges", "no-aranges"])
+@pytest.mark.parametrize("variant", sorted(DWARF_VARIANTS))
+def test_dwarf_variants_match_addr2line(variant, aranges, tmp_path):
+    """DWARF 4 and 5, 32- and 64-bit DWARF, with and without .debug_aranges
+    (without it, CUs are found through their top DIE's DW_AT_ranges, which
+    the section-placed kv_cold_path forces)."""
+    lib = tmp_path / "libkv.so"
+    flags = ["-g", *DWARF_VARIANTS[variant], "-O0", "-fno-omit-frame-pointer"]
+    res = subprocess.run(["gcc", *flags, "-shared", "-fPIC", "-o", str(lib),
+                          str(DATA / "libkv.c")], capture_output=True, text=True)
+    if res.returncode:
+        pytest.skip(f"gcc does not support {flags}: {res.stderr.strip()[:200]}")
+    if not aranges:
+        run("objcopy", "--remove-section=.debug_aranges", str(lib))
+    sections = run("readelf", "-SW", str(lib))
+    assert (".debug_aranges" in sections) == aranges
+    assert "DW_AT_ranges" in run("readelf", "--debug-dump=info", str(lib))
+
+    sym = fresh(lib)
+    funcs = nm_functions(lib)
+    vaddrs = [s + k for n, (s, size) in funcs.items() if n.startswith(("kv_", "__kv"))
+              for k in range(size)]
+    assert len(vaddrs) > 50
+    oracle = addr2line(lib, vaddrs)
+    bad = []
+    for vaddr, exp in zip(vaddrs, oracle):
+        fr = frame_for(sym, lib, vaddr, ret=False)
+        got = (os.path.normpath(fr.file), fr.line) if fr.line else None
+        if got != exp:
+            bad.append((hex(vaddr), got, exp))
+    assert not bad, bad[:10]
+    cold = marker_lines(DATA / "libkv.c")["kv_cold_body"]
+    start, size = funcs["kv_cold_path"]
+    assert cold in {frame_for(sym, lib, start + k, ret=False).line for k in range(size)}
+    # all of it was done by the fast reader, not the pyelftools fallback
+    dl = symbolize._DwarfLines(str(lib))
+    assert all(dl.lookup(v) is not None for v in vaddrs[::7] if v)
+    assert dl.fallbacks == 0
+
+
 @needs_tools
 def test_candidates_are_read_lazily(built, monkeypatch):
     calls = []

@@ -19,9 +19,16 @@ char *kv_index_build(const char *key)
     return copy;
 }
 
+/* In its own section, so that the compile unit has several address ranges
+ * (DW_AT_ranges: .debug_rnglists in DWARF 5, .debug_ranges in DWARF 4). */
+__attribute__((noinline, section(".text.kvcold"))) int kv_cold_path(int x)
+{
+    return x * 5 + 2; /* LINE:kv_cold_body */
+}
+
 int kv_exported_helper(int x)
 {
-    return x * 3 + 1; /* LINE:kv_helper_body */
+    return x * 3 + kv_cold_path(x); /* LINE:kv_helper_body */
 }
 
 /* A local function with a global alias at the same address: symbolization
