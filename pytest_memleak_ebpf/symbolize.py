@@ -720,7 +720,7 @@ class _LineTable:
                 if not os.path.isabs(name):
                     if dname:
                         name = os.path.join(dname, name)
-                    if False:
+                    if not os.path.isabs(name) and self._comp_dir:
                         name = os.path.join(self._comp_dir, name)
                 name = os.path.normpath(name)
         except Exception:  # malformed tables: no file name

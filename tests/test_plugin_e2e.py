@@ -121,7 +121,7 @@ def test_process_trees_and_running_processes(pytester, run_plugin, leaker):
         def test_left_running():
             p = subprocess.Popen(["sleep", "30"])
             test_left_running.proc = p
-            while open(f"/proc/{p.pid}/comm").read().strip() != "sleep":
+            while open(f"/proc/{{p.pid}}/comm").read().strip() != "sleep":
                 time.sleep(0.001)
         def test_next_is_clean():
             test_left_running.proc.kill(); test_left_running.proc.wait()
