@@ -15,7 +15,8 @@
 //
 // Parameters substituted by the loader (tracer.py): MAX_BLOCKS, MAX_PROCS,
 // MAX_STACKS, MAX_HANDOFFS, STACK_DEPTH, RINGBUF_PAGES, EXE_LEN, and
-// HAVE_GROUP_DEAD when sched_process_exit has the group_dead field.
+// HAVE_GROUP_DEAD when sched_process_exit has the group_dead field;
+// MAX_EXT_PAGES and SCAN_WORDS for in-process extension attribution.
 
 #include <uapi/linux/ptrace.h>
 #include <linux/sched.h>
@@ -100,7 +101,12 @@ struct block_t {
     u64 ts;              /* bpf_ktime at record time */
     u64 serial;          /* image that allocated it */
     u64 stack;           /* hash of the captured stack, 0 = none */
+    u64 ext_ip;          /* root blocks: innermost return address into an
+                            extension module found on the stack, 0 = none */
 };
+
+/* Executable pages of extension modules in the root (pytest) process are
+ * set by userspace when an in-process window opens. */
 
 struct handoff_key_t {
     u32 tid;
@@ -134,6 +140,16 @@ BPF_F_TABLE("hash", u64, struct stack_t, stacks, MAX_STACKS, BPF_F_NO_PREALLOC);
 BPF_PERCPU_ARRAY(scratch, struct stack_t, 1);
 BPF_PERCPU_ARRAY(proc_scratch, struct proc_t, 1);
 BPF_ARRAY(counters, u64, CTR_NCOUNTERS);
+struct ext_t {
+    u64 n;               /* number of extension text pages (0: no scanning) */
+    u64 lo, hi;          /* envelope of all extension text */
+};
+BPF_ARRAY(ext, struct ext_t, 1);
+BPF_HASH(ext_pages, u64, u32, MAX_EXT_PAGES);   /* page number -> 1 */
+struct scanbuf_t {
+    u64 w[SCAN_WORDS];
+};
+BPF_PERCPU_ARRAY(scanbuf, struct scanbuf_t, 1);
 BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
 
 static __always_inline void count(u32 idx)
@@ -197,6 +213,33 @@ static __always_inline void forget_block(struct track_t *t, u32 tgid, u64 addr, 
         __sync_fetch_and_add(&t->free_blocks, 1);
 }
 
+/* Root (pytest) allocations: the interpreter has no frame pointers, so the
+ * frame-pointer walk rarely gets past it to the extension that called in.
+ * Scan the live stack above rsp for the innermost return address into an
+ * extension module's code (pages set by userspace). */
+static __always_inline u64 scan_extension_frame(struct pt_regs *ctx)
+{
+    u32 zero = 0;
+    struct ext_t *e = ext.lookup(&zero);
+    if (!e || e->n == 0)
+        return 0;
+    u64 lo = e->lo, hi = e->hi;
+    struct scanbuf_t *buf = scanbuf.lookup(&zero);
+    if (!buf)
+        return 0;
+    if (bpf_probe_read_user(buf->w, sizeof(buf->w), (void *)PT_REGS_SP(ctx)) != 0)
+        return 0;
+    for (int i = 0; i < SCAN_WORDS; i++) {
+        u64 w = buf->w[i];
+        if (w < lo || w >= hi)
+            continue;
+        u64 page = w >> 12;
+        if (ext_pages.lookup(&page))
+            return w;
+    }
+    return 0;
+}
+
 static __always_inline u64 capture_stack(struct pt_regs *ctx, struct track_t *t)
 {
     u32 zero = 0;
@@ -210,6 +253,8 @@ static __always_inline u64 capture_stack(struct pt_regs *ctx, struct track_t *t)
         return 0;
     }
     u32 n = len / sizeof(struct bpf_stack_build_id);
+    if (n > STACK_DEPTH)
+        n = STACK_DEPTH;
     s->nframes = n;
     u64 h = 0xcbf29ce484222325ULL ^ n;
     for (int i = 0; i < STACK_DEPTH; i++) {
@@ -243,6 +288,8 @@ static __always_inline void record_block(struct pt_regs *ctx, struct track_t *t,
         return; /* already recorded by a nested allocator call */
     struct block_t b = {.size = size, .ts = bpf_ktime_get_ns(), .serial = t->serial};
     b.stack = capture_stack(ctx, t);
+    if (t->flags & TF_ROOT)
+        b.ext_ip = scan_extension_frame(ctx);
     if (blocks.update(&k, &b) != 0) {
         __sync_fetch_and_add(&t->lost_blocks, 1);
         return;
@@ -265,57 +312,54 @@ static __always_inline int gen_return(struct pt_regs *ctx, u32 fn)
     if (!t)
         return 0;
     u64 ret = PT_REGS_RC(ctx);
+    u64 addr = 0, size = 0;
 
     switch (fn) {
     case FN_MALLOC:
     case FN_VALLOC:
-        if (ret)
-            record_block(ctx, t, tgid, ret, h.a0, h.ts);
+        addr = ret;
+        size = h.a0;
         break;
-    case FN_PVALLOC: {
+    case FN_PVALLOC:
         /* glibc rounds the request up to whole pages */
-        u64 page = 4096;
-        u64 sz = (h.a0 + page - 1) & ~(page - 1);
-        if (sz == 0)
-            sz = page;
-        if (ret)
-            record_block(ctx, t, tgid, ret, sz, h.ts);
+        addr = ret;
+        size = (h.a0 + 4095) & ~4095ULL;
+        if (size == 0)
+            size = 4096;
         break;
-    }
-    case FN_CALLOC: {
-        u64 total = mul_or_max(h.a0, h.a1);
-        if (ret && total != ~0ULL)
-            record_block(ctx, t, tgid, ret, total, h.ts);
+    case FN_CALLOC:
+        size = mul_or_max(h.a0, h.a1);
+        addr = size != ~0ULL ? ret : 0;
         break;
-    }
     case FN_MEMALIGN:
-        if (ret)
-            record_block(ctx, t, tgid, ret, h.a1, h.ts);
+        addr = ret;
+        size = h.a1;
         break;
     case FN_REALLOC:
-    case FN_REALLOCARRAY: {
-        /* a0 = old pointer, a1 = new size (overflow already folded to ~0) */
-        u64 oldp = h.a0, sz = h.a1;
+    case FN_REALLOCARRAY:
+        /* a0 = old pointer, a1 = new size (overflow folded to ~0) */
         if (ret) {
-            if (oldp)
-                forget_block(t, tgid, oldp, h.ts);
-            record_block(ctx, t, tgid, ret, sz, h.ts);
-        } else if (oldp && sz == 0) {
-            forget_block(t, tgid, oldp, h.ts); /* realloc(p, 0) frees */
+            if (h.a0)
+                forget_block(t, tgid, h.a0, h.ts);
+            addr = ret;
+            size = h.a1;
+        } else if (h.a0 && h.a1 == 0) {
+            forget_block(t, tgid, h.a0, h.ts); /* realloc(p, 0) frees */
         }
-        /* ret == 0 && sz != 0: failed, the old block stays */
+        /* ret == 0 && size != 0: failed, the old block stays */
         break;
-    }
-    case FN_POSIX_MEMALIGN: {
+    case FN_POSIX_MEMALIGN:
         /* a0 = void **memptr, a1 = size; returns 0 on success */
         if ((int)ret == 0) {
             u64 p = 0;
-            if (bpf_probe_read_user(&p, sizeof(p), (void *)h.a0) == 0 && p)
-                record_block(ctx, t, tgid, p, h.a1, h.ts);
+            if (bpf_probe_read_user(&p, sizeof(p), (void *)h.a0) == 0)
+                addr = p;
+            size = h.a1;
         }
         break;
     }
-    }
+    if (addr)
+        record_block(ctx, t, tgid, addr, size, h.ts);
     return 0;
 }
 

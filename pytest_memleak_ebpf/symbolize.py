@@ -15,8 +15,11 @@ time a report is rendered, so everything here works from files on disk:
   ``PT_LOAD`` program headers;
 * the function comes from ``.symtab`` (of the separate debug file when there is
   one, else of the module) or ``.dynsym``;
-* ``file:line`` comes from DWARF ``.debug_line`` (via pyelftools), the compile
-  unit being located through ``.debug_aranges``.
+* ``file:line`` comes from DWARF ``.debug_line``, the compile unit being
+  located through ``.debug_aranges`` (or, for CUs it does not describe, a
+  one-time index of the CUs' address ranges).  A small built-in DWARF reader
+  does this (pyelftools, used as the fallback, is 10-100x slower on large
+  libraries; see the notes above ``_uleb``).
 
 Nothing in here raises on missing or corrupt files: frames degrade to
 ``function+offset`` without a line, or to ``[unknown]``.
@@ -1334,7 +1337,6 @@ class _Module:
         self.debug_path = debug_path
         self._want_lines = want_lines
         self._loads: list[tuple[int, int, int, int]] | None = None  # (off, filesz, vaddr, memsz)
-        self._loads_guessed = False
         self._symbols: _SymbolTable | None | bool = False  # False: not loaded yet
         self._lines: _DwarfLines | None | bool = False
 
@@ -1366,7 +1368,6 @@ class _Module:
                 if ph:
                     base = ph[0].vaddr - ph[0].vaddr % max(ph[0].align, 1)
                     loads = [(p.vaddr - base, p.memsz, p.vaddr, p.memsz) for p in ph]
-                    self._loads_guessed = True
             except (OSError, ValueError, struct.error) as exc:
                 log.debug("cannot read program headers of %s: %s", self.debug_path, exc)
         self._loads = loads
@@ -1466,6 +1467,9 @@ def _demangle(name: str) -> str:
 # --------------------------------------------------------------------------
 
 
+_MISSING = object()
+
+
 class Symbolizer:
     """Resolve build-id frames from files on disk.
 
@@ -1562,8 +1566,11 @@ class Symbolizer:
         return None
 
     def _module(self, key: bytes) -> _Module | None:
-        if key in self._modules:
-            return self._modules[key]
+        mod = self._modules.get(key, _MISSING)
+        if mod is not _MISSING:
+            # Not (fully) found before: candidates registered since may have it.
+            if not self._pending or (mod is not None and mod.path is not None):
+                return mod  # type: ignore[return-value]
         path = self._find_module_path(key)
         real_bid = read_build_id(path) if path else None
         debug = self._find_debug_file(key, real_bid, path)
@@ -1598,9 +1605,10 @@ class Symbolizer:
             except Exception as exc:  # never let a report die on symbolization
                 log.debug("resolving %s+0x%x failed: %s", bid_hex, file_offset, exc)
                 fr = Frame(None, None, None, build_id=bid_hex, address=file_offset)
-            if len(self._memo) > 200_000:
-                self._memo.clear()
-            self._memo[memo_key] = fr
+            if fr.module is not None:  # unknown modules may be registered later
+                if len(self._memo) > 200_000:
+                    self._memo.clear()
+                self._memo[memo_key] = fr
             return fr
 
     def _resolve(self, key: bytes, bid_hex: str, file_offset: int,

@@ -49,6 +49,8 @@ class TracerConfig:
     stack_depth: int = 32
     ringbuf_pages: int = 512
     exe_len: int = 256
+    max_ext_pages: int = 1 << 16
+    scan_words: int = 128
 
 
 @dataclass
@@ -135,6 +137,8 @@ class Tracer:
             f"-DSTACK_DEPTH={int(c.stack_depth)}",
             f"-DRINGBUF_PAGES={_pow2(c.ringbuf_pages)}",
             f"-DEXE_LEN={int(c.exe_len)}",
+            f"-DMAX_EXT_PAGES={int(c.max_ext_pages)}",
+            f"-DSCAN_WORDS={int(c.scan_words)}",
             "-Wno-macro-redefined",
         ]
         if _tracepoint_has_field("sched/sched_process_exit", "group_dead"):

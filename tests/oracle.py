@@ -7,8 +7,30 @@ This module has no pytest dependency; the plugin's end-to-end tests and
   ``tests/fixtures/`` (idempotent, safe to call from parallel workers);
 * :func:`run_valgrind` -- run a command under memcheck, following every
   child process, and parse each process' ``HEAP SUMMARY``;
+* :func:`run_native_trace` -- a second, independent oracle: run a
+  single-process program natively under gdb with breakpoints on libc's
+  allocator entry points (the plugin's own vantage point);
 * :func:`load_expected` -- the fixture expectations
-  (``tests/fixtures/expected.py``), importable without a package layout.
+  (``tests/fixtures/expected.py``), importable without a package layout;
+* :func:`libc_breakpoints` / :func:`private_libc_dir` /
+  :class:`UprobeInterference` -- neither oracle can use the system libc
+  while uprobes are installed in it (the plugin tracing, possibly in
+  another test process): valgrind's JIT executes the uprobe's int3 and the
+  client dies of SIGTRAP; gdb's breakpoints collide with it.  Both runners
+  therefore detect int3s in libc and then run the program against a
+  private copy of libc (another inode, so no uprobes) via LD_LIBRARY_PATH;
+  a SIGTRAP death under valgrind still raises :class:`UprobeInterference`.
+
+Typical use::
+
+    import oracle
+    built = oracle.build_fixtures()                  # {"leak_n": Path, ...}
+    expected = oracle.load_expected()
+    case = expected.get("fork_noexec")
+    r = oracle.run_valgrind(case.argv(built))
+    assert r.returncode == case.returncode
+    assert not expected.compare(case, r.heaps.values(), r.root_pid, view="valgrind")
+    r.root.in_use                                     # (6040, 4)
 
 How valgrind reports process trees (valgrind 3.19, verified by the tests):
 
@@ -22,11 +44,12 @@ How valgrind reports process trees (valgrind 3.19, verified by the tests):
   from its parent and did not free (the plugin does not count those for the
   child: they belong to the ancestor).  Its ``total heap usage`` counters
   also start from the parent's counters at fork time.
-* Log files are named ``vg.<pid>.<n>``; ``%n`` is a per-valgrind-instance
-  sequence number (1 for a fresh instance, 2 for the first forked child of
-  an instance, ...).  A fresh instance started by exec in the same pid opens
-  ``vg.<pid>.1`` with O_TRUNC, which can overwrite the header of the image
-  that exec'd.  So:
+* Log files are named ``vg.<pid>.<n>`` (``--log-file=DIR/vg.%p.%n``).
+  ``%n`` is valgrind's file sequence number: 1 for a fresh instance
+  (program start or exec), greater (in practice 2) for the log a forked
+  child reopens.  A fresh instance started by exec in the same pid opens
+  ``vg.<pid>.1`` with O_TRUNC, overwriting the header of the image that
+  exec'd, if it had that name.  So:
 
   - :attr:`ValgrindResult.images` has one :class:`ProcessHeap` per log file
     (a pid can have two: the forked-child header written before its exec,
@@ -35,9 +58,12 @@ How valgrind reports process trees (valgrind 3.19, verified by the tests):
     printed a heap summary).  This is "one entry per pid, for its last
     image", which is precisely what the plugin's contract counts.
 
-* Processes that valgrind cannot follow (setuid programs, statically linked
-  programs are still followed) or that are killed by an outside SIGKILL
-  print no heap summary and are absent from ``heaps``.
+* Processes that valgrind cannot follow (e.g. setuid programs) or that are
+  killed by an outside SIGKILL print no heap summary and are absent from
+  ``heaps``.  A process that sends SIGKILL to itself (raise(SIGKILL)) does
+  get a summary.  A pvalloc() call makes valgrind 3.19 abort the program
+  ("Program aborting because of call to pvalloc", exit status 1;
+  :attr:`ProcessHeap.aborted_call`).
 * ``Parent PID`` is what the process saw as its parent when its valgrind
   instance started (i.e. at fork or at exec).
 """
@@ -67,6 +93,7 @@ __all__ = [
     "ValgrindError",
     "UprobeInterference",
     "libc_breakpoints",
+    "private_libc_dir",
     "build_fixtures",
     "fixture_sources",
     "run_valgrind",
@@ -105,6 +132,66 @@ class UprobeInterference(ValgrindError):
     ("Process terminating with default action of signal 5 (SIGTRAP)" at
     the probed function), and gdb's breakpoints collide with it.  Neither
     oracle can run while the plugin is tracing; retry later."""
+
+
+def _libc_path() -> Optional[str]:
+    """Real path of the libc.so.6 mapped into this process."""
+    import ctypes
+
+    libc = ctypes.CDLL("libc.so.6")
+    addr = ctypes.cast(libc.malloc, ctypes.c_void_p).value
+    with open("/proc/self/maps") as f:
+        for line in f:
+            p = line.split()
+            if len(p) >= 6:
+                lo, hi = (int(x, 16) for x in p[0].split("-"))
+                if lo <= addr < hi:
+                    return os.path.realpath(p[5])
+    return None
+
+
+def private_libc_dir() -> str:
+    """A directory holding a byte-identical private copy of libc.so.6.
+
+    Uprobes are attached to an inode; a copy is a different inode, so a
+    program run with ``LD_LIBRARY_PATH=<this dir>`` executes clean libc code
+    even while the plugin's tracer has libc probed.  (Reading the file
+    yields the original bytes: uprobes only patch the processes' mapped
+    pages.)  The copy is cached under the temp dir, keyed by libc's
+    identity, and created atomically.
+    """
+    path = _libc_path()
+    if path is None:
+        raise ValgrindError("cannot find libc.so.6 in /proc/self/maps")
+    st = os.stat(path)
+    key = f"{st.st_dev:x}-{st.st_ino:x}-{st.st_size:x}-{int(st.st_mtime):x}"
+    d = Path(tempfile.gettempdir()) / f"oracle-libc-{os.getuid()}-{key}"
+    target = d / "libc.so.6"
+    if not target.exists():
+        d.mkdir(parents=True, exist_ok=True)
+        tmp = d / f".libc.so.6.{os.getpid()}.{id(d)}"
+        shutil.copy2(path, tmp)
+        os.replace(tmp, target)
+    return str(d)
+
+
+def _libc_env(env, private_libc, argv):
+    """(env to use, private libc dir or None) for a run."""
+    if private_libc == "auto":
+        use = bool(libc_breakpoints())
+    elif private_libc in (True, False):
+        use = private_libc
+        if not use:
+            _check_no_uprobes(argv)
+    else:
+        raise ValueError(f"private_libc must be True, False or 'auto', not {private_libc!r}")
+    if not use:
+        return (dict(env) if env is not None else None), None
+    d = private_libc_dir()
+    new = dict(env) if env is not None else dict(os.environ)
+    old = new.get("LD_LIBRARY_PATH")
+    new["LD_LIBRARY_PATH"] = d + (":" + old if old else "")
+    return new, d
 
 
 def libc_breakpoints() -> List[str]:
@@ -248,6 +335,8 @@ class ValgrindResult:
     log_dir: Optional[str] = None
     #: raw log text per file name (always kept, small)
     logs: Dict[str, str] = dataclasses.field(default_factory=dict)
+    #: directory of the private libc copy used, if any
+    private_libc: Optional[str] = None
 
     @property
     def root(self) -> ProcessHeap:
@@ -401,7 +490,7 @@ def parse_log(text: str, *, log_path: Optional[str] = None, seq: int = 0) -> Lis
 _LOGNAME_RE = re.compile(r"^vg\.(\d+)\.(\d+)$")
 
 
-def _collect(log_dir: Path, root_pid: int):
+def _collect(log_dir: Path):
     images: List[ProcessHeap] = []
     logs: Dict[str, str] = {}
     for path in log_dir.iterdir():
@@ -448,10 +537,10 @@ def valgrind_available(valgrind: str = "valgrind") -> bool:
     return shutil.which(valgrind) is not None
 
 
-def _no_core_dumps() -> None:  # runs in the child before exec
-    import resource
-
-    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+#: Prefix that disables core dumps (RLIMIT_CORE=0) and execs the command in
+#: place (same pid).  Used instead of preexec_fn, which is unsafe when the
+#: caller runs oracles from several threads.
+_NO_CORE = ["/bin/sh", "-c", 'ulimit -c 0 && exec "$@"', "sh"]
 
 
 def run_valgrind(
@@ -468,6 +557,7 @@ def run_valgrind(
     valgrind: str = "valgrind",
     keep_logs: bool = False,
     check_root: bool = True,
+    private_libc: Union[bool, str] = "auto",
 ) -> ValgrindResult:
     """Run ``argv`` under ``valgrind --tool=memcheck`` and parse every log.
 
@@ -485,12 +575,21 @@ def run_valgrind(
     With ``check_root`` (default), raise :class:`ValgrindError` if the
     launched program's own pid printed no heap summary (e.g. valgrind
     itself failed to start).
+
+    ``private_libc``: run the program against a private copy of libc
+    (:func:`private_libc_dir`, via ``LD_LIBRARY_PATH``) so that uprobes on
+    the system libc (the plugin tracing in another process) cannot hit it.
+    "auto" (default) does so only when :func:`libc_breakpoints` finds
+    int3s in libc; False raises :class:`UprobeInterference` instead.  The
+    copy does not change any fixture's numbers (tested).  Raises
+    :class:`UprobeInterference` if a process died of SIGTRAP anyway (e.g.
+    probes in another library, or a program that ignores LD_LIBRARY_PATH).
     """
     vg = shutil.which(valgrind)
     if vg is None:
         raise ValgrindError(f"{valgrind!r} not found in PATH")
     argv = [os.fspath(a) for a in argv]
-    _check_no_uprobes(argv)
+    env, libc_dir = _libc_env(env, private_libc, argv)
     log_dir = Path(tempfile.mkdtemp(prefix="oracle-vg-"))
     try:
         log_template = str(log_dir).replace("%", "%%") + "/vg.%p.%n"
@@ -503,14 +602,13 @@ def run_valgrind(
             *argv,
         ]
         proc = subprocess.Popen(
-            cmd,
+            _NO_CORE + cmd,
             cwd=cwd,
-            env=dict(env) if env is not None else None,
+            env=env,
             stdin=stdin,
             stdout=stdout,
             stderr=stderr,
             start_new_session=True,
-            preexec_fn=_no_core_dumps,
         )
         try:
             out, err = proc.communicate(timeout=timeout)
@@ -521,7 +619,7 @@ def run_valgrind(
                 pass
             proc.communicate()
             raise
-        images, heaps, logs = _collect(log_dir, proc.pid)
+        images, heaps, logs = _collect(log_dir)
         result = ValgrindResult(
             argv=argv,
             returncode=proc.returncode,
@@ -532,6 +630,7 @@ def run_valgrind(
             heaps=heaps,
             log_dir=str(log_dir) if keep_logs else None,
             logs=logs,
+            private_libc=libc_dir,
         )
     finally:
         if not keep_logs:
@@ -734,6 +833,8 @@ class NativeTrace:
     unknown_frees: int
     stdout: bytes
     stderr: bytes
+    #: directory of the private libc copy used, if any
+    private_libc: Optional[str] = None
 
     @property
     def in_use_bytes(self) -> int:
@@ -762,6 +863,7 @@ def run_native_trace(
     stdout=subprocess.PIPE,
     stderr=subprocess.PIPE,
     gdb: str = "gdb",
+    private_libc: Union[bool, str] = "auto",
 ) -> NativeTrace:
     """Run ``argv`` natively under gdb, tracing libc's allocator calls.
 
@@ -771,14 +873,15 @@ def run_native_trace(
     reports differently (pvalloc, C++ aligned new).  Slow per call (a
     breakpoint round trip), fine for the fixtures.  The program's stdout and
     stderr are shared with gdb's (gdb itself prints next to nothing).
-    Raises :class:`ValgrindError` if the process exec'd or gdb produced no
-    result.
+    ``private_libc`` as for :func:`run_valgrind` (gdb's breakpoints and the
+    plugin's uprobes must not share code pages).  Raises
+    :class:`ValgrindError` if the process exec'd or gdb produced no result.
     """
     gdb_path = shutil.which(gdb)
     if gdb_path is None:
         raise ValgrindError(f"{gdb!r} not found in PATH")
     argv = [os.fspath(a) for a in argv]
-    _check_no_uprobes(argv)
+    env, libc_dir = _libc_env(env, private_libc, argv)
     tmp = Path(tempfile.mkdtemp(prefix="oracle-gdb-"))
     try:
         script = tmp / "tracer.py"
@@ -791,9 +894,9 @@ def run_native_trace(
             "--args", *argv,
         ]
         proc = subprocess.Popen(
-            cmd, cwd=cwd, env=dict(env) if env is not None else None,
+            _NO_CORE + cmd, cwd=cwd, env=env,
             stdin=stdin, stdout=stdout, stderr=stderr,
-            start_new_session=True, preexec_fn=_no_core_dumps,
+            start_new_session=True,
         )
         try:
             out, err = proc.communicate(timeout=timeout)
@@ -812,7 +915,7 @@ def run_native_trace(
         res = json.loads(out_path.read_text())
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    if libc_breakpoints():
+    if libc_dir is None and libc_breakpoints():
         raise UprobeInterference(f"{argv!r}: uprobes appeared in libc during the trace")
     if res["error"] or not res["breakpoints"]:
         raise ValgrindError(f"gdb tracer failed for {argv!r}: {res['error']}")
@@ -823,11 +926,16 @@ def run_native_trace(
     elif res["exit_signal"] is not None:
         rc = -res["exit_signal"]
     else:
-        raise ValgrindError(f"gdb tracer: no exit status for {argv!r}")
+        raise ValgrindError(
+            f"gdb tracer: no exit status for {argv!r} (did it exec? the gdb "
+            f"tracer cannot follow exec)"
+        )
+    if libc_dir is not None and not (res["libc"] or "").startswith(libc_dir):
+        raise ValgrindError(f"{argv!r} did not load the private libc: {res['libc']}")
     return NativeTrace(
         argv=argv, returncode=rc, sizes=res["sizes"], allocs=res["allocs"],
         frees=res["frees"], unknown_frees=res["unknown_frees"],
-        stdout=out or b"", stderr=err or b"",
+        stdout=out or b"", stderr=err or b"", private_libc=libc_dir,
     )
 
 

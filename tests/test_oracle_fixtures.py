@@ -40,6 +40,13 @@ expected = oracle.load_expected()
 ALL_CASES = list(expected.CASES.values())
 VG_CASES = [c for c in ALL_CASES if c.valgrind]
 NATIVE_CASES = [c for c in ALL_CASES if c.native]
+#: cases re-run against a private copy of libc (what the oracles fall back
+#: to while the plugin has libc probed): the numbers must not change
+PRIVATE_LIBC_IDS = ["alloc_family", "fork_noexec", "exec_chain-2-leak_n", "spawn-all",
+                    "threads-main_exit-4-3-48", "exits-segv", "cxx_new", "stdio_only",
+                    "alloc_family-pvalloc_odd"]
+VG_PRIVATE_CASES = [c for c in VG_CASES if c.id in PRIVATE_LIBC_IDS]
+NATIVE_PRIVATE_CASES = [c for c in NATIVE_CASES if c.id in PRIVATE_LIBC_IDS]
 
 needs_valgrind = pytest.mark.skipif(
     not oracle.valgrind_available(), reason="valgrind not installed"
@@ -168,6 +175,34 @@ def native_results(request, built, outdir):
     return _run_all(_selected(request, "native_results", NATIVE_CASES), run, _workers())
 
 
+@pytest.fixture(scope="session")
+def vg_private_results(request, built, outdir):
+    if not oracle.valgrind_available():
+        pytest.skip("valgrind not installed")
+
+    def run(case):
+        with _Stdout(case.stdout, outdir) as so:
+            return oracle.run_valgrind(case.argv(built), stdout=so, timeout=300,
+                                       private_libc=True)
+
+    return _run_all(_selected(request, "vg_private_results", VG_PRIVATE_CASES), run,
+                    _workers())
+
+
+@pytest.fixture(scope="session")
+def native_private_results(request, built, outdir):
+    if not oracle.gdb_available():
+        pytest.skip("gdb not installed")
+
+    def run(case):
+        with _Stdout(case.stdout, outdir) as so:
+            return oracle.run_native_trace(case.argv(built), stdout=so, timeout=300,
+                                           private_libc=True)
+
+    return _run_all(_selected(request, "native_private_results", NATIVE_PRIVATE_CASES),
+                    run, _workers())
+
+
 # ---- build -----------------------------------------------------------------
 
 
@@ -243,6 +278,25 @@ def test_contract_differs_from_valgrind_only_where_documented(case, vg_results):
     contract = expected.compare(case, r.heaps.values(), r.root_pid, view="contract")
     differs = any(p.vg is not None for p in case.procs)
     assert bool(contract) == differs, "\n".join(contract)
+
+
+@needs_valgrind
+@pytest.mark.parametrize("case", VG_PRIVATE_CASES, ids=_ids(VG_PRIVATE_CASES))
+def test_valgrind_with_private_libc(case, vg_private_results):
+    r = _result(vg_private_results, case)
+    assert r.private_libc
+    assert r.returncode == case.returncode, r.stderr[-2000:]
+    problems = expected.compare(case, r.heaps.values(), r.root_pid, view="valgrind")
+    assert not problems, "\n".join(problems)
+
+
+@needs_gdb
+@pytest.mark.parametrize("case", NATIVE_PRIVATE_CASES, ids=_ids(NATIVE_PRIVATE_CASES))
+def test_native_trace_with_private_libc(case, native_private_results):
+    r = _result(native_private_results, case)
+    assert r.private_libc
+    assert r.returncode == case.returncode
+    assert r.in_use == case.root.contract, r.sizes
 
 
 @needs_valgrind

@@ -41,12 +41,29 @@ def run(*cmd: str, cwd: Path | None = None) -> str:
     return res.stdout
 
 
+def _cached(fn):
+    """Memoize a per-file oracle on (path, mtime, size): frame_for() asks for
+    the same file's build id and program headers for every address."""
+    cache: dict = {}
+
+    def wrapper(path, *args):
+        st = os.stat(path)
+        key = (str(path), st.st_mtime_ns, st.st_size, args)
+        if key not in cache:
+            cache[key] = fn(path, *args)
+        return cache[key]
+
+    return wrapper
+
+
+@_cached
 def readelf_build_id(path: Path | str) -> bytes:
     m = re.search(r"Build ID:\s*([0-9a-fA-F]+)", run("readelf", "-n", str(path)))
     assert m, f"no build id in {path}"
     return bytes.fromhex(m.group(1))
 
 
+@_cached
 def readelf_loads(path: Path | str) -> list[tuple[int, int, int]]:
     """(p_offset, p_vaddr, p_filesz) of the PT_LOAD segments."""
     out = []
@@ -359,6 +376,8 @@ def test_dwarf_variants_match_addr2line(variant, aranges, tmp_path):
     dl = symbolize._DwarfLines(str(lib))
     assert all(dl.lookup(v) is not None for v in vaddrs[::7] if v)
     assert dl.fallbacks == 0
+    # with .debug_aranges, no CU top DIE had to be read to find the CUs
+    assert (dl._cu_index is None) == aranges
 
 
 @needs_tools
@@ -384,6 +403,18 @@ def test_candidates_are_read_lazily(built, monkeypatch):
     # a second frame of a known build id reads nothing more
     fr = frame_for(sym, built.lib, start + 1, ret=False)
     assert fr.function == "kv_index_build" and len(calls) == n
+
+
+@needs_tools
+def test_candidate_registered_after_a_miss(built):
+    sym = fresh()
+    bid = readelf_build_id(built.lib)
+    start, _ = nm_functions(built.lib)["kv_index_build"]
+    off = vaddr_to_offset(built.lib, start + 1)
+    assert sym.resolve(bid, off).module is None
+    sym.add_candidate(str(built.lib))
+    fr = sym.resolve(bid, off)
+    assert (fr.function, fr.module) == ("kv_index_build", str(built.lib))
 
 
 @needs_tools
@@ -719,7 +750,7 @@ def test_offset_outside_any_segment(built):
 
 @needs_tools
 def test_random_offsets_property(built):
-    hypothesis = pytest.importorskip("hypothesis")
+    pytest.importorskip("hypothesis")
     from hypothesis import given, settings, strategies as st
 
     sym = fresh(built.prog, built.lib)
@@ -744,4 +775,3 @@ def test_random_offsets_property(built):
         assert fr.offset == delta
 
     check()
-    assert hypothesis is not None

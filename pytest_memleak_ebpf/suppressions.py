@@ -1,0 +1,680 @@
+"""Leak suppressions in LeakSanitizer's syntax, and the default list of memory
+glibc, the dynamic loader and libstdc++ keep on purpose until exit.
+
+File syntax (the same as LSan's ``LSAN_OPTIONS=suppressions=FILE``)::
+
+    # a comment
+    leak:kv_index_build          # <- NOT allowed: no inline comments (see below)
+    leak:^libfoo_init$
+    leak:third_party/zlib/*
+    leak:libcrypto.so
+
+One ``leak:<pattern>`` per line; blank lines and lines starting with ``#`` are
+ignored; surrounding whitespace is stripped. Any other suppression type
+(``race:``, ``interceptor_via_fun:``, ...) or a malformed line raises
+:class:`SuppressionError` naming the file, the line number and the text.
+
+Pattern semantics (LSan's ``TemplateMatch``): ``*`` matches any run of
+characters, a leading ``^`` anchors at the start, a trailing ``$`` at the end;
+everything else is literal, and a pattern without anchors matches as a
+substring. A stack is suppressed when the pattern matches the function name,
+the module (the full path of the executable or shared object, as LSan uses
+it) or the source file name of ANY of its frames. Two deliberate differences
+from LSan: matching backtracks (LSan's matcher takes the first occurrence of
+each literal piece, so e.g. ``a$`` never matches ``aba`` in LSan; every stack
+LSan suppresses is suppressed here too), and a ``$`` anywhere but at the end, an
+empty pattern, a pattern made only of anchors, or ``leak:foo  # comment``
+(which LSan would read as a pattern ending in ``# comment`` that never
+matches) are rejected instead of being silently useless or match-everything.
+
+Anchored suppressions (all the defaults) additionally carry ``top_frames`` (only
+the N innermost frames are considered) and ``modules`` (basename globs): the
+frame that matches must be inside one of those modules AND so must every frame
+below it, down to frame 0 (the caller of malloc). So a user's own function
+with a libc-like name, a user callback called by libc, or a libc function
+somewhere up the user's stack never hides a real leak.
+
+The special pattern ``<static initializer>`` matches a frame whose function
+could not be named (the library has no symbol table, e.g. Debian's
+libstdc++) when its address lies in one of the module's static constructors
+(the functions listed in its ``.init_array``); this is the only thing here that
+reads files (the module's ELF, cached), and only for such frames.
+"""
+
+from __future__ import annotations
+
+import bisect
+import fnmatch
+import functools
+import os
+import re
+import struct
+from dataclasses import dataclass, field
+from typing import Iterable, Mapping, Sequence
+
+__all__ = [
+    "Suppression",
+    "SuppressionError",
+    "SuppressionUse",
+    "ProcessSuppression",
+    "SuppressionSummary",
+    "DEFAULT_SUPPRESSIONS",
+    "STATIC_INITIALIZER",
+    "parse_suppressions",
+    "from_patterns",
+    "load_suppression_files",
+    "match",
+    "apply",
+    "gen_suppressions",
+]
+
+STATIC_INITIALIZER = "<static initializer>"
+
+
+class SuppressionError(ValueError):
+    """A bad suppression file or line; the message names where and what."""
+
+
+@dataclass(frozen=True)
+class Suppression:
+    pattern: str
+    source: str                     # 'default', 'path:line' or 'marker'
+    top_frames: int | None = None   # only match within the N innermost frames (defaults use this)
+    modules: tuple[str, ...] = ()   # frame must be in a module whose basename matches one of these globs
+    reason: str = field(default="", compare=False)  # why (the defaults say why glibc keeps it)
+
+    def describe(self) -> str:
+        return f"leak:{self.pattern} ({self.source})"
+
+
+# --------------------------------------------------------------------------
+# Parsing
+# --------------------------------------------------------------------------
+
+# Types other sanitizers accept in the same file format: named in the error.
+_OTHER_SANITIZER_TYPES = {
+    "race", "race_top", "thread", "mutex", "signal", "deadlock", "called_from_lib",
+    "interceptor_via_fun", "interceptor_via_lib", "interceptor_name", "odr_violation",
+    "vptr_check", "src", "fun", "global", "type", "lib", "mainfile", "alloc_dealloc_mismatch",
+}
+
+
+def _pattern_problem(pattern: str) -> str | None:
+    if not pattern:
+        return "empty pattern (it would match every stack; write leak:* if that is meant)"
+    core = pattern[1:] if pattern.startswith("^") else pattern
+    core = core[:-1] if core.endswith("$") else core
+    if not core:
+        return "pattern has nothing but anchors (it would match every stack; write leak:* if that is meant)"
+    if "$" in core:
+        return "'$' may only end a pattern (LSan ignores everything after it)"
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in pattern):
+        return "control character in pattern"
+    if re.search(r"\s#", pattern):
+        return "inline comments are not supported (LSan reads '# ...' as part of the pattern, which then never matches)"
+    return None
+
+
+def parse_suppressions(text: str, source_name: str) -> list[Suppression]:
+    """Suppressions from the text of a suppression file; ``source_name`` (a
+    path) names them (``path:line``) and is used in error messages."""
+    out: list[Suppression] = []
+    for lineno, raw in enumerate(text.split("\n"), 1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        where = f"{source_name}:{lineno}"
+        if line.startswith("{") or line.startswith("}"):
+            raise SuppressionError(
+                f"{where}: this looks like a valgrind suppression; write LSan-style lines "
+                f"such as leak:<function>: {line!r}"
+            )
+        kind, colon, pattern = line.partition(":")
+        if not colon:
+            raise SuppressionError(f"{where}: expected 'leak:<pattern>': {line!r}")
+        if kind != "leak":
+            if kind.strip() == "leak":
+                problem = "no space allowed between 'leak' and ':'"
+            elif kind in _OTHER_SANITIZER_TYPES:
+                problem = f"unsupported suppression type {kind!r} (only 'leak:' applies to leaks)"
+            else:
+                problem = f"unknown suppression type {kind!r} (expected 'leak:<pattern>')"
+            raise SuppressionError(f"{where}: {problem}: {line!r}")
+        pattern = pattern.strip()
+        problem = _pattern_problem(pattern)
+        if problem:
+            raise SuppressionError(f"{where}: {problem}: {line!r}")
+        out.append(Suppression(pattern=pattern, source=where))
+    return out
+
+
+def from_patterns(patterns: Iterable[str], source: str = "marker") -> list[Suppression]:
+    """Suppressions from a list of patterns (``'leak:foo'`` or a bare ``'foo'``),
+    e.g. from a marker; all get ``source``, which also names them in errors."""
+    out = []
+    for i, p in enumerate(patterns, 1):
+        if not isinstance(p, str):
+            raise SuppressionError(f"{source}: suppression #{i} is not a string: {p!r}")
+        text = p.strip()
+        m = re.match(r"([A-Za-z_]+):(?!:)", text)
+        if not (m and (m.group(1) == "leak" or m.group(1) in _OTHER_SANITIZER_TYPES)):
+            text = "leak:" + text
+        if "\n" in text:
+            raise SuppressionError(f"{source}: suppression #{i} spans several lines: {p!r}")
+        parsed = parse_suppressions(text, f"{source} #{i}")
+        if len(parsed) != 1:  # a bare '#...' is a comment in file syntax
+            raise SuppressionError(f"{source} #{i}: not a 'leak:<pattern>': {p!r}")
+        out.append(Suppression(parsed[0].pattern, source))
+    return out
+
+
+def load_suppression_files(paths: Iterable[str | os.PathLike]) -> list[Suppression]:
+    """Suppressions from files, in order. An unreadable or non-UTF-8 file, or a
+    bad line, raises SuppressionError naming the path."""
+    out: list[Suppression] = []
+    for path in paths:
+        name = os.fspath(path)
+        try:
+            with open(name, "rb") as f:
+                data = f.read()
+        except OSError as exc:
+            raise SuppressionError(
+                f"cannot read suppression file {name}: {exc.strerror or exc}"
+                + (f" (errno {exc.errno})" if exc.errno else "")
+            ) from None
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise SuppressionError(f"suppression file {name} is not UTF-8 text: {exc}") from None
+        out.extend(parse_suppressions(text, name))
+    return out
+
+
+# --------------------------------------------------------------------------
+# Matching
+# --------------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=4096)
+def _compile(pattern: str) -> re.Pattern:
+    start = pattern.startswith("^")
+    body = pattern[1:] if start else pattern
+    end = body.endswith("$")
+    if end:
+        body = body[:-1]
+    rx = ".*".join(re.escape(piece) for piece in body.split("*"))
+    return re.compile(("^" if start else "") + rx + (r"\Z" if end else ""), re.DOTALL)
+
+
+def pattern_matches(pattern: str, text: str | None) -> bool:
+    """LSan template matching of one string (None or empty never matches)."""
+    if not text:
+        return False
+    return _compile(pattern).search(text) is not None
+
+
+def _in_modules(frame: Mapping, globs: Sequence[str]) -> bool:
+    module = frame.get("module")
+    if not module:
+        return False
+    base = os.path.basename(module)
+    return any(fnmatch.fnmatchcase(base, g) for g in globs)
+
+
+def _frame_matches(s: Suppression, frame: Mapping) -> bool:
+    fn = frame.get("function")
+    if s.pattern == STATIC_INITIALIZER:
+        return not fn and is_static_initializer(frame)
+    return (pattern_matches(s.pattern, fn)
+            or pattern_matches(s.pattern, frame.get("module"))
+            or pattern_matches(s.pattern, frame.get("file")))
+
+
+def match(frames: Sequence[Mapping], suppressions: Sequence[Suppression]) -> Suppression | None:
+    """The suppression that hides a stack (``frames`` innermost first), or None.
+
+    Like LSan, frames are tried innermost first and, for each frame, the
+    suppressions in order: the first hit wins."""
+    if not suppressions:
+        return None
+    # For anchored suppressions: how many innermost frames are all inside the
+    # suppression's modules (the frame that matches must lie within that run).
+    runs: dict[tuple[str, ...], int] = {}
+    for s in suppressions:
+        if s.modules and s.modules not in runs:
+            n = 0
+            for f in frames:
+                if not _in_modules(f, s.modules):
+                    break
+                n += 1
+            runs[s.modules] = n
+    for i, frame in enumerate(frames):
+        for s in suppressions:
+            if s.top_frames is not None and i >= s.top_frames:
+                continue
+            if s.modules and i >= runs[s.modules]:
+                continue
+            if _frame_matches(s, frame):
+                return s
+    return None
+
+
+# --------------------------------------------------------------------------
+# Static constructors of a module (for frames without a function name)
+# --------------------------------------------------------------------------
+
+def is_static_initializer(frame: Mapping) -> bool:
+    """True when the frame's address (a file offset, as the tracer records it)
+    lies in a function listed in its module's ``.init_array``. False when
+    anything is missing or does not match (module gone, other build id, ...)."""
+    module, off = frame.get("module"), frame.get("address")
+    if not module or not isinstance(off, int):
+        return False
+    try:
+        st = os.stat(module)
+    except OSError:
+        return False
+    info = _init_functions(module, st.st_ino, st.st_size, st.st_mtime_ns)
+    if info is None:
+        return False
+    build_id, loads, fde_starts, inits = info
+    bid = frame.get("build_id")
+    if bid and build_id and bid.lower() != build_id:
+        return False
+    vaddr = None
+    for p_offset, p_vaddr, p_filesz in loads:
+        if p_offset <= off < p_offset + p_filesz:
+            vaddr = off - p_offset + p_vaddr
+            break
+    if vaddr is None or not fde_starts:
+        return False
+    i = bisect.bisect_right(fde_starts, vaddr) - 1
+    return i >= 0 and fde_starts[i] in inits
+
+
+@functools.lru_cache(maxsize=64)
+def _init_functions(path: str, ino: int, size: int, mtime_ns: int):
+    """(build id hex, [(p_offset, p_vaddr, p_filesz)] of PT_LOADs, sorted function
+    starts from .eh_frame_hdr, set of .init_array targets) of a 64-bit
+    little-endian ELF file, or None."""
+    try:
+        with open(path, "rb") as f:
+            return _read_init_functions(f, size)
+    except (OSError, ValueError, struct.error, IndexError):
+        return None
+
+
+def _read_init_functions(f, size: int):
+    ehdr = f.read(64)
+    if len(ehdr) < 64 or ehdr[:4] != b"\x7fELF" or ehdr[4] != 2 or ehdr[5] != 1:
+        return None
+    (e_phoff, e_shoff) = struct.unpack_from("<QQ", ehdr, 32)
+    e_phentsize, e_phnum, e_shentsize, e_shnum, e_shstrndx = struct.unpack_from("<HHHHH", ehdr, 54)
+
+    def read(off: int, n: int) -> bytes:
+        if off < 0 or n < 0 or off + n > size:
+            raise ValueError("out of file")
+        f.seek(off)
+        return f.read(n)
+
+    loads = []
+    build_id = None
+    for i in range(e_phnum):
+        p_type, _flags, p_offset, p_vaddr, _paddr, p_filesz, _memsz, _align = struct.unpack(
+            "<IIQQQQQQ", read(e_phoff + i * e_phentsize, 56))
+        if p_type == 1:  # PT_LOAD
+            loads.append((p_offset, p_vaddr, p_filesz))
+        elif p_type == 4 and build_id is None:  # PT_NOTE
+            notes = read(p_offset, min(p_filesz, 4096))
+            pos = 0
+            while pos + 12 <= len(notes):
+                namesz, descsz, ntype = struct.unpack_from("<III", notes, pos)
+                name_end = pos + 12 + ((namesz + 3) & ~3)
+                if ntype == 3 and notes[pos + 12:pos + 12 + namesz].rstrip(b"\0") == b"GNU":
+                    build_id = notes[name_end:name_end + descsz].hex()
+                    break
+                pos = name_end + ((descsz + 3) & ~3)
+    shdrs = []
+    for i in range(e_shnum):
+        shdrs.append(struct.unpack("<IIQQQQIIQQ", read(e_shoff + i * e_shentsize, 64)))
+    strtab = read(shdrs[e_shstrndx][4], shdrs[e_shstrndx][5]) if shdrs else b""
+
+    def name(sh) -> bytes:
+        end = strtab.find(b"\0", sh[0])
+        return strtab[sh[0]:end]
+
+    secs = {name(sh): sh for sh in shdrs}
+    ia = secs.get(b".init_array")
+    hdr = secs.get(b".eh_frame_hdr")
+    if ia is None or hdr is None:
+        return build_id, loads, [], set()
+    ia_addr, ia_off, ia_size = ia[3], ia[4], ia[5]
+    words = struct.unpack(f"<{ia_size // 8}Q", read(ia_off, ia_size - ia_size % 8))
+    inits = {w for w in words if w not in (0, 0xFFFFFFFFFFFFFFFF)}
+    rela = secs.get(b".rela.dyn")
+    if rela is not None and rela[5]:
+        data = read(rela[4], rela[5])
+        for r_offset, r_info, r_addend in struct.iter_unpack("<QQq", data[:len(data) - len(data) % 24]):
+            if ia_addr <= r_offset < ia_addr + ia_size and (r_info & 0xFFFFFFFF) == 8:  # R_X86_64_RELATIVE
+                inits.add(r_addend)
+    # .eh_frame_hdr binary search table: sorted function start addresses
+    h_addr, h_off, h_size = hdr[3], hdr[4], hdr[5]
+    h = read(h_off, h_size)
+    version, ptr_enc, count_enc, table_enc = h[0], h[1], h[2], h[3]
+    if version != 1 or table_enc != 0x3B or count_enc != 0x03 or ptr_enc not in (0x1B, 0x03):
+        return build_id, loads, [], inits
+    (fde_count,) = struct.unpack_from("<I", h, 8)
+    starts = sorted(h_addr + rel for rel, _fde in struct.iter_unpack("<ii", h[12:12 + 8 * fde_count]))
+    return build_id, loads, starts, inits
+
+
+# --------------------------------------------------------------------------
+# Default suppressions
+# --------------------------------------------------------------------------
+
+_LIBC = ("libc.so*", "libc-2.*.so")
+_LDSO = ("ld-linux*.so*", "ld-2.*.so", "ld64.so*")
+_LIBSTDCXX = ("libstdc++.so*",)
+
+# (pattern, modules, top_frames, reason). Function names are glibc 2.36's
+# (Debian 12) as our symbolizer names them (global alias preferred, compiler
+# clone suffixes such as .part.0 kept, hence prefix rather than exact patterns).
+# Each one is a function that itself calls malloc (checked against libc's
+# call sites) and whose blocks glibc keeps for the life of the process and only
+# frees in __libc_freeres (valgrind's --run-libc-freeres), or never.
+# top_frames=2 entries name callers of generic helpers (strdup, strndup,
+# tsearch): they only take effect where libc is built with frame pointers (on
+# Debian 12 the stack ends at the first libc frame), and only when frame 0
+# (the helper) is in libc too.
+_DEFAULTS: list[tuple[str, tuple[str, ...], int, str]] = [
+    # --- stdio
+    ("^_IO_file_doallocate", _LIBC, 1,
+     "stdio buffer of a FILE, allocated on first use: stdin/stdout/stderr are never closed "
+     "(a leaked fopen()ed FILE is still reported through its __fopen_internal block)"),
+    ("^_IO_wfile_doallocate", _LIBC, 1, "wide-character stdio buffer (wprintf etc.) of a never-closed stream"),
+    # --- locale, gettext, time zones
+    ("^_nl_", _LIBC, 2,
+     "locale data, locale aliases and message catalogs loaded by setlocale/newlocale/gettext: cached for the process lifetime"),
+    ("^read_alias_file", _LIBC, 1, "locale.alias table read by setlocale/gettext, cached"),
+    ("^new_composite_name", _LIBC, 1, "setlocale(LC_ALL, ...) composite locale name, kept as the current name"),
+    ("^setlocale", _LIBC, 2, "locale names strdup()ed by setlocale for the current locale"),
+    ("^set_binding_values", _LIBC, 1, "bindtextdomain/bind_textdomain_codeset bindings, kept"),
+    ("textdomain", _LIBC, 2, "textdomain() domain name, kept as the current domain"),
+    ("^__dcigettext", _LIBC, 2, "translations found by gettext(), cached"),
+    ("^__gettextparse", _LIBC, 1, "plural-forms expression of a loaded message catalog, cached"),
+    ("^__wcsmbs_load_conv", _LIBC, 1, "the locale's multibyte/wide-character conversion functions, cached"),
+    ("^__tzfile_read", _LIBC, 1, "time zone file (/etc/localtime or $TZ) parsed by tzset/localtime, cached"),
+    ("^__tzstring", _LIBC, 1, "time zone abbreviations (tzname strings): never freed, tzname may point to them"),
+    ("^tzset_internal", _LIBC, 2, "copy of $TZ kept by tzset"),
+    # --- iconv (gconv): the caches only; a leaked iconv_t (__gconv_open,
+    #     __gconv_lookup_cache) stays reported
+    ("^__gconv_find_shlib", _LIBC, 1, "loaded gconv (iconv) modules: never unloaded"),
+    ("^__gconv_load_cache", _LIBC, 1, "gconv-modules.cache read into memory when it cannot be mapped"),
+    ("^__gconv_read_conf", _LIBC, 1, "gconv-modules configuration, parsed once"),
+    ("^__gconv_get_path", _LIBC, 1, "gconv module search path, computed once"),
+    ("^add_module", _LIBC, 1, "gconv-modules configuration entries, parsed once"),
+    ("^add_alias2", _LIBC, 1, "gconv-modules charset aliases, parsed once"),
+    ("^find_derivation", _LIBC, 1, "cached iconv conversion chains"),
+    # --- NSS (getpwnam & co.) and the resolver
+    ("^__nss_", _LIBC, 1,
+     "NSS state: nsswitch.conf actions, loaded NSS modules, getXXent() result buffers"),
+    ("^nss_", _LIBC, 1, "NSS database and files-backend state"),
+    ("^global_state_allocate", _LIBC, 1, "NSS database global state (nsswitch.conf)"),
+    ("^getpwnam", _LIBC, 1, "static result buffer of getpwnam(), reused by later calls"),
+    ("^getpwuid", _LIBC, 1, "static result buffer of getpwuid(), reused by later calls"),
+    ("^getgrnam", _LIBC, 1, "static result buffer of getgrnam(), reused by later calls"),
+    ("^getgrgid", _LIBC, 1, "static result buffer of getgrgid(), reused by later calls"),
+    ("^getspnam", _LIBC, 1, "static result buffer of getspnam(), reused by later calls"),
+    ("^getsgnam", _LIBC, 1, "static result buffer of getsgnam(), reused by later calls"),
+    ("^gethostbyname", _LIBC, 1, "static result buffer of gethostbyname()/gethostbyname2(), reused"),
+    ("^gethostbyaddr", _LIBC, 1, "static result buffer of gethostbyaddr(), reused"),
+    ("^getnetbyname", _LIBC, 1, "static result buffer of getnetbyname(), reused"),
+    ("^getnetbyaddr", _LIBC, 1, "static result buffer of getnetbyaddr(), reused"),
+    ("^getprotobyname", _LIBC, 1, "static result buffer of getprotobyname(), reused"),
+    ("^getprotobynumber", _LIBC, 1, "static result buffer of getprotobynumber(), reused"),
+    ("^getservbyname", _LIBC, 1, "static result buffer of getservbyname(), reused"),
+    ("^getservbyport", _LIBC, 1, "static result buffer of getservbyport(), reused"),
+    ("^getrpcbyname", _LIBC, 1, "static result buffer of getrpcbyname(), reused"),
+    ("^getrpcbynumber", _LIBC, 1, "static result buffer of getrpcbynumber(), reused"),
+    ("^getaliasbyname", _LIBC, 1, "static result buffer of getaliasbyname(), reused"),
+    ("^__nscd_get_mapping", _LIBC, 1, "nscd shared-memory mapping descriptor, cached"),
+    ("^__resolv_", _LIBC, 1, "resolver configuration (/etc/resolv.conf) and context, cached"),
+    ("^get_locked_global", _LIBC, 1, "resolver configuration global state"),
+    ("^__libc_alloc_buffer_allocate", _LIBC, 1,
+     "resolv.conf configuration block (glibc 2.36 calls this only from __resolv_conf_allocate)"),
+    ("^__libc_dynarray_emplace_enlarge", _LIBC, 1,
+     "glibc-internal growable arrays kept by libc (resolv.conf servers, pthread_atfork handlers); "
+     "results handed to callers are copied by __libc_dynarray_finalize, which is not suppressed"),
+    ("^__libc_dynarray_resize", _LIBC, 1, "glibc-internal growable arrays kept by libc"),
+    ("^__check_pf", _LIBC, 1, "getaddrinfo's cached list of local interface addresses (netlink)"),
+    ("^gaiconf_init", _LIBC, 1, "/etc/gai.conf tables of getaddrinfo, parsed once"),
+    ("^add_prefixlist", _LIBC, 1, "/etc/gai.conf tables of getaddrinfo, parsed once"),
+    ("^_res_hconf_", _LIBC, 1, "/etc/host.conf state of the resolver"),
+    ("^functions_allocate", _LIBC, 1, "libidn2 function table of getaddrinfo(AI_IDN), kept"),
+    # --- threads, dlerror, misc libc state
+    ("^_dlerror_run", _LIBC, 1, "per-thread dlerror() state, freed at thread exit but not for the main thread"),
+    ("^pthread_setspecific", _LIBC, 1,
+     "thread-specific-data array for keys >= 32, freed at thread exit but not for the main thread"),
+    ("^__rpc_thread_", _LIBC, 1, "SunRPC per-thread state"),
+    ("^__add_to_environ", _LIBC, 1,
+     "setenv()/putenv(): glibc never frees environment strings or arrays (they may still be referenced)"),
+    ("^ttyname", _LIBC, 1, "static result buffer of ttyname(), reused"),
+    ("^getut", _LIBC, 1, "static result buffer of getutent()/getutid()/getutline(), reused"),
+    ("^fcvt", _LIBC, 1, "static result buffer of fcvt(), reused"),
+    ("^qfcvt", _LIBC, 1, "static result buffer of qfcvt(), reused"),
+    ("^fstab_init", _LIBC, 1, "getfsent() state, reused"),
+    ("^allocate$", _LIBC, 1, "static result buffers of getmntent()/getnetgrent() (the local 'allocate' in mntent.c, getnetgrent.c)"),
+    ("^initshells", _LIBC, 1, "getusershell() list, kept until endusershell()"),
+    ("^__aio_enqueue_request", _LIBC, 1, "POSIX AIO request pool, reused and never freed"),
+    ("^__gai_enqueue_request", _LIBC, 1, "getaddrinfo_a request pool, reused and never freed"),
+    ("^__new_exitfn", _LIBC, 1,
+     "atexit()/__cxa_atexit() lists beyond the first 32 handlers (freed only while exit handlers run)"),
+    ("^register_printf_", _LIBC, 1, "printf extension tables (register_printf_specifier & co.), kept"),
+    ("^__assert_fail_base", _LIBC, 1, "assert() failure message: the process aborts right after"),
+    # --- the dynamic loader (ld.so allocates nothing on behalf of the program)
+    ("^allocate_dtv", _LDSO, 1, "dynamic thread vector (DTV) of a thread; kept with cached thread stacks"),
+    ("^_dl_allocate_tls", _LDSO, 1, "static TLS / DTV of a thread; kept with cached thread stacks"),
+    ("^_dl_resize_dtv", _LDSO, 1, "DTV grown for a dlopen()ed TLS module"),
+    ("tls_get_addr", _LDSO, 1,
+     "TLS block of a dlopen()ed module, allocated on first access (also LSan's built-in suppression)"),
+    ("^_dl_", _LDSO, 1,
+     "loader bookkeeping: link maps, scopes, search paths, symbol-version and _dl_find_object tables of "
+     "loaded objects (also those libc dlopen()s itself: NSS, iconv and libgcc_s modules)"),
+    ("*", _LDSO, 1, "anything else the dynamic loader allocates (object names, dlopen work lists)"),
+    # --- libstdc++
+    ("pool::pool", _LIBSTDCXX, 1,
+     "libstdc++'s emergency exception-allocation pool (eh_alloc.cc), allocated at start-up and kept"),
+    ("^_GLOBAL__sub_I_", _LIBSTDCXX, 1,
+     "allocations of libstdc++'s static constructors (the emergency exception pool of eh_alloc.cc when inlined)"),
+    (STATIC_INITIALIZER, _LIBSTDCXX, 1,
+     "allocations of libstdc++'s static constructors when libstdc++ has no symbol table (Debian, Ubuntu): "
+     "the 72,704-byte emergency exception pool"),
+]
+
+DEFAULT_SUPPRESSIONS: tuple[Suppression, ...] = tuple(
+    Suppression(pattern=p, source="default", top_frames=top, modules=mods, reason=why)
+    for p, mods, top, why in _DEFAULTS
+)
+
+
+# --------------------------------------------------------------------------
+# Applying suppressions to a test's result
+# --------------------------------------------------------------------------
+
+def _amount(bytes_: int = 0, blocks: int = 0):
+    from .accounting import Amount  # late: accounting may import this module
+    return Amount(bytes_, blocks)
+
+
+@dataclass
+class SuppressionUse:
+    """One line of "Suppressions used" (LSan's count / bytes / template)."""
+    stacks: int
+    bytes: int
+    blocks: int
+    pattern: str
+    source: str
+
+
+@dataclass
+class ProcessSuppression:
+    pid: int
+    comm: str
+    outstanding: object   # Amount: untouched copy of ProcessLeak.outstanding
+    suppressed: object    # Amount
+    leaked: object        # Amount: outstanding - suppressed
+
+
+@dataclass
+class SuppressionSummary:
+    matches: dict[int, Suppression]           # id(StackLeak) -> the suppression that hides it
+    processes: list[ProcessSuppression]       # aligned with result.processes
+    leaked: object                            # Amount, all processes
+    suppressed: object                        # Amount, all processes
+    used: list[SuppressionUse]                # largest first
+
+    def suppression_for(self, stack) -> Suppression | None:
+        return self.matches.get(id(stack))
+
+    def is_suppressed(self, stack) -> bool:
+        return id(stack) in self.matches
+
+    def used_lines(self) -> list[str]:
+        """LSan-like "Suppressions used:" block (empty when nothing was suppressed)."""
+        if not self.used:
+            return []
+        rows = [(f"{u.stacks:,}", f"{u.bytes:,}", f"{u.blocks:,}", u.pattern, u.source) for u in self.used]
+        head = ("stacks", "bytes", "blocks", "pattern", "source")
+        w = [max(len(r[i]) for r in rows + [head]) for i in range(4)]
+        lines = ["Suppressions used:"]
+        for r in [head] + rows:
+            lines.append(f"  {r[0]:>{w[0]}}  {r[1]:>{w[1]}}  {r[2]:>{w[2]}}  {r[3]:<{w[3]}}  {r[4]}")
+        return lines
+
+
+def apply(result, suppressions: Sequence[Suppression]) -> SuppressionSummary:
+    """Which stacks of a TestLeakResult the suppressions hide, and the figures
+    after suppression. Pure: nothing in ``result`` is modified.
+
+    A process's leaked amount is its outstanding amount minus its suppressed
+    stacks (stacks not listed in ``process.stacks``, e.g. beyond a stack limit,
+    are never suppressed). Stacks that were not captured never match."""
+    suppressions = list(suppressions)
+    matches: dict[int, Suppression] = {}
+    per_use: dict[Suppression, list[int]] = {}
+    order: list[Suppression] = []
+    procs = []
+    total_leaked = _amount()
+    total_supp = _amount()
+    for p in result.processes:
+        supp = _amount()
+        for s in p.stacks:
+            if not getattr(s, "captured", True):
+                continue
+            hit = match(s.frames, suppressions)
+            if hit is None:
+                continue
+            matches[id(s)] = hit
+            supp.bytes += s.bytes
+            supp.blocks += s.blocks
+            if hit not in per_use:
+                per_use[hit] = [0, 0, 0]
+                order.append(hit)
+            u = per_use[hit]
+            u[0] += 1
+            u[1] += s.bytes
+            u[2] += s.blocks
+        out = p.outstanding
+        leaked = _amount(max(out.bytes - supp.bytes, 0), max(out.blocks - supp.blocks, 0))
+        procs.append(ProcessSuppression(p.pid, p.comm, _amount(out.bytes, out.blocks), supp, leaked))
+        total_leaked.bytes += leaked.bytes
+        total_leaked.blocks += leaked.blocks
+        total_supp.bytes += supp.bytes
+        total_supp.blocks += supp.blocks
+    used = [SuppressionUse(per_use[s][0], per_use[s][1], per_use[s][2], s.pattern, s.source) for s in order]
+    used.sort(key=lambda u: (-u.bytes, -u.blocks, -u.stacks))
+    return SuppressionSummary(matches, procs, total_leaked, total_supp, used)
+
+
+# --------------------------------------------------------------------------
+# Generating suppressions for the leaks that remain
+# --------------------------------------------------------------------------
+
+# Runtime libraries whose frames are never good suppression targets: naming
+# malloc's wrapper (operator new, strdup) would hide every leak made through it.
+_RUNTIME = _LIBC + _LDSO + _LIBSTDCXX + ("libgcc_s.so*", "libm.so*", "libpthread.so*", "libdl.so*")
+
+
+def _literal(name: str) -> str:
+    """A name as an exact LSan pattern ('*' in a name matches itself anyway;
+    '$' can only end a pattern, so it becomes '*')."""
+    core = name.replace("$", "*")
+    return f"^{core}$"
+
+
+def _target(frames: Sequence[Mapping]) -> tuple[str | None, str]:
+    """(pattern, what) to suppress a stack by; pattern None when there is no
+    frame outside the C/C++ runtime to name."""
+    for f in frames:
+        fn = f.get("function")
+        if fn and f.get("module") and not _in_modules(f, _RUNTIME):
+            pattern = _literal(fn)
+            if _pattern_problem(pattern) is None:
+                return pattern, f"function {fn}"
+    for f in frames:
+        mod = f.get("module")
+        if mod and not _in_modules(f, _RUNTIME):
+            pattern = "/" + os.path.basename(mod).replace("$", "*") + "$"
+            if _pattern_problem(pattern) is None:
+                return pattern, f"module {mod} (no function name)"
+    return None, ""
+
+
+def gen_suppressions(results, summary: SuppressionSummary | None = None) -> str:
+    """Ready-to-paste ``leak:`` entries for each leaking, unsuppressed stack of a
+    TestLeakResult (or of several), largest first, one entry per distinct
+    pattern, each after a comment giving bytes/blocks and the test(s).
+
+    The entry names the innermost frame with a function name that is not in
+    the C/C++ runtime (libc, ld.so, libstdc++, libgcc_s): an exact
+    ``^function$``; without one, the innermost module outside the runtime, as
+    ``/basename$`` (matches that file in any directory). Stacks with neither
+    get a comment only, since suppressing libc or libstdc++ would hide every
+    leak made through malloc or operator new."""
+    if hasattr(results, "processes"):
+        results = [results]
+    entries: dict[str, list] = {}   # pattern -> [bytes, blocks, stacks, tests, what]
+    orphans: list[str] = []
+    matched = summary.matches if summary is not None else {}
+    for r in results:
+        for p in r.processes:
+            for s in p.stacks:
+                if id(s) in matched or not (s.blocks or s.bytes):
+                    continue
+                where = f"pid {p.pid} ({p.comm}) in {r.nodeid}"
+                if not getattr(s, "captured", True):
+                    orphans.append(f"# {s.bytes:,} B in {s.blocks:,} block(s) by {where}: stack not captured")
+                    continue
+                pattern, what = _target(s.frames)
+                if pattern is None:
+                    inner = s.frames[0] if s.frames else {}
+                    label = inner.get("function") or f"[unknown] ({inner.get('module') or '?'})"
+                    orphans.append(
+                        f"# {s.bytes:,} B in {s.blocks:,} block(s) by {where}: no frame outside the "
+                        f"C/C++ runtime to suppress by (innermost: {label})"
+                    )
+                    continue
+                e = entries.setdefault(pattern, [0, 0, 0, [], what])
+                e[0] += s.bytes
+                e[1] += s.blocks
+                e[2] += 1
+                if r.nodeid not in e[3]:
+                    e[3].append(r.nodeid)
+    lines: list[str] = []
+    for pattern, (nbytes, nblocks, nstacks, tests, what) in sorted(
+            entries.items(), key=lambda kv: (-kv[1][0], -kv[1][1], kv[0])):
+        t = tests[0] + (f" and {len(tests) - 1} more test(s)" if len(tests) > 1 else "")
+        stacks = f" from {nstacks} stacks" if nstacks > 1 else ""
+        lines.append(f"# {nbytes:,} B in {nblocks:,} block(s){stacks} leaked in {t}; {what}")
+        lines.append(f"leak:{pattern}")
+    lines.extend(orphans)
+    return "\n".join(lines) + ("\n" if lines else "")
