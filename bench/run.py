@@ -49,7 +49,7 @@ class BenchError(RuntimeError):
 # --------------------------------------------------------------------------
 
 FULL = dict(
-    churn_n=1_000_000, runs=5, slow_runs=3, variant_runs=3, memleak_n=1_000_000,
+    churn_n=1_000_000, runs=5, slow_runs=3, variant_runs=3, memleak_n=500_000,
     sqlite_rows=200_000, sort_mb=50, xz_mb=2, pytest_tests=1000, pytest_runs=3,
     report_allocs=200_000, report_runs=3, micro_tests=1000,
 )
@@ -64,6 +64,12 @@ QUICK = dict(
 SCALE_NOTES = {
     "xz": "input scaled from ~20 MB to {xz_mb} MB: xz -9 -T1 of 20 MB takes ~38 s natively and "
           "~10 min under valgrind here",
+}
+
+# Figures measured earlier on this machine (issue 5), shown beside ours.
+REFERENCE = {
+    "churn baseline": "0.007 µs/pair", "churn raw floor": "1.5 µs/pair", "churn BCC memleak": "16 µs/pair",
+    "churn valgrind": "≈1.1 µs/pair + 0.3 s start-up", "sqlite3 baseline": "0.13 s", "sqlite3 valgrind": "4.65 s",
 }
 
 GATE_WAIT_S = 30.0       # per run: wait this long for other sessions' uprobes to go away
@@ -1066,6 +1072,8 @@ def markdown(res: dict) -> str:
         L.append(f"| tracer loaded, test running | {f(ou['session_loaded_us_per_pair']['median'])} | "
                  f"{f(ou['session_loaded_cpu_us_per_pair']['median'])} |")
         L.append("")
+    L.append("## Reference figures measured earlier on this machine (issue 5)\n")
+    L.append("; ".join(f"{k}: {v}" for k, v in REFERENCE.items()) + ".\n")
     if res.get("errors"):
         L.append("## Errors\n")
         for e in res["errors"]:

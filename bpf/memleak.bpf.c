@@ -224,6 +224,13 @@ static __always_inline u64 scan_extension_frame(struct pt_regs *ctx)
     if (!e || e->n == 0)
         return 0;
     u64 lo = e->lo, hi = e->hi;
+    /* the allocator returns into its caller: that return address is the ip */
+    u64 ip = PT_REGS_IP(ctx);
+    if (ip >= lo && ip < hi) {
+        u64 page = ip >> 12;
+        if (ext_pages.lookup(&page))
+            return ip;
+    }
     struct scanbuf_t *buf = scanbuf.lookup(&zero);
     if (!buf)
         return 0;

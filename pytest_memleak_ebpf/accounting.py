@@ -62,6 +62,31 @@ class ProcessLeak:
 
 
 @dataclass
+class InProcess:
+    """The pytest process's own blocks from the test's window (C extensions)."""
+
+    mode: str                      # "extensions" | "all"
+    outstanding: Amount            # every block of the window still live at its end (raw)
+    leaked: Amount                 # what the budget counts (mode filter; growth per repetition)
+    allocated: Amount              # lifetime totals during the window
+    stacks: list[StackLeak]
+    growth: dict | None = None     # {"warmup", "repeat", "per_repetition": [...], "growing"}
+    lost_blocks: int = 0
+    lost_handoffs: int = 0
+    lost_stacks: int = 0
+
+    def to_json(self) -> dict:
+        return {
+            "mode": self.mode,
+            "outstanding": asdict(self.outstanding),
+            "leaked": asdict(self.leaked),
+            "allocated": asdict(self.allocated),
+            "stacks": [asdict(s) for s in self.stacks],
+            "growth": self.growth,
+        }
+
+
+@dataclass
 class TestLeakResult:
     nodeid: str
     budget: Budget
@@ -70,6 +95,7 @@ class TestLeakResult:
     over_budget: bool = False
     incomplete: list[str] = field(default_factory=list)   # counts are not exact
     warnings: list[str] = field(default_factory=list)     # figures exact, detail missing
+    in_process: InProcess | None = None
 
     @property
     def leaking_processes(self) -> list[ProcessLeak]:
@@ -78,10 +104,18 @@ class TestLeakResult:
     def headline(self) -> str:
         """The failure's first line, self-contained."""
         n_leaking = len(self.leaking_processes)
+        procs = f"{n_leaking} of {len(self.processes)} process{'es' if len(self.processes) != 1 else ''}"
+        ip = self.in_process
+        if ip is not None and (ip.leaked.bytes or ip.leaked.blocks):
+            per = " per repetition" if ip.growth else ""
+            where = f"in-process ({format_bytes(ip.leaked.bytes)}{per})"
+            if n_leaking:
+                where += f" and by {procs}"
+            return (f"leak budget exceeded: {format_bytes(self.leaked.bytes)} in {format_blocks(self.leaked.blocks)} "
+                    f"leaked {where} ({self.budget.describe()})")
         return (
             f"leak budget exceeded: {format_bytes(self.leaked.bytes)} in {format_blocks(self.leaked.blocks)} "
-            f"leaked by {n_leaking} of {len(self.processes)} process{'es' if len(self.processes) != 1 else ''} "
-            f"({self.budget.describe()})"
+            f"leaked by {procs} ({self.budget.describe()})"
         )
 
     def incomplete_headline(self) -> str:
@@ -99,6 +133,7 @@ class TestLeakResult:
             "incomplete": list(self.incomplete),
             "warnings": list(self.warnings),
             "processes": [p.to_json() for p in self.processes],
+            "in_process": self.in_process.to_json() if self.in_process else None,
         }
 
 
@@ -136,6 +171,63 @@ def aggregate_stacks(
     return out
 
 
+def account_in_process(
+    mode: str,
+    blocks: Sequence[tuple[int, int, int]],
+    stacks: Mapping[int, Sequence[tuple[int, str | None, int]]],
+    resolve: FrameResolver,
+    resolve_ext: Callable[[int], dict],
+    counters: Mapping[str, int] | None,
+    *,
+    growth: dict | None = None,
+) -> InProcess:
+    """In-process figures from the window's live (size, stack, ext_ip) blocks.
+
+    mode "extensions": only blocks with a return address into an extension
+    module on their stack count; "all": every block counts. In growth mode
+    `growth["per_repetition"]` holds the counted figures after each measured
+    repetition; only memory that grew in every repetition is leaked, reported
+    per repetition."""
+    counters = counters or {}
+    counted = [b for b in blocks if mode == "all" or b[2]]
+    outstanding = Amount(sum(b[0] for b in blocks), len(blocks))
+    leaked = Amount(sum(b[0] for b in counted), len(counted))
+    if growth is not None:
+        reps = growth["per_repetition"]
+        prev = {"bytes": 0, "blocks": 0}
+        deltas = []
+        for r in reps:
+            deltas.append({"bytes": r["bytes"] - prev["bytes"], "blocks": r["blocks"] - prev["blocks"]})
+            prev = r
+        growing = bool(deltas) and all(d["blocks"] > 0 or d["bytes"] > 0 for d in deltas)
+        growth = dict(growth, deltas=deltas, growing=growing)
+        m = max(len(reps), 1)
+        leaked = Amount(leaked.bytes // m, leaked.blocks // m) if growing else Amount()
+    # stacks: per (stack, extension return address)
+    per: dict[tuple[int, int], Amount] = {}
+    for size, h, ext in (counted if (leaked.blocks or leaked.bytes) else ()):
+        a = per.setdefault((h, ext), Amount())
+        a.bytes += size
+        a.blocks += 1
+    out = []
+    for (h, ext), amount in sorted(per.items(), key=lambda kv: (-kv[1].bytes, -kv[1].blocks, kv[0])):
+        raw = stacks.get(h) if h else None
+        frames = [resolve(st, bid, off) for st, bid, off in raw] if raw else []
+        if ext:
+            f = dict(resolve_ext(ext), scanned=True)
+            if not any(fr.get("function") and fr.get("function") == f.get("function")
+                       and fr.get("module") == f.get("module") for fr in frames):
+                frames.append(f)
+        out.append(StackLeak(amount.bytes, amount.blocks, frames or [dict(NO_STACK_FRAME)], bool(frames)))
+    return InProcess(
+        mode=mode, outstanding=outstanding, leaked=leaked,
+        allocated=Amount(counters.get("alloc_bytes", 0), counters.get("alloc_blocks", 0)),
+        stacks=out, growth=growth,
+        lost_blocks=counters.get("lost_blocks", 0), lost_handoffs=counters.get("lost_handoffs", 0),
+        lost_stacks=counters.get("lost_stacks", 0),
+    )
+
+
 def account(
     nodeid: str,
     budget: Budget,
@@ -148,9 +240,17 @@ def account(
     lost_procs: int = 0,
     lost_events: int = 0,
     max_stacks_per_process: int | None = None,
+    in_process: InProcess | None = None,
 ) -> TestLeakResult:
     """The test's verdict from the tracer's records (see tracer.RawTest)."""
-    result = TestLeakResult(nodeid=nodeid, budget=budget)
+    result = TestLeakResult(nodeid=nodeid, budget=budget, in_process=in_process)
+    if in_process is not None:
+        result.leaked.bytes += in_process.leaked.bytes
+        result.leaked.blocks += in_process.leaked.blocks
+        if in_process.lost_blocks or in_process.lost_handoffs:
+            result.incomplete.append(
+                f"{in_process.lost_blocks + in_process.lost_handoffs:,} allocations of the pytest process "
+                "were not recorded (a map was full: raise --ebpf-leaks-max-blocks)")
     exe_paths = exe_paths or {}
     for p in processes:
         bl = blocks.get(p["serial"], ())

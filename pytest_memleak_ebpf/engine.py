@@ -8,7 +8,7 @@ import os
 import time
 from dataclasses import dataclass, field
 
-from .accounting import TestLeakResult, account
+from .accounting import TestLeakResult, account, account_in_process
 from .marks import Budget
 from .report import json_report, write_json_atomic
 
@@ -21,6 +21,8 @@ class Settings:
     max_stacks: int = 1 << 15
     max_processes: int = 1 << 15
     on_incomplete: str = "error"          # "error" | "warn"
+    in_process: str = "extensions"        # "extensions" | "all" | "off"
+    own_modules: frozenset = frozenset()  # modules the plugin itself loaded (never extensions)
 
 
 @dataclass
@@ -46,6 +48,8 @@ class LeakEngine:
         self.tracer = Tracer(cfg)
         self.symbolizer = Symbolizer()
         self._frame_cache: dict[tuple, dict] = {}
+        self._maps: list[tuple[int, int, int, str]] = []
+        self._growth: dict | None = None
         self.tracer.add_root(os.getpid())
         self.info = SessionInfo(
             probes=self.tracer.probe_count,
@@ -80,13 +84,61 @@ class LeakEngine:
                 self.symbolizer.add_candidate(p)
             if paths:
                 exe_paths[serial] = paths[0]
+        in_process = None
+        if raw.inproc_counters is not None:
+            in_process = account_in_process(
+                self.settings.in_process, raw.inproc_blocks, raw.stacks, self._resolve,
+                self._resolve_ext, raw.inproc_counters, growth=self._growth,
+            )
+        self._growth = None
         result = account(
             nodeid, budget, raw.processes, raw.blocks, raw.stacks, self._resolve,
             exe_paths=exe_paths, lost_procs=raw.lost_procs, lost_events=raw.lost_events,
+            in_process=in_process,
         )
         self.report_seconds += time.monotonic() - t0
         self.results.append(result)
         return result
+
+    # -- in-process windows -------------------------------------------------
+
+    def open_window(self) -> None:
+        from .inprocess import extension_ranges
+
+        self.tracer.set_extension_pages(extension_ranges(self.settings.own_modules))
+        self.tracer.open_window()
+
+    def close_window(self) -> None:
+        from .inprocess import read_maps
+
+        self.tracer.close_window()
+        self._maps = read_maps()
+
+    def snapshot(self) -> dict:
+        """Counted in-process figures now (growth mode, inside a window)."""
+        blocks = self.tracer.window_snapshot()
+        mode = self.settings.in_process
+        counted = [b for b in blocks if mode == "all" or b[2]]
+        return {"bytes": sum(b[0] for b in counted), "blocks": len(counted)}
+
+    def set_growth(self, warmup: int, repeat: int, per_repetition: list[dict]) -> None:
+        self._growth = {"warmup": warmup, "repeat": repeat, "per_repetition": per_repetition}
+
+    def _resolve_ext(self, ip: int) -> dict:
+        from .inprocess import locate
+        from .symbolize import read_build_id
+
+        hit = locate(self._maps, ip)
+        if hit is None:
+            return {"function": None, "offset": None, "module": None, "file": None, "line": None,
+                    "build_id": None, "address": ip}
+        path, file_offset = hit
+        bid = read_build_id(path)
+        if bid is None:
+            return {"function": None, "offset": file_offset, "module": path, "file": None, "line": None,
+                    "build_id": None, "address": ip}
+        self.symbolizer.add_candidate(path)
+        return self._resolve(1, bid.hex(), file_offset)
 
     def abandon(self) -> None:
         """Stop tracking the current test without reporting (interrupted)."""
@@ -114,7 +166,8 @@ class LeakEngine:
                 "build_id": build_id,
                 "address": off,
             }
-            self._frame_cache[key] = f
+            if f["function"] is not None or f["module"] is not None:
+                self._frame_cache[key] = f  # unknown frames may resolve once more modules are seen
         return dict(f)
 
     # -- session ------------------------------------------------------------

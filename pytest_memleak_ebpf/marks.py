@@ -10,11 +10,14 @@ from .sizes import SizeError, format_blocks, format_bytes, parse_count, parse_si
 
 MARKER = "leak_budget"
 MARKER_HELP = (
-    "leak_budget(limit, *, blocks=None): fail the test (with --ebpf-leaks) when the processes it "
-    "launches leak more than `limit` bytes (an int, or a string such as '4 KiB', '1.5 MiB'), or more "
-    "than `blocks` blocks; leak_budget(None) turns the check off for the test."
+    "leak_budget(limit, *, blocks=None, warmup=None, repeat=None): fail the test (with --ebpf-leaks) "
+    "when it leaks more than `limit` bytes (an int, or a string such as '4 KiB', '1.5 MiB'), or more "
+    "than `blocks` blocks, in the processes it launches and (C extensions) in the pytest process; "
+    "leak_budget(None) turns the check off for the test; warmup=N, repeat=M run the test body N+M times "
+    "and count only in-process memory that keeps growing per repetition."
 )
-KNOWN_KEYWORDS = ("blocks",)
+KNOWN_KEYWORDS = ("blocks", "warmup", "repeat")
+MAX_REPETITIONS = 10_000
 
 
 class MarkerError(ValueError):
@@ -27,6 +30,12 @@ class Budget:
     blocks: int | None         # None: no block limit
     checked: bool = True       # False: leak_budget(None) — report, never fail
     source: str = "default"    # "marker" | "option" | "ini" | "default"
+    warmup: int | None = None  # growth mode: runs before measuring
+    repeat: int | None = None  # growth mode: measured runs (None: growth mode off)
+
+    @property
+    def growth(self) -> bool:
+        return self.repeat is not None
 
     def exceeded_by(self, leaked_bytes: int, leaked_blocks: int) -> bool:
         if not self.checked:
@@ -60,24 +69,46 @@ def budget_from_marker(args: Sequence[Any], kwargs: Mapping[str, Any], default: 
         raise MarkerError(f"leak_budget takes one positional argument (the limit), got {len(args)}: {tuple(args)!r}")
     if not args and "blocks" not in kwargs:
         raise MarkerError("leak_budget needs a limit: leak_budget('4 KiB'), leak_budget(0), or leak_budget(None)")
+    warmup, repeat = _growth(kwargs, default)
     blocks = None
     if kwargs.get("blocks") is not None:
         try:
             blocks = parse_count(kwargs["blocks"])
         except SizeError as exc:
             raise MarkerError(f"leak_budget(blocks={kwargs['blocks']!r}): {exc}") from None
+    g = {"warmup": warmup, "repeat": repeat}
     if not args:
-        return Budget(bytes=None, blocks=blocks, checked=True, source="marker")
+        return Budget(bytes=None, blocks=blocks, checked=True, source="marker", **g)
     limit = args[0]
     if limit is None:
         if blocks is not None:
-            return Budget(bytes=None, blocks=blocks, checked=True, source="marker")
-        return Budget(bytes=None, blocks=None, checked=False, source="marker")
+            return Budget(bytes=None, blocks=blocks, checked=True, source="marker", **g)
+        return Budget(bytes=None, blocks=None, checked=False, source="marker", **g)
     try:
         nbytes = parse_size(limit)
     except SizeError as exc:
         raise MarkerError(f"leak_budget({limit!r}): {exc}") from None
-    return Budget(bytes=nbytes, blocks=blocks, checked=True, source="marker")
+    return Budget(bytes=nbytes, blocks=blocks, checked=True, source="marker", **g)
+
+
+def _growth(kwargs: Mapping[str, Any], default: Budget) -> tuple[int | None, int | None]:
+    """(warmup, repeat) from the marker, falling back to the session default."""
+    if kwargs.get("warmup") is None and kwargs.get("repeat") is None:
+        return default.warmup, default.repeat
+    values = {}
+    for name, minimum, fallback in (("warmup", 0, 1), ("repeat", 1, 3)):
+        v = kwargs.get(name)
+        if v is None:
+            values[name] = fallback
+            continue
+        try:
+            n = parse_count(v)
+        except SizeError as exc:
+            raise MarkerError(f"leak_budget({name}={v!r}): {exc}") from None
+        if n < minimum or n > MAX_REPETITIONS:
+            raise MarkerError(f"leak_budget({name}={v!r}): must be from {minimum} to {MAX_REPETITIONS}")
+        values[name] = n
+    return values["warmup"], values["repeat"]
 
 
 def resolve_budget(marker: Any | None, default: Budget) -> Budget:

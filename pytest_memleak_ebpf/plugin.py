@@ -17,6 +17,8 @@ result_key = pytest.StashKey[Any]()      # TestLeakResult
 outcome_key = pytest.StashKey[str]()
 
 INCOMPLETE_CHOICES = ("error", "warn")
+IN_PROCESS_CHOICES = ("extensions", "all", "off")
+REEXEC_ENV = "PYTEST_MEMLEAK_EBPF_REEXEC"
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -35,6 +37,13 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="how many processes can be tracked at once (default 32768)")
     group.addoption("--ebpf-leaks-on-incomplete", metavar="error|warn", default=None,
                     help="when tracking was incomplete (a map filled up): fail the test (error, default) or warn")
+    group.addoption("--ebpf-leaks-in-process", metavar="extensions|all|off", default=None,
+                    help="check the pytest process's own allocations during each test's call: only those whose "
+                         "stack passes through an extension module (extensions, default), all, or off")
+    group.addoption("--ebpf-leaks-warmup", metavar="N", default=None,
+                    help="growth mode for all tests: run the test body N times before measuring")
+    group.addoption("--ebpf-leaks-repeat", metavar="M", default=None,
+                    help="growth mode for all tests: measure M repetitions, count only what keeps growing")
     parser.addini("ebpf_leaks", type="bool", default=False, help="enable --ebpf-leaks")
     parser.addini("ebpf_leaks_budget", default="0", help="default leak budget (size)")
     parser.addini("ebpf_leaks_json", default="", help="JSON leak report path")
@@ -42,6 +51,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addini("ebpf_leaks_max_stacks", default="", help="stack map capacity")
     parser.addini("ebpf_leaks_max_processes", default="", help="process map capacity")
     parser.addini("ebpf_leaks_on_incomplete", default="error", help="error|warn")
+    parser.addini("ebpf_leaks_in_process", default="extensions", help="extensions|all|off")
+    parser.addini("ebpf_leaks_warmup", default="", help="growth mode warmup runs")
+    parser.addini("ebpf_leaks_repeat", default="", help="growth mode measured runs")
 
 
 def _opt(config: pytest.Config, name: str) -> tuple[Any, str]:
@@ -88,6 +100,23 @@ def _settings(config: pytest.Config):
     on_incomplete = on_incomplete or "error"
     if on_incomplete not in INCOMPLETE_CHOICES:
         raise pytest.UsageError(f"{where}: {on_incomplete!r} is not one of {', '.join(INCOMPLETE_CHOICES)}")
+    in_process, where = _opt(config, "ebpf_leaks_in_process")
+    in_process = in_process or "extensions"
+    if in_process not in IN_PROCESS_CHOICES:
+        raise pytest.UsageError(f"{where}: {in_process!r} is not one of {', '.join(IN_PROCESS_CHOICES)}")
+    growth = {}
+    for name in ("warmup", "repeat"):
+        value, where = _opt(config, f"ebpf_leaks_{name}")
+        if value in (None, ""):
+            continue
+        try:
+            growth[name] = parse_count(value)
+        except SizeError as exc:
+            raise pytest.UsageError(f"{where}: {exc}") from None
+        if name == "repeat" and not 1 <= growth[name] <= 10_000 or growth[name] > 10_000:
+            raise pytest.UsageError(f"{where}: {value!r} is out of range")
+    if growth:
+        growth = {"warmup": growth.get("warmup", 1), "repeat": growth.get("repeat", 3)}
     json_path, where = _opt(config, "ebpf_leaks_json")
     json_path = json_path or None
     if json_path:
@@ -95,7 +124,9 @@ def _settings(config: pytest.Config):
         if not os.path.isdir(d) or not os.access(d, os.W_OK):
             raise pytest.UsageError(f"{where}: cannot write {json_path!r} (directory {d!r} is missing or not writable)")
     return Settings(
-        default_budget=Budget(bytes=size("ebpf_leaks_budget", "0"), blocks=None, checked=True, source="option"),
+        default_budget=Budget(bytes=size("ebpf_leaks_budget", "0"), blocks=None, checked=True, source="option",
+                              warmup=growth.get("warmup"), repeat=growth.get("repeat")),
+        in_process=in_process,
         json_path=json_path,
         max_blocks=capacity("ebpf_leaks_max_blocks", 1 << 20),
         max_stacks=capacity("ebpf_leaks_max_stacks", 1 << 15),
@@ -109,16 +140,24 @@ def pytest_configure(config: pytest.Config) -> None:
     if not enabled(config):
         return
     settings = _settings(config)
-    if hasattr(config, "workerinput") or config.getoption("dist", "no") not in ("no", None):
-        pass  # xdist: each worker traces its own tests (see README)
-    from .bccloader import BCCNotFound
+    from .bccloader import BCCNotFound, load_bcc
     from .preflight import EnvironmentProblem, run_all
 
     try:
         run_all()
+        load_bcc()
+    except (EnvironmentProblem, BCCNotFound) as exc:
+        raise pytest.UsageError(f"--ebpf-leaks cannot run: {exc}") from None
+    notes: list[str] = []
+    if settings.in_process != "off":
+        notes = _prepare_in_process(config)
+    try:
         from .engine import LeakEngine
+        from .inprocess import mapped_modules
 
+        before = mapped_modules()
         engine = LeakEngine(settings)
+        settings.own_modules = mapped_modules() - before
     except (EnvironmentProblem, BCCNotFound) as exc:
         raise pytest.UsageError(f"--ebpf-leaks cannot run: {exc}") from None
     except Exception as exc:  # BCC compile/attach failure
@@ -127,7 +166,42 @@ def pytest_configure(config: pytest.Config) -> None:
             "headers match the running kernel (see scripts/setup-system.sh) and that the kernel has "
             "uprobes and BTF."
         ) from None
-    config.pluginmanager.register(LeakChecker(config, engine), PLUGIN_NAME)
+    checker = LeakChecker(config, engine)
+    checker.notes = notes
+    config.pluginmanager.register(checker, PLUGIN_NAME)
+
+
+def _prepare_in_process(config: pytest.Config) -> list[str]:
+    """pymalloc serves objects <= 512 B from arenas libc probes never see:
+    restart pytest once with PYTHONMALLOC=malloc (opt out with
+    PYTEST_MEMLEAK_EBPF_REEXEC=0). Returns header notes."""
+    import sys
+
+    from .inprocess import free_threaded, pymalloc_active
+
+    notes = []
+    if free_threaded():
+        notes.append("free-threaded CPython: Python objects come from mimalloc, which libc probes cannot see; "
+                     "in-process checking covers raw malloc-family blocks only")
+        return notes
+    if not pymalloc_active():
+        if os.environ.get(REEXEC_ENV) == "done":
+            notes.append("pytest was restarted with PYTHONMALLOC=malloc so Python objects are visible to the tracer")
+        else:
+            notes.append("PYTHONMALLOC=malloc: Python objects are visible to the tracer")
+        return notes
+    worker = hasattr(config, "workerinput")
+    if os.environ.get(REEXEC_ENV) not in ("0", "done") and not worker and hasattr(sys, "orig_argv"):
+        env = dict(os.environ, PYTHONMALLOC="malloc", **{REEXEC_ENV: "done"})
+        sys.stdout.flush()
+        sys.stderr.flush()
+        try:
+            os.execve(sys.executable, list(sys.orig_argv), env)
+        except OSError as exc:
+            notes.append(f"could not restart pytest with PYTHONMALLOC=malloc ({exc})")
+    notes.append("WARNING: pymalloc is active, so Python objects of 512 B or less allocated by C extensions are "
+                 "invisible (run pytest with PYTHONMALLOC=malloc); raw malloc-family blocks are still exact")
+    return notes
 
 
 class LeakChecker:
@@ -137,6 +211,7 @@ class LeakChecker:
         self.config = config
         self.engine = engine
         self._collector = None
+        self.notes: list[str] = []
 
     # -- header / collection ----------------------------------------------
 
@@ -144,11 +219,14 @@ class LeakChecker:
         info = self.engine.info
         free = next((p for p in self.engine.tracer.probes if p.function == "free"), None)
         placed = f", free probed at +{free.offset} ('{free.instruction}')" if free else ""
-        return [
+        lines = [
             f"ebpf-leaks: tracer ready: {info.probes} probes ({info.uprobes} allocator uprobes on "
             f"{info.libc}{placed}), loaded in {info.load_seconds:.2f} s; default budget "
             f"{self.engine.settings.default_budget.describe()[7:]}"
         ]
+        mode = self.engine.settings.in_process
+        lines.append(f"ebpf-leaks: in-process checking: {mode}" + (f"; {'; '.join(self.notes)}" if self.notes else ""))
+        return lines
 
     def pytest_collection_modifyitems(self, items: list[pytest.Item]) -> None:
         default = self.engine.settings.default_budget
@@ -169,6 +247,53 @@ class LeakChecker:
         self.engine.begin()
 
     @pytest.hookimpl(hookwrapper=True)
+    def pytest_runtest_call(self, item: pytest.Item):
+        budget = item.stash.get(budget_key, None)
+        if self.engine.settings.in_process == "off" or not isinstance(budget, Budget) or budget.growth \
+                or not self.engine.active():
+            yield
+            return
+        import gc
+
+        gc.collect()
+        self.engine.open_window()
+        try:
+            yield
+        finally:
+            gc.collect()
+            self.engine.close_window()
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_pyfunc_call(self, pyfuncitem: pytest.Function):
+        """Growth mode: run the test body warmup + repeat times; measure the
+        in-process figures after each measured repetition."""
+        budget = pyfuncitem.stash.get(budget_key, None)
+        if not isinstance(budget, Budget) or not budget.growth or self.engine.settings.in_process == "off":
+            return None
+        import gc
+        import inspect
+
+        fn = pyfuncitem.obj
+        if inspect.iscoroutinefunction(fn) or inspect.isasyncgenfunction(fn):
+            return None
+        args = {name: pyfuncitem.funcargs[name] for name in pyfuncitem._fixtureinfo.argnames}
+        for _ in range(budget.warmup or 0):
+            fn(**args)
+        gc.collect()
+        reps = []
+        self.engine.open_window()
+        try:
+            for _ in range(budget.repeat):
+                fn(**args)
+                gc.collect()
+                reps.append(self.engine.snapshot())
+        finally:
+            gc.collect()
+            self.engine.close_window()
+            self.engine.set_growth(budget.warmup or 0, budget.repeat, reps)
+        return True
+
+    @pytest.hookimpl(hookwrapper=True)
     def pytest_runtest_makereport(self, item: pytest.Item, call: pytest.CallInfo):
         outcome = yield
         report: pytest.TestReport = outcome.get_result()
@@ -183,12 +308,15 @@ class LeakChecker:
     def _apply(self, item: pytest.Item, report: pytest.TestReport, result) -> None:
         from .report import failure_text
 
+        ip = result.in_process
         props = [
             ("leak_bytes", result.leaked.bytes),
             ("leak_blocks", result.leaked.blocks),
             ("leak_budget_bytes", result.budget.bytes if result.budget.checked and result.budget.bytes is not None else ""),
             ("leak_processes", len(result.processes)),
         ]
+        if ip is not None:
+            props.append(("leak_in_process_bytes", ip.leaked.bytes))
         item.user_properties.extend(props)
         incomplete_fails = bool(result.incomplete) and self.engine.settings.on_incomplete == "error"
         if not (result.over_budget or incomplete_fails):

@@ -64,16 +64,19 @@ def process_table(result: TestLeakResult) -> list[str]:
 
 
 def top_stacks(result: TestLeakResult, *, max_stacks: int = 10, max_frames: int = 16) -> list[str]:
-    entries: list[tuple[StackLeak, ProcessLeak]] = [
+    entries: list[tuple[StackLeak, object]] = [
         (s, p) for p in result.processes for s in p.stacks
     ]
+    if result.in_process is not None:
+        entries += [(s, None) for s in result.in_process.stacks]
     entries.sort(key=lambda e: (-e[0].bytes, -e[0].blocks))
     lines = []
     truncated_hint = False
     for i, (s, p) in enumerate(entries[:max_stacks], 1):
-        lines.append(f"  #{i} {format_bytes(s.bytes)} in {format_blocks(s.blocks)} from pid {p.pid} ({p.comm}):")
+        origin = f"pid {p.pid} ({p.comm})" if p is not None else "the pytest process (in-process)"
+        lines.append(f"  #{i} {format_bytes(s.bytes)} in {format_blocks(s.blocks)} from {origin}:")
         for f in s.frames[:max_frames]:
-            lines.append(f"      {format_frame(f)}")
+            lines.append(f"      {'(found on the stack) ' if f.get('scanned') else ''}{format_frame(f)}")
         if len(s.frames) > max_frames:
             lines.append(f"      ... {len(s.frames) - max_frames} more frames")
         if s.captured and len(s.frames) <= 2:
@@ -92,9 +95,27 @@ def top_stacks(result: TestLeakResult, *, max_stacks: int = 10, max_frames: int 
     return lines
 
 
+def in_process_lines(result: TestLeakResult) -> list[str]:
+    ip = result.in_process
+    if ip is None:
+        return []
+    lines = [f"  in-process ({ip.mode}): leaked {format_bytes(ip.leaked.bytes)} in {format_blocks(ip.leaked.blocks)}"
+             f"{' per repetition' if ip.growth else ''}; outstanding {format_bytes(ip.outstanding.bytes)} in "
+             f"{format_blocks(ip.outstanding.blocks)}; allocated {format_bytes(ip.allocated.bytes)} in "
+             f"{format_blocks(ip.allocated.blocks)}"]
+    if ip.growth:
+        g = ip.growth
+        reps = ", ".join(f"+{d['bytes']:,} B/{d['blocks']:,}" for d in g.get("deltas", []))
+        lines.append(f"  growth mode: warmup {g['warmup']}, repeat {g['repeat']}; growth per repetition: {reps}"
+                     f" -> {'keeps growing' if g.get('growing') else 'not growing'}")
+    return lines
+
+
 def failure_text(result: TestLeakResult, *, headline: str | None = None) -> str:
     lines = [headline or result.headline(), ""]
-    lines += process_table(result)
+    if result.processes:
+        lines += process_table(result)
+    lines += in_process_lines(result)
     if result.leaked.blocks:
         lines += ["", "Top leaking stacks (largest first):"]
         lines += top_stacks(result)

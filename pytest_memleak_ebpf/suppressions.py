@@ -3,8 +3,8 @@ glibc, the dynamic loader and libstdc++ keep on purpose until exit.
 
 File syntax (the same as LSan's ``LSAN_OPTIONS=suppressions=FILE``)::
 
-    # a comment
-    leak:kv_index_build          # <- NOT allowed: no inline comments (see below)
+    # the index is rebuilt per call on purpose (tracked in #123)
+    leak:kv_index_build
     leak:^libfoo_init$
     leak:third_party/zlib/*
     leak:libcrypto.so
@@ -19,8 +19,8 @@ characters, a leading ``^`` anchors at the start, a trailing ``$`` at the end;
 everything else is literal, and a pattern without anchors matches as a
 substring. A stack is suppressed when the pattern matches the function name,
 the module (the full path of the executable or shared object, as LSan uses
-it) or the source file name of ANY of its frames. Two deliberate differences
-from LSan: matching backtracks (LSan's matcher takes the first occurrence of
+it) or the source file name of ANY of its frames. Deliberate differences
+from LSan: whitespace after ``leak:`` is stripped; matching backtracks (LSan's matcher takes the first occurrence of
 each literal piece, so e.g. ``a$`` never matches ``aba`` in LSan; every stack
 LSan suppresses is suppressed here too), and a ``$`` anywhere but at the end, an
 empty pattern, a pattern made only of anchors, or ``leak:foo  # comment``
@@ -66,6 +66,8 @@ __all__ = [
     "match",
     "apply",
     "gen_suppressions",
+    "pattern_matches",
+    "is_static_initializer",
 ]
 
 STATIC_INITIALIZER = "<static initializer>"
@@ -115,56 +117,69 @@ def _pattern_problem(pattern: str) -> str | None:
     return None
 
 
+class _LineProblem(Exception):
+    pass
+
+
+def _parse_line(line: str) -> str | None:
+    """The pattern of one stripped line (None for a blank or comment line);
+    raises _LineProblem(what is wrong)."""
+    if not line or line.startswith("#"):
+        return None
+    if line.startswith("{") or line.startswith("}"):
+        raise _LineProblem("this looks like a valgrind suppression; write LSan-style lines such as leak:<function>")
+    kind, colon, pattern = line.partition(":")
+    if not colon:
+        raise _LineProblem("expected 'leak:<pattern>'")
+    if kind != "leak":
+        if kind.strip() == "leak":
+            raise _LineProblem("no space allowed between 'leak' and ':'")
+        if kind in _OTHER_SANITIZER_TYPES:
+            raise _LineProblem(f"unsupported suppression type {kind!r} (only 'leak:' applies to leaks)")
+        raise _LineProblem(f"unknown suppression type {kind!r} (expected 'leak:<pattern>')")
+    pattern = pattern.strip()
+    problem = _pattern_problem(pattern)
+    if problem:
+        raise _LineProblem(problem)
+    return pattern
+
+
 def parse_suppressions(text: str, source_name: str) -> list[Suppression]:
     """Suppressions from the text of a suppression file; ``source_name`` (a
     path) names them (``path:line``) and is used in error messages."""
     out: list[Suppression] = []
     for lineno, raw in enumerate(text.split("\n"), 1):
         line = raw.strip()
-        if not line or line.startswith("#"):
-            continue
-        where = f"{source_name}:{lineno}"
-        if line.startswith("{") or line.startswith("}"):
-            raise SuppressionError(
-                f"{where}: this looks like a valgrind suppression; write LSan-style lines "
-                f"such as leak:<function>: {line!r}"
-            )
-        kind, colon, pattern = line.partition(":")
-        if not colon:
-            raise SuppressionError(f"{where}: expected 'leak:<pattern>': {line!r}")
-        if kind != "leak":
-            if kind.strip() == "leak":
-                problem = "no space allowed between 'leak' and ':'"
-            elif kind in _OTHER_SANITIZER_TYPES:
-                problem = f"unsupported suppression type {kind!r} (only 'leak:' applies to leaks)"
-            else:
-                problem = f"unknown suppression type {kind!r} (expected 'leak:<pattern>')"
-            raise SuppressionError(f"{where}: {problem}: {line!r}")
-        pattern = pattern.strip()
-        problem = _pattern_problem(pattern)
-        if problem:
-            raise SuppressionError(f"{where}: {problem}: {line!r}")
-        out.append(Suppression(pattern=pattern, source=where))
+        try:
+            pattern = _parse_line(line)
+        except _LineProblem as exc:
+            raise SuppressionError(f"{source_name}:{lineno}: {exc}: {line!r}") from None
+        if pattern is not None:
+            out.append(Suppression(pattern=pattern, source=f"{source_name}:{lineno}"))
     return out
 
 
 def from_patterns(patterns: Iterable[str], source: str = "marker") -> list[Suppression]:
     """Suppressions from a list of patterns (``'leak:foo'`` or a bare ``'foo'``),
-    e.g. from a marker; all get ``source``, which also names them in errors."""
+    e.g. from a marker; all get ``source``, which also names them in errors
+    (``marker #2: ...``)."""
     out = []
     for i, p in enumerate(patterns, 1):
         if not isinstance(p, str):
-            raise SuppressionError(f"{source}: suppression #{i} is not a string: {p!r}")
+            raise SuppressionError(f"{source} #{i}: not a string: {p!r}")
         text = p.strip()
-        m = re.match(r"([A-Za-z_]+):(?!:)", text)
+        m = re.match(r"([A-Za-z_]+)\s*:(?!:)", text)
         if not (m and (m.group(1) == "leak" or m.group(1) in _OTHER_SANITIZER_TYPES)):
             text = "leak:" + text
-        if "\n" in text:
-            raise SuppressionError(f"{source}: suppression #{i} spans several lines: {p!r}")
-        parsed = parse_suppressions(text, f"{source} #{i}")
-        if len(parsed) != 1:  # a bare '#...' is a comment in file syntax
-            raise SuppressionError(f"{source} #{i}: not a 'leak:<pattern>': {p!r}")
-        out.append(Suppression(parsed[0].pattern, source))
+        try:
+            if "\n" in text or "\r" in text:
+                raise _LineProblem("a pattern cannot span lines")
+            pattern = _parse_line(text)
+            if pattern is None:
+                raise _LineProblem("expected 'leak:<pattern>'")
+        except _LineProblem as exc:
+            raise SuppressionError(f"{source} #{i}: {exc}: {p!r}") from None
+        out.append(Suppression(pattern, source))
     return out
 
 
@@ -212,12 +227,15 @@ def pattern_matches(pattern: str, text: str | None) -> bool:
     return _compile(pattern).search(text) is not None
 
 
-def _in_modules(frame: Mapping, globs: Sequence[str]) -> bool:
-    module = frame.get("module")
-    if not module:
-        return False
+@functools.lru_cache(maxsize=8192)
+def _module_in(module: str, globs: tuple[str, ...]) -> bool:
     base = os.path.basename(module)
     return any(fnmatch.fnmatchcase(base, g) for g in globs)
+
+
+def _in_modules(frame: Mapping, globs: Sequence[str]) -> bool:
+    module = frame.get("module")
+    return bool(module) and _module_in(module, tuple(globs))
 
 
 def _frame_matches(s: Suppression, frame: Mapping) -> bool:
@@ -229,33 +247,81 @@ def _frame_matches(s: Suppression, frame: Mapping) -> bool:
             or pattern_matches(s.pattern, frame.get("file")))
 
 
+class _Matcher:
+    """match() for many stacks: which suppressions' patterns match a frame is
+    computed once per distinct frame (stacks share most of their frames)."""
+
+    def __init__(self, suppressions: Sequence[Suppression]):
+        self.sups = list(suppressions)
+        self._hits: dict[tuple, tuple[int, ...]] = {}
+        self._by_module: dict[str | None, tuple] = {}
+
+    def _eligible(self, module: str | None) -> tuple:
+        """(indices of the suppressions that may match a frame of this module,
+        one alternation regex of their patterns, whether one is STATIC_INITIALIZER)."""
+        got = self._by_module.get(module)
+        if got is None:
+            idx = tuple(k for k, s in enumerate(self.sups)
+                        if not s.modules or (module and _module_in(module, s.modules)))
+            plain = [self.sups[k].pattern for k in idx if self.sups[k].pattern != STATIC_INITIALIZER]
+            rx = re.compile("|".join(f"(?:{_compile(p).pattern})" for p in plain), re.DOTALL) if plain else None
+            static = any(self.sups[k].pattern == STATIC_INITIALIZER for k in idx)
+            got = self._by_module[module] = (idx, rx, static)
+        return got
+
+    def _pattern_hits(self, frame: Mapping) -> tuple[int, ...]:
+        fn = frame.get("function")
+        module = frame.get("module")
+        key = (fn, module, frame.get("file"),
+               None if fn else frame.get("address"), None if fn else frame.get("build_id"))
+        hits = self._hits.get(key)
+        if hits is None:
+            idx, rx, static = self._eligible(module)
+            could = (static and not fn) or (rx is not None and any(
+                t and rx.search(t) for t in (fn, module, frame.get("file"))))
+            hits = tuple(k for k in idx if _frame_matches(self.sups[k], frame)) if could else ()
+            if len(self._hits) > 200_000:
+                self._hits.clear()
+            self._hits[key] = hits
+        return hits
+
+    def __call__(self, frames: Sequence[Mapping]) -> Suppression | None:
+        if not self.sups:
+            return None
+        runs: dict[tuple[str, ...], int] | None = None
+        for i, frame in enumerate(frames):
+            for k in self._pattern_hits(frame):
+                s = self.sups[k]
+                if s.top_frames is not None and i >= s.top_frames:
+                    continue
+                if s.modules:
+                    if runs is None:
+                        runs = {}
+                    run = runs.get(s.modules)
+                    if run is None:
+                        run = 0
+                        for f in frames:
+                            if not _in_modules(f, s.modules):
+                                break
+                            run += 1
+                        runs[s.modules] = run
+                    if i >= run:
+                        continue
+                return s
+        return None
+
+
 def match(frames: Sequence[Mapping], suppressions: Sequence[Suppression]) -> Suppression | None:
     """The suppression that hides a stack (``frames`` innermost first), or None.
 
     Like LSan, frames are tried innermost first and, for each frame, the
-    suppressions in order: the first hit wins."""
-    if not suppressions:
-        return None
-    # For anchored suppressions: how many innermost frames are all inside the
-    # suppression's modules (the frame that matches must lie within that run).
-    runs: dict[tuple[str, ...], int] = {}
-    for s in suppressions:
-        if s.modules and s.modules not in runs:
-            n = 0
-            for f in frames:
-                if not _in_modules(f, s.modules):
-                    break
-                n += 1
-            runs[s.modules] = n
-    for i, frame in enumerate(frames):
-        for s in suppressions:
-            if s.top_frames is not None and i >= s.top_frames:
-                continue
-            if s.modules and i >= runs[s.modules]:
-                continue
-            if _frame_matches(s, frame):
-                return s
-    return None
+    suppressions in order: the first hit wins (LSan tries every
+    suppression on a frame's module before its function and file; that only
+    changes which suppression is credited, never whether a stack is hidden). A suppression with
+    ``top_frames`` only considers that many innermost frames; one with
+    ``modules`` only a frame inside those modules, with every frame below it
+    (down to frame 0) inside them too."""
+    return _Matcher(suppressions)(frames)
 
 
 # --------------------------------------------------------------------------
@@ -378,9 +444,14 @@ _LIBSTDCXX = ("libstdc++.so*",)
 # (pattern, modules, top_frames, reason). Function names are glibc 2.36's
 # (Debian 12) as our symbolizer names them (global alias preferred, compiler
 # clone suffixes such as .part.0 kept, hence prefix rather than exact patterns).
-# Each one is a function that itself calls malloc (checked against libc's
-# call sites) and whose blocks glibc keeps for the life of the process and only
-# frees in __libc_freeres (valgrind's --run-libc-freeres), or never.
+# Each top_frames=1 entry names functions that themselves call malloc
+# (checked against libc's call sites, tests/data/suppressions/
+# glibc236_malloc_callers.txt) and whose blocks glibc keeps for the life of the
+# process, freeing them only in __libc_freeres (valgrind's --run-libc-freeres)
+# or never. Deliberately NOT here: functions whose blocks the program owns
+# (__gconv_open / __gconv_lookup_cache of an iconv_t, __fopen_internal, newlocale,
+# __alloc_dir, getaddrinfo, getdelim, ...) and generic helpers (strdup, strndup,
+# tsearch, asprintf) whose caller is not on Debian's frame-pointer-less stacks.
 # top_frames=2 entries name callers of generic helpers (strdup, strndup,
 # tsearch): they only take effect where libc is built with frame pointers (on
 # Debian 12 the stack ends at the first libc frame), and only when frame 0
@@ -462,6 +533,7 @@ _DEFAULTS: list[tuple[str, tuple[str, ...], int, str]] = [
     ("^fcvt", _LIBC, 1, "static result buffer of fcvt(), reused"),
     ("^qfcvt", _LIBC, 1, "static result buffer of qfcvt(), reused"),
     ("^fstab_init", _LIBC, 1, "getfsent() state, reused"),
+    ("^setfsent", _LIBC, 1, "getfsent() state, reused"),
     ("^allocate$", _LIBC, 1, "static result buffers of getmntent()/getnetgrent() (the local 'allocate' in mntent.c, getnetgrent.c)"),
     ("^initshells", _LIBC, 1, "getusershell() list, kept until endusershell()"),
     ("^__aio_enqueue_request", _LIBC, 1, "POSIX AIO request pool, reused and never freed"),
@@ -558,7 +630,7 @@ def apply(result, suppressions: Sequence[Suppression]) -> SuppressionSummary:
     A process's leaked amount is its outstanding amount minus its suppressed
     stacks (stacks not listed in ``process.stacks``, e.g. beyond a stack limit,
     are never suppressed). Stacks that were not captured never match."""
-    suppressions = list(suppressions)
+    matcher = _Matcher(suppressions)
     matches: dict[int, Suppression] = {}
     per_use: dict[Suppression, list[int]] = {}
     order: list[Suppression] = []
@@ -570,7 +642,7 @@ def apply(result, suppressions: Sequence[Suppression]) -> SuppressionSummary:
         for s in p.stacks:
             if not getattr(s, "captured", True):
                 continue
-            hit = match(s.frames, suppressions)
+            hit = matcher(s.frames)
             if hit is None:
                 continue
             matches[id(s)] = hit
@@ -611,21 +683,29 @@ def _literal(name: str) -> str:
     return f"^{core}$"
 
 
-def _target(frames: Sequence[Mapping]) -> tuple[str | None, str]:
+# Functions on (nearly) every stack: suppressing one hides every leak.
+_ENTRY_POINTS = frozenset({
+    "main", "_start", "__libc_start_main", "__libc_start_call_main", "start_thread",
+    "clone", "clone3", "__clone", "__clone3", "__clone_internal", "_dl_start_user",
+})
+
+
+def _target(frames: Sequence[Mapping], exe: str | None) -> tuple[str | None, str]:
     """(pattern, what) to suppress a stack by; pattern None when there is no
-    frame outside the C/C++ runtime to name."""
+    frame outside the C/C++ runtime to name (or only the program's entry
+    points, or only the executable itself as a module)."""
     for f in frames:
         fn = f.get("function")
-        if fn and f.get("module") and not _in_modules(f, _RUNTIME):
+        if fn and f.get("module") and fn not in _ENTRY_POINTS and not _in_modules(f, _RUNTIME):
             pattern = _literal(fn)
             if _pattern_problem(pattern) is None:
                 return pattern, f"function {fn}"
     for f in frames:
         mod = f.get("module")
-        if mod and not _in_modules(f, _RUNTIME):
+        if mod and not f.get("function") and mod != exe and not _in_modules(f, _RUNTIME):
             pattern = "/" + os.path.basename(mod).replace("$", "*") + "$"
             if _pattern_problem(pattern) is None:
-                return pattern, f"module {mod} (no function name)"
+                return pattern, f"any stack through module {mod} (it has no function names)"
     return None, ""
 
 
@@ -635,11 +715,12 @@ def gen_suppressions(results, summary: SuppressionSummary | None = None) -> str:
     pattern, each after a comment giving bytes/blocks and the test(s).
 
     The entry names the innermost frame with a function name that is not in
-    the C/C++ runtime (libc, ld.so, libstdc++, libgcc_s): an exact
-    ``^function$``; without one, the innermost module outside the runtime, as
-    ``/basename$`` (matches that file in any directory). Stacks with neither
-    get a comment only, since suppressing libc or libstdc++ would hide every
-    leak made through malloc or operator new."""
+    the C/C++ runtime (libc, ld.so, libstdc++, libgcc_s) and is not an entry
+    point (main, start_thread, ...): an exact ``^function$``. Without one, the
+    innermost unnamed frame's module, as ``/basename$`` (that file in any
+    directory), unless it is the process's executable. Stacks with neither get
+    a comment only: suppressing libc, libstdc++, main or the whole program
+    would hide every leak."""
     if hasattr(results, "processes"):
         results = [results]
     entries: dict[str, list] = {}   # pattern -> [bytes, blocks, stacks, tests, what]
@@ -654,13 +735,13 @@ def gen_suppressions(results, summary: SuppressionSummary | None = None) -> str:
                 if not getattr(s, "captured", True):
                     orphans.append(f"# {s.bytes:,} B in {s.blocks:,} block(s) by {where}: stack not captured")
                     continue
-                pattern, what = _target(s.frames)
+                pattern, what = _target(s.frames, p.exe)
                 if pattern is None:
                     inner = s.frames[0] if s.frames else {}
                     label = inner.get("function") or f"[unknown] ({inner.get('module') or '?'})"
                     orphans.append(
-                        f"# {s.bytes:,} B in {s.blocks:,} block(s) by {where}: no frame outside the "
-                        f"C/C++ runtime to suppress by (innermost: {label})"
+                        f"# {s.bytes:,} B in {s.blocks:,} block(s) by {where}: no function outside the "
+                        f"C/C++ runtime and the program's entry points to suppress by (innermost: {label})"
                     )
                     continue
                 e = entries.setdefault(pattern, [0, 0, 0, [], what])

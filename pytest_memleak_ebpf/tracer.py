@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -38,6 +39,7 @@ PF_EXITED, PF_TERMINATED = 1, 2
 EV_EXEC, EV_OPEN = 1, 2
 CTR_LOST_PROCS, CTR_LOST_EVENTS, CTR_LOST_STACKS = 0, 1, 2
 BUILD_ID_VALID, BUILD_ID_IP = 1, 2
+BATCH_CHUNK = 4096
 
 
 @dataclass
@@ -74,6 +76,9 @@ class RawTest:
     paths: dict[int, list[str]] = field(default_factory=dict)  # serial -> exec/open paths
     lost_procs: int = 0
     lost_events: int = 0
+    # in-process (the pytest process's own blocks from its last window)
+    inproc_blocks: list[tuple[int, int, int]] = field(default_factory=list)  # (size, stack, ext_ip)
+    inproc_counters: dict | None = None
 
 
 def bpf_source_path() -> Path:
@@ -159,6 +164,11 @@ class Tracer:
         self._lock = threading.Lock()
         self._closed = False
         self._test_id = 0
+        self._window = 0
+        self._window_serial = 0
+        self._window_counters: dict | None = None
+        self._in_window = False
+        self._batch_bufs: dict = {}
         self._counter_base = self._read_counters()
         self.bpf[b"events"].open_ring_buffer(self._on_event)
         self._poller = threading.Thread(target=self._poll_loop, name="memleak-ebpf-events", daemon=True)
@@ -224,10 +234,12 @@ class Tracer:
             with self._lock:
                 if self._closed:
                     return
-                try:
-                    self.bpf.ring_buffer_poll(timeout=0)
-                except Exception:
-                    pass
+                # allocate nothing in this process while a window records it
+                if not self._in_window:
+                    try:
+                        self.bpf.ring_buffer_poll(timeout=0)
+                    except Exception:
+                        pass
             time.sleep(0.02)
 
     # -- per test -------------------------------------------------------
@@ -237,12 +249,87 @@ class Tracer:
         self._roots[tgid] = ""
         self._set_root(tgid, 0)
 
-    def _set_root(self, tgid: int, test_id: int) -> None:
+    def _set_root(self, tgid: int, test_id: int, *, allocs: bool = False, serial: int = 0) -> None:
         key = self._tracked.Key(tgid)
         leaf = self._tracked.Leaf()
         leaf.test_id = test_id
-        leaf.flags = TF_ROOT
+        leaf.flags = TF_ROOT | (TF_ALLOCS if allocs else 0)
+        leaf.serial = serial
         leaf.nthreads = 0
+        self._tracked[key] = leaf
+
+    # -- in-process windows (the pytest process's own allocations) ----------
+
+    def set_extension_pages(self, ranges: list[tuple[int, int]]) -> None:
+        """Executable address ranges of extension modules in this process:
+        root allocations whose stack holds a return address into one of them
+        are attributed to an extension (block.ext_ip)."""
+        pages = set()
+        for start, end in ranges:
+            pages.update(range(start >> 12, (end + 4095) >> 12))
+        if pages == getattr(self, "_ext_pages", None):
+            return
+        table = self.bpf[b"ext_pages"]
+        table.clear()
+        limit = self.config.max_ext_pages
+        for i, page in enumerate(sorted(pages)):
+            if i >= limit:
+                break
+            table[table.Key(page)] = table.Leaf(1)
+        ext = self.bpf[b"ext"]
+        leaf = ext.Leaf()
+        leaf.n = min(len(pages), limit)
+        leaf.lo = min(pages) << 12 if pages else 0
+        leaf.hi = (max(pages) + 1) << 12 if pages else 0
+        ext[ext.Key(0)] = leaf
+        self._ext_pages = pages
+
+    def open_window(self) -> int:
+        """Start recording the root's own allocations; returns the window's serial."""
+        with self._lock:
+            self._window += 1
+            self._window_serial = (1 << 62) | self._window
+            for tgid in self._roots:
+                self._set_root(tgid, self._test_id, allocs=True, serial=self._window_serial)
+            self._in_window = True
+        return self._window_serial
+
+    def close_window(self) -> dict:
+        """Stop recording the root's allocations; returns its lifetime counters."""
+        with self._lock:
+            counters = {"alloc_bytes": 0, "alloc_blocks": 0, "free_blocks": 0,
+                        "lost_blocks": 0, "lost_handoffs": 0, "lost_stacks": 0}
+            for tgid in self._roots:
+                try:
+                    v = self._tracked[self._tracked.Key(tgid)]
+                    for k in counters:
+                        counters[k] += int(getattr(v, k))
+                except KeyError:
+                    pass
+                self._set_root(tgid, self._test_id)
+            self._window_counters = counters
+            self._in_window = False
+            return counters
+
+    def window_snapshot(self) -> list[tuple[int, int, int]]:
+        """The current window's live root blocks, without removing them.
+        Recording pauses while the maps are read (reading allocates)."""
+        serial = self._window_serial
+        with self._lock:
+            for tgid in self._roots:
+                self._set_root_flags(tgid, TF_ROOT)
+            try:
+                out = [b[1:] for b in self._batch(self._blocks, lambda k, v: (v.serial, v.size, v.stack, v.ext_ip),
+                                                   delete=False) if b[0] == serial]
+            finally:
+                for tgid in self._roots:
+                    self._set_root_flags(tgid, TF_ROOT | TF_ALLOCS)
+        return out
+
+    def _set_root_flags(self, tgid: int, flags: int) -> None:
+        key = self._tracked.Key(tgid)
+        leaf = self._tracked[key]
+        leaf.flags = flags
         self._tracked[key] = leaf
 
     def begin_test(self) -> int:
@@ -281,16 +368,26 @@ class Tracer:
                 procs[serial] = self._proc_dict(v, running.get(serial))
                 self._delete(self._procs, k)
             blocks: dict[int, list[tuple[int, int]]] = {}
-            for k, v in self._drain(self._blocks):
-                serial = int(v.serial)
+            inproc: list[tuple[int, int, int]] = []
+            wserial = self._window_serial if self._window_counters is not None else -1
+            for serial, size, stack, ext_ip in self._drain(
+                    self._blocks, lambda k, v: (v.serial, v.size, v.stack, v.ext_ip)):
                 if serial in procs:
-                    blocks.setdefault(serial, []).append((int(v.size), int(v.stack)))
-            wanted = {h for bl in blocks.values() for _, h in bl if h}
+                    blocks.setdefault(serial, []).append((size, stack))
+                elif serial == wserial:
+                    inproc.append((size, stack, ext_ip))
+            raw.inproc_blocks = inproc
+            raw.inproc_counters = self._window_counters
+            self._window_counters = None
+            wanted = {h for bl in blocks.values() for _, h in bl if h} | {h for _, h, _ in inproc if h}
             stacks: dict[int, list] = {}
-            for k, v in self._drain(self._stacks):
-                h = _int(k)
-                if h in wanted:
-                    stacks[h] = self._frames(v)
+            if wanted:
+                for h, frames in self._drain(
+                        self._stacks, lambda k, v: (_int(k), self._frames(v) if _int(k) in wanted else None)):
+                    if frames is not None:
+                        stacks[h] = frames
+            else:
+                self._drain(self._stacks, lambda k, v: None)
             paths = {s: self._paths.pop(s) for s in list(self._paths) if s in procs}
             # paths of images we will never report (exec'd away, other tests)
             self._paths = {s: p for s, p in self._paths.items() if s > max(procs, default=0)}
@@ -334,15 +431,39 @@ class Tracer:
         except KeyError:
             pass
 
-    @staticmethod
-    def _drain(table):
-        try:
-            items = list(table.items_lookup_and_delete_batch())
-        except Exception:
-            items = list(table.items())
-            for k, _ in items:
-                Tracer._delete(table, k)
-        return items
+    def _batch(self, table, conv, *, delete: bool) -> list:
+        """All entries of `table` through BPF_MAP_LOOKUP(_AND_DELETE)_BATCH in
+        fixed chunks (buffers allocated once), each converted by conv(k, v)
+        to builtin types before the buffers are reused."""
+        import ctypes as ct
+        import errno
+
+        bcc = sys.modules["bcc"]
+        bufs = self._batch_bufs.get(id(table))
+        if bufs is None:
+            bufs = ((table.Key * BATCH_CHUNK)(), (table.Leaf * BATCH_CHUNK)())
+            self._batch_bufs[id(table)] = bufs
+        keys, vals = bufs
+        fn = bcc.lib.bpf_lookup_and_delete_batch if delete else bcc.lib.bpf_lookup_batch
+        token = ct.c_uint32(0)
+        out = []
+        first = True
+        while True:
+            cnt = ct.c_uint32(BATCH_CHUNK)
+            res = fn(table.map_fd, None if first else ct.byref(token), ct.byref(token),
+                     ct.byref(keys), ct.byref(vals), ct.byref(cnt))
+            err = ct.get_errno()
+            for i in range(cnt.value):
+                out.append(conv(keys[i], vals[i]))
+            if res != 0:
+                if err == errno.ENOENT:
+                    break
+                raise OSError(err, f"BPF map batch operation failed: {os.strerror(err)}")
+            first = False
+        return out
+
+    def _drain(self, table, conv):
+        return self._batch(table, conv, delete=True)
 
     @staticmethod
     def _proc_dict(v, running: dict | None) -> dict:

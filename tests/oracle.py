@@ -581,7 +581,10 @@ def run_valgrind(
     the system libc (the plugin tracing in another process) cannot hit it.
     "auto" (default) does so only when :func:`libc_breakpoints` finds
     int3s in libc; False raises :class:`UprobeInterference` instead.  The
-    copy does not change any fixture's numbers (tested).  Raises
+    copy does not change any fixture's numbers (tested), but the extra
+    ``LD_LIBRARY_PATH`` variable does change the heap use of programs that
+    copy their environment (shells: dash/bash); check
+    :attr:`ValgrindResult.private_libc` if that matters.  Raises
     :class:`UprobeInterference` if a process died of SIGTRAP anyway (e.g.
     probes in another library, or a program that ignores LD_LIBRARY_PATH).
     """

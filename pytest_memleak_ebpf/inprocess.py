@@ -1,0 +1,94 @@
+"""In-process checking helpers: which code in the pytest process is an
+extension module (as opposed to the interpreter, libc, the dynamic loader or
+the plugin's own libraries), and the pymalloc question."""
+
+from __future__ import annotations
+
+import os
+import sys
+import sysconfig
+
+SYSTEM_DIRS = ("/lib/", "/lib64/", "/usr/lib/", "/usr/lib64/", "/usr/local/lib/")
+
+
+def read_maps(path: str = "/proc/self/maps") -> list[tuple[int, int, int, str]]:
+    """Executable file mappings: (start, end, file offset, path)."""
+    out = []
+    try:
+        with open(path) as f:
+            for line in f:
+                parts = line.split(maxsplit=5)
+                if len(parts) < 6 or "x" not in parts[1]:
+                    continue
+                p = parts[5].strip()
+                if not p.startswith("/") or p.endswith("(deleted)"):
+                    continue
+                start, end = (int(x, 16) for x in parts[0].split("-"))
+                out.append((start, end, int(parts[2], 16), p))
+    except OSError:
+        pass
+    return out
+
+
+def mapped_modules() -> frozenset:
+    return frozenset(os.path.realpath(p) for _, _, _, p in read_maps())
+
+
+def locate(maps, ip: int) -> tuple[str, int] | None:
+    for start, end, off, path in maps:
+        if start <= ip < end:
+            return path, ip - start + off
+    return None
+
+
+def is_extension(path: str, own: frozenset = frozenset()) -> bool:
+    """Native code that is not the interpreter, its standard library, the C
+    runtime, the dynamic loader or the plugin's own libraries (BCC, LLVM,
+    capstone). Python extension modules anywhere count; so does any other
+    shared object outside the system library directories (e.g. a project's
+    own library loaded through ctypes)."""
+    real = os.path.realpath(path)
+    if real in own:
+        return False
+    if real == os.path.realpath(sys.executable):
+        return False
+    base = os.path.basename(real)
+    if base.startswith("libpython"):
+        return False
+    dynload = sysconfig.get_config_var("DESTSHARED")
+    if dynload and os.path.dirname(real) == os.path.realpath(dynload):
+        return False
+    pyext = ".cpython-" in base or ".abi3." in base or base.endswith(".pyd")
+    if real.startswith(SYSTEM_DIRS) and "-packages/" not in real and not pyext:
+        return False
+    return True
+
+
+_verdicts: dict[tuple[str, frozenset], bool] = {}
+
+
+def extension_ranges(own: frozenset = frozenset()) -> list[tuple[int, int]]:
+    out = []
+    for s, e, _, p in read_maps():
+        key = (p, own)
+        v = _verdicts.get(key)
+        if v is None:
+            v = _verdicts[key] = is_extension(p, own)
+        if v:
+            out.append((s, e))
+    return out
+
+
+def pymalloc_active() -> bool:
+    """True when small Python objects come from pymalloc arenas (invisible
+    to libc probes) rather than malloc."""
+    if os.environ.get("PYTHONMALLOC", "") in ("malloc", "malloc_debug"):
+        return False
+    try:
+        return sys.getallocatedblocks() > 0
+    except AttributeError:  # pragma: no cover - non-CPython
+        return False
+
+
+def free_threaded() -> bool:
+    return bool(sysconfig.get_config_var("Py_GIL_DISABLED"))
