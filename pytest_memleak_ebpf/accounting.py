@@ -28,6 +28,8 @@ class StackLeak:
     blocks: int
     frames: list[dict]
     captured: bool = True
+    suppressed: bool = False
+    suppression: str | None = None     # the matching pattern
 
 
 @dataclass
@@ -96,6 +98,7 @@ class TestLeakResult:
     incomplete: list[str] = field(default_factory=list)   # counts are not exact
     warnings: list[str] = field(default_factory=list)     # figures exact, detail missing
     in_process: InProcess | None = None
+    suppressions_used: list[dict] = field(default_factory=list)
 
     @property
     def leaking_processes(self) -> list[ProcessLeak]:
@@ -134,6 +137,7 @@ class TestLeakResult:
             "warnings": list(self.warnings),
             "processes": [p.to_json() for p in self.processes],
             "in_process": self.in_process.to_json() if self.in_process else None,
+            "suppressions_used": list(self.suppressions_used),
         }
 
 
@@ -301,4 +305,41 @@ def account(
             f"{lost_events:,} exec/open events were lost (ring buffer full): some frames may not be symbolized"
         )
     result.over_budget = budget.exceeded_by(result.leaked.bytes, result.leaked.blocks)
+    return result
+
+
+def apply_suppressions(result: TestLeakResult, suppressions: Sequence) -> TestLeakResult:
+    """Mark suppressed stacks; `leaked` (process, in-process, total) then
+    excludes them while `outstanding` stays raw. Re-evaluates the budget."""
+    from .suppressions import apply
+
+    if not suppressions:
+        return result
+    summary = apply(result, suppressions)
+    stacks = [s for p in result.processes for s in p.stacks]
+    if result.in_process is not None:
+        stacks += result.in_process.stacks
+    for s in stacks:
+        hit = summary.suppression_for(s)
+        if hit is not None:
+            s.suppressed = True
+            s.suppression = hit.pattern
+    total = Amount()
+    for p, ps in zip(result.processes, summary.processes):
+        p.leaked = Amount(ps.leaked.bytes, ps.leaked.blocks)
+        total.bytes += p.leaked.bytes
+        total.blocks += p.leaked.blocks
+    ip = result.in_process
+    if ip is not None:
+        if summary.in_process_suppressed is not None and not ip.growth:
+            ip.leaked = Amount(max(ip.leaked.bytes - summary.in_process_suppressed.bytes, 0),
+                               max(ip.leaked.blocks - summary.in_process_suppressed.blocks, 0))
+        total.bytes += ip.leaked.bytes
+        total.blocks += ip.leaked.blocks
+    result.leaked = total
+    result.suppressions_used = [
+        {"pattern": u.pattern, "source": u.source, "stacks": u.stacks, "bytes": u.bytes, "blocks": u.blocks}
+        for u in summary.used
+    ]
+    result.over_budget = result.budget.exceeded_by(total.bytes, total.blocks)
     return result

@@ -8,7 +8,7 @@ import os
 import time
 from dataclasses import dataclass, field
 
-from .accounting import TestLeakResult, account, account_in_process
+from .accounting import TestLeakResult, account, account_in_process, apply_suppressions
 from .marks import Budget
 from .report import json_report, write_json_atomic
 
@@ -23,6 +23,8 @@ class Settings:
     on_incomplete: str = "error"          # "error" | "warn"
     in_process: str = "extensions"        # "extensions" | "all" | "off"
     own_modules: frozenset = frozenset()  # modules the plugin itself loaded (never extensions)
+    suppressions: tuple = ()              # default + files (Suppression objects)
+    flamegraph_dir: str | None = None
 
 
 @dataclass
@@ -62,6 +64,7 @@ class LeakEngine:
             ],
         )
         self.json_entries: list[dict] = []
+        self.flamegraphs: list[tuple[str, str]] = []
         self.results: list[TestLeakResult] = []
         self._current: int | None = None
         self.report_seconds = 0.0
@@ -96,6 +99,22 @@ class LeakEngine:
             exe_paths=exe_paths, lost_procs=raw.lost_procs, lost_events=raw.lost_events,
             in_process=in_process,
         )
+        sups = list(self.settings.suppressions)
+        if budget.suppress:
+            from .suppressions import from_patterns
+
+            sups += from_patterns(budget.suppress, source="marker")
+        apply_suppressions(result, sups)
+        if self.settings.flamegraph_dir and (result.over_budget or result.incomplete):
+            from .flamegraph import write_flamegraphs
+
+            skip = {id(st) for p in result.processes for st in p.stacks if st.suppressed}
+            if result.in_process is not None:
+                skip |= {id(st) for st in result.in_process.stacks if st.suppressed}
+            try:
+                self.flamegraphs.append(write_flamegraphs(result, self.settings.flamegraph_dir, skip=skip))
+            except OSError as exc:
+                result.warnings.append(f"could not write the flame graph: {exc}")
         self.report_seconds += time.monotonic() - t0
         self.results.append(result)
         return result

@@ -25,6 +25,7 @@ from xml.sax.saxutils import escape as _xml_escape
 __all__ = ["folded", "frame_label", "parse_folded", "svg", "write_flamegraphs", "safe_file_stem"]
 
 WEIGHTS = ("bytes", "blocks")
+IN_PROCESS_ROOT = "pytest (in-process)"   # root frame of result.in_process stacks
 
 
 # --------------------------------------------------------------------------
@@ -53,14 +54,18 @@ def frame_label(frame: Mapping) -> str:
 def folded(result, *, weight: str = "bytes", skip: Collection[int] = ()) -> str:
     """Folded stacks of a TestLeakResult's leaked blocks, one line per
     distinct stack (identical label sequences are merged), sorted; stacks whose
-    weight is 0 are left out. ``skip``: ids of StackLeak objects to leave out
+    weight is 0 are left out. The root frame is ``comm (pid)``, or
+    ``pytest (in-process)`` for ``result.in_process`` stacks. ``skip``: ids of StackLeak objects to leave out
     (e.g. ``SuppressionSummary.matches``)."""
     if weight not in WEIGHTS:
         raise ValueError(f"weight must be one of {WEIGHTS}, got {weight!r}")
     totals: dict[str, int] = {}
-    for p in result.processes:
-        root = _clean(f"{p.comm} ({p.pid})")
-        for s in p.stacks:
+    owners = [(_clean(f"{p.comm} ({p.pid})"), p.stacks) for p in result.processes]
+    in_process = getattr(result, "in_process", None)
+    if in_process is not None:
+        owners.append((IN_PROCESS_ROOT, in_process.stacks))
+    for root, stacks in owners:
+        for s in stacks:
             if id(s) in skip:
                 continue
             w = s.bytes if weight == "bytes" else s.blocks

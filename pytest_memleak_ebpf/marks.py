@@ -10,13 +10,14 @@ from .sizes import SizeError, format_blocks, format_bytes, parse_count, parse_si
 
 MARKER = "leak_budget"
 MARKER_HELP = (
-    "leak_budget(limit, *, blocks=None, warmup=None, repeat=None): fail the test (with --ebpf-leaks) "
+    "leak_budget(limit, *, blocks=None, warmup=None, repeat=None, suppress=None): fail the test (with --ebpf-leaks) "
     "when it leaks more than `limit` bytes (an int, or a string such as '4 KiB', '1.5 MiB'), or more "
     "than `blocks` blocks, in the processes it launches and (C extensions) in the pytest process; "
     "leak_budget(None) turns the check off for the test; warmup=N, repeat=M run the test body N+M times "
-    "and count only in-process memory that keeps growing per repetition."
+    "and count only in-process memory that keeps growing per repetition; suppress=['leak:pattern', ...] "
+    "adds LSan-style suppressions for the test."
 )
-KNOWN_KEYWORDS = ("blocks", "warmup", "repeat")
+KNOWN_KEYWORDS = ("blocks", "warmup", "repeat", "suppress")
 MAX_REPETITIONS = 10_000
 
 
@@ -32,6 +33,7 @@ class Budget:
     source: str = "default"    # "marker" | "option" | "ini" | "default"
     warmup: int | None = None  # growth mode: runs before measuring
     repeat: int | None = None  # growth mode: measured runs (None: growth mode off)
+    suppress: tuple = ()       # marker's own LSan-style suppressions ("leak:pattern" or "pattern")
 
     @property
     def growth(self) -> bool:
@@ -76,7 +78,7 @@ def budget_from_marker(args: Sequence[Any], kwargs: Mapping[str, Any], default: 
             blocks = parse_count(kwargs["blocks"])
         except SizeError as exc:
             raise MarkerError(f"leak_budget(blocks={kwargs['blocks']!r}): {exc}") from None
-    g = {"warmup": warmup, "repeat": repeat}
+    g = {"warmup": warmup, "repeat": repeat, "suppress": _suppress(kwargs.get("suppress"))}
     if not args:
         return Budget(bytes=None, blocks=blocks, checked=True, source="marker", **g)
     limit = args[0]
@@ -89,6 +91,22 @@ def budget_from_marker(args: Sequence[Any], kwargs: Mapping[str, Any], default: 
     except SizeError as exc:
         raise MarkerError(f"leak_budget({limit!r}): {exc}") from None
     return Budget(bytes=nbytes, blocks=blocks, checked=True, source="marker", **g)
+
+
+def _suppress(value: Any) -> tuple:
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+        raise MarkerError(f"leak_budget(suppress={value!r}): expected a list of patterns such as ['leak:my_cache_init']")
+    from .suppressions import SuppressionError, from_patterns
+
+    try:
+        from_patterns(value)
+    except SuppressionError as exc:
+        raise MarkerError(f"leak_budget(suppress={value!r}): {exc}") from None
+    return tuple(value)
 
 
 def _growth(kwargs: Mapping[str, Any], default: Budget) -> tuple[int | None, int | None]:

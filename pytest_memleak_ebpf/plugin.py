@@ -40,6 +40,14 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--ebpf-leaks-in-process", metavar="extensions|all|off", default=None,
                     help="check the pytest process's own allocations during each test's call: only those whose "
                          "stack passes through an extension module (extensions, default), all, or off")
+    group.addoption("--ebpf-leaks-suppressions", metavar="FILE", action="append", default=None,
+                    help="LSan-style suppression file (leak:<pattern> lines); may be given several times")
+    group.addoption("--ebpf-leaks-no-default-suppressions", action="store_true", default=None,
+                    help="do not suppress the memory glibc, ld.so and libstdc++ keep on purpose until exit")
+    group.addoption("--ebpf-leaks-gen-suppressions", action="store_true", default=None,
+                    help="print ready-to-paste suppressions for every leaking stack at the end of the run")
+    group.addoption("--ebpf-leaks-flamegraph", metavar="DIR", default=None,
+                    help="write folded stacks and an SVG flame graph of leaked bytes per failing test into DIR")
     group.addoption("--ebpf-leaks-warmup", metavar="N", default=None,
                     help="growth mode for all tests: run the test body N times before measuring")
     group.addoption("--ebpf-leaks-repeat", metavar="M", default=None,
@@ -52,6 +60,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addini("ebpf_leaks_max_processes", default="", help="process map capacity")
     parser.addini("ebpf_leaks_on_incomplete", default="error", help="error|warn")
     parser.addini("ebpf_leaks_in_process", default="extensions", help="extensions|all|off")
+    parser.addini("ebpf_leaks_suppressions", type="paths", default=[], help="suppression files")
+    parser.addini("ebpf_leaks_default_suppressions", type="bool", default=True,
+                  help="suppress memory glibc/ld.so/libstdc++ keep until exit (default true)")
+    parser.addini("ebpf_leaks_flamegraph", default="", help="flame graph directory")
     parser.addini("ebpf_leaks_warmup", default="", help="growth mode warmup runs")
     parser.addini("ebpf_leaks_repeat", default="", help="growth mode measured runs")
 
@@ -117,6 +129,22 @@ def _settings(config: pytest.Config):
             raise pytest.UsageError(f"{where}: {value!r} is out of range")
     if growth:
         growth = {"warmup": growth.get("warmup", 1), "repeat": growth.get("repeat", 3)}
+    from .suppressions import DEFAULT_SUPPRESSIONS, SuppressionError, load_suppression_files
+
+    sup_files = config.getoption("ebpf_leaks_suppressions") or [str(p) for p in config.getini("ebpf_leaks_suppressions")]
+    try:
+        sups = list(load_suppression_files(sup_files))
+    except SuppressionError as exc:
+        raise pytest.UsageError(f"--ebpf-leaks-suppressions: {exc}") from None
+    no_defaults = config.getoption("ebpf_leaks_no_default_suppressions")
+    if no_defaults is None:
+        no_defaults = not config.getini("ebpf_leaks_default_suppressions")
+    if not no_defaults:
+        sups = list(DEFAULT_SUPPRESSIONS) + sups
+    flame, where = _opt(config, "ebpf_leaks_flamegraph")
+    flame = flame or None
+    if flame and os.path.exists(flame) and not os.path.isdir(flame):
+        raise pytest.UsageError(f"{where}: {flame!r} exists and is not a directory")
     json_path, where = _opt(config, "ebpf_leaks_json")
     json_path = json_path or None
     if json_path:
@@ -127,6 +155,8 @@ def _settings(config: pytest.Config):
         default_budget=Budget(bytes=size("ebpf_leaks_budget", "0"), blocks=None, checked=True, source="option",
                               warmup=growth.get("warmup"), repeat=growth.get("repeat")),
         in_process=in_process,
+        suppressions=tuple(sups),
+        flamegraph_dir=flame,
         json_path=json_path,
         max_blocks=capacity("ebpf_leaks_max_blocks", 1 << 20),
         max_stacks=capacity("ebpf_leaks_max_stacks", 1 << 15),
@@ -375,6 +405,16 @@ class LeakChecker:
         path = self.engine.settings.json_path
         if path:
             tr.write_line(f"JSON leak report: {path}")
+        for folded, svg in self.engine.flamegraphs:
+            tr.write_line(f"flame graph: {svg} (folded stacks: {folded})")
+        if config.getoption("ebpf_leaks_gen_suppressions"):
+            from .suppressions import gen_suppressions
+
+            leaking = [r for r in self.engine.results if r.leaked.blocks]
+            tr.write_sep("-", "suggested suppressions (review before use)")
+            text = gen_suppressions(leaking) if leaking else "# no leaking stacks"
+            for line in text.splitlines():
+                tr.write_line(line)
 
     def pytest_sessionfinish(self, session, exitstatus) -> None:
         try:

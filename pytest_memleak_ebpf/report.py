@@ -65,10 +65,10 @@ def process_table(result: TestLeakResult) -> list[str]:
 
 def top_stacks(result: TestLeakResult, *, max_stacks: int = 10, max_frames: int = 16) -> list[str]:
     entries: list[tuple[StackLeak, object]] = [
-        (s, p) for p in result.processes for s in p.stacks
+        (s, p) for p in result.processes for s in p.stacks if not s.suppressed
     ]
     if result.in_process is not None:
-        entries += [(s, None) for s in result.in_process.stacks]
+        entries += [(s, None) for s in result.in_process.stacks if not s.suppressed]
     entries.sort(key=lambda e: (-e[0].bytes, -e[0].blocks))
     lines = []
     truncated_hint = False
@@ -119,6 +119,11 @@ def failure_text(result: TestLeakResult, *, headline: str | None = None) -> str:
     if result.leaked.blocks:
         lines += ["", "Top leaking stacks (largest first):"]
         lines += top_stacks(result)
+    if result.suppressions_used:
+        lines += ["", "Suppressions used:"]
+        for u in result.suppressions_used:
+            lines.append(f"  {u['stacks']:>5,} stacks {format_bytes(u['bytes']):>12} in {format_blocks(u['blocks'])}: "
+                         f"leak:{u['pattern']} ({u['source']})")
     for w in result.incomplete:
         lines.append(f"INCOMPLETE: {w}")
     for w in result.warnings:

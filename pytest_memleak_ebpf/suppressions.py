@@ -602,7 +602,8 @@ class SuppressionSummary:
     processes: list[ProcessSuppression]       # aligned with result.processes
     leaked: object                            # Amount, all processes
     suppressed: object                        # Amount, all processes
-    used: list[SuppressionUse]                # largest first
+    used: list[SuppressionUse]                # largest first (processes and in-process stacks)
+    in_process_suppressed: object = None      # Amount of result.in_process stacks hidden, None without in_process
 
     def suppression_for(self, stack) -> Suppression | None:
         return self.matches.get(id(stack))
@@ -629,7 +630,11 @@ def apply(result, suppressions: Sequence[Suppression]) -> SuppressionSummary:
 
     A process's leaked amount is its outstanding amount minus its suppressed
     stacks (stacks not listed in ``process.stacks``, e.g. beyond a stack limit,
-    are never suppressed). Stacks that were not captured never match."""
+    are never suppressed). Stacks that were not captured never match.
+    Stacks of ``result.in_process`` (the pytest process's own blocks), when
+    present, are matched too (``matches``, ``used``, ``in_process_suppressed``);
+    what they mean for its budget figure (mode filter, growth) is left to the
+    caller, and they are not in ``leaked``/``suppressed``."""
     matcher = _Matcher(suppressions)
     matches: dict[int, Suppression] = {}
     per_use: dict[Suppression, list[int]] = {}
@@ -637,24 +642,29 @@ def apply(result, suppressions: Sequence[Suppression]) -> SuppressionSummary:
     procs = []
     total_leaked = _amount()
     total_supp = _amount()
+
+    def note(s) -> Suppression | None:
+        if not getattr(s, "captured", True):
+            return None
+        hit = matcher(s.frames)
+        if hit is None:
+            return None
+        matches[id(s)] = hit
+        if hit not in per_use:
+            per_use[hit] = [0, 0, 0]
+            order.append(hit)
+        u = per_use[hit]
+        u[0] += 1
+        u[1] += s.bytes
+        u[2] += s.blocks
+        return hit
+
     for p in result.processes:
         supp = _amount()
         for s in p.stacks:
-            if not getattr(s, "captured", True):
-                continue
-            hit = matcher(s.frames)
-            if hit is None:
-                continue
-            matches[id(s)] = hit
-            supp.bytes += s.bytes
-            supp.blocks += s.blocks
-            if hit not in per_use:
-                per_use[hit] = [0, 0, 0]
-                order.append(hit)
-            u = per_use[hit]
-            u[0] += 1
-            u[1] += s.bytes
-            u[2] += s.blocks
+            if note(s) is not None:
+                supp.bytes += s.bytes
+                supp.blocks += s.blocks
         out = p.outstanding
         leaked = _amount(max(out.bytes - supp.bytes, 0), max(out.blocks - supp.blocks, 0))
         procs.append(ProcessSuppression(p.pid, p.comm, _amount(out.bytes, out.blocks), supp, leaked))
@@ -662,9 +672,18 @@ def apply(result, suppressions: Sequence[Suppression]) -> SuppressionSummary:
         total_leaked.blocks += leaked.blocks
         total_supp.bytes += supp.bytes
         total_supp.blocks += supp.blocks
+    in_process = getattr(result, "in_process", None)
+    ip_supp = None
+    if in_process is not None:
+        ip_supp = _amount()
+        for s in in_process.stacks:
+            hit = note(s)
+            if hit is not None:
+                ip_supp.bytes += s.bytes
+                ip_supp.blocks += s.blocks
     used = [SuppressionUse(per_use[s][0], per_use[s][1], per_use[s][2], s.pattern, s.source) for s in order]
     used.sort(key=lambda u: (-u.bytes, -u.blocks, -u.stacks))
-    return SuppressionSummary(matches, procs, total_leaked, total_supp, used)
+    return SuppressionSummary(matches, procs, total_leaked, total_supp, used, ip_supp)
 
 
 # --------------------------------------------------------------------------
@@ -672,8 +691,10 @@ def apply(result, suppressions: Sequence[Suppression]) -> SuppressionSummary:
 # --------------------------------------------------------------------------
 
 # Runtime libraries whose frames are never good suppression targets: naming
-# malloc's wrapper (operator new, strdup) would hide every leak made through it.
-_RUNTIME = _LIBC + _LDSO + _LIBSTDCXX + ("libgcc_s.so*", "libm.so*", "libpthread.so*", "libdl.so*")
+# malloc's wrapper (operator new, strdup) would hide every leak made through
+# it, naming the interpreter's eval loop every in-process leak.
+_RUNTIME = _LIBC + _LDSO + _LIBSTDCXX + ("libgcc_s.so*", "libm.so*", "libpthread.so*", "libdl.so*",
+                                         "python", "python[23]*", "libpython*.so*")
 
 
 def _literal(name: str) -> str:
@@ -715,7 +736,8 @@ def gen_suppressions(results, summary: SuppressionSummary | None = None) -> str:
     pattern, each after a comment giving bytes/blocks and the test(s).
 
     The entry names the innermost frame with a function name that is not in
-    the C/C++ runtime (libc, ld.so, libstdc++, libgcc_s) and is not an entry
+    the C/C++ runtime (libc, ld.so, libstdc++, libgcc_s) or the Python
+    interpreter (python3.X, libpython) and is not an entry
     point (main, start_thread, ...): an exact ``^function$``. Without one, the
     innermost unnamed frame's module, as ``/basename$`` (that file in any
     directory), unless it is the process's executable. Stacks with neither get
@@ -727,15 +749,19 @@ def gen_suppressions(results, summary: SuppressionSummary | None = None) -> str:
     orphans: list[str] = []
     matched = summary.matches if summary is not None else {}
     for r in results:
-        for p in r.processes:
+        owners = [(p, f"pid {p.pid} ({p.comm})", p.exe) for p in r.processes]
+        in_process = getattr(r, "in_process", None)
+        if in_process is not None:
+            owners.append((in_process, "the pytest process (in-process)", None))
+        for p, who, exe in owners:
             for s in p.stacks:
                 if id(s) in matched or not (s.blocks or s.bytes):
                     continue
-                where = f"pid {p.pid} ({p.comm}) in {r.nodeid}"
+                where = f"{who} in {r.nodeid}"
                 if not getattr(s, "captured", True):
                     orphans.append(f"# {s.bytes:,} B in {s.blocks:,} block(s) by {where}: stack not captured")
                     continue
-                pattern, what = _target(s.frames, p.exe)
+                pattern, what = _target(s.frames, exe)
                 if pattern is None:
                     inner = s.frames[0] if s.frames else {}
                     label = inner.get("function") or f"[unknown] ({inner.get('module') or '?'})"
@@ -751,11 +777,15 @@ def gen_suppressions(results, summary: SuppressionSummary | None = None) -> str:
                 if r.nodeid not in e[3]:
                     e[3].append(r.nodeid)
     lines: list[str] = []
+
+    def one_line(text: str) -> str:  # a comment must not spill onto the next line
+        return re.sub(r"[\x00-\x1f\x7f]", " ", text)
+
     for pattern, (nbytes, nblocks, nstacks, tests, what) in sorted(
             entries.items(), key=lambda kv: (-kv[1][0], -kv[1][1], kv[0])):
         t = tests[0] + (f" and {len(tests) - 1} more test(s)" if len(tests) > 1 else "")
         stacks = f" from {nstacks} stacks" if nstacks > 1 else ""
-        lines.append(f"# {nbytes:,} B in {nblocks:,} block(s){stacks} leaked in {t}; {what}")
+        lines.append(one_line(f"# {nbytes:,} B in {nblocks:,} block(s){stacks} leaked in {t}; {what}"))
         lines.append(f"leak:{pattern}")
-    lines.extend(orphans)
+    lines.extend(one_line(o) for o in orphans)
     return "\n".join(lines) + ("\n" if lines else "")

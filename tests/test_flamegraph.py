@@ -243,3 +243,14 @@ def test_write_flamegraphs(tmp_path):
     assert write_flamegraphs(r, out, weight="blocks") == (folded_path, svg_path)
     with open(folded_path, encoding="utf-8") as f:
         assert f.read() == folded(r, weight="blocks")
+
+
+def test_folded_includes_in_process_stacks():
+    InProcess = getattr(accounting, "InProcess", None)
+    if InProcess is None:
+        pytest.skip("no in-process results in this version")
+    r = sample()
+    r.in_process = InProcess(mode="extensions", outstanding=Amount(48, 3), leaked=Amount(48, 3),
+                             allocated=Amount(48, 3),
+                             stacks=[StackLeak(48, 3, [fr("kvext_parse", "/w/kvext.so"), fr("PyObject_Call", None)])])
+    assert folded(r).splitlines() == sorted(EXPECTED_BYTES.splitlines() + ["pytest (in-process);PyObject_Call;kvext_parse 48"])

@@ -609,3 +609,45 @@ def test_gen_suppressions_merges_across_stacks_and_tests():
         "leak:^leaky$\n"
     )
     assert gen_suppressions(result("t.py::c", process(3, []))) == ""
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.tuples(st.text(max_size=12), st.sampled_from([APP, "/opt/x/lib$odd.so", LIBC, None]),
+                          st.integers(0, 100)), max_size=6),
+       st.text(max_size=20))
+def test_generated_suppressions_always_parse_and_hide_their_stacks(items, nodeid):
+    stacks = [leak(n, 1, [fr(fn or None, mod), fr("main", APP)]) for fn, mod, n in items]
+    r = result(nodeid, process(7, stacks, exe=APP))
+    text = gen_suppressions(r)
+    generated = parse_suppressions(text, "gen.supp")         # never a SuppressionError
+    assert len(generated) == len({s.pattern for s in generated})
+    summary = apply(r, generated)
+    for s in stacks:
+        entry_for_it = any(line.startswith("leak:") for line in gen_suppressions(
+            result(nodeid, process(7, [s], exe=APP))).splitlines())
+        if entry_for_it:
+            assert summary.is_suppressed(s)
+
+
+def test_in_process_stacks_are_matched_and_get_entries():
+    InProcess = getattr(accounting, "InProcess", None)
+    if InProcess is None:
+        pytest.skip("no in-process results in this version")
+    ext = "/w/build/kvext.cpython-311-x86_64-linux-gnu.so"
+    ip_stacks = [leak(4096, 1, [fr("_IO_file_doallocate", LIBC)]),
+                 leak(48, 3, [fr("kvext_parse", ext), fr("_PyEval_EvalFrameDefault", "/usr/bin/python3.11")]),
+                 leak(8, 1, [fr(None, ext), fr("_PyEval_EvalFrameDefault", "/usr/bin/python3.11")]),
+                 leak(5, 1, [fr("strdup", LIBC), fr("PyObject_Call", "/usr/lib/libpython3.11.so.1.0")])]
+    r = _sample_result()
+    r.in_process = InProcess(mode="extensions", outstanding=Amount(4157, 6), leaked=Amount(4157, 6),
+                             allocated=Amount(9000, 9), stacks=ip_stacks)
+    summary = apply(r, DEFAULT_SUPPRESSIONS)
+    assert summary.is_suppressed(ip_stacks[0]) and not summary.is_suppressed(ip_stacks[1])
+    assert summary.in_process_suppressed == Amount(4096, 1)
+    assert summary.suppressed == Amount(4096 + 160 + 4096, 5)        # processes only
+    assert summary.used[0].stacks == 3 and summary.used[0].bytes == 3 * 4096
+    text = gen_suppressions(r, summary)
+    assert "leak:^kvext_parse$" in text and "leak:/kvext.cpython-311-x86_64-linux-gnu.so$" in text
+    assert "_PyEval" not in text and "PyObject_Call" not in text        # the interpreter is never an entry
+    assert "# 5 B in 1 block(s) by the pytest process (in-process) in tests/test_kv.py::test_dump[a/b]: " in text
+    assert apply(_sample_result(), DEFAULT_SUPPRESSIONS).in_process_suppressed is None

@@ -1,0 +1,120 @@
+"""End-to-end: in-process leak checking of C extension modules (the pytest
+process itself), with real eBPF. Exact figures from a fixture extension that
+leaks a known number of blocks of a known size per call."""
+
+import importlib.util
+import json
+import os
+
+import pytest
+
+pytestmark = pytest.mark.ebpf
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _load(name, path):
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def leakext(tmp_path_factory):
+    build = _load("leakext_build", os.path.join(HERE, "fixtures", "ext", "build.py"))
+    expected = _load("leakext_expected", os.path.join(HERE, "fixtures", "ext", "expected.py"))
+    moddir = build.build_leakext(tmp_path_factory.mktemp("leakext"))
+    return str(moddir), expected
+
+
+def test_extension_leaks_are_exact(pytester, run_plugin, leakext):
+    moddir, expected = leakext
+    obj = expected.BYTES_OBJECT_SIZE
+    pytester.makeconftest(f"import sys; sys.path.insert(0, {moddir!r})")
+    pytester.makepyfile(test_ext="""
+        import pytest, leakext
+        def test_clean():
+            leakext.clean(100)
+        def test_raw_malloc():
+            leakext.leak(3, 1000)
+        def test_objects():
+            leakext.leak_objects(7)
+        @pytest.mark.leak_budget("1 MiB")
+        def test_within_budget():
+            leakext.leak(2, 64)
+        def test_python_objects_are_not_extension_leaks():
+            test_python_objects_are_not_extension_leaks.keep = [bytes(100) for _ in range(50)]
+        @pytest.mark.leak_budget(0, warmup=1, repeat=3)
+        def test_first_call_cache_passes_in_growth_mode():
+            leakext.cache_once()
+        @pytest.mark.leak_budget(0, warmup=1, repeat=4)
+        def test_growth_mode_per_repetition():
+            leakext.leak(2, 48)
+    """)
+    junit = pytester.path / "junit.xml"
+    result, doc = run_plugin(f"--junitxml={junit}")
+    out = result.stdout.str()
+    assert "ebpf-leaks: in-process checking: extensions" in out
+    assert "PYTHONMALLOC=malloc" in out
+    tests = {t["nodeid"].split("::")[-1]: t for t in doc["tests"]}
+    ip = {name: t["in_process"] for name, t in tests.items()}
+    assert ip["test_clean"]["leaked"] == {"bytes": 0, "blocks": 0}
+    assert ip["test_raw_malloc"]["leaked"] == {"bytes": 3000, "blocks": 3}
+    assert ip["test_objects"]["leaked"] == {"bytes": 7 * obj, "blocks": 7}
+    assert ip["test_within_budget"]["leaked"] == {"bytes": 128, "blocks": 2}
+    assert ip["test_python_objects_are_not_extension_leaks"]["leaked"] == {"bytes": 0, "blocks": 0}
+    assert ip["test_python_objects_are_not_extension_leaks"]["outstanding"]["blocks"] >= 50
+    assert ip["test_first_call_cache_passes_in_growth_mode"]["leaked"] == {"bytes": 0, "blocks": 0}
+    g = ip["test_growth_mode_per_repetition"]
+    assert g["growth"]["deltas"] == [{"bytes": 96, "blocks": 2}] * 4 and g["growth"]["growing"] is True
+    assert g["leaked"] == {"bytes": 96, "blocks": 2}
+    outcomes = {n: t["outcome"] for n, t in tests.items()}
+    assert outcomes == {
+        "test_clean": "passed", "test_raw_malloc": "failed", "test_objects": "failed",
+        "test_within_budget": "passed", "test_python_objects_are_not_extension_leaks": "passed",
+        "test_first_call_cache_passes_in_growth_mode": "passed",
+        "test_growth_mode_per_repetition": "failed",
+    }
+    assert "leak budget exceeded: 3,000 B in 3 blocks leaked in-process (3,000 B) (budget 0 B)" in out
+    # the leaking function is named, found on the stack above the interpreter
+    raw = ip["test_raw_malloc"]["stacks"][0]
+    assert raw["bytes"] == 3000 and any(f["function"] == "leak" and f["module"].endswith(".so") for f in raw["frames"])
+    objs = ip["test_objects"]["stacks"][0]
+    assert any(f["function"] == "leak_objects" for f in objs["frames"])
+    assert "growth per repetition: +96 B/2, +96 B/2, +96 B/2, +96 B/2 -> keeps growing" in out
+    # the version-1 fields are unchanged and leaked totals include in-process
+    assert tests["test_objects"]["leaked"] == {"bytes": 7 * obj, "blocks": 7}
+    assert tests["test_objects"]["processes"] == []
+
+
+def test_cache_fails_without_growth_mode(pytester, run_plugin, leakext):
+    moddir, expected = leakext
+    pytester.makeconftest(f"import sys; sys.path.insert(0, {moddir!r})")
+    pytester.makepyfile(test_cache="""
+        import leakext
+        def test_cache():
+            leakext.cache_once()
+    """)
+    result, doc = run_plugin()
+    (t,) = doc["tests"]
+    assert t["outcome"] == "failed" and t["in_process"]["leaked"]["blocks"] == 1
+    assert t["in_process"]["leaked"]["bytes"] == expected.CACHE_BYTES
+
+
+def test_in_process_off_and_all(pytester, run_plugin, leakext):
+    moddir, _ = leakext
+    pytester.makeconftest(f"import sys; sys.path.insert(0, {moddir!r})")
+    pytester.makepyfile(test_x="""
+        import leakext
+        def test_leak():
+            leakext.leak(1, 10)
+    """)
+    result, doc = run_plugin("--ebpf-leaks-in-process=off")
+    assert doc["tests"][0]["in_process"] is None and doc["tests"][0]["outcome"] == "passed"
+    result, doc = run_plugin("--ebpf-leaks-in-process=all", "--ebpf-leaks-budget=1 MiB")
+    t = doc["tests"][0]
+    assert t["in_process"]["mode"] == "all" and t["in_process"]["leaked"]["bytes"] >= 10
+    result = pytester.runpytest_subprocess("--ebpf-leaks", "--ebpf-leaks-in-process=some")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    assert "--ebpf-leaks-in-process: 'some' is not one of extensions, all, off" in result.stderr.str()
