@@ -24,7 +24,7 @@ $(STAMP): pyproject.toml
 venv: $(STAMP)
 
 demo: setup
-	@$(MAKE) -s -C example_project
+	@$(MAKE) -s -C example_project PYTHON=$(abspath $(PY))
 	@echo "== pytest --ebpf-leaks on example_project (one test is over its budget on purpose)"
 	@cd example_project && ../$(PY) -m pytest --ebpf-leaks --junitxml=build/junit.xml \
 	    --ebpf-leaks-json=build/leaks.json -p no:cacheprovider; rc=$$?; \
