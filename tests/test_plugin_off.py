@@ -18,7 +18,7 @@ def test_marker_registered_without_the_option(pytester):
     result = pytester.runpytest_subprocess("--strict-markers", "-p", "no:cacheprovider")
     result.assert_outcomes(passed=1)
     result = pytester.runpytest_subprocess("--markers")
-    assert "@pytest.mark.leak_budget(limit, *, blocks=None, warmup=None, repeat=None):" in result.stdout.str()
+    assert "@pytest.mark.leak_budget(limit, *, blocks=None, warmup=None, repeat=None, suppress=None):" in result.stdout.str()
 
 
 def test_nothing_loaded_when_off(pytester):
