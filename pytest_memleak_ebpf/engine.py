@@ -25,6 +25,7 @@ class Settings:
     own_modules: frozenset = frozenset()  # modules the plugin itself loaded (never extensions)
     suppressions: tuple = ()              # default + files (Suppression objects)
     flamegraph_dir: str | None = None
+    wait: float = 0.0
 
 
 @dataclass
@@ -191,8 +192,16 @@ class LeakEngine:
 
     # -- session ------------------------------------------------------------
 
-    def record_json(self, result: TestLeakResult, outcome: str) -> None:
-        self.json_entries.append(result.to_json(outcome))
+    def wait_for_processes(self, seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline and self.tracer.running(self._current):
+            time.sleep(0.01)
+
+    def record_json(self, result: TestLeakResult, outcome: str, *, interrupted: bool = False) -> None:
+        entry = result.to_json(outcome)
+        if interrupted:
+            entry["interrupted"] = True
+        self.json_entries.append(entry)
 
     def write_json(self) -> str | None:
         path = self.settings.json_path

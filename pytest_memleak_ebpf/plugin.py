@@ -48,6 +48,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="print ready-to-paste suppressions for every leaking stack at the end of the run")
     group.addoption("--ebpf-leaks-flamegraph", metavar="DIR", default=None,
                     help="write folded stacks and an SVG flame graph of leaked bytes per failing test into DIR")
+    group.addoption("--ebpf-leaks-wait", metavar="SECONDS", default=None,
+                    help="at the end of a test, wait up to SECONDS for the processes it launched to exit")
     group.addoption("--ebpf-leaks-warmup", metavar="N", default=None,
                     help="growth mode for all tests: run the test body N times before measuring")
     group.addoption("--ebpf-leaks-repeat", metavar="M", default=None,
@@ -64,6 +66,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addini("ebpf_leaks_default_suppressions", type="bool", default=True,
                   help="suppress memory glibc/ld.so/libstdc++ keep until exit (default true)")
     parser.addini("ebpf_leaks_flamegraph", default="", help="flame graph directory")
+    parser.addini("ebpf_leaks_wait", default="", help="seconds to wait for a test's processes to exit")
     parser.addini("ebpf_leaks_warmup", default="", help="growth mode warmup runs")
     parser.addini("ebpf_leaks_repeat", default="", help="growth mode measured runs")
 
@@ -145,6 +148,18 @@ def _settings(config: pytest.Config):
     flame = flame or None
     if flame and os.path.exists(flame) and not os.path.isdir(flame):
         raise pytest.UsageError(f"{where}: {flame!r} exists and is not a directory")
+    wait, where = _opt(config, "ebpf_leaks_wait")
+    if wait in (None, ""):
+        wait = 0.0
+    else:
+        import math
+
+        try:
+            wait = float(wait)
+        except (TypeError, ValueError):
+            raise pytest.UsageError(f"{where}: {wait!r} is not a number of seconds") from None
+        if not math.isfinite(wait) or wait < 0 or wait > 3600:
+            raise pytest.UsageError(f"{where}: {wait!r} must be from 0 to 3600 seconds")
     json_path, where = _opt(config, "ebpf_leaks_json")
     json_path = json_path or None
     if json_path:
@@ -156,6 +171,7 @@ def _settings(config: pytest.Config):
                               warmup=growth.get("warmup"), repeat=growth.get("repeat")),
         in_process=in_process,
         suppressions=tuple(sups),
+        wait=wait,
         flamegraph_dir=flame,
         json_path=json_path,
         max_blocks=capacity("ebpf_leaks_max_blocks", 1 << 20),
@@ -331,6 +347,8 @@ class LeakChecker:
             return
         if call.when == "call" or (call.when == "setup" and report.outcome != "passed"):
             budget = item.stash.get(budget_key, self.engine.settings.default_budget)
+            if self.engine.settings.wait:
+                self.engine.wait_for_processes(self.engine.settings.wait)
             result = self.engine.finish(item.nodeid, budget)
             item.stash[result_key] = result
             self._apply(item, report, result)
@@ -380,14 +398,27 @@ class LeakChecker:
                 reports.append(report)
 
         self._collector = collect
-        try:
-            yield
-        finally:
-            self._collector = None
-            self.engine.abandon()
+        outcome = yield
+        self._collector = None
+        if self.engine.active():
+            # the test never reached its call report: interrupted (Ctrl-C, a
+            # timeout plugin) or crashed. Report what its processes leaked so far.
+            budget = item.stash.get(budget_key, self.engine.settings.default_budget)
+            if not isinstance(budget, Budget):
+                budget = self.engine.settings.default_budget
+            try:
+                result = self.engine.finish(item.nodeid, budget)
+                result.warnings.append("the test was interrupted: these are the figures so far")
+                item.stash[result_key] = result
+                tw = self.config.get_terminal_writer()
+                tw.line(f"\nebpf-leaks: {item.nodeid} was interrupted; so far: "
+                        f"{result.leaked.bytes:,} B in {result.leaked.blocks:,} blocks leaked", yellow=True)
+            except Exception:
+                self.engine.abandon()
         result = item.stash.get(result_key, None)
         if result is not None:
-            self.engine.record_json(result, _outcome(reports))
+            entry_outcome = _outcome(reports) if outcome.excinfo is None else "error"
+            self.engine.record_json(result, entry_outcome, interrupted=outcome.excinfo is not None)
 
     def pytest_terminal_summary(self, terminalreporter, exitstatus, config) -> None:
         from .report import summary_lines

@@ -341,6 +341,14 @@ class Tracer:
     def _read_counters(self) -> list[int]:
         return [int(v.value) for v in self._counters.values()]
 
+    def running(self, test_id: int | None) -> int:
+        """How many processes of the test are still alive."""
+        if not test_id:
+            return 0
+        with self._lock:
+            return sum(1 for _, v in self._tracked.items()
+                       if not int(v.flags) & TF_ROOT and int(v.test_id) == test_id)
+
     def end_test(self, test_id: int) -> RawTest:
         """Stop attributing new processes to the test and collect its records.
 
