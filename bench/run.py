@@ -72,6 +72,7 @@ REFERENCE = {
     "churn valgrind": "≈1.1 µs/pair + 0.3 s start-up", "sqlite3 baseline": "0.13 s", "sqlite3 valgrind": "4.65 s",
 }
 
+PYTEST_BUDGET_S = 240.0  # section 3 stops after the round that would take it past this (always >= 1 round)
 SLOW_RUN_S = 3.0         # a case whose first run takes longer gets `slow_runs` runs instead of `runs`
 GATE_WAIT_S = 30.0       # per run: wait this long for other sessions' uprobes to go away
 GATE_TOTAL_S = 240.0     # over the whole benchmark
@@ -107,47 +108,138 @@ def loadavg() -> float:
         return -1.0
 
 
+def count_foreign_uprobes(root: int) -> int:
+    """Uprobes held (per `bpftool perf list`) by processes other than `root` and its descendants."""
+    try:
+        p = subprocess.run(["bpftool", "-j", "perf", "list"], capture_output=True, text=True, timeout=10)
+        items = json.loads(p.stdout or "[]")
+    except Exception:
+        return 0
+
+    def ours(pid: int) -> bool:
+        for _ in range(64):
+            if pid == root:
+                return True
+            if pid <= 1:
+                return False
+            try:
+                with open(f"/proc/{pid}/stat") as fh:
+                    pid = int(fh.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                return False
+        return False
+
+    probes = [it for it in items if it.get("fd_type") in ("uprobe", "uretprobe")]
+    foreign = {pid for pid in {it.get("pid") for it in probes} if isinstance(pid, int) and not ours(pid)}
+    return sum(1 for it in probes if it.get("pid") in foreign)
+
+
+def gate_watcher(root: int) -> int:
+    """`run.py --gate-watcher PID`: print the foreign-uprobe count every POLL_S until stdin closes."""
+    import select
+    while True:
+        try:
+            print(count_foreign_uprobes(root), flush=True)
+        except BrokenPipeError:
+            return 0
+        r, _, _ = select.select([sys.stdin], [], [], Gate.POLL_S)
+        if r and not sys.stdin.buffer.read1(64):
+            return 0
+
+
 class Gate:
     """Other sessions on this machine may load their own uprobes on libc (their
     test suites load the tracer): those slow every process down, ours included,
     and make valgrind die of SIGTRAP (it executes the int3 the kernel planted).
-    Before each timed run we wait for them to go away and record when we could not."""
+    A watcher process polls `bpftool perf list`; each timed run (see `gated`)
+    waits for foreign uprobes to go away first, and a run during which some
+    appeared is thrown away and redone (twice at most).
+
+    The watcher is started before any tracer is loaded, so neither it nor the
+    bpftool processes it runs are ever tracked as a test's processes."""
+
+    POLL_S = 0.5
 
     def __init__(self):
         self.waited = 0.0
         self.runs = 0
+        self.retried = 0
         self.dirty_runs = 0
         self.max_foreign = 0
-        self.available = shutil.which("bpftool") is not None
-        self.ignore_pids: set[int] = set()
+        self.available = False
+        self.latest = 0
+        self._seen = 0
+        self._active = False
+        self._proc = None
 
-    def foreign(self) -> int:
-        if not self.available:
-            return 0
-        try:
-            p = subprocess.run(["bpftool", "-j", "perf", "list"], capture_output=True, text=True, timeout=10)
-            items = json.loads(p.stdout or "[]")
-        except Exception:
-            return 0
-        me = {os.getpid()} | self.ignore_pids
-        return sum(1 for it in items if it.get("fd_type") in ("uprobe", "uretprobe") and it.get("pid") not in me)
+    def start(self) -> None:
+        if shutil.which("bpftool") is None:
+            return
+        self._proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--gate-watcher",
+                                       str(os.getpid())], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        first = self._proc.stdout.readline()
+        if not first.strip().isdigit():
+            return
+        self.latest = int(first)
+        self.available = True
+        threading.Thread(target=self._read, name="bench-gate", daemon=True).start()
 
-    def wait(self) -> int:
-        self.runs += 1
-        n = self.foreign()
+    def _read(self) -> None:
+        for line in self._proc.stdout:
+            try:
+                self.latest = int(line)
+            except ValueError:
+                continue
+            if self._active:
+                self._seen = max(self._seen, self.latest)
+
+    def stop(self) -> None:
+        if self._proc is not None:
+            with contextlib.suppress(Exception):
+                self._proc.stdin.close()
+                self._proc.wait(timeout=5)
+            if self._proc.poll() is None:
+                self._proc.kill()
+
+    def wait(self) -> None:
         t0 = time.monotonic()
-        while n and time.monotonic() - t0 < GATE_WAIT_S and self.waited < GATE_TOTAL_S:
-            time.sleep(0.5)
-            self.waited += 0.5
-            n = self.foreign()
-        if n:
-            self.dirty_runs += 1
-            self.max_foreign = max(self.max_foreign, n)
-        return n
+        while self.latest and time.monotonic() - t0 < GATE_WAIT_S and self.waited < GATE_TOTAL_S:
+            time.sleep(0.25)
+            self.waited += 0.25
+
+    def begin(self) -> None:
+        self._seen = self.latest
+        self._active = True
+
+    def end(self) -> int:
+        self._active = False
+        return max(self._seen, self.latest)
 
     def as_dict(self) -> dict:
-        return {"checked": self.available, "timed_runs": self.runs, "runs_with_foreign_uprobes": self.dirty_runs,
-                "max_foreign_uprobes": self.max_foreign, "seconds_waited": round(self.waited, 1)}
+        return {"checked": self.available, "timed_runs": self.runs, "runs_redone": self.retried,
+                "runs_with_foreign_uprobes": self.dirty_runs, "max_foreign_uprobes": self.max_foreign,
+                "seconds_waited": round(self.waited, 1)}
+
+
+def gated(fn, retries: int = 2):
+    """Run fn() as one timed run, free of other sessions' uprobes if possible."""
+    for attempt in range(retries + 1):
+        GATE.wait()
+        GATE.begin()
+        try:
+            r = fn()
+        finally:
+            n = GATE.end()
+        if not n:
+            break
+        if attempt < retries:
+            GATE.retried += 1
+            log(f"other sessions' uprobes appeared during a run ({n}): redoing it")
+        else:
+            GATE.dirty_runs += 1
+            GATE.max_foreign = max(GATE.max_foreign, n)
+    GATE.runs += 1
+    return r
 
 
 GATE = Gate()
@@ -383,8 +475,7 @@ def traced_run(tracer, fn, comm: str | None = None, min_allocs: int = 1):
 
 
 def churn_traced(tracer, churn: Path, n: int) -> tuple[tuple[float, float, float], float, dict]:
-    GATE.wait()
-    r, raw, end_s = traced_run(tracer, lambda: churn_once(churn, n), comm="churn", min_allocs=n)
+    r, raw, end_s = gated(lambda: traced_run(tracer, lambda: churn_once(churn, n), comm="churn", min_allocs=n))
     p = [p for p in raw.processes if p["comm"] == "churn"][0]
     lost = {k: p[k] for k in ("lost_blocks", "lost_handoffs", "lost_stacks")}
     return r, end_s, lost
@@ -424,7 +515,6 @@ def churn_memleak(churn: Path, n: int) -> dict:
     tool = shutil.which("memleak-bpfcc") or shutil.which("memleak")
     if not tool:
         raise BenchError("memleak-bpfcc is missing (bench/setup.sh installs bpfcc-tools)")
-    GATE.wait()
     fd, path = tempfile.mkstemp(dir=OUT, prefix="churn-", suffix=".ns")
     os.close(fd)
     c = subprocess.Popen([str(churn), str(n), "-w", "-o", path], stdin=subprocess.PIPE,
@@ -490,8 +580,7 @@ def bench_churn(cfg: dict, res: dict) -> None:
     def plain(prefix=()):
         runs = []
         for _ in range(R):
-            GATE.wait()
-            runs.append(churn_once(churn, n, prefix))
+            runs.append(gated(lambda: churn_once(churn, n, prefix)))
         return runs
 
     # (a) baseline
@@ -549,7 +638,7 @@ def bench_churn(cfg: dict, res: dict) -> None:
     runs, attach, teardown = [], [], []
     try:
         for _ in range(cfg["slow_runs"]):
-            r = churn_memleak(churn, mn)
+            r = gated(lambda: churn_memleak(churn, mn))
             runs.append((r["loop"], r["cpu"], None))
             attach.append(r["attach_s"])
             teardown.append(r["teardown_s"])
@@ -625,12 +714,10 @@ SELECT grp, count(*) FROM t GROUP BY grp ORDER BY 2 DESC LIMIT 3;
 def timed_runs(fn, cfg: dict) -> list:
     """cfg['runs'] runs of fn() (each returning (wall, ...)), or cfg['slow_runs'] when the
     first one takes longer than SLOW_RUN_S."""
-    GATE.wait()
-    runs = [fn()]
+    runs = [gated(fn)]
     want = cfg["runs"] if runs[0][0] < SLOW_RUN_S else cfg["slow_runs"]
     while len(runs) < want:
-        GATE.wait()
-        runs.append(fn())
+        runs.append(gated(fn))
     return runs
 
 
@@ -688,8 +775,7 @@ def bench_real(cfg: dict, res: dict) -> None:
             log(f"real {key} baseline {d['baseline_s']['median']:.3f} s")
             runs = []
             for _ in range(cfg["slow_runs"]):
-                GATE.wait()
-                runs.append(mk(vg)())
+                runs.append(gated(mk(vg)))
             put(d, "valgrind", runs)
             log(f"real {key} valgrind {d['valgrind_s']['median']:.3f} s")
         t = load_tracer("as-is")
@@ -735,25 +821,43 @@ def bench_pytest(cfg: dict, res: dict) -> None:
         (work / "pytest.ini").write_text("[pytest]\n")  # rootdir here, no config from above
         base = [str(VENV_PY), "-m", "pytest", "-q", "-p", "no:cacheprovider"]
         env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
-        times: dict[str, list[float]] = {k: [] for k in ("many_off", "many_on", "one_off", "one_on")}
+        sessions = [("one_off", ["test_one.py"]), ("one_on", ["test_one.py", "--ebpf-leaks"]),
+                    ("many_off", ["test_many.py"]), ("many_on", ["test_many.py", "--ebpf-leaks"])]
+        plugin_src = Path(CODE["path"]) / "pytest_memleak_ebpf" / "plugin.py"
+        inproc = plugin_src.is_file() and '"--ebpf-leaks-in-process"' in plugin_src.read_text()
+        if inproc:  # the plugin's in-process checking of the pytest process itself, off: the cost split
+            off = ["--ebpf-leaks", "--ebpf-leaks-in-process", "off"]
+            sessions += [("one_on_inproc_off", ["test_one.py", *off]), ("many_on_inproc_off", ["test_many.py", *off])]
+        times: dict[str, list[float]] = {k: [] for k, _ in sessions}
         cpus: dict[str, list[float]] = {k: [] for k in times}
         run_proc([*base, "test_one.py"], cwd=work, env=env, what="pytest")  # warm-up (bytecode)
+        t_section = time.monotonic()
+        rounds = 0
         for _ in range(cfg["pytest_runs"]):
-            for key, args in (("one_off", ["test_one.py"]), ("one_on", ["test_one.py", "--ebpf-leaks"]),
-                              ("many_off", ["test_many.py"]), ("many_on", ["test_many.py", "--ebpf-leaks"])):
-                GATE.wait()
-                w, c = run_proc([*base, *args], cwd=work, env=env, what=f"pytest {' '.join(args)}")
+            t_round = time.monotonic()
+            for key, args in sessions:
+                w, c = gated(lambda: run_proc([*base, *args], cwd=work, env=env, what=f"pytest {' '.join(args)}"))
                 times[key].append(w)
                 cpus[key].append(c)
                 log(f"pytest {key}: {w:.2f} s")
+            rounds += 1
+            spent, last = time.monotonic() - t_section, time.monotonic() - t_round
+            if rounds < cfg["pytest_runs"] and spent + last > PYTEST_BUDGET_S:
+                log(f"pytest: stopping after {rounds} round(s): another would pass the section's "
+                    f"{PYTEST_BUDGET_S:.0f} s budget")
+                break
         out = res.setdefault("pytest", {})
-        out.update({"tests": ntests, "wall_s": {k: summary(v, "s") for k, v in times.items()},
+        out.update({"tests": ntests, "rounds": rounds, "rounds_wanted": cfg["pytest_runs"],
+                    "wall_s": {k: summary(v, "s") for k, v in times.items()},
                     "cpu_s": {k: summary(v, "s") for k, v in cpus.items()}})
-        for src, sfx in ((times, ""), (cpus, "_cpu")):
-            m = {k: med(v) for k, v in src.items()}
-            session = m["one_on"] - m["one_off"]
-            out["session_start" + sfx + "_s"] = session
-            out["per_test" + sfx + "_ms"] = ((m["many_on"] - m["many_off"]) - session) / ntests * 1e3
+        for on, vname in (("on", ""), ("on_inproc_off", "inproc_off_")):
+            if f"one_{on}" not in times:
+                continue
+            for src, sfx in ((times, ""), (cpus, "_cpu")):
+                m = {k: med(v) for k, v in src.items()}
+                session = m[f"one_{on}"] - m["one_off"]
+                out[vname + "session_start" + sfx + "_s"] = session
+                out[vname + "per_test" + sfx + "_ms"] = ((m[f"many_{on}"] - m["many_off"]) - session) / ntests * 1e3
         # in-process: what the engine itself costs per test (begin + end_test + accounting,
         # no process launched) -- the part of the per-test cost that is the plugin's
         from pytest_memleak_ebpf.engine import LeakEngine, Settings
@@ -795,8 +899,7 @@ def bench_report(cfg: dict, res: dict) -> None:
     warm = {k: [] for k in rows}
     checks = []
 
-    def one(eng, nodeid, into):
-        GATE.wait()
+    def measure(eng, nodeid):
         eng.begin()
         run_proc([str(prog), str(n)], what="outstanding")
         acc0 = eng.report_seconds
@@ -807,12 +910,15 @@ def bench_report(cfg: dict, res: dict) -> None:
         text = failure_text(result)
         json.dumps(result.to_json("failed"))
         t2 = time.perf_counter()
-        into["total_cpu_s"].append(time.process_time() - c0)
+        cpu = time.process_time() - c0
         acc = eng.report_seconds - acc0
-        into["end_test_s"].append((t1 - t0) - acc)
-        into["accounting_s"].append(acc)
-        into["render_s"].append(t2 - t1)
-        into["total_s"].append(t2 - t0)
+        return result, text, {"end_test_s": (t1 - t0) - acc, "accounting_s": acc, "render_s": t2 - t1,
+                              "total_s": t2 - t0, "total_cpu_s": cpu}
+
+    def one(eng, nodeid, into):
+        result, text, d = gated(lambda: measure(eng, nodeid))
+        for k, v in d.items():
+            into[k].append(v)
         return result, text
 
     for i in range(cfg["report_runs"]):
@@ -849,7 +955,9 @@ def bench_outside(cfg: dict, res: dict) -> None:
     R = cfg["runs"]
 
     def once(tracer=None) -> tuple[float, float]:
-        GATE.wait()
+        return gated(lambda: once_(tracer))
+
+    def once_(tracer=None) -> tuple[float, float]:
         fd, path = tempfile.mkstemp(dir=OUT, prefix="churn-", suffix=".ns")
         os.close(fd)
         c = subprocess.Popen([str(churn), str(n), "-w", "-o", path], stdin=subprocess.PIPE,
@@ -933,6 +1041,11 @@ def targets(res: dict) -> list[dict]:
             lambda v: v <= 2, unit=" ms")
         row("session start", "≤ 1.5 s", pt.get("session_start_s"), pt.get("session_start_cpu_s"),
             lambda v: v <= 1.5, unit=" s")
+        if "inproc_off_per_test_ms" in pt:
+            row("fixed cost per test, --ebpf-leaks-in-process off", "≤ 2 ms", pt.get("inproc_off_per_test_ms"),
+                pt.get("inproc_off_per_test_cpu_ms"), lambda v: v <= 2, unit=" ms")
+            row("session start, --ebpf-leaks-in-process off", "≤ 1.5 s", pt.get("inproc_off_session_start_s"),
+                pt.get("inproc_off_session_start_cpu_s"), lambda v: v <= 1.5, unit=" s")
     rp = res.get("report")
     if rp:
         row(f"report with {rp['allocations']:,} outstanding allocations", "≤ 1 s",
@@ -967,9 +1080,10 @@ def markdown(res: dict) -> str:
              f"{', during the sections: ' + ', '.join(f'{k} {v}' for k, v in res.get('loadavg', {}).items()) if res.get('loadavg') else ''}.\n")
     g = res.get("gate", {})
     if g.get("checked"):
-        L.append(f"Other sessions' uprobes on this machine: {g['runs_with_foreign_uprobes']} of "
-                 f"{g['timed_runs']} timed runs started while some were loaded (the benchmark waited "
-                 f"{g['seconds_waited']} s in all for them to go away).\n")
+        L.append(f"Other sessions' uprobes on this machine (watched with `bpftool perf list`): the benchmark "
+                 f"waited {g['seconds_waited']} s in all for them to go away before runs, redid "
+                 f"{g['runs_redone']} runs during which some appeared, and kept {g['runs_with_foreign_uprobes']} "
+                 f"of {g['timed_runs']} timed runs that still had some (after 2 retries).\n")
     if res.get("section_seconds"):
         L.append("Time per section: " + ", ".join(
             f"{k} {v:.0f} s" + (f" (of which {res['section_gate_wait_s'][k]:.0f} s waiting for other sessions' "
@@ -1060,14 +1174,26 @@ def markdown(res: dict) -> str:
         L.append(f"## 3. Per-test fixed cost (`pytest -q -p no:cacheprovider`, trivial tests, whole process)\n")
         L.append("| session | without --ebpf-leaks (s) | with --ebpf-leaks (s) | difference (s) | difference, CPU (s) |")
         L.append("|---|---|---|---|---|")
-        for label, a, b in (("1 test", "one_off", "one_on"), (f"{pt['tests']:,} tests", "many_off", "many_on")):
-            L.append(f"| {label} | {f(w[a]['median'])} | {f(w[b]['median'])} | "
+        rows = [("1 test", "one_off", "one_on", ""), (f"{pt['tests']:,} tests", "many_off", "many_on", "")]
+        if "one_on_inproc_off" in w:
+            rows += [("1 test", "one_off", "one_on_inproc_off", " --ebpf-leaks-in-process off"),
+                     (f"{pt['tests']:,} tests", "many_off", "many_on_inproc_off", " --ebpf-leaks-in-process off")]
+        for label, a, b, extra in rows:
+            L.append(f"| {label}{extra} | {f(w[a]['median'])} | {f(w[b]['median'])} | "
                      f"{f(w[b]['median'] - w[a]['median'])} | {f(c[b]['median'] - c[a]['median'])} |")
         L.append("")
+        L.append(f"{pt['rounds']} round(s) of all sessions, interleaved"
+                 + (f" (of {pt['rounds_wanted']} wanted: stopped at the section's {PYTEST_BUDGET_S:.0f} s time budget)"
+                    if pt["rounds"] < pt["rounds_wanted"] else "") + ".")
         L.append(f"Session start cost (1-test session with − without): {f(pt['session_start_s'], 2, ' s')} wall, "
                  f"{f(pt['session_start_cpu_s'], 2, ' s')} CPU. Per-test cost = (difference for {pt['tests']:,} tests "
                  f"− session start) / {pt['tests']:,} = {f(pt['per_test_ms'], 3, ' ms')} wall, "
-                 f"{f(pt['per_test_cpu_ms'], 3, ' ms')} CPU. In-process, the engine's begin + finish for a test that "
+                 f"{f(pt['per_test_cpu_ms'], 3, ' ms')} CPU."
+                 + (f" With `--ebpf-leaks-in-process off`: session start {f(pt['inproc_off_session_start_s'], 2, ' s')} "
+                    f"wall / {f(pt['inproc_off_session_start_cpu_s'], 2, ' s')} CPU, per test "
+                    f"{f(pt['inproc_off_per_test_ms'], 3, ' ms')} wall / {f(pt['inproc_off_per_test_cpu_ms'], 3, ' ms')} CPU."
+                    if "inproc_off_per_test_ms" in pt else "")
+                 + f" In-process, the engine's begin + finish for a test that "
                  f"launches nothing: {f(pt.get('engine_begin_finish_ms'), 3, ' ms')} (mean of "
                  f"{pt.get('engine_micro_tests', 0):,}).")
         ei, ec = pt.get("engine_init_s"), pt.get("engine_close_s")
@@ -1125,8 +1251,11 @@ def main(argv=None) -> int:
                     help="measure the plugin as committed at this git revision (exported to bench/out/) "
                          "instead of the working tree")
     ap.add_argument("--json", default=str(BENCH / "results.json"))
+    ap.add_argument("--gate-watcher", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--md", default=str(BENCH / "RESULTS.md"))
     args = ap.parse_args(argv)
+    if args.gate_watcher:
+        return gate_watcher(args.gate_watcher)
     if os.geteuid() != 0:
         print("bench/run.py: must run as root (eBPF)", file=sys.stderr)
         return 2
@@ -1140,6 +1269,7 @@ def main(argv=None) -> int:
     if args.rev:
         use_revision(args.rev)
     cfg = dict(QUICK if args.quick else FULL)
+    GATE.start()   # before any tracer is loaded: see Gate
     t_start = time.monotonic()
     res: dict = {"quick": args.quick, "config": cfg, "machine": machine_info(), "errors": []}
     funcs = {"churn": bench_churn, "real": bench_real, "pytest": bench_pytest, "report": bench_report,
@@ -1159,6 +1289,7 @@ def main(argv=None) -> int:
             log(f"{s} failed: {e}")
         res.setdefault("section_seconds", {})[s] = round(time.monotonic() - t0, 1)
         res.setdefault("section_gate_wait_s", {})[s] = round(GATE.waited - g0, 1)
+    GATE.stop()
     res["elapsed_s"] = time.monotonic() - t_start
     res["code"] = dict(CODE)
     res["gate"] = GATE.as_dict()

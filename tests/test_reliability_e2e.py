@@ -1,0 +1,228 @@
+"""Reliability end to end: capacity limits never pass silently, faults leave
+nothing behind, sessions are isolated, load figures stay exact."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+pytestmark = pytest.mark.ebpf
+
+LOAD = r"""
+#include <pthread.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+#include <sys/wait.h>
+static int per_thread;
+static void *worker(void *arg) {
+    void **keep = malloc(sizeof(void *) * per_thread);
+    for (int i = 0; i < per_thread; i++) keep[i] = malloc(24);
+    for (int i = 0; i < per_thread; i++) if (i % 2) free(keep[i]);
+    free(keep);
+    return 0;   /* leaks per_thread/2 blocks of 24 B */
+}
+int main(int argc, char **argv) {
+    const char *mode = argv[1];
+    if (!strcmp(mode, "threads")) {         /* threads T N */
+        int t = atoi(argv[2]); per_thread = atoi(argv[3]);
+        pthread_t th[64];
+        pthread_attr_t a;  /* small stacks: glibc caches all 16, so each keeps its 272 B DTV block */
+        pthread_attr_init(&a);
+        pthread_attr_setstacksize(&a, 256 * 1024);
+        for (int i = 0; i < t; i++) pthread_create(&th[i], &a, worker, 0);
+        for (int i = 0; i < t; i++) pthread_join(th[i], 0);
+    } else if (!strcmp(mode, "live")) {     /* live N: N blocks of 8 B live at exit */
+        int n = atoi(argv[2]);
+        for (int i = 0; i < n; i++) malloc(8);
+    } else if (!strcmp(mode, "procs")) {    /* procs N: N short-lived children, each leaks 1 block of 40 B */
+        int n = atoi(argv[2]);
+        for (int i = 0; i < n; i++) {
+            pid_t p = fork();
+            if (p == 0) { malloc(40); _exit(0); }
+            waitpid(p, 0, 0);
+        }
+    } else if (!strcmp(mode, "sleep")) {
+        malloc(16);
+        sleep(atoi(argv[2]));
+    }
+    return 0;
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def load(cbuild):
+    return cbuild("load", LOAD)
+
+
+def _tests(doc):
+    return {t["nodeid"].split("::")[-1]: t for t in doc["tests"]}
+
+
+def _own(t, exe):
+    return [p for p in t["processes"] if p["exe"] == exe]
+
+
+def test_full_maps_are_never_a_silent_pass(pytester, run_plugin, load):
+    pytester.makepyfile(test_cap=f"""
+        import subprocess, pytest
+        @pytest.mark.leak_budget(None)
+        def test_many_blocks():
+            subprocess.run([{load!r}, "live", "200"], check=True)
+    """)
+    result, doc = run_plugin("--ebpf-leaks-max-blocks=64")
+    result.assert_outcomes(failed=1)
+    out = result.stdout.str()
+    assert "leak tracking incomplete:" in out and "--ebpf-leaks-max-blocks" in out
+    t = doc["tests"][0]
+    assert t["tracking_complete"] is False and t["processes"][0]["tracking"]["lost_blocks"] > 0
+    # as a warning only
+    result, doc = run_plugin("--ebpf-leaks-max-blocks=64", "--ebpf-leaks-on-incomplete=warn")
+    result.assert_outcomes(passed=1, warnings=1)
+    assert "leak tracking incomplete" in result.stdout.str()
+
+
+def test_load_figures_are_exact(pytester, run_plugin, load):
+    pytester.makepyfile(test_load=f"""
+        import subprocess, pytest
+        L = {load!r}
+        @pytest.mark.leak_budget(None)
+        def test_threads():
+            subprocess.run([L, "threads", "16", "100000"], check=True)
+        @pytest.mark.leak_budget(None)
+        def test_thousand_processes():
+            subprocess.run([L, "procs", "1000"], check=True)
+        @pytest.mark.leak_budget(None)
+        def test_million_live_blocks():
+            subprocess.run([L, "live", "1000000"], check=True)
+    """)
+    result, doc = run_plugin("--ebpf-leaks-max-blocks=2000000", "--durations=3")
+    result.assert_outcomes(passed=3)
+    t = _tests(doc)
+    (th,) = _own(t["test_threads"], load)
+    # 16 threads x 50,000 leaked 24 B blocks + 16 x 272 B thread DTV blocks (glibc; see fixtures/expected.py)
+    assert th["outstanding"] == {"bytes": 16 * 50000 * 24 + 16 * 272, "blocks": 16 * 50000 + 16}
+    assert th["allocated"]["blocks"] == 16 * (100000 + 1) + 16
+    procs = _own(t["test_thousand_processes"], load)
+    assert len(procs) == 1001
+    children = [p for p in procs if p["ppid"] != procs[0]["ppid"] or p is not procs[0]]
+    kids = [p for p in procs if p["outstanding"] == {"bytes": 40, "blocks": 1}]
+    assert len(kids) == 1000 and all(p["exit_code"] == 0 for p in kids)
+    (live,) = _own(t["test_million_live_blocks"], load)
+    assert live["outstanding"] == {"bytes": 8_000_000, "blocks": 1_000_000}
+    assert all(x["tracking_complete"] for x in doc["tests"])
+
+
+def test_sessions_are_isolated(pytester, ebpf, load, tmp_path):
+    """Two sessions at once: each sees only its own tests' processes."""
+    for i, n in ((1, 111), (2, 222)):
+        d = tmp_path / f"s{i}"
+        d.mkdir()
+        (d / f"test_s{i}.py").write_text(
+            "import subprocess, time, pytest\n"
+            "@pytest.mark.leak_budget(None)\n"
+            f"def test_x():\n"
+            f"    for _ in range(20):\n"
+            f"        subprocess.run([{load!r}, 'live', '{n}'], check=True)\n"
+            f"        time.sleep(0.05)\n")
+    procs = [subprocess.Popen([sys.executable, "-m", "pytest", "--ebpf-leaks", "-p", "no:cacheprovider", "-q",
+                               f"--ebpf-leaks-json={tmp_path / f's{i}.json'}", str(tmp_path / f"s{i}")],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for i in (1, 2)]
+    for p in procs:
+        out, _ = p.communicate(timeout=300)
+        assert p.returncode == 0, out.decode()
+    for i, n in ((1, 111), (2, 222)):
+        doc = json.loads((tmp_path / f"s{i}.json").read_text())
+        (t,) = doc["tests"]
+        assert len(t["processes"]) == 20
+        assert all(p["outstanding"] == {"bytes": 8 * n, "blocks": n} for p in t["processes"])
+
+
+OUR_PROGS = ("malloc_entry", "malloc_return", "free_entry", "calloc_entry", "realloc_entry")
+
+
+def _bpf_progs():
+    """{prog id: set of pids holding it} for BPF programs with our names."""
+    out = subprocess.run(["bpftool", "-j", "prog", "show"], capture_output=True, text=True).stdout
+    progs = {}
+    for p in json.loads(out or "[]"):
+        if p.get("name") in OUR_PROGS:
+            progs[p["id"]] = {x["pid"] for x in p.get("pids", [])}
+    return progs
+
+
+def _uprobe_events():
+    for path in ("/sys/kernel/tracing/uprobe_events", "/sys/kernel/debug/tracing/uprobe_events"):
+        if os.path.exists(path):
+            return [e for e in open(path).read().splitlines() if "libc" in e]
+    return []
+
+
+def _leftovers(before, dead_pid):
+    """Programs of the dead session still loaded (other sessions may run concurrently)."""
+    return [pid for pid, holders in _bpf_progs().items()
+            if pid not in before and (not holders or dead_pid in holders)]
+
+
+def test_sigkill_leaves_nothing_behind_and_sigint_reports(pytester, ebpf, load, tmp_path):
+    before = _bpf_progs()
+    events_before = _uprobe_events()
+    (tmp_path / "test_slow.py").write_text(
+        "import subprocess\n"
+        f"def test_slow():\n    subprocess.run([{load!r}, 'sleep', '30'])\n")
+    for sig in (signal.SIGKILL, signal.SIGINT):
+        report = tmp_path / f"r{int(sig)}.json"
+        p = subprocess.Popen([sys.executable, "-m", "pytest", "--ebpf-leaks", "-p", "no:cacheprovider", "-s",
+                              f"--ebpf-leaks-json={report}", str(tmp_path / "test_slow.py")],
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.time() + 60
+        while time.time() < deadline and not _children_named(p.pid, "load"):
+            time.sleep(0.05)
+        assert _children_named(p.pid, "load"), "the test's process did not start"
+        time.sleep(0.3)
+        if sig == signal.SIGINT:
+            os.killpg(p.pid, signal.SIGINT)   # Ctrl-C reaches the whole foreground group
+        else:
+            os.kill(p.pid, sig)
+        out, _ = p.communicate(timeout=60)
+        if sig == signal.SIGKILL:
+            os.killpg(p.pid, signal.SIGKILL)  # the orphaned sleeper
+        else:
+            text = out.decode()
+            assert "KeyboardInterrupt" in text and "was interrupted; so far:" in text, text
+            doc = json.loads(report.read_text())
+            (t,) = doc["tests"]
+            assert t["interrupted"] is True and t["outcome"] == "error"
+            (lp,) = [x for x in t["processes"] if x["comm"] == "load"]
+            assert lp["outstanding"]["blocks"] >= 1
+        deadline = time.time() + 20   # the kernel frees programs asynchronously after the fds close
+        while time.time() < deadline and _leftovers(before, p.pid):
+            time.sleep(0.2)
+        assert not _leftovers(before, p.pid), f"BPF programs survived {sig!r}"
+        assert _uprobe_events() == events_before, "uprobe events survived"
+
+
+def _children_named(pid, comm):
+    out = subprocess.run(["pgrep", "-s", str(pid), "-x", comm], capture_output=True, text=True).stdout
+    return out.split()
+
+
+def test_wait_for_processes(pytester, run_plugin, load):
+    pytester.makepyfile(test_wait=f"""
+        import subprocess, pytest
+        @pytest.mark.leak_budget(None)
+        def test_bg():
+            subprocess.Popen([{load!r}, "sleep", "1"])
+    """)
+    result, doc = run_plugin("--ebpf-leaks-wait=10")
+    (p,) = [x for x in doc["tests"][0]["processes"] if x["comm"] == "load"]
+    assert p["running_at_test_end"] is False and p["exit_code"] == 0
+    assert p["outstanding"] == {"bytes": 16, "blocks": 1}
+    result = pytester.runpytest_subprocess("--ebpf-leaks", "--ebpf-leaks-wait=soon")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    assert "--ebpf-leaks-wait: 'soon' is not a number of seconds" in result.stderr.str()
