@@ -3,6 +3,7 @@ accounting, reports) is imported only when --ebpf-leaks is on."""
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any
 
@@ -181,11 +182,26 @@ def _settings(config: pytest.Config):
     )
 
 
+def _xdist_controller(config: pytest.Config) -> bool:
+    if hasattr(config, "workerinput"):
+        return False
+    try:
+        return config.getoption("dist", "no") not in ("no", None) and bool(config.getoption("numprocesses", None))
+    except ValueError:
+        return False
+
+
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", MARKER_HELP)
     if not enabled(config):
         return
     settings = _settings(config)
+    if _xdist_controller(config):
+        # the workers trace their own tests; the controller merges their reports
+        if settings.in_process != "off":
+            _prepare_in_process(config)   # restart with PYTHONMALLOC=malloc: workers inherit it
+        config.pluginmanager.register(XdistController(config, settings), PLUGIN_NAME)
+        return
     from .bccloader import BCCNotFound, load_bcc
     from .preflight import EnvironmentProblem, run_all
 
@@ -448,6 +464,19 @@ class LeakChecker:
                 tr.write_line(line)
 
     def pytest_sessionfinish(self, session, exitstatus) -> None:
+        workeroutput = getattr(self.config, "workeroutput", None)
+        if workeroutput is not None:  # xdist worker: the controller writes the report
+            from .report import summary_lines
+
+            workeroutput["ebpf_leaks"] = json.dumps({
+                "tests": self.engine.json_entries,
+                "summary": summary_lines(self.engine.results),
+                "flamegraphs": self.engine.flamegraphs,
+                "checked": len(self.engine.results),
+                "leaked": sum(r.leaked.bytes for r in self.engine.results),
+                "report_seconds": self.engine.report_seconds,
+            })
+            return
         try:
             self.engine.write_json()
         except OSError as exc:
@@ -460,6 +489,59 @@ class LeakChecker:
 
 class _MarkerFailure(Exception):
     """A bad leak_budget marker: fails that test's setup with a clear message."""
+
+
+class XdistController:
+    """With pytest-xdist: each worker loads its own tracer and checks its own
+    tests; the controller merges their JSON entries and summaries."""
+
+    def __init__(self, config: pytest.Config, settings):
+        self.config = config
+        self.settings = settings
+        self.entries: list[dict] = []
+        self.summary: list = []
+        self.flamegraphs: list = []
+        self.checked = 0
+        self.leaked = 0
+
+    def pytest_report_header(self, config):
+        return [f"ebpf-leaks: distributed: every xdist worker loads its own tracer; in-process checking: "
+                f"{self.settings.in_process}"]
+
+    @pytest.hookimpl(optionalhook=True)
+    def pytest_testnodedown(self, node, error):
+        data = getattr(node, "workeroutput", {}).get("ebpf_leaks")
+        if not data:
+            return
+        d = json.loads(data)
+        self.entries += d["tests"]
+        self.summary += [tuple(x) for x in d["summary"]]
+        self.flamegraphs += [tuple(x) for x in d["flamegraphs"]]
+        self.checked += d["checked"]
+        self.leaked += d["leaked"]
+
+    def pytest_terminal_summary(self, terminalreporter, exitstatus, config):
+        tr = terminalreporter
+        failing = sum(1 for sev, _ in self.summary if sev == "fail")
+        tr.write_sep("=", "ebpf leak summary")
+        tr.write_line(f"{self.checked} tests checked, {failing} over budget or incomplete; "
+                      f"{self.leaked:,} B leaked in total")
+        for sev, line in sorted(self.summary, key=lambda x: x[1]):
+            tr.write_line(line, red=sev == "fail", yellow=sev == "note")
+        if self.settings.json_path:
+            tr.write_line(f"JSON leak report: {self.settings.json_path}")
+
+    def pytest_sessionfinish(self, session, exitstatus):
+        if not self.settings.json_path:
+            return
+        from .report import json_report, write_json_atomic
+
+        entries = sorted(self.entries, key=lambda e: e["nodeid"])
+        try:
+            write_json_atomic(self.settings.json_path, json_report(entries))
+        except OSError as exc:
+            session.config.get_terminal_writer().line(
+                f"ebpf-leaks: could not write the JSON report {self.settings.json_path!r}: {exc}", red=True)
 
 
 def _outcome(reports: list[pytest.TestReport]) -> str:
@@ -478,20 +560,15 @@ def _outcome(reports: list[pytest.TestReport]) -> str:
     return "passed"
 
 
-class LeakRepr:
-    """longrepr of a test failed by its leak budget: first line self-contained."""
+def LeakRepr(item: pytest.Item, headline: str, text: str):
+    """longrepr of a test failed by its leak budget, built from pytest's own
+    exception-repr classes so it survives xdist serialization: the crash
+    message (JUnit's failure message) is the self-contained first line."""
+    from _pytest._code.code import ReprEntryNative, ReprExceptionInfo, ReprFileLocation, ReprTraceback
 
-    def __init__(self, item: pytest.Item, headline: str, text: str):
-        from _pytest._code.code import ReprFileLocation
-
-        path, lineno, _ = item.location
-        self.reprcrash = ReprFileLocation(path, (lineno or 0) + 1, headline)
-        self.text = text
-        self.sections: list = []
-
-    def toterminal(self, tw) -> None:
-        for line in self.text.splitlines():
-            tw.line(line, red=line.startswith(("leak budget", "leak tracking", "INCOMPLETE")))
-
-    def __str__(self) -> str:
-        return self.text
+    path, lineno, _ = item.location
+    lines = [line + "\n" for line in text.splitlines()]
+    return ReprExceptionInfo(
+        reprtraceback=ReprTraceback([ReprEntryNative(lines)], None, "native"),
+        reprcrash=ReprFileLocation(path, (lineno or 0) + 1, headline),
+    )

@@ -226,3 +226,39 @@ def test_wait_for_processes(pytester, run_plugin, load):
     result = pytester.runpytest_subprocess("--ebpf-leaks", "--ebpf-leaks-wait=soon")
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     assert "--ebpf-leaks-wait: 'soon' is not a number of seconds" in result.stderr.str()
+
+
+def test_xdist_gives_the_same_verdicts_numbers_and_json(pytester, run_plugin, load):
+    pytester.makepyfile(test_dist=f"""
+        import subprocess, pytest
+        L = {load!r}
+        @pytest.mark.parametrize("n", [0, 1, 5, 17, 100, 250])
+        def test_live(n):
+            subprocess.run([L, "live", str(n)], check=True)
+        @pytest.mark.leak_budget("1 KiB")
+        @pytest.mark.parametrize("n", [10, 200])
+        def test_budget(n):
+            subprocess.run([L, "live", str(n)], check=True)
+    """)
+    import xml.etree.ElementTree as ET
+
+    runs = {}
+    for n in ("0", "2"):
+        junit = pytester.path / f"junit{n}.xml"
+        result, doc = run_plugin("-n", n, f"--junitxml={junit}")
+        result.assert_outcomes(passed=2, failed=6)
+        assert "ebpf leak summary" in result.stdout.str() and "8 tests checked, 6 over budget" in result.stdout.str()
+        entries = {t["nodeid"]: (t["outcome"], t["over_budget"], t["leaked"],
+                                 sorted((p["comm"], p["outstanding"]["bytes"], p["outstanding"]["blocks"])
+                                        for p in t["processes"])) for t in doc["tests"]}
+        cases = {}
+        for c in ET.parse(junit).getroot().iter("testcase"):
+            f = c.find("failure")
+            props = {p.get("name"): p.get("value") for p in c.iter("property")}
+            cases[c.get("name")] = (f.get("message") if f is not None else None, props)
+        runs[n] = (entries, cases)
+    assert runs["0"] == runs["2"]
+    entries, cases = runs["0"]
+    assert len(entries) == 8
+    assert cases["test_live[100]"][0] == "leak budget exceeded: 800 B in 100 blocks leaked by 1 of 1 process (budget 0 B)"
+    assert cases["test_live[100]"][1]["leak_bytes"] == "800"
