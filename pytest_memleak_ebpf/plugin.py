@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from .marks import MARKER, MARKER_HELP, Budget, MarkerError, resolve_budget
-from .sizes import SizeError, parse_count, parse_size
+from .sizes import SizeError, parse_count, parse_seconds, parse_size
 
 PLUGIN_NAME = "memleak_ebpf_checker"
 budget_key = pytest.StashKey[Any]()      # Budget or MarkerError
@@ -153,14 +153,10 @@ def _settings(config: pytest.Config):
     if wait in (None, ""):
         wait = 0.0
     else:
-        import math
-
         try:
-            wait = float(wait)
-        except (TypeError, ValueError):
-            raise pytest.UsageError(f"{where}: {wait!r} is not a number of seconds") from None
-        if not math.isfinite(wait) or wait < 0 or wait > 3600:
-            raise pytest.UsageError(f"{where}: {wait!r} must be from 0 to 3600 seconds")
+            wait = parse_seconds(wait)
+        except SizeError as exc:
+            raise pytest.UsageError(f"{where}: {exc}") from None
     json_path, where = _opt(config, "ebpf_leaks_json")
     json_path = json_path or None
     if json_path:

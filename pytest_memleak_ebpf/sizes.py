@@ -97,3 +97,16 @@ def human(n: int) -> str:
         if n >= size:
             return f"{n / size:.1f} {unit}"
     return f"{n} B"
+
+
+def parse_seconds(value: object, *, maximum: float = 3600.0) -> float:
+    """A finite, non-negative number of seconds up to `maximum`."""
+    if isinstance(value, bool):
+        raise SizeError(f"{value!r} is not a number of seconds")
+    try:
+        seconds = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError, OverflowError):
+        raise SizeError(f"{value!r} is not a number of seconds") from None
+    if not math.isfinite(seconds) or seconds < 0 or seconds > maximum:
+        raise SizeError(f"{value!r} must be from 0 to {maximum:g} seconds")
+    return seconds

@@ -111,3 +111,42 @@ def test_budget_verdicts():
     b = Budget(bytes=100, blocks=None)
     assert not b.exceeded_by(100, 50) and b.exceeded_by(101, 1)
     assert Budget(0, None).describe() == "budget 0 B"
+
+
+@given(st.one_of(st.text(max_size=12), st.floats(allow_nan=True, allow_infinity=True), st.integers(),
+                 st.none(), st.booleans()))
+def test_parse_seconds_total(value):
+    from pytest_memleak_ebpf.sizes import parse_seconds
+
+    try:
+        s = parse_seconds(value)
+    except SizeError as exc:
+        assert repr(value)[:10] in str(exc)
+    else:
+        assert 0 <= s <= 3600 and math.isfinite(s)
+
+
+@given(st.lists(st.one_of(st.text(max_size=8), st.integers(), st.none()), max_size=3))
+def test_marker_suppress_argument_total(value):
+    try:
+        b = budget_from_marker((0,), {"suppress": value}, DEFAULT)
+    except MarkerError as exc:
+        assert "suppress=" in str(exc)
+    else:
+        assert all(isinstance(p, str) for p in b.suppress)
+
+
+@pytest.mark.parametrize("kw, fragment", [
+    ({"warmup": -1}, "negative"), ({"repeat": 0}, "must be from 1"), ({"repeat": 10**6}, "must be from 1"),
+    ({"warmup": "x"}, "'x'"), ({"suppress": 5}, "expected a list"), ({"suppress": ["leak:"]}, "suppress="),
+])
+def test_bad_growth_and_suppress_arguments(kw, fragment):
+    with pytest.raises(MarkerError) as exc:
+        budget_from_marker((0,), kw, DEFAULT)
+    assert fragment in str(exc.value)
+
+
+def test_growth_defaults():
+    b = budget_from_marker((0,), {"repeat": 5}, DEFAULT)
+    assert (b.warmup, b.repeat, b.growth) == (1, 5, True)
+    assert not budget_from_marker((0,), {}, DEFAULT).growth
