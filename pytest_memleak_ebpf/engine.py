@@ -128,9 +128,16 @@ class LeakEngine:
         self.tracer.set_extension_pages(extension_ranges(self.settings.own_modules))
         self.tracer.open_window()
 
-    def close_window(self) -> None:
-        from .inprocess import read_maps
+    def close_window(self, *, collect: bool = False) -> None:
+        """collect: run gc.collect() first (inside the window, so the frees
+        it makes are recorded) — skipped in extensions mode when no extension
+        module is loaded, as nothing could count then."""
+        from .inprocess import extension_ranges, read_maps
 
+        if collect and (self.settings.in_process == "all" or extension_ranges(self.settings.own_modules)):
+            import gc
+
+            gc.collect()
         self.tracer.close_window()
         self._maps = read_maps()
 

@@ -79,6 +79,19 @@ def extension_ranges(own: frozenset = frozenset()) -> list[tuple[int, int]]:
     return out
 
 
+def extension_modules(own: frozenset = frozenset()) -> list[str]:
+    """Paths of the extension modules (see is_extension) mapped now."""
+    seen = []
+    for _, _, _, p in read_maps():
+        key = (p, own)
+        v = _verdicts.get(key)
+        if v is None:
+            v = _verdicts[key] = is_extension(p, own)
+        if v and p not in seen:
+            seen.append(p)
+    return seen
+
+
 def pymalloc_active() -> bool:
     """True when small Python objects come from pymalloc arenas (invisible
     to libc probes) rather than malloc."""

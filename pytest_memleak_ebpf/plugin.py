@@ -195,7 +195,8 @@ def pytest_configure(config: pytest.Config) -> None:
     if _xdist_controller(config):
         # the workers trace their own tests; the controller merges their reports
         if settings.in_process != "off":
-            _prepare_in_process(config)   # restart with PYTHONMALLOC=malloc: workers inherit it
+            # workers cannot restart themselves: restart the controller, they inherit it
+            _prepare_in_process(config, restart=True, why="for the xdist workers ")
         config.pluginmanager.register(XdistController(config, settings), PLUGIN_NAME)
         return
     from .bccloader import BCCNotFound, load_bcc
@@ -208,7 +209,7 @@ def pytest_configure(config: pytest.Config) -> None:
         raise pytest.UsageError(f"--ebpf-leaks cannot run: {exc}") from None
     notes: list[str] = []
     if settings.in_process != "off":
-        notes = _prepare_in_process(config)
+        notes = _prepare_in_process(config, restart=False)
     try:
         from .engine import LeakEngine
         from .inprocess import mapped_modules
@@ -229,10 +230,11 @@ def pytest_configure(config: pytest.Config) -> None:
     config.pluginmanager.register(checker, PLUGIN_NAME)
 
 
-def _prepare_in_process(config: pytest.Config) -> list[str]:
-    """pymalloc serves objects <= 512 B from arenas libc probes never see:
-    restart pytest once with PYTHONMALLOC=malloc (opt out with
-    PYTEST_MEMLEAK_EBPF_REEXEC=0). Returns header notes."""
+def _prepare_in_process(config: pytest.Config, *, restart: bool = False, why: str = "",
+                        before_exec=None) -> list[str]:
+    """pymalloc serves objects <= 512 B from arenas libc probes never see.
+    With restart=True, restart pytest once with PYTHONMALLOC=malloc (opt out
+    with PYTEST_MEMLEAK_EBPF_REEXEC=0). Returns header notes."""
     import sys
 
     from .inprocess import free_threaded, pymalloc_active
@@ -244,21 +246,30 @@ def _prepare_in_process(config: pytest.Config) -> list[str]:
         return notes
     if not pymalloc_active():
         if os.environ.get(REEXEC_ENV) == "done":
-            notes.append("pytest was restarted with PYTHONMALLOC=malloc so Python objects are visible to the tracer")
+            notes.append("pytest was restarted with PYTHONMALLOC=malloc so Python objects made by extensions "
+                         "are visible")
         else:
             notes.append("PYTHONMALLOC=malloc: Python objects are visible to the tracer")
         return notes
     worker = hasattr(config, "workerinput")
-    if os.environ.get(REEXEC_ENV) not in ("0", "done") and not worker and hasattr(sys, "orig_argv"):
+    if restart and os.environ.get(REEXEC_ENV) not in ("0", "done") and not worker and hasattr(sys, "orig_argv"):
         env = dict(os.environ, PYTHONMALLOC="malloc", **{REEXEC_ENV: "done"})
+        tw = config.get_terminal_writer()
+        tw.line(f"ebpf-leaks: restarting pytest with PYTHONMALLOC=malloc {why}(set {REEXEC_ENV}=0 to skip)",
+                yellow=True)
         sys.stdout.flush()
         sys.stderr.flush()
         try:
+            if not os.access(sys.executable, os.X_OK):
+                raise OSError(f"{sys.executable} is not executable")
+            if before_exec is not None:
+                before_exec()
             os.execve(sys.executable, list(sys.orig_argv), env)
         except OSError as exc:
             notes.append(f"could not restart pytest with PYTHONMALLOC=malloc ({exc})")
-    notes.append("WARNING: pymalloc is active, so Python objects of 512 B or less allocated by C extensions are "
-                 "invisible (run pytest with PYTHONMALLOC=malloc); raw malloc-family blocks are still exact")
+    notes.append("pymalloc is active: Python objects of 512 B or less made by C extensions are invisible "
+                 "(pytest restarts itself with PYTHONMALLOC=malloc when extension modules are loaded at "
+                 "collection; raw malloc-family blocks are exact either way)")
     return notes
 
 
@@ -304,6 +315,23 @@ class LeakChecker:
             raise _MarkerFailure(str(budget))
         self.engine.begin()
 
+    def pytest_collection_finish(self, session: pytest.Session) -> None:
+        """Restart with PYTHONMALLOC=malloc once collection shows that extension
+        modules are loaded (or in 'all' mode), so Python objects they leak
+        are visible; a session without extensions keeps pymalloc's speed."""
+        mode = self.engine.settings.in_process
+        if mode == "off" or session.config.getoption("collectonly"):
+            return
+        from .inprocess import extension_modules, pymalloc_active
+
+        if not pymalloc_active():
+            return
+        mods = extension_modules(self.engine.settings.own_modules)
+        if mode == "all" or mods:
+            names = ", ".join(sorted(os.path.basename(m).split(".")[0] for m in mods)[:5])
+            why = f"(extension modules loaded: {names}) " if mods else "(--ebpf-leaks-in-process=all) "
+            self.notes = _prepare_in_process(session.config, restart=True, why=why, before_exec=self.engine.close)
+
     @pytest.hookimpl(hookwrapper=True)
     def pytest_runtest_call(self, item: pytest.Item):
         budget = item.stash.get(budget_key, None)
@@ -311,15 +339,12 @@ class LeakChecker:
                 or not self.engine.active():
             yield
             return
-        import gc
-
-        gc.collect()
+        # no collect before: frees of older blocks during the window are no-ops
         self.engine.open_window()
         try:
             yield
         finally:
-            gc.collect()
-            self.engine.close_window()
+            self.engine.close_window(collect=True)
 
     @pytest.hookimpl(tryfirst=True)
     def pytest_pyfunc_call(self, pyfuncitem: pytest.Function):
