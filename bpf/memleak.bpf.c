@@ -16,7 +16,8 @@
 // Parameters substituted by the loader (tracer.py): MAX_BLOCKS, MAX_PROCS,
 // MAX_STACKS, MAX_HANDOFFS, STACK_DEPTH, RINGBUF_PAGES, EXE_LEN, and
 // HAVE_GROUP_DEAD when sched_process_exit has the group_dead field;
-// MAX_EXT_PAGES and SCAN_WORDS for in-process extension attribution.
+// MAX_EXT_PAGES and SCAN_WORDS for in-process extension attribution;
+// MAX_RAWCACHE for the ip-stack -> build-id-stack cache.
 
 #include <uapi/linux/ptrace.h>
 #include <linux/sched.h>
@@ -138,6 +139,20 @@ BPF_F_TABLE("hash", struct block_key_t, struct block_t, blocks, MAX_BLOCKS, BPF_
 BPF_HASH(handoffs, struct handoff_key_t, struct handoff_t, MAX_HANDOFFS);
 BPF_F_TABLE("hash", u64, struct stack_t, stacks, MAX_STACKS, BPF_F_NO_PREALLOC);
 BPF_PERCPU_ARRAY(scratch, struct stack_t, 1);
+
+/* Build-id stacks are costly (a VMA lookup and an ELF note read per frame).
+ * A process image's plain-ip stack identifies its build-id stack, so cache
+ * (image, hash of the ips) -> build-id stack hash: the build-id walk runs once
+ * per distinct call stack of each image. */
+struct rawkey_t {
+    u64 serial;
+    u64 rawhash;
+};
+struct rawbuf_t {
+    u64 ip[STACK_DEPTH];
+};
+BPF_TABLE("lru_hash", struct rawkey_t, u64, rawcache, MAX_RAWCACHE);
+BPF_PERCPU_ARRAY(rawscratch, struct rawbuf_t, 1);
 BPF_PERCPU_ARRAY(proc_scratch, struct proc_t, 1);
 BPF_ARRAY(counters, u64, CTR_NCOUNTERS);
 struct ext_t {
@@ -250,6 +265,27 @@ static __always_inline u64 scan_extension_frame(struct pt_regs *ctx)
 static __always_inline u64 capture_stack(struct pt_regs *ctx, struct track_t *t)
 {
     u32 zero = 0;
+    struct rawkey_t rk = {.serial = t->serial};
+    struct rawbuf_t *rb = rawscratch.lookup(&zero);
+    if (rb) {
+        long rlen = bpf_get_stack(ctx, rb->ip, sizeof(rb->ip), BPF_F_USER_STACK);
+        if (rlen > 0) {
+            u32 rn = rlen / sizeof(u64);
+            u64 rh = 0xcbf29ce484222325ULL ^ rn;
+            for (int i = 0; i < STACK_DEPTH; i++) {
+                if (i >= rn)
+                    break;
+                rh = (rh ^ rb->ip[i]) * 0x100000001b3ULL;
+            }
+            rk.rawhash = rh;
+            u64 *known = rawcache.lookup(&rk);
+            if (known) {
+                u64 kh = *known;
+                if (stacks.lookup(&kh))
+                    return kh;
+            }
+        }
+    }
     struct stack_t *s = scratch.lookup(&zero);
     if (!s)
         return 0;
@@ -282,17 +318,21 @@ static __always_inline u64 capture_stack(struct pt_regs *ctx, struct track_t *t)
             return 0;
         }
     }
+    if (rk.rawhash)
+        rawcache.update(&rk, &h);
     return h;
 }
 
 /* Record a new live block returned by an allocator call that began at `since`. */
 static __always_inline void record_block(struct pt_regs *ctx, struct track_t *t,
-                                         u32 tgid, u64 addr, u64 size, u64 since)
+                                         u32 tgid, u64 addr, u64 size, u64 since, int may_nest)
 {
     struct block_key_t k = {.tgid = tgid, .addr = addr};
-    struct block_t *old = blocks.lookup(&k);
-    if (old && old->ts >= since && old->serial == t->serial)
-        return; /* already recorded by a nested allocator call */
+    if (may_nest) {
+        struct block_t *old = blocks.lookup(&k);
+        if (old && old->ts >= since && old->serial == t->serial)
+            return; /* already recorded by a nested allocator call */
+    }
     struct block_t b = {.size = size, .ts = bpf_ktime_get_ns(), .serial = t->serial};
     b.stack = capture_stack(ctx, t);
     if (t->flags & TF_ROOT)
@@ -365,8 +405,10 @@ static __always_inline int gen_return(struct pt_regs *ctx, u32 fn)
         }
         break;
     }
+    /* malloc and calloc call no other allocator function: their returns
+     * cannot find a block a nested call recorded */
     if (addr)
-        record_block(ctx, t, tgid, addr, size, h.ts);
+        record_block(ctx, t, tgid, addr, size, h.ts, fn != FN_MALLOC && fn != FN_CALLOC);
     return 0;
 }
 

@@ -52,6 +52,7 @@ class TracerConfig:
     ringbuf_pages: int = 512
     exe_len: int = 256
     max_ext_pages: int = 1 << 16
+    max_rawcache: int = 1 << 16
     scan_words: int = 128
 
 
@@ -143,6 +144,7 @@ class Tracer:
             f"-DRINGBUF_PAGES={_pow2(c.ringbuf_pages)}",
             f"-DEXE_LEN={int(c.exe_len)}",
             f"-DMAX_EXT_PAGES={int(c.max_ext_pages)}",
+            f"-DMAX_RAWCACHE={int(c.max_rawcache)}",
             f"-DSCAN_WORDS={int(c.scan_words)}",
             "-Wno-macro-redefined",
         ]
