@@ -1,0 +1,104 @@
+"""End to end: stacks a user can act on — function and file:line for a
+dlopen'd library that is dlclose'd before exit, a sub-millisecond process and
+a multithreaded leaker; and a program that only prints leaks 0 (suppressed)."""
+
+import os
+import subprocess
+
+import pytest
+
+pytestmark = pytest.mark.ebpf
+
+PLUGIN = r"""
+#include <stdlib.h>
+__attribute__((noinline)) void *plug_make(int n) {
+    return malloc(n);                       /* PLUG_LINE */
+}
+void plug_leak(void) { plug_make(321); }
+"""
+
+HOST = r"""
+#include <dlfcn.h>
+#include <pthread.h>
+#include <stdlib.h>
+#include <string.h>
+__attribute__((noinline)) void *thread_leak(void *arg) {
+    malloc(111);                            /* THREAD_LINE */
+    return 0;
+}
+__attribute__((noinline)) void quick_leak(void) {
+    malloc(77);                             /* QUICK_LINE */
+}
+int main(int argc, char **argv) {
+    if (!strcmp(argv[1], "dlopen")) {
+        void *h = dlopen(argv[2], RTLD_NOW);
+        void (*f)(void) = (void (*)(void))dlsym(h, "plug_leak");
+        f();
+        dlclose(h);
+    } else if (!strcmp(argv[1], "threads")) {
+        pthread_t t[4];
+        pthread_attr_t a;
+        pthread_attr_init(&a);
+        pthread_attr_setstacksize(&a, 256 * 1024);
+        for (int i = 0; i < 4; i++) pthread_create(&t[i], &a, thread_leak, 0);
+        for (int i = 0; i < 4; i++) pthread_join(t[i], 0);
+    } else {
+        quick_leak();
+    }
+    return 0;
+}
+"""
+
+
+def _line(src, tag):
+    return next(i for i, l in enumerate(src.splitlines(), 1) if tag in l)
+
+
+def test_frames_name_function_and_line(pytester, run_plugin, cbuild, tmp_path):
+    d = tmp_path / "plug"
+    d.mkdir()
+    (d / "plug.c").write_text(PLUGIN)
+    lib = d / "libplug.so"
+    subprocess.run(["gcc", "-shared", "-fPIC", "-g", "-O0", "-fno-omit-frame-pointer", "-o", str(lib),
+                    str(d / "plug.c")], check=True)
+    host = cbuild("host", HOST, "-ldl")
+    printer = cbuild("printer", '#include <stdio.h>\nint main(void) { printf("hello\\n"); return 0; }\n')
+    pytester.makepyfile(test_sym=f"""
+        import subprocess, pytest
+        H = {host!r}
+        @pytest.mark.leak_budget(None)
+        def test_dlopen():
+            subprocess.run([H, "dlopen", {str(lib)!r}], check=True)
+        @pytest.mark.leak_budget(None)
+        def test_quick():
+            subprocess.run([H, "quick"], check=True)
+        @pytest.mark.leak_budget(None)
+        def test_threads():
+            subprocess.run([H, "threads"], check=True)
+        def test_printer_only_prints():
+            subprocess.run([{printer!r}], check=True, stdout=subprocess.PIPE)
+    """)
+    result, doc = run_plugin()
+    tests = {t["nodeid"].split("::")[-1]: t for t in doc["tests"]}
+
+    def top(name, nbytes):
+        for p in tests[name]["processes"]:
+            for s in p["stacks"]:
+                if s["bytes"] == nbytes and not s["suppressed"]:
+                    return s["frames"][0], s
+        raise AssertionError(f"no stack of {nbytes} B in {name}: {tests[name]}")
+
+    f, _ = top("test_dlopen", 321)
+    assert f["function"] == "plug_make" and f["module"] == str(lib)
+    assert f["file"].endswith("plug.c") and f["line"] == _line(PLUGIN, "PLUG_LINE")
+    f, _ = top("test_quick", 77)
+    assert f["function"] == "quick_leak" and f["file"].endswith("host.c") and f["line"] == _line(HOST, "QUICK_LINE")
+    f, s = top("test_threads", 444)
+    assert s["blocks"] == 4
+    assert f["function"] == "thread_leak" and f["line"] == _line(HOST, "THREAD_LINE")
+    # a program that only prints: its stdout buffer is outstanding, but suppressed, not leaked
+    t = tests["test_printer_only_prints"]
+    (p,) = t["processes"]
+    assert p["outstanding"]["bytes"] >= 1024 and p["leaked"] == {"bytes": 0, "blocks": 0}
+    assert t["outcome"] == "passed" and any(s["suppressed"] for s in p["stacks"])
+    assert t["suppressions_used"] and t["suppressions_used"][0]["pattern"].startswith("^_IO_")
