@@ -51,7 +51,7 @@ class LeakEngine:
         self.tracer = Tracer(cfg)
         self.symbolizer = Symbolizer()
         self._frame_cache: dict[tuple, dict] = {}
-        self._maps: list[tuple[int, int, int, str]] = []
+        self._maps: list[tuple[int, int, int, str]] | None = None
         self._growth: dict | None = None
         self.tracer.add_root(os.getpid())
         self.info = SessionInfo(
@@ -122,24 +122,35 @@ class LeakEngine:
 
     # -- in-process windows -------------------------------------------------
 
-    def open_window(self) -> None:
+    def _extension_ranges(self) -> list:
+        """Extension code ranges; /proc/self/maps is re-read only when the set
+        of imported modules changed (or every 50 windows, for ctypes loads)."""
+        import sys
+
         from .inprocess import extension_ranges
 
-        self.tracer.set_extension_pages(extension_ranges(self.settings.own_modules))
+        key = len(sys.modules)
+        self._ranges_age = getattr(self, "_ranges_age", 0) + 1
+        if getattr(self, "_ranges_key", None) != key or self._ranges_age >= 50:
+            self._ranges = extension_ranges(self.settings.own_modules)
+            self._ranges_key = key
+            self._ranges_age = 0
+        return self._ranges
+
+    def open_window(self) -> None:
+        self.tracer.set_extension_pages(self._extension_ranges())
         self.tracer.open_window()
 
     def close_window(self, *, collect: bool = False) -> None:
         """collect: run gc.collect() first (inside the window, so the frees
         it makes are recorded) — skipped in extensions mode when no extension
         module is loaded, as nothing could count then."""
-        from .inprocess import extension_ranges, read_maps
-
-        if collect and (self.settings.in_process == "all" or extension_ranges(self.settings.own_modules)):
+        if collect and (self.settings.in_process == "all" or self._extension_ranges()):
             import gc
 
             gc.collect()
         self.tracer.close_window()
-        self._maps = read_maps()
+        self._maps = None  # read lazily: only leaking stacks need it
 
     def snapshot(self) -> dict:
         """Counted in-process figures now (growth mode, inside a window)."""
@@ -155,6 +166,10 @@ class LeakEngine:
         from .inprocess import locate
         from .symbolize import read_build_id
 
+        if self._maps is None:
+            from .inprocess import read_maps
+
+            self._maps = read_maps()
         hit = locate(self._maps, ip)
         if hit is None:
             return {"function": None, "offset": None, "module": None, "file": None, "line": None,
