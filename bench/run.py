@@ -76,6 +76,7 @@ PYTEST_BUDGET_S = 240.0  # section 3 stops after the round that would take it pa
 SLOW_RUN_S = 3.0         # a case whose first run takes longer gets `slow_runs` runs instead of `runs`
 GATE_WAIT_S = 30.0       # per run: wait this long for other sessions' uprobes to go away
 GATE_TOTAL_S = 240.0     # over the whole benchmark
+GATE_MAX_REDOS = 40      # runs redone because foreign uprobes appeared during them, over the whole benchmark
 
 
 # --------------------------------------------------------------------------
@@ -222,27 +223,35 @@ class Gate:
 
 
 def gated(fn, retries: int = 2):
-    """Run fn() as one timed run, free of other sessions' uprobes if possible."""
+    """Run fn() as one timed run, free of other sessions' uprobes if possible: wait
+    for them to go away, and redo the run (at most `retries` times, GATE_MAX_REDOS in
+    all) when some appeared during it -- also when it failed then: valgrind dies of
+    SIGTRAP when a tracer plants its breakpoints in libc under it."""
     for attempt in range(retries + 1):
         GATE.wait()
         GATE.begin()
+        err = None
         try:
             r = fn()
+        except BenchError as e:
+            err = e
         finally:
             n = GATE.end()
         if not n:
+            if err:
+                raise err
             break
-        if attempt < retries:
+        if attempt < retries and GATE.retried < GATE_MAX_REDOS:
             GATE.retried += 1
-            log(f"other sessions' uprobes appeared during a run ({n}): redoing it")
-        else:
-            GATE.dirty_runs += 1
-            GATE.max_foreign = max(GATE.max_foreign, n)
+            log(f"other sessions' uprobes appeared during a run ({n}){' and it failed' if err else ''}: redoing it")
+            continue
+        if err:
+            raise err
+        GATE.dirty_runs += 1
+        GATE.max_foreign = max(GATE.max_foreign, n)
+        break
     GATE.runs += 1
     return r
-
-
-GATE = Gate()
 
 
 def run_proc(cmd, *, stdin=None, stdout=subprocess.DEVNULL, cwd=None, env=None, timeout=None,
