@@ -222,6 +222,9 @@ class Gate:
                 "seconds_waited": round(self.waited, 1)}
 
 
+GATE = Gate()
+
+
 def gated(fn, retries: int = 2):
     """Run fn() as one timed run, free of other sessions' uprobes if possible: wait
     for them to go away, and redo the run (at most `retries` times, GATE_MAX_REDOS in
@@ -1085,19 +1088,20 @@ def markdown(res: dict) -> str:
     L.append(f"Machine: {mi['cpu']}, {mi['cores']} cores, {mi['memory_mib']:,} MiB; {mi['distro']}; "
              f"kernel {mi['kernel']}; glibc {mi['glibc']}; BCC {mi['bcc']}; {mi['valgrind']}; "
              f"sqlite {mi['sqlite3']}; {mi['xz']}; {mi['sort']}; Python {mi['python']}. "
-             f"Plugin measured: {plugin_desc(res)}. Load average at start: {mi['loadavg_start']}"
-             f"{', during the sections: ' + ', '.join(f'{k} {v}' for k, v in res.get('loadavg', {}).items()) if res.get('loadavg') else ''}.\n")
-    g = res.get("gate", {})
-    if g.get("checked"):
-        L.append(f"Other sessions' uprobes on this machine (watched with `bpftool perf list`): the benchmark "
-                 f"waited {g['seconds_waited']} s in all for them to go away before runs, redid "
-                 f"{g['runs_redone']} runs during which some appeared, and kept {g['runs_with_foreign_uprobes']} "
-                 f"of {g['timed_runs']} timed runs that still had some (after 2 retries).\n")
-    if res.get("section_seconds"):
-        L.append("Time per section: " + ", ".join(
-            f"{k} {v:.0f} s" + (f" (of which {res['section_gate_wait_s'][k]:.0f} s waiting for other sessions' "
-                                f"uprobes)" if res.get("section_gate_wait_s", {}).get(k) else "")
-            for k, v in res["section_seconds"].items()) + ".\n")
+             f"Plugin measured: {plugin_desc(res)}.\n")
+    secs = res.get("sections", {})
+    if secs:
+        L.append("| section | run at | took | load average | plugin code | timed runs | redone (foreign uprobes "
+                 "appeared) | kept with foreign uprobes | waited for them |")
+        L.append("|---|---|---|---|---|---|---|---|---|")
+        for k, m in ((k, secs[k]) for k in SECTIONS if k in secs):
+            L.append(f"| {k}{' (--quick)' if m.get('quick') else ''} | {m['date']} | {m['seconds']:.0f} s | "
+                     f"{m['loadavg']} | {m['code']} | {m['timed_runs']:.0f} | {m['runs_redone']:.0f} | "
+                     f"{m['runs_with_foreign_uprobes']:.0f} | {m['seconds_waited']:.0f} s |")
+        L.append("")
+        L.append("Foreign uprobes: other sessions on this machine loading their own tracers (watched with "
+                 "`bpftool perf list`). They slow every process, ours included; a run during which some "
+                 "appeared is redone (at most twice, 40 redos in all).\n")
     L.append("## Targets\n")
     L.append("| target | goal | measured (wall) | met (wall) | measured (CPU) | met (CPU) |")
     L.append("|---|---|---|---|---|---|")
@@ -1160,7 +1164,7 @@ def markdown(res: dict) -> str:
                  "valgrind slowdown / tracer slowdown | same on CPU time | allocations |")
         L.append("|---|---|---|---|---|---|---|---|---|")
         for key, d in rl["programs"].items():
-            if "tracer_s" not in d:
+            if not all(k in d for k in ("baseline_s", "tracer_s", "valgrind_s")):
                 continue
             L.append(f"| {d['what']} | {f(d['baseline_s']['median'])} | {f(d['tracer_s']['median'])} | "
                      f"{f(d['valgrind_s']['median'], 2)} | {f(d.get('tracer_slowdown'), 2, '×')} | "
@@ -1171,7 +1175,8 @@ def markdown(res: dict) -> str:
                      f"{d.get('allocations_seen', 0):,} |")
         L.append("")
         L.append("Runs (baseline / tracer / valgrind): " + ", ".join(
-            f"{k} {d['baseline_s']['runs']}/{d.get('tracer_s', {}).get('runs', 0)}/{d['valgrind_s']['runs']}"
+            f"{k} {d.get('baseline_s', {}).get('runs', 0)}/{d.get('tracer_s', {}).get('runs', 0)}/"
+            f"{d.get('valgrind_s', {}).get('runs', 0)}"
             for k, d in rl["programs"].items()) + f" (cases slower than {SLOW_RUN_S:.0f} s get fewer runs). LC_ALL=C.")
         for d in rl["programs"].values():
             if d.get("note"):
@@ -1180,7 +1185,7 @@ def markdown(res: dict) -> str:
     pt = res.get("pytest")
     if pt:
         w, c = pt["wall_s"], pt["cpu_s"]
-        L.append(f"## 3. Per-test fixed cost (`pytest -q -p no:cacheprovider`, trivial tests, whole process)\n")
+        L.append("## 3. Per-test fixed cost (`pytest -q -p no:cacheprovider`, trivial tests, whole process)\n")
         L.append("| session | without --ebpf-leaks (s) | with --ebpf-leaks (s) | difference (s) | difference, CPU (s) |")
         L.append("|---|---|---|---|---|")
         rows = [("1 test", "one_off", "one_on", ""), (f"{pt['tests']:,} tests", "many_off", "many_on", "")]
@@ -1261,6 +1266,8 @@ def main(argv=None) -> int:
                          "instead of the working tree")
     ap.add_argument("--json", default=str(BENCH / "results.json"))
     ap.add_argument("--gate-watcher", type=int, default=0, help=argparse.SUPPRESS)
+    ap.add_argument("--merge", action="store_true",
+                    help="keep the other sections' results from the existing results.json (with --only)")
     ap.add_argument("--md", default=str(BENCH / "RESULTS.md"))
     args = ap.parse_args(argv)
     if args.gate_watcher:
@@ -1283,25 +1290,37 @@ def main(argv=None) -> int:
     res: dict = {"quick": args.quick, "config": cfg, "machine": machine_info(), "errors": []}
     funcs = {"churn": bench_churn, "real": bench_real, "pytest": bench_pytest, "report": bench_report,
              "outside": bench_outside}
+    res["sections"] = {}
     for s in SECTIONS:
         if s not in only:
             continue
         la = loadavg()
-        res.setdefault("loadavg", {})[s] = la
         log(f"== {s} (load average {la})")
         t0 = time.monotonic()
-        g0 = GATE.waited
+        g0 = GATE.as_dict()
+        meta = {"date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"), "loadavg": la,
+                "quick": args.quick, "code": CODE["source"]}
         try:
             funcs[s](cfg, res)
         except Exception as e:
-            res["errors"].append(f"{s}: {type(e).__name__}: {e}")
+            meta["error"] = f"{type(e).__name__}: {e}"
             log(f"{s} failed: {e}")
-        res.setdefault("section_seconds", {})[s] = round(time.monotonic() - t0, 1)
-        res.setdefault("section_gate_wait_s", {})[s] = round(GATE.waited - g0, 1)
+        g1 = GATE.as_dict()
+        meta.update({"seconds": round(time.monotonic() - t0, 1),
+                     **{k: round(g1[k] - g0[k], 1) for k in ("seconds_waited", "timed_runs", "runs_redone",
+                                                            "runs_with_foreign_uprobes")}})
+        res["sections"][s] = meta
     GATE.stop()
     res["elapsed_s"] = time.monotonic() - t_start
     res["code"] = dict(CODE)
     res["gate"] = GATE.as_dict()
+    if args.merge and Path(args.json).is_file():
+        old = json.loads(Path(args.json).read_text())
+        for s in SECTIONS:
+            if s not in only and s in old and s in old.get("sections", {}):
+                res[s] = old[s]
+                res["sections"][s] = old["sections"][s]
+    res["errors"] = [f"{s}: {m['error']}" for s, m in res["sections"].items() if m.get("error")]
     res["targets"] = [{k: v for k, v in t.items() if k not in ("nd", "unit")} for t in targets(res)]
     Path(args.json).write_text(json.dumps(res, indent=2) + "\n")
     md = markdown(res)

@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import tempfile
 from typing import Collection, Mapping, Sequence
 from xml.sax.saxutils import escape as _xml_escape
 
@@ -227,17 +226,9 @@ def safe_file_stem(nodeid: str, max_len: int = 120) -> str:
 
 
 def _write_atomic(path: str, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=".ebpf-leaks-", suffix=".tmp", dir=os.path.dirname(path))
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    from .report import write_text_atomic
+
+    write_text_atomic(path, text)
 
 
 def write_flamegraphs(result, outdir: str | os.PathLike, *, weight: str = "bytes",

@@ -67,29 +67,26 @@ def is_extension(path: str, own: frozenset = frozenset()) -> bool:
 _verdicts: dict[tuple[str, frozenset], bool] = {}
 
 
-def extension_ranges(own: frozenset = frozenset()) -> list[tuple[int, int]]:
+def _extension_maps(own: frozenset) -> list[tuple[int, int, int, str]]:
+    """The executable mappings of extension modules (verdicts cached per path)."""
     out = []
-    for s, e, _, p in read_maps():
-        key = (p, own)
+    for m in read_maps():
+        key = (m[3], own)
         v = _verdicts.get(key)
         if v is None:
-            v = _verdicts[key] = is_extension(p, own)
+            v = _verdicts[key] = is_extension(m[3], own)
         if v:
-            out.append((s, e))
+            out.append(m)
     return out
+
+
+def extension_ranges(own: frozenset = frozenset()) -> list[tuple[int, int]]:
+    return [(s, e) for s, e, _, _ in _extension_maps(own)]
 
 
 def extension_modules(own: frozenset = frozenset()) -> list[str]:
     """Paths of the extension modules (see is_extension) mapped now."""
-    seen = []
-    for _, _, _, p in read_maps():
-        key = (p, own)
-        v = _verdicts.get(key)
-        if v is None:
-            v = _verdicts[key] = is_extension(p, own)
-        if v and p not in seen:
-            seen.append(p)
-    return seen
+    return list(dict.fromkeys(p for _, _, _, p in _extension_maps(own)))
 
 
 def pymalloc_active() -> bool:

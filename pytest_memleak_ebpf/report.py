@@ -153,14 +153,13 @@ def json_report(entries: Iterable[dict], *, session: dict | None = None) -> dict
     return doc
 
 
-def write_json_atomic(path: str, doc: dict) -> None:
-    """Write `doc` to `path` atomically (temp file in the same directory + rename)."""
+def write_text_atomic(path: str, text: str) -> None:
+    """Write `text` to `path` atomically (temp file in the same directory + rename)."""
     directory = os.path.dirname(os.path.abspath(path)) or "."
-    fd, tmp = tempfile.mkstemp(prefix=".ebpf-leaks-", suffix=".json.tmp", dir=directory)
+    fd, tmp = tempfile.mkstemp(prefix=".ebpf-leaks-", suffix=".tmp", dir=directory)
     try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(doc, f, indent=2)
-            f.write("\n")
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -168,3 +167,7 @@ def write_json_atomic(path: str, doc: dict) -> None:
         except OSError:
             pass
         raise
+
+
+def write_json_atomic(path: str, doc: dict) -> None:
+    write_text_atomic(path, json.dumps(doc, indent=2) + "\n")

@@ -783,6 +783,13 @@ class _RawDwarf:
     def sec(self, name: str) -> bytes | None:
         return self._s.get(name)
 
+    def _initial_length(self, data: bytes, pos: int) -> tuple[int, int, int]:
+        """A DWARF unit's initial length: (length, position after it, offset size)."""
+        length = self._int(data, pos, 4)
+        if length == 0xFFFFFFFF:
+            return self._int(data, pos + 4, 8), pos + 12, 8
+        return length, pos + 4, 4
+
     def _int(self, data, pos: int, size: int) -> int:
         if pos < 0 or pos + size > len(data):
             raise IndexError("read past end of section")
@@ -1037,13 +1044,7 @@ class _RawDwarf:
         pos = 0
         while pos + 16 <= len(data):
             unit = pos
-            length = self._int(data, pos, 4)
-            pos += 4
-            off_size = 4
-            if length == 0xFFFFFFFF:
-                length = self._int(data, pos, 8)
-                pos += 8
-                off_size = 8
+            length, pos, off_size = self._initial_length(data, pos)
             end = pos + length
             pos += 2  # version
             cu_off = self._int(data, pos, off_size)
@@ -1081,14 +1082,7 @@ class _RawDwarf:
         data = self.sec(".debug_line")
         if data is None or not isinstance(offset, int):
             return None
-        pos = offset
-        length = self._int(data, pos, 4)
-        pos += 4
-        off_size = 4
-        if length == 0xFFFFFFFF:
-            length = self._int(data, pos, 8)
-            pos += 8
-            off_size = 8
+        length, pos, off_size = self._initial_length(data, offset)
         unit_end = pos + length
         version = self._int(data, pos, 2)
         pos += 2

@@ -119,6 +119,14 @@ def _tracepoint_has_field(event: str, name: str) -> bool:
     return False
 
 
+COUNTERS = ("alloc_bytes", "alloc_blocks", "free_blocks", "lost_blocks", "lost_handoffs", "lost_stacks")
+
+
+def _counters(v) -> dict:
+    """The lifetime and loss counters of a track_t or proc_t value."""
+    return {name: int(getattr(v, name)) for name in COUNTERS}
+
+
 def _int(v) -> int:
     return int(getattr(v, "value", v))
 
@@ -299,13 +307,11 @@ class Tracer:
     def close_window(self) -> dict:
         """Stop recording the root's allocations; returns its lifetime counters."""
         with self._lock:
-            counters = {"alloc_bytes": 0, "alloc_blocks": 0, "free_blocks": 0,
-                        "lost_blocks": 0, "lost_handoffs": 0, "lost_stacks": 0}
+            counters = dict.fromkeys(COUNTERS, 0)
             for tgid in self._roots:
                 try:
-                    v = self._tracked[self._tracked.Key(tgid)]
-                    for k in counters:
-                        counters[k] += int(getattr(v, k))
+                    for k, n in _counters(self._tracked[self._tracked.Key(tgid)]).items():
+                        counters[k] += n
                 except KeyError:
                     pass
                 self._set_root(tgid, self._test_id)
@@ -421,14 +427,7 @@ class Tracer:
                 if int(v.flags) & TF_ROOT or int(v.test_id) != test_id:
                     continue
                 found = True
-                running[int(v.serial)] = {
-                    "alloc_bytes": int(v.alloc_bytes),
-                    "alloc_blocks": int(v.alloc_blocks),
-                    "free_blocks": int(v.free_blocks),
-                    "lost_blocks": int(v.lost_blocks),
-                    "lost_handoffs": int(v.lost_handoffs),
-                    "lost_stacks": int(v.lost_stacks),
-                }
+                running[int(v.serial)] = _counters(v)
                 self._delete(self._tracked, k)
             if not found:
                 break
@@ -491,12 +490,7 @@ class Tracer:
             "signal": int(v.signal) if flags & PF_TERMINATED and int(v.signal) else None,
             "start_ns": int(v.start_ns),
             "exit_ns": int(v.exit_ns) or None,
-            "alloc_bytes": int(v.alloc_bytes),
-            "alloc_blocks": int(v.alloc_blocks),
-            "free_blocks": int(v.free_blocks),
-            "lost_blocks": int(v.lost_blocks),
-            "lost_handoffs": int(v.lost_handoffs),
-            "lost_stacks": int(v.lost_stacks),
+            **_counters(v),
         }
         if running is not None and not d["exited"]:
             d.update(running)
