@@ -529,6 +529,17 @@ class _SymbolTable:
 # --------------------------------------------------------------------------
 
 
+def _cstrings(data: bytes, pos: int, out: list) -> int:
+    """Append NUL-terminated strings to `out` up to an empty one; return the
+    position after it (DWARF 2-4 include_directories)."""
+    while True:
+        stop = data.index(b"\0", pos)
+        if stop == pos:
+            return pos + 1
+        out.append(bytes(data[pos:stop]))
+        pos = stop + 1
+
+
 def _uleb(data, pos: int) -> tuple[int, int]:
     b = data[pos]
     if b < 0x80:
@@ -1140,13 +1151,7 @@ class _RawDwarf:
                 names.append(p)
                 dir_of.append(d)
         else:
-            while True:
-                stop = data.index(b"\0", pos)
-                if stop == pos:
-                    pos += 1
-                    break
-                dirs.append(bytes(data[pos:stop]))
-                pos = stop + 1
+            pos = _cstrings(data, pos, dirs)
             while True:
                 stop = data.index(b"\0", pos)
                 if stop == pos:

@@ -543,6 +543,19 @@ def valgrind_available(valgrind: str = "valgrind") -> bool:
 _NO_CORE = ["/bin/sh", "-c", 'ulimit -c 0 && exec "$@"', "sh"]
 
 
+def _communicate(proc: subprocess.Popen, timeout: float):
+    """proc.communicate(); on timeout kill the whole process group, then re-raise."""
+    try:
+        return proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.communicate()
+        raise
+
+
 def run_valgrind(
     argv: Sequence[Union[str, os.PathLike]],
     *,
@@ -613,15 +626,7 @@ def run_valgrind(
             stderr=stderr,
             start_new_session=True,
         )
-        try:
-            out, err = proc.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            proc.communicate()
-            raise
+        out, err = _communicate(proc, timeout)
         images, heaps, logs = _collect(log_dir)
         result = ValgrindResult(
             argv=argv,
@@ -901,15 +906,7 @@ def run_native_trace(
             stdin=stdin, stdout=stdout, stderr=stderr,
             start_new_session=True,
         )
-        try:
-            out, err = proc.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            proc.communicate()
-            raise
+        out, err = _communicate(proc, timeout)
         if not out_path.exists():
             raise ValgrindError(
                 f"gdb tracer produced no result for {argv!r} (gdb rc "
