@@ -11,7 +11,7 @@ fi
 KREL="$(uname -r)"
 need=()
 have_pkg() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q 'install ok installed'; }
-for p in python3-bpfcc bpftool valgrind gcc make libc6-dev libc6-dbg sqlite3 xz-utils; do
+for p in python3-bpfcc bpftool valgrind gcc g++ make libc6-dev libc6-dbg sqlite3 xz-utils jq gdb procps; do
     have_pkg "$p" || need+=("$p")
 done
 headers_ok() { [ -e "/lib/modules/$KREL/build/include/linux/kconfig.h" ] || [ -e "/lib/modules/$KREL/build/include/generated/autoconf.h" ]; }
