@@ -313,9 +313,7 @@ def apply_suppressions(result: TestLeakResult, suppressions: Sequence) -> TestLe
     excludes them while `outstanding` stays raw. Re-evaluates the budget."""
     from .suppressions import apply
 
-    if not suppressions:
-        return result
-    summary = apply(result, suppressions)
+    summary = apply(result, suppressions or ())
     stacks = [s for p in result.processes for s in p.stacks]
     if result.in_process is not None:
         stacks += result.in_process.stacks

@@ -22,6 +22,7 @@ class Settings:
     max_processes: int = 1 << 15
     on_incomplete: str = "error"          # "error" | "warn"
     in_process: str = "extensions"        # "extensions" | "all" | "off"
+    in_process_scope: str = "call"        # "call" | "test" (setup + call + teardown)
     own_modules: frozenset = frozenset()  # modules the plugin itself loaded (never extensions)
     suppressions: tuple = ()              # default + files (Suppression objects)
     flamegraph_dir: str | None = None
@@ -182,7 +183,26 @@ class LeakEngine:
         self.symbolizer.add_candidate(path)
         return self._resolve(1, bid.hex(), file_offset)
 
+    def finish_in_process(self, result: TestLeakResult, budget) -> TestLeakResult:
+        """Scope "test": the window that spanned setup, call and teardown ends
+        now; add its figures to the test's result and re-evaluate the budget."""
+        self.close_window(collect=True)
+        blocks, counters, stacks = self.tracer.collect_window()
+        t0 = time.monotonic()
+        result.in_process = account_in_process(self.settings.in_process, blocks, stacks, self._resolve,
+                                               self._resolve_ext, counters)
+        sups = list(self.settings.suppressions)
+        if budget.suppress:
+            from .suppressions import from_patterns
+
+            sups += from_patterns(budget.suppress, source="marker")
+        apply_suppressions(result, sups)
+        self.report_seconds += time.monotonic() - t0
+        return result
+
     def abandon(self) -> None:
+        if self.tracer._in_window:
+            self.tracer.close_window()
         """Stop tracking the current test without reporting (interrupted)."""
         if self._current is not None:
             test_id, self._current = self._current, None

@@ -51,6 +51,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="write folded stacks and an SVG flame graph of leaked bytes per failing test into DIR")
     group.addoption("--ebpf-leaks-wait", metavar="SECONDS", default=None,
                     help="at the end of a test, wait up to SECONDS for the processes it launched to exit")
+    group.addoption("--ebpf-leaks-in-process-scope", metavar="call|test", default=None,
+                    help="in-process window: the test call (default), or the whole test with setup and teardown "
+                         "(in-process leaks then fail the test at teardown)")
     group.addoption("--ebpf-leaks-warmup", metavar="N", default=None,
                     help="growth mode for all tests: run the test body N times before measuring")
     group.addoption("--ebpf-leaks-repeat", metavar="M", default=None,
@@ -68,6 +71,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                   help="suppress memory glibc/ld.so/libstdc++ keep until exit (default true)")
     parser.addini("ebpf_leaks_flamegraph", default="", help="flame graph directory")
     parser.addini("ebpf_leaks_wait", default="", help="seconds to wait for a test's processes to exit")
+    parser.addini("ebpf_leaks_in_process_scope", default="call", help="call|test")
     parser.addini("ebpf_leaks_warmup", default="", help="growth mode warmup runs")
     parser.addini("ebpf_leaks_repeat", default="", help="growth mode measured runs")
 
@@ -120,6 +124,10 @@ def _settings(config: pytest.Config):
     in_process = in_process or "extensions"
     if in_process not in IN_PROCESS_CHOICES:
         raise pytest.UsageError(f"{where}: {in_process!r} is not one of {', '.join(IN_PROCESS_CHOICES)}")
+    scope, where = _opt(config, "ebpf_leaks_in_process_scope")
+    scope = scope or "call"
+    if scope not in ("call", "test"):
+        raise pytest.UsageError(f"{where}: {scope!r} is not one of call, test")
     growth = {}
     for name in ("warmup", "repeat"):
         value, where = _opt(config, f"ebpf_leaks_{name}")
@@ -167,6 +175,7 @@ def _settings(config: pytest.Config):
         default_budget=Budget(bytes=size("ebpf_leaks_budget", "0"), blocks=None, checked=True, source="option",
                               warmup=growth.get("warmup"), repeat=growth.get("repeat")),
         in_process=in_process,
+        in_process_scope=scope,
         suppressions=tuple(sups),
         wait=wait,
         flamegraph_dir=flame,
@@ -314,6 +323,13 @@ class LeakChecker:
         if isinstance(budget, MarkerError):
             raise _MarkerFailure(str(budget))
         self.engine.begin()
+        if self._whole_test_window(budget):
+            self.engine.open_window()
+
+    def _whole_test_window(self, budget) -> bool:
+        s = self.engine.settings
+        return s.in_process != "off" and s.in_process_scope == "test" and isinstance(budget, Budget) \
+            and not budget.growth
 
     def pytest_collection_finish(self, session: pytest.Session) -> None:
         """Restart with PYTHONMALLOC=malloc once collection shows that extension
@@ -336,7 +352,7 @@ class LeakChecker:
     def pytest_runtest_call(self, item: pytest.Item):
         budget = item.stash.get(budget_key, None)
         if self.engine.settings.in_process == "off" or not isinstance(budget, Budget) or budget.growth \
-                or not self.engine.active():
+                or not self.engine.active() or self._whole_test_window(budget):
             yield
             return
         # no collect before: frees of older blocks during the window are no-ops
@@ -380,6 +396,9 @@ class LeakChecker:
     def pytest_runtest_makereport(self, item: pytest.Item, call: pytest.CallInfo):
         outcome = yield
         report: pytest.TestReport = outcome.get_result()
+        if call.when == "teardown" and self.engine.tracer._in_window:
+            self._finish_whole_test_window(item, report)
+            return
         if not self.engine.active():
             return
         if call.when == "call" or (call.when == "setup" and report.outcome != "passed"):
@@ -389,6 +408,27 @@ class LeakChecker:
             result = self.engine.finish(item.nodeid, budget)
             item.stash[result_key] = result
             self._apply(item, report, result)
+
+    def _finish_whole_test_window(self, item: pytest.Item, report: pytest.TestReport) -> None:
+        """Scope "test": in-process figures arrive at teardown; a leak then
+        fails the test at teardown (pytest shows it as an error)."""
+        from .report import failure_text
+
+        budget = item.stash.get(budget_key, self.engine.settings.default_budget)
+        result = item.stash.get(result_key, None)
+        if result is None or not isinstance(budget, Budget):
+            self.engine.abandon()
+            return
+        was_over = result.over_budget
+        self.engine.finish_in_process(result, budget)
+        ip = result.in_process
+        props = [("leak_in_process_bytes", ip.leaked.bytes), ("leak_bytes", result.leaked.bytes),
+                 ("leak_blocks", result.leaked.blocks)]
+        report.user_properties.extend(props)
+        if result.over_budget and not was_over and report.outcome == "passed":
+            text = failure_text(result)
+            report.outcome = "failed"
+            report.longrepr = LeakRepr(item, result.headline(), text)
 
     def _apply(self, item: pytest.Item, report: pytest.TestReport, result) -> None:
         from .report import failure_text

@@ -127,6 +127,14 @@ def _counters(v) -> dict:
     return {name: int(getattr(v, name)) for name in COUNTERS}
 
 
+def _copy(c):
+    """A detached copy of a ctypes key/value (batch buffers are reused);
+    simple ctypes elements already come out of arrays as Python ints."""
+    if isinstance(c, int):
+        return c
+    return type(c).from_buffer_copy(c)
+
+
 def _int(v) -> int:
     return int(getattr(v, "value", v))
 
@@ -314,7 +322,7 @@ class Tracer:
                         counters[k] += n
                 except KeyError:
                     pass
-                self._set_root(tgid, self._test_id)
+                self._set_root_fields(tgid, flags=TF_ROOT)
             self._window_counters = counters
             self._in_window = False
             return counters
@@ -335,10 +343,28 @@ class Tracer:
         return out
 
     def _set_root_flags(self, tgid: int, flags: int) -> None:
+        self._set_root_fields(tgid, flags=flags)
+
+    def _set_root_fields(self, tgid: int, **fields) -> None:
+        """Change some fields of a root's entry, keeping its window counters."""
         key = self._tracked.Key(tgid)
         leaf = self._tracked[key]
-        leaf.flags = flags
+        for name, value in fields.items():
+            setattr(leaf, name, value)
         self._tracked[key] = leaf
+
+    def collect_window(self) -> tuple[list[tuple[int, int, int]], dict | None, dict]:
+        """After close_window() outside a test: the closed window's live blocks,
+        counters and their stacks (used when the window spanned a whole test)."""
+        wserial = self._window_serial
+        with self._lock:
+            inproc = [b[1:] for b in self._drain(self._blocks, lambda k, v: (v.serial, v.size, v.stack, v.ext_ip))
+                      if b[0] == wserial]
+            wanted = {h for _, h, _ in inproc if h}
+            stacks = {h: f for h, f in self._drain(
+                self._stacks, lambda k, v: (_int(k), self._frames(v) if _int(k) in wanted else None)) if f}
+            counters, self._window_counters = self._window_counters, None
+        return inproc, counters, stacks
 
     def begin_test(self) -> int:
         self._test_id += 1
@@ -363,10 +389,13 @@ class Tracer:
         Processes of the test still running are reported as running and
         stop being tracked, so they never reach another test's figures.
         """
-        for tgid in self._roots:
-            self._set_root(tgid, 0)
         raw = RawTest()
         with self._lock:
+            for tgid in self._roots:
+                if self._in_window:   # a window spanning the whole test stays open
+                    self._set_root_fields(tgid, test_id=0)
+                else:
+                    self._set_root(tgid, 0)
             try:
                 self.bpf.ring_buffer_consume()
             except Exception:
@@ -386,24 +415,35 @@ class Tracer:
             blocks: dict[int, list[tuple[int, int]]] = {}
             inproc: list[tuple[int, int, int]] = []
             wserial = self._window_serial if self._window_counters is not None else -1
-            for serial, size, stack, ext_ip in self._drain(
-                    self._blocks, lambda k, v: (v.serial, v.size, v.stack, v.ext_ip)):
+            open_serial = self._window_serial if self._in_window else -1
+            keep = []   # the open window's blocks: put back after the drain
+            for serial, size, stack, ext_ip, kv in self._drain(
+                    self._blocks, lambda k, v: (v.serial, v.size, v.stack, v.ext_ip,
+                                                (_copy(k), _copy(v)) if v.serial == open_serial else None)):
                 if serial in procs:
                     blocks.setdefault(serial, []).append((size, stack))
                 elif serial == wserial:
                     inproc.append((size, stack, ext_ip))
+                elif kv is not None:
+                    keep.append(kv)
+            for k, v in keep:
+                self._blocks[self._blocks.Key(k) if isinstance(k, int) else k] = v
             raw.inproc_blocks = inproc
             raw.inproc_counters = self._window_counters
             self._window_counters = None
             wanted = {h for bl in blocks.values() for _, h in bl if h} | {h for _, h, _ in inproc if h}
+            kept_stacks = {int(v.stack) for _, v in keep if int(v.stack)}
             stacks: dict[int, list] = {}
-            if wanted:
-                for h, frames in self._drain(
-                        self._stacks, lambda k, v: (_int(k), self._frames(v) if _int(k) in wanted else None)):
-                    if frames is not None:
-                        stacks[h] = frames
-            else:
-                self._drain(self._stacks, lambda k, v: None)
+            restore = []
+            for h, frames, kv in self._drain(
+                    self._stacks, lambda k, v: (_int(k), self._frames(v) if _int(k) in wanted else None,
+                                                (_copy(k), _copy(v)) if _int(k) in kept_stacks else None)):
+                if frames is not None:
+                    stacks[h] = frames
+                if kv is not None:
+                    restore.append(kv)
+            for k, v in restore:
+                self._stacks[self._stacks.Key(k) if isinstance(k, int) else k] = v
             paths = {s: self._paths.pop(s) for s in list(self._paths) if s in procs}
             # paths of images we will never report (exec'd away, other tests)
             self._paths = {s: p for s, p in self._paths.items() if s > max(procs, default=0)}

@@ -118,3 +118,40 @@ def test_in_process_off_and_all(pytester, run_plugin, leakext):
     result = pytester.runpytest_subprocess("--ebpf-leaks", "--ebpf-leaks-in-process=some")
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     assert "--ebpf-leaks-in-process: 'some' is not one of extensions, all, off" in result.stderr.str()
+
+
+def test_scope_test_widens_the_window_to_setup_and_teardown(pytester, run_plugin, leakext, cbuild):
+    moddir, _ = leakext
+    child = cbuild("child_leak", "#include <stdlib.h>\nint main(void) { malloc(42); return 0; }\n")
+    pytester.makeconftest(f"import sys; sys.path.insert(0, {moddir!r})")
+    pytester.makepyfile(test_scope=f"""
+        import subprocess, pytest, leakext
+        @pytest.fixture
+        def leaky_fixture():
+            leakext.leak(2, 500)      # setup
+            yield
+            leakext.leak(1, 30)       # teardown
+        @pytest.fixture
+        def balanced_fixture():
+            leakext.clean(10)
+            yield
+        @pytest.mark.leak_budget("64 B")      # the child's 42 B pass at the call; the fixture's do not
+        def test_fixture_leaks(leaky_fixture):
+            subprocess.run([{child!r}], check=True)
+        def test_balanced(balanced_fixture):
+            pass
+    """)
+    result, doc = run_plugin("--ebpf-leaks-in-process-scope=test")
+    tests = {t["nodeid"].split("::")[-1]: t for t in doc["tests"]}
+    t = tests["test_fixture_leaks"]
+    assert t["in_process"]["leaked"] == {"bytes": 1030, "blocks": 3}
+    (p,) = t["processes"]
+    assert p["outstanding"] == {"bytes": 42, "blocks": 1}
+    assert t["leaked"] == {"bytes": 1072, "blocks": 4} and t["outcome"] == "error"
+    assert tests["test_balanced"]["leaked"] == {"bytes": 0, "blocks": 0}
+    out = result.stdout.str()
+    assert "ERROR at teardown of test_fixture_leaks" in out
+    # with the default scope (call) the fixture's blocks are not the test's
+    result, doc = run_plugin()
+    t = {x["nodeid"].split("::")[-1]: x for x in doc["tests"]}["test_fixture_leaks"]
+    assert t["in_process"]["leaked"] == {"bytes": 0, "blocks": 0} and t["outcome"] == "passed"
