@@ -44,6 +44,10 @@ class BenchError(RuntimeError):
     pass
 
 
+class VariantNA(BenchError):
+    """A variant that does not apply to this BPF source."""
+
+
 # --------------------------------------------------------------------------
 # configuration
 # --------------------------------------------------------------------------
@@ -389,6 +393,10 @@ def variant_source(kind: str) -> Path:
         new, n = re.subn(r"(static\s+__always_inline\s+u64\s+capture_stack\s*\([^)]*\)\s*\{)",
                          r"\1\n    return 0; /* bench: stack capture disabled */", src, count=1)
     elif kind == "ip-stack":
+        if len(re.findall(r"\bbpf_get_stack\s*\(", src)) > 1:
+            raise VariantNA("this BPF source already walks plain IPs first and does the build-id walk only when "
+                            "that stack is new (a cache keyed by the raw stack): in steady state no build-id "
+                            "lookup happens, so the stack-capture row is the raw walk and its cache")
         # same number of frames as the build-id walk (STACK_DEPTH), 8 bytes each
         new, n = re.subn(r"bpf_get_stack\(\s*ctx\s*,\s*s->frames\s*,\s*sizeof\(s->frames\)\s*,\s*"
                          r"BPF_F_USER_STACK\s*\|\s*BPF_F_USER_BUILD_ID\s*\)",
@@ -618,6 +626,10 @@ def bench_churn(cfg: dict, res: dict) -> None:
         label = "plugin tracer" + ("" if kind == "as-is" else f", variant {kind}: {VARIANTS[kind]}")
         try:
             t = load_tracer(kind)
+        except VariantNA as e:
+            cases[key] = {"label": label, "skipped": str(e)}
+            log(f"churn {key}: not applicable: {e}")
+            continue
         except Exception as e:
             cases[key] = {"label": label, "error": str(e)}
             log(f"churn {key} failed to load: {e}")
@@ -1126,6 +1138,9 @@ def markdown(res: dict) -> str:
                 continue
             if "error" in c:
                 L.append(f"| {c['label']} | error: {c['error'][:300]} | | | | | | |")
+                continue
+            if "skipped" in c:
+                L.append(f"| {c['label']} | n/a: {c['skipped']} | | | | | | |")
                 continue
             u, cu = c["us_per_pair"], c["cpu_us_per_pair"]
             name = c["label"] + (f" (N = {c['n']:,}, {u['runs']} runs)" if c["n"] != ch["n"] else f" ({u['runs']} runs)")

@@ -149,18 +149,19 @@ def _user(uid: int) -> str | None:
 
 
 def aggregate_stacks(
-    blocks: Iterable[tuple[int, int]],
+    blocks: Iterable[tuple],
     stacks: Mapping[int, Sequence[tuple[int, str | None, int]]],
     resolve: FrameResolver,
     *,
     limit: int | None = None,
 ) -> list[StackLeak]:
-    """Group (size, stack-hash) blocks per stack, largest first."""
+    """Group blocks per stack, largest first. Items are (size, stack-hash)
+    for one block or (bytes, stack-hash, blocks) already summed per stack."""
     per: dict[int, Amount] = {}
-    for size, h in blocks:
-        a = per.setdefault(h, Amount())
-        a.bytes += size
-        a.blocks += 1
+    for item in blocks:
+        a = per.setdefault(item[1], Amount())
+        a.bytes += item[0]
+        a.blocks += item[2] if len(item) > 2 else 1
     order = sorted(per.items(), key=lambda kv: (-kv[1].bytes, -kv[1].blocks, kv[0]))
     if limit is not None:
         order = order[:limit]
@@ -258,7 +259,7 @@ def account(
     exe_paths = exe_paths or {}
     for p in processes:
         bl = blocks.get(p["serial"], ())
-        out = Amount(sum(s for s, _ in bl), len(bl))
+        out = Amount(sum(b[0] for b in bl), sum(b[2] if len(b) > 2 else 1 for b in bl))
         proc = ProcessLeak(
             pid=p["pid"],
             ppid=p["ppid"],

@@ -72,7 +72,7 @@ class RawTest:
     """Everything the maps held for one test, as builtin types."""
 
     processes: list[dict] = field(default_factory=list)
-    blocks: dict[int, list[tuple[int, int]]] = field(default_factory=dict)  # serial -> [(size, stack)]
+    blocks: dict[int, list[tuple[int, int, int]]] = field(default_factory=dict)  # serial -> [(bytes, stack, blocks)]
     stacks: dict[int, list[tuple[int, str | None, int]]] = field(default_factory=dict)  # hash -> frames
     paths: dict[int, list[str]] = field(default_factory=dict)  # serial -> exec/open paths
     lost_procs: int = 0
@@ -412,7 +412,7 @@ class Tracer:
                     continue
                 procs[serial] = self._proc_dict(v, running.get(serial))
                 self._delete(self._procs, k)
-            blocks: dict[int, list[tuple[int, int]]] = {}
+            agg: dict[int, dict[int, list[int]]] = {}   # serial -> stack -> [bytes, blocks]
             inproc: list[tuple[int, int, int]] = []
             wserial = self._window_serial if self._window_counters is not None else -1
             open_serial = self._window_serial if self._in_window else -1
@@ -421,17 +421,21 @@ class Tracer:
                     self._blocks, lambda k, v: (v.serial, v.size, v.stack, v.ext_ip,
                                                 (_copy(k), _copy(v)) if v.serial == open_serial else None)):
                 if serial in procs:
-                    blocks.setdefault(serial, []).append((size, stack))
+                    a = agg.setdefault(serial, {}).setdefault(stack, [0, 0])
+                    a[0] += size
+                    a[1] += 1
                 elif serial == wserial:
                     inproc.append((size, stack, ext_ip))
                 elif kv is not None:
                     keep.append(kv)
+            blocks = {serial: [(b, h, n) for h, (b, n) in per.items()] for serial, per in agg.items()}
+            del agg
             for k, v in keep:
                 self._blocks[self._blocks.Key(k) if isinstance(k, int) else k] = v
             raw.inproc_blocks = inproc
             raw.inproc_counters = self._window_counters
             self._window_counters = None
-            wanted = {h for bl in blocks.values() for _, h in bl if h} | {h for _, h, _ in inproc if h}
+            wanted = {h for bl in blocks.values() for _, h, _ in bl if h} | {h for _, h, _ in inproc if h}
             kept_stacks = {int(v.stack) for _, v in keep if int(v.stack)}
             stacks: dict[int, list] = {}
             restore = []
@@ -480,10 +484,11 @@ class Tracer:
         except KeyError:
             pass
 
-    def _batch(self, table, conv, *, delete: bool) -> list:
+    def _batch(self, table, conv, *, delete: bool):
         """All entries of `table` through BPF_MAP_LOOKUP(_AND_DELETE)_BATCH in
         fixed chunks (buffers allocated once), each converted by conv(k, v)
-        to builtin types before the buffers are reused."""
+        to builtin types before the buffers are reused. A generator: callers
+        aggregate as they go, so memory stays proportional to one chunk."""
         import ctypes as ct
         import errno
 
@@ -495,7 +500,6 @@ class Tracer:
         keys, vals = bufs
         fn = bcc.lib.bpf_lookup_and_delete_batch if delete else bcc.lib.bpf_lookup_batch
         token = ct.c_uint32(0)
-        out = []
         first = True
         while True:
             cnt = ct.c_uint32(BATCH_CHUNK)
@@ -503,16 +507,19 @@ class Tracer:
                      ct.byref(keys), ct.byref(vals), ct.byref(cnt))
             err = ct.get_errno()
             for i in range(cnt.value):
-                out.append(conv(keys[i], vals[i]))
+                yield conv(keys[i], vals[i])
             if res != 0:
                 if err == errno.ENOENT:
                     break
                 raise OSError(err, f"BPF map batch operation failed: {os.strerror(err)}")
             first = False
-        return out
 
     def _drain(self, table, conv):
         return self._batch(table, conv, delete=True)
+
+    def _discard(self, table) -> None:
+        for _ in self._batch(table, lambda k, v: None, delete=True):
+            pass
 
     @staticmethod
     def _proc_dict(v, running: dict | None) -> dict:
