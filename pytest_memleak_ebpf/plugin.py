@@ -203,10 +203,12 @@ def pytest_configure(config: pytest.Config) -> None:
     settings = _settings(config)
     if _xdist_controller(config):
         # the workers trace their own tests; the controller merges their reports
+        controller = XdistController(config, settings)
         if settings.in_process != "off":
-            # workers cannot restart themselves: restart the controller, they inherit it
-            _prepare_in_process(config, restart=True, why="for the xdist workers ")
-        config.pluginmanager.register(XdistController(config, settings), PLUGIN_NAME)
+            # workers cannot restart themselves (and the controller does not collect):
+            # say how to make Python objects visible
+            controller.notes = _prepare_in_process(config, restart=False)
+        config.pluginmanager.register(controller, PLUGIN_NAME)
         return
     from .bccloader import BCCNotFound, load_bcc
     from .preflight import EnvironmentProblem, run_all
@@ -263,9 +265,8 @@ def _prepare_in_process(config: pytest.Config, *, restart: bool = False, why: st
     worker = hasattr(config, "workerinput")
     if restart and os.environ.get(REEXEC_ENV) not in ("0", "done") and not worker and hasattr(sys, "orig_argv"):
         env = dict(os.environ, PYTHONMALLOC="malloc", **{REEXEC_ENV: "done"})
-        tw = config.get_terminal_writer()
-        tw.line(f"ebpf-leaks: restarting pytest with PYTHONMALLOC=malloc {why}(set {REEXEC_ENV}=0 to skip)",
-                yellow=True)
+        sys.stdout.write(f"ebpf-leaks: restarting pytest with PYTHONMALLOC=malloc {why}"
+                         f"(set {REEXEC_ENV}=0 to skip)\n")
         sys.stdout.flush()
         sys.stderr.flush()
         try:
@@ -565,9 +566,17 @@ class XdistController:
         self.checked = 0
         self.leaked = 0
 
+    notes: list = []
+
     def pytest_report_header(self, config):
-        return [f"ebpf-leaks: distributed: every xdist worker loads its own tracer; in-process checking: "
-                f"{self.settings.in_process}"]
+        lines = [f"ebpf-leaks: distributed: every xdist worker loads its own tracer; in-process checking: "
+                 f"{self.settings.in_process}"]
+        from .inprocess import pymalloc_active
+
+        if self.settings.in_process != "off" and pymalloc_active():
+            lines.append("ebpf-leaks: with xdist, run pytest with PYTHONMALLOC=malloc to see Python objects "
+                         "that C extensions leak (raw malloc-family blocks are exact either way)")
+        return lines
 
     @pytest.hookimpl(optionalhook=True)
     def pytest_testnodedown(self, node, error):
