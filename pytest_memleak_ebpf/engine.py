@@ -54,6 +54,7 @@ class LeakEngine:
         self._frame_cache: dict[tuple, dict] = {}
         self._maps: list[tuple[int, int, int, str]] | None = None
         self._growth: dict | None = None
+        self._empty_window = False
         self.tracer.add_root(os.getpid())
         self.info = SessionInfo(
             probes=self.tracer.probe_count,
@@ -90,7 +91,11 @@ class LeakEngine:
             if paths:
                 exe_paths[serial] = paths[0]
         in_process = None
-        if raw.inproc_counters is not None:
+        if self._empty_window:
+            self._empty_window = False
+            in_process = account_in_process(self.settings.in_process, [], {}, self._resolve, self._resolve_ext, {},
+                                            growth=self._growth)
+        elif raw.inproc_counters is not None:
             in_process = account_in_process(
                 self.settings.in_process, raw.inproc_blocks, raw.stacks, self._resolve,
                 self._resolve_ext, raw.inproc_counters, growth=self._growth,
@@ -139,13 +144,21 @@ class LeakEngine:
         return self._ranges
 
     def open_window(self) -> None:
-        self.tracer.set_extension_pages(self._extension_ranges())
+        ranges = self._extension_ranges()
+        if self.settings.in_process == "extensions" and not ranges:
+            # nothing could count: attribution needs extension pages set before the
+            # allocations happen. Record an empty window instead of tracing one.
+            self._empty_window = True
+            return
+        self.tracer.set_extension_pages(ranges)
         self.tracer.open_window()
 
     def close_window(self, *, collect: bool = False) -> None:
         """collect: run gc.collect() first (inside the window, so the frees
         it makes are recorded) — skipped in extensions mode when no extension
         module is loaded, as nothing could count then."""
+        if self._empty_window:
+            return
         if collect and (self.settings.in_process == "all" or self._extension_ranges()):
             import gc
 
@@ -155,6 +168,8 @@ class LeakEngine:
 
     def snapshot(self) -> dict:
         """Counted in-process figures now (growth mode, inside a window)."""
+        if self._empty_window:
+            return {"bytes": 0, "blocks": 0}
         blocks = self.tracer.window_snapshot()
         mode = self.settings.in_process
         counted = [b for b in blocks if mode == "all" or b[2]]
@@ -188,6 +203,8 @@ class LeakEngine:
         now; add its figures to the test's result and re-evaluate the budget."""
         self.close_window(collect=True)
         blocks, counters, stacks = self.tracer.collect_window()
+        if counters is None:   # the window was empty (no extension module)
+            blocks, stacks = [], {}
         t0 = time.monotonic()
         result.in_process = account_in_process(self.settings.in_process, blocks, stacks, self._resolve,
                                                self._resolve_ext, counters)
@@ -201,6 +218,7 @@ class LeakEngine:
         return result
 
     def abandon(self) -> None:
+        self._empty_window = False
         if self.tracer._in_window:
             self.tracer.close_window()
         """Stop tracking the current test without reporting (interrupted)."""
