@@ -952,14 +952,16 @@ def bench_report(cfg: dict, res: dict) -> None:
             one(eng, f"bench_report::test_warm_{i}", warm)  # second test of the same session
         finally:
             eng.close()
-        checks.append({"leaked_blocks": result.leaked.blocks, "leaked_bytes": result.leaked.bytes,
+        checks.append({"leaking_processes": len(result.leaking_processes),
+                       "leaked_blocks": result.leaked.blocks, "leaked_bytes": result.leaked.bytes,
                        "stacks": sum(len(p.stacks) for p in result.processes),
                        "incomplete": list(result.incomplete)})
         log(f"report run {i}: total {rows['total_s'][-1]:.3f} s (end_test {rows['end_test_s'][-1]:.3f}, "
             f"accounting {rows['accounting_s'][-1]:.3f}, render {rows['render_s'][-1]:.3f}); "
             f"{result.leaked.blocks:,} blocks")
-    if checks and checks[-1]["leaked_blocks"] < n:
-        raise BenchError(f"the report saw {checks[-1]['leaked_blocks']} leaked blocks, expected >= {n}")
+    if checks and (checks[-1]["leaked_blocks"] < n or checks[-1]["leaking_processes"] != 1):
+        raise BenchError(f"the report saw {checks[-1]['leaked_blocks']} leaked blocks in "
+                         f"{checks[-1]['leaking_processes']} processes, expected >= {n} in 1")
     res["report"] = {"allocations": n, "cold": {k: summary(v, "s") for k, v in rows.items()},
                      "warm": {k: summary(v, "s") for k, v in warm.items()}, "checks": checks,
                      "first_lines": text.splitlines()[:3]}
