@@ -151,8 +151,17 @@ struct rawkey_t {
 struct rawbuf_t {
     u64 ip[STACK_DEPTH];
 };
-BPF_TABLE("lru_hash", struct rawkey_t, u64, rawcache, MAX_RAWCACHE);
+/* value: the build-id stack's hash and the ips it was made from (userspace
+ * learns each module's load bias from them to resolve stacks the kernel
+ * could only give as plain ips) */
+struct rawval_t {
+    u64 h;
+    u64 n;
+    u64 ip[STACK_DEPTH];
+};
+BPF_TABLE("lru_hash", struct rawkey_t, struct rawval_t, rawcache, MAX_RAWCACHE);
 BPF_PERCPU_ARRAY(rawscratch, struct rawbuf_t, 1);
+BPF_PERCPU_ARRAY(rawval_scratch, struct rawval_t, 1);
 BPF_PERCPU_ARRAY(proc_scratch, struct proc_t, 1);
 BPF_ARRAY(counters, u64, CTR_NCOUNTERS);
 struct ext_t {
@@ -266,11 +275,12 @@ static __always_inline u64 capture_stack(struct pt_regs *ctx, struct track_t *t)
 {
     u32 zero = 0;
     struct rawkey_t rk = {.serial = t->serial};
+    u32 rn = 0;
     struct rawbuf_t *rb = rawscratch.lookup(&zero);
     if (rb) {
         long rlen = bpf_get_stack(ctx, rb->ip, sizeof(rb->ip), BPF_F_USER_STACK);
         if (rlen > 0) {
-            u32 rn = rlen / sizeof(u64);
+            rn = rlen / sizeof(u64);
             u64 rh = 0xcbf29ce484222325ULL ^ rn;
             for (int i = 0; i < STACK_DEPTH; i++) {
                 if (i >= rn)
@@ -278,9 +288,9 @@ static __always_inline u64 capture_stack(struct pt_regs *ctx, struct track_t *t)
                 rh = (rh ^ rb->ip[i]) * 0x100000001b3ULL;
             }
             rk.rawhash = rh;
-            u64 *known = rawcache.lookup(&rk);
+            struct rawval_t *known = rawcache.lookup(&rk);
             if (known) {
-                u64 kh = *known;
+                u64 kh = known->h;
                 if (stacks.lookup(&kh))
                     return kh;
             }
@@ -318,8 +328,18 @@ static __always_inline u64 capture_stack(struct pt_regs *ctx, struct track_t *t)
             return 0;
         }
     }
-    if (rk.rawhash)
-        rawcache.update(&rk, &h);
+    /* The kernel falls back to plain ips for the whole stack when it cannot
+     * take the mmap lock (another thread is mapping memory): never cache
+     * such a stack; userspace maps it back through rawcache (tracer.py). */
+    if (rk.rawhash && rb && s->frames[0].status == 1 /* BPF_STACK_BUILD_ID_VALID */) {
+        struct rawval_t *rv = rawval_scratch.lookup(&zero);
+        if (rv) {
+            rv->h = h;
+            rv->n = rn;
+            __builtin_memcpy(rv->ip, rb->ip, sizeof(rv->ip));
+            rawcache.update(&rk, rv);
+        }
+    }
     return h;
 }
 

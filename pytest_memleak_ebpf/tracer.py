@@ -127,6 +127,26 @@ def _counters(v) -> dict:
     return {name: int(getattr(v, name)) for name in COUNTERS}
 
 
+def _place(ip: int, biases) -> tuple:
+    """A plain-ip frame as (VALID, build id, file offset) in the module whose
+    known load bias puts it at the smallest offset, else unchanged."""
+    best = None
+    for bid, bias in biases:
+        off = ip - bias
+        if 0 <= off < (1 << 31) and (best is None or off < best[2]):
+            best = (BUILD_ID_VALID, bid, off)
+    return best or (BUILD_ID_IP, None, ip)
+
+
+def _fnv_ips(ips: list[int]) -> int:
+    """The BPF program's hash of a plain-ip stack (capture_stack)."""
+    mask = (1 << 64) - 1
+    h = 0xCBF29CE484222325 ^ len(ips)
+    for ip in ips:
+        h = ((h ^ ip) * 0x100000001B3) & mask
+    return h
+
+
 def _copy(c):
     """A detached copy of a ctypes key/value (batch buffers are reused);
     simple ctypes elements already come out of arrays as Python ints."""
@@ -437,17 +457,20 @@ class Tracer:
             self._window_counters = None
             wanted = {h for bl in blocks.values() for _, h, _ in bl if h} | {h for _, h, _ in inproc if h}
             kept_stacks = {int(v.stack) for _, v in keep if int(v.stack)}
-            stacks: dict[int, list] = {}
+            all_frames: dict[int, list] = {}
             restore = []
             for h, frames, kv in self._drain(
-                    self._stacks, lambda k, v: (_int(k), self._frames(v) if _int(k) in wanted else None,
+                    self._stacks, lambda k, v: (_int(k), self._frames(v),
                                                 (_copy(k), _copy(v)) if _int(k) in kept_stacks else None)):
-                if frames is not None:
-                    stacks[h] = frames
+                all_frames[h] = frames
                 if kv is not None:
                     restore.append(kv)
             for k, v in restore:
                 self._stacks[self._stacks.Key(k) if isinstance(k, int) else k] = v
+            blocks = self._remap_ip_stacks(blocks, all_frames)
+            wanted = {h for bl in blocks.values() for _, h, _ in bl if h} | {h for _, h, _ in inproc if h}
+            stacks = {h: all_frames[h] for h in wanted if h in all_frames}
+            del all_frames
             paths = {s: self._paths.pop(s) for s in list(self._paths) if s in procs}
             # paths of images we will never report (exec'd away, other tests)
             self._paths = {s: p for s, p in self._paths.items() if s > max(procs, default=0)}
@@ -460,6 +483,44 @@ class Tracer:
         raw.stacks = stacks
         raw.paths = paths
         return raw
+
+    def _remap_ip_stacks(self, blocks, all_frames):
+        """Stacks the kernel returned as plain ips (it could not take the mmap
+        lock: another thread was mapping memory) are resolved through the
+        image's other captures (the BPF program's rawcache): the same ips map
+        to the same build-id stack; otherwise each ip is placed in a module
+        whose load bias (ip - file offset) the image's other stacks revealed."""
+        biases: dict[int, set] = {}      # serial -> {(build_id, bias)}
+        same: dict[tuple, int] = {}      # (serial, raw hash) -> build-id stack hash
+        for serial, rh, h, ips in self._drain(
+                self.bpf[b"rawcache"],
+                lambda k, v: (k.serial, k.rawhash, v.h, [v.ip[i] for i in range(min(v.n, self.config.stack_depth))])):
+            if serial not in blocks:
+                continue
+            same[(serial, rh)] = h
+            frames = all_frames.get(h) or []
+            if len(frames) == len(ips):
+                for (st, bid, off), ip in zip(frames, ips):
+                    if st == BUILD_ID_VALID:
+                        biases.setdefault(serial, set()).add((bid, ip - off))
+        out = {}
+        for serial, bl in blocks.items():
+            per: dict[int, list[int]] = {}
+            for nbytes, h, n in bl:
+                frames = all_frames.get(h)
+                if frames and all(st == BUILD_ID_IP for st, _, _ in frames):
+                    h2 = same.get((serial, _fnv_ips([ip for _, _, ip in frames])))
+                    if h2 in all_frames:
+                        h = h2
+                    elif serial in biases:
+                        fixed = [_place(ip, biases[serial]) for _, _, ip in frames]
+                        h = hash(("remapped", serial, tuple(fixed)))
+                        all_frames[h] = fixed
+                a = per.setdefault(h, [0, 0])
+                a[0] += nbytes
+                a[1] += n
+            out[serial] = [(b, h, n) for h, (b, n) in per.items()]
+        return out
 
     def _untrack_test(self, test_id: int) -> dict[int, dict]:
         """Remove the test's still-running processes from `tracked`; return
