@@ -10,7 +10,6 @@ from dataclasses import dataclass, field
 
 from .accounting import TestLeakResult, account, account_in_process, apply_suppressions
 from .marks import Budget
-from .report import json_report, write_json_atomic
 
 
 @dataclass
@@ -106,12 +105,7 @@ class LeakEngine:
             exe_paths=exe_paths, lost_procs=raw.lost_procs, lost_events=raw.lost_events,
             in_process=in_process,
         )
-        sups = list(self.settings.suppressions)
-        if budget.suppress:
-            from .suppressions import from_patterns
-
-            sups += from_patterns(budget.suppress, source="marker")
-        apply_suppressions(result, sups)
+        apply_suppressions(result, self._suppressions(budget))
         if self.settings.flamegraph_dir and (result.over_budget or result.incomplete):
             from .flamegraph import write_flamegraphs
 
@@ -208,14 +202,18 @@ class LeakEngine:
         t0 = time.monotonic()
         result.in_process = account_in_process(self.settings.in_process, blocks, stacks, self._resolve,
                                                self._resolve_ext, counters)
+        apply_suppressions(result, self._suppressions(budget))
+        self.report_seconds += time.monotonic() - t0
+        return result
+
+    def _suppressions(self, budget) -> list:
+        """The session's suppressions plus the test's marker's own."""
         sups = list(self.settings.suppressions)
         if budget.suppress:
             from .suppressions import from_patterns
 
             sups += from_patterns(budget.suppress, source="marker")
-        apply_suppressions(result, sups)
-        self.report_seconds += time.monotonic() - t0
-        return result
+        return sups
 
     def abandon(self) -> None:
         self._empty_window = False
@@ -263,16 +261,9 @@ class LeakEngine:
             entry["interrupted"] = True
         self.json_entries.append(entry)
 
-    def write_json(self) -> str | None:
-        path = self.settings.json_path
-        if not path:
-            return None
-        write_json_atomic(path, json_report(self.json_entries, session={
-            "probes": self.info.probes,
-            "libc": self.info.libc,
-            "load_seconds": round(self.info.load_seconds, 3),
-        }))
-        return path
+    def session_info(self) -> dict:
+        return {"probes": self.info.probes, "libc": self.info.libc,
+                "load_seconds": round(self.info.load_seconds, 3)}
 
     def close(self) -> None:
         self.tracer.close()

@@ -499,23 +499,13 @@ class LeakChecker:
             self.engine.record_json(result, entry_outcome, interrupted=outcome.excinfo is not None)
 
     def pytest_terminal_summary(self, terminalreporter, exitstatus, config) -> None:
-        from .report import summary_lines
+        from .report import summary_lines, write_summary
 
-        lines = summary_lines(self.engine.results)
         tr = terminalreporter
-        checked = len(self.engine.results)
-        leaked = sum(r.leaked.bytes for r in self.engine.results)
-        failing = sum(1 for sev, _ in lines if sev == "fail")
-        tr.write_sep("=", "ebpf leak summary")
-        tr.write_line(f"{checked} tests checked, {failing} over budget or incomplete; "
-                      f"{leaked:,} B leaked in total; report time {self.engine.report_seconds:.2f} s")
-        for sev, line in lines:
-            tr.write_line(line, red=sev == "fail", yellow=sev == "note")
-        path = self.engine.settings.json_path
-        if path:
-            tr.write_line(f"JSON leak report: {path}")
-        for folded, svg in self.engine.flamegraphs:
-            tr.write_line(f"flame graph: {svg} (folded stacks: {folded})")
+        results = self.engine.results
+        write_summary(tr, summary_lines(results), checked=len(results),
+                      leaked=sum(r.leaked.bytes for r in results), report_seconds=self.engine.report_seconds,
+                      json_path=self.engine.settings.json_path, flamegraphs=self.engine.flamegraphs)
         if config.getoption("ebpf_leaks_gen_suppressions"):
             from .suppressions import gen_suppressions
 
@@ -539,11 +529,10 @@ class LeakChecker:
                 "report_seconds": self.engine.report_seconds,
             })
             return
-        try:
-            self.engine.write_json()
-        except OSError as exc:
-            session.config.get_terminal_writer().line(
-                f"ebpf-leaks: could not write the JSON report {self.engine.settings.json_path!r}: {exc}", red=True)
+        from .report import write_json_report
+
+        write_json_report(session.config, self.engine.settings.json_path, self.engine.json_entries,
+                          self.engine.session_info())
 
     def pytest_unconfigure(self, config) -> None:
         self.engine.close()
@@ -591,27 +580,16 @@ class XdistController:
         self.leaked += d["leaked"]
 
     def pytest_terminal_summary(self, terminalreporter, exitstatus, config):
-        tr = terminalreporter
-        failing = sum(1 for sev, _ in self.summary if sev == "fail")
-        tr.write_sep("=", "ebpf leak summary")
-        tr.write_line(f"{self.checked} tests checked, {failing} over budget or incomplete; "
-                      f"{self.leaked:,} B leaked in total")
-        for sev, line in sorted(self.summary, key=lambda x: x[1]):
-            tr.write_line(line, red=sev == "fail", yellow=sev == "note")
-        if self.settings.json_path:
-            tr.write_line(f"JSON leak report: {self.settings.json_path}")
+        from .report import write_summary
+
+        write_summary(terminalreporter, sorted(self.summary, key=lambda x: x[1]), checked=self.checked,
+                      leaked=self.leaked, json_path=self.settings.json_path, flamegraphs=self.flamegraphs)
 
     def pytest_sessionfinish(self, session, exitstatus):
-        if not self.settings.json_path:
-            return
-        from .report import json_report, write_json_atomic
+        from .report import write_json_report
 
-        entries = sorted(self.entries, key=lambda e: e["nodeid"])
-        try:
-            write_json_atomic(self.settings.json_path, json_report(entries))
-        except OSError as exc:
-            session.config.get_terminal_writer().line(
-                f"ebpf-leaks: could not write the JSON report {self.settings.json_path!r}: {exc}", red=True)
+        write_json_report(session.config, self.settings.json_path,
+                          sorted(self.entries, key=lambda e: e["nodeid"]))
 
 
 def _outcome(reports: list[pytest.TestReport]) -> str:

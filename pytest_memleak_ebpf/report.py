@@ -171,3 +171,29 @@ def write_text_atomic(path: str, text: str) -> None:
 
 def write_json_atomic(path: str, doc: dict) -> None:
     write_text_atomic(path, json.dumps(doc, indent=2) + "\n")
+
+
+def write_summary(tr, lines: list, *, checked: int, leaked: int, report_seconds: float | None = None,
+                  json_path: str | None = None, flamegraphs: Iterable = ()) -> None:
+    """The end-of-run "ebpf leak summary" section on pytest's terminal reporter."""
+    failing = sum(1 for sev, _ in lines if sev == "fail")
+    timing = f"; report time {report_seconds:.2f} s" if report_seconds is not None else ""
+    tr.write_sep("=", "ebpf leak summary")
+    tr.write_line(f"{checked} tests checked, {failing} over budget or incomplete; "
+                  f"{leaked:,} B leaked in total{timing}")
+    for sev, line in lines:
+        tr.write_line(line, red=sev == "fail", yellow=sev == "note")
+    if json_path:
+        tr.write_line(f"JSON leak report: {json_path}")
+    for folded, svg in flamegraphs:
+        tr.write_line(f"flame graph: {svg} (folded stacks: {folded})")
+
+
+def write_json_report(config, path: str | None, entries: list, session: dict | None = None) -> None:
+    """Write the JSON report; an OS error is reported on the terminal, not raised."""
+    if not path:
+        return
+    try:
+        write_json_atomic(path, json_report(entries, session=session))
+    except OSError as exc:
+        config.get_terminal_writer().line(f"ebpf-leaks: could not write the JSON report {path!r}: {exc}", red=True)

@@ -353,17 +353,14 @@ class Tracer:
         serial = self._window_serial
         with self._lock:
             for tgid in self._roots:
-                self._set_root_flags(tgid, TF_ROOT)
+                self._set_root_fields(tgid, flags=TF_ROOT)
             try:
                 out = [b[1:] for b in self._batch(self._blocks, lambda k, v: (v.serial, v.size, v.stack, v.ext_ip),
                                                    delete=False) if b[0] == serial]
             finally:
                 for tgid in self._roots:
-                    self._set_root_flags(tgid, TF_ROOT | TF_ALLOCS)
+                    self._set_root_fields(tgid, flags=TF_ROOT | TF_ALLOCS)
         return out
-
-    def _set_root_flags(self, tgid: int, flags: int) -> None:
-        self._set_root_fields(tgid, flags=flags)
 
     def _set_root_fields(self, tgid: int, **fields) -> None:
         """Change some fields of a root's entry, keeping its window counters."""
@@ -455,7 +452,6 @@ class Tracer:
             raw.inproc_blocks = inproc
             raw.inproc_counters = self._window_counters
             self._window_counters = None
-            wanted = {h for bl in blocks.values() for _, h, _ in bl if h} | {h for _, h, _ in inproc if h}
             kept_stacks = {int(v.stack) for _, v in keep if int(v.stack)}
             all_frames: dict[int, list] = {}
             restore = []
