@@ -430,7 +430,7 @@ class Floor:
     def __init__(self):
         from pytest_memleak_ebpf.bccloader import load_bcc
         T = _tracer_mod()
-        names = set()
+        names = {"alloc_entry", "alloc_return"}   # the uprobe_multi pair (cookie per site)
         for name, (_regs, has_ret) in T.ALLOCATORS.items():
             prefix = T._BPF_FN.get(name, name)
             names.add(f"{prefix}_entry")
@@ -438,7 +438,7 @@ class Floor:
                 names.add(f"{prefix}_return")
         src = "#include <uapi/linux/ptrace.h>\n" + "".join(
             f"int {n}(struct pt_regs *ctx) {{ return 0; }}\n" for n in sorted(names))
-        bcc = load_bcc()
+        bcc = self._bcc = load_bcc()
         t0 = time.monotonic()
         self.bpf = bcc.BPF(text=src.encode())
         self.libc = T.find_libc()
@@ -447,6 +447,8 @@ class Floor:
         self.load_seconds = time.monotonic() - t0
 
     def close(self):
+        for fd in self._links:
+            os.close(fd)
         self.bpf.cleanup()
 
 

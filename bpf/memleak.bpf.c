@@ -19,8 +19,9 @@
 // MAX_EXT_PAGES and SCAN_WORDS for in-process extension attribution;
 // MAX_RAWCACHE for the ip-stack -> build-id-stack cache.
 
+/* Only pt_regs: <linux/sched.h> (nothing here reads a task_struct) doubled the
+ * compile time. */
 #include <uapi/linux/ptrace.h>
-#include <linux/sched.h>
 
 #define FN_MALLOC          1
 #define FN_CALLOC          2
@@ -30,6 +31,7 @@
 #define FN_MEMALIGN        6   /* also aligned_alloc */
 #define FN_VALLOC          7
 #define FN_PVALLOC         8
+#define FN_FREE            9   /* entry only */
 
 #define TF_ROOT            1   /* the pytest process: children are tracked */
 #define TF_ALLOCS          2   /* record this process's own allocations */
@@ -114,10 +116,15 @@ struct handoff_key_t {
     u32 fn;
 };
 
+/* Entries stay while their thread lives (written in place, `live` while a
+ * call is in flight): a lookup and a store per call instead of an insert and
+ * a delete. Deleted when the thread exits; userspace sweeps threads gone
+ * untracked. */
 struct handoff_t {
     u64 a0;
     u64 a1;
-    u64 ts;
+    u64 ts;              /* entry time, for calls that may nest; else 0 */
+    u64 live;
 };
 
 struct stack_t {
@@ -219,7 +226,17 @@ static __always_inline int gen_entry(u32 fn, u64 a0, u64 a1)
     if (!t)
         return 0;
     struct handoff_key_t k = {.tid = (u32)id, .fn = fn};
-    struct handoff_t h = {.a0 = a0, .a1 = a1, .ts = bpf_ktime_get_ns()};
+    /* only calls that may nest compare times (gen_return) */
+    u64 ts = (fn == FN_MALLOC || fn == FN_CALLOC) ? 0 : bpf_ktime_get_ns();
+    struct handoff_t *hp = handoffs.lookup(&k);
+    if (hp) {
+        hp->a0 = a0;
+        hp->a1 = a1;
+        hp->ts = ts;
+        hp->live = 1;
+        return 0;
+    }
+    struct handoff_t h = {.a0 = a0, .a1 = a1, .ts = ts, .live = 1};
     if (handoffs.update(&k, &h) != 0)
         __sync_fetch_and_add(&t->lost_handoffs, 1);
     return 0;
@@ -371,10 +388,10 @@ static __always_inline int gen_return(struct pt_regs *ctx, u32 fn)
     u32 tgid = id >> 32;
     struct handoff_key_t k = {.tid = (u32)id, .fn = fn};
     struct handoff_t *hp = handoffs.lookup(&k);
-    if (!hp)
+    if (!hp || !hp->live)
         return 0;
     struct handoff_t h = *hp;
-    handoffs.delete(&k);
+    hp->live = 0;
     struct track_t *t = allocs_tracked(tgid);
     if (!t)
         return 0;
@@ -455,7 +472,7 @@ int pvalloc_return(struct pt_regs *ctx)       { return gen_return(ctx, FN_PVALLO
 
 /* free is entry-only; the loader may place it after the prologue's
  * single-stepped instructions (argument registers intact there). */
-int free_entry(struct pt_regs *ctx)
+static __always_inline int free_body(struct pt_regs *ctx)
 {
     u64 id = bpf_get_current_pid_tgid();
     u32 tgid = id >> 32;
@@ -469,6 +486,44 @@ int free_entry(struct pt_regs *ctx)
     if (blocks.delete(&k) == 0)
         __sync_fetch_and_add(&t->free_blocks, 1);
     return 0;
+}
+
+int free_entry(struct pt_regs *ctx)           { return free_body(ctx); }
+
+/* Kernels with uprobe_multi links (6.6+): one entry and one return program
+ * for every allocator site, told apart by the attach cookie (the FN_* id the
+ * loader gives each site). Fewer programs, a cheaper path per hit than one
+ * perf event per probe, and one unregistration wait per link at exit. */
+static u64 (*attach_cookie)(void *ctx) = (void *)BPF_FUNC_get_attach_cookie;
+
+int alloc_entry(struct pt_regs *ctx)
+{
+    u32 fn = attach_cookie(ctx);
+    switch (fn) {
+    case FN_FREE:
+        return free_body(ctx);
+    case FN_MALLOC:
+    case FN_VALLOC:
+    case FN_PVALLOC:
+        return gen_entry(fn, PT_REGS_PARM1(ctx), 0);
+    case FN_REALLOCARRAY:
+        return gen_entry(fn, PT_REGS_PARM1(ctx), mul_or_max(PT_REGS_PARM2(ctx), PT_REGS_PARM3(ctx)));
+    case FN_POSIX_MEMALIGN:
+        return gen_entry(fn, PT_REGS_PARM1(ctx), PT_REGS_PARM3(ctx));
+    case FN_CALLOC:
+    case FN_REALLOC:
+    case FN_MEMALIGN:
+        return gen_entry(fn, PT_REGS_PARM1(ctx), PT_REGS_PARM2(ctx));
+    }
+    return 0;
+}
+
+int alloc_return(struct pt_regs *ctx)
+{
+    u32 fn = attach_cookie(ctx);
+    if (fn == 0 || fn >= FN_FREE)
+        return 0;
+    return gen_return(ctx, fn);
 }
 
 /* ---- process lifecycle ------------------------------------------------ */
@@ -653,9 +708,17 @@ TRACEPOINT_PROBE(signal, signal_deliver)
 /* The image ends when its last thread exits. */
 TRACEPOINT_PROBE(sched, sched_process_exit)
 {
-    u32 tgid = bpf_get_current_pid_tgid() >> 32;
+    u64 id = bpf_get_current_pid_tgid();
+    u32 tgid = id >> 32;
     struct track_t *t = tracked.lookup(&tgid);
-    if (!t || (t->flags & TF_ROOT))
+    if (!t)
+        return 0;
+    /* this thread's hand-off slots */
+    for (u32 fn = FN_MALLOC; fn < FN_FREE; fn++) {
+        struct handoff_key_t hk = {.tid = (u32)id, .fn = fn};
+        handoffs.delete(&hk);
+    }
+    if (t->flags & TF_ROOT)
         return 0;
 #ifdef HAVE_GROUP_DEAD
     if (!args->group_dead)

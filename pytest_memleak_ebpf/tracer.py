@@ -7,7 +7,9 @@ reporting layers never see BCC or ctypes objects.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import errno
 import os
 import sys
 import threading
@@ -33,6 +35,13 @@ ALLOCATORS: dict[str, tuple[tuple[str, ...], bool]] = {
 }
 # BPF function prefix per allocator (aligned_alloc has memalign's signature)
 _BPF_FN = {"aligned_alloc": "memalign"}
+# The BPF source's FN_* ids: the attach cookie of each uprobe_multi site
+FN_IDS = {"malloc": 1, "calloc": 2, "realloc": 3, "reallocarray": 4, "posix_memalign": 5,
+          "aligned_alloc": 6, "memalign": 6, "valloc": 7, "pvalloc": 8, "free": 9}
+BPF_TRACE_UPROBE_MULTI = 48      # enum bpf_attach_type (Linux 6.6+)
+BPF_F_UPROBE_MULTI_RETURN = 1
+_BPF_LINK_CREATE = 28
+_NR_BPF = {"x86_64": 321, "aarch64": 280}
 
 TF_ROOT, TF_ALLOCS = 1, 2
 PF_EXITED, PF_TERMINATED = 1, 2
@@ -109,6 +118,34 @@ def find_libc() -> str:
     raise FileNotFoundError("libc.so.6 not found")
 
 
+def _uprobe_multi_link(prog_fd: int, path: str, sites: list[tuple[int, int]], retprobe: bool) -> int:
+    """BPF_LINK_CREATE of a uprobe_multi link: prog_fd on every (file offset,
+    cookie) of `path`. Returns the link fd; OSError when the kernel refuses."""
+    nr = _NR_BPF.get(os.uname().machine)
+    if nr is None:
+        raise OSError(errno.ENOSYS, f"no bpf syscall number known for {os.uname().machine}")
+    n = len(sites)
+    offsets = (ctypes.c_uint64 * n)(*[o for o, _ in sites])
+    cookies = (ctypes.c_uint64 * n)(*[c for _, c in sites])
+    cpath = ctypes.create_string_buffer(os.fsencode(path))
+    attr = (ctypes.c_uint8 * 128)()          # union bpf_attr, link_create member
+    ctypes.c_uint32.from_buffer(attr, 0).value = prog_fd
+    ctypes.c_uint32.from_buffer(attr, 8).value = BPF_TRACE_UPROBE_MULTI
+    ctypes.c_uint64.from_buffer(attr, 16).value = ctypes.addressof(cpath)     # uprobe_multi.path
+    ctypes.c_uint64.from_buffer(attr, 24).value = ctypes.addressof(offsets)   # .offsets
+    ctypes.c_uint64.from_buffer(attr, 40).value = ctypes.addressof(cookies)   # .cookies
+    ctypes.c_uint32.from_buffer(attr, 48).value = n                           # .cnt
+    ctypes.c_uint32.from_buffer(attr, 52).value = BPF_F_UPROBE_MULTI_RETURN if retprobe else 0
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.syscall.restype = ctypes.c_long
+    fd = libc.syscall(ctypes.c_long(nr), ctypes.c_long(_BPF_LINK_CREATE), ctypes.byref(attr),
+                      ctypes.c_uint(ctypes.sizeof(attr)))
+    if fd < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"uprobe_multi link on {path}: {os.strerror(err)}")
+    return int(fd)
+
+
 def _tracepoint_has_field(event: str, name: str) -> bool:
     for d in ("/sys/kernel/tracing", "/sys/kernel/debug/tracing"):
         try:
@@ -168,7 +205,7 @@ class Tracer:
         from .bccloader import load_bcc
 
         self.config = config or TracerConfig()
-        bcc = load_bcc()
+        bcc = self._bcc = load_bcc()
         t0 = time.monotonic()
         c = self.config
         cflags = [
@@ -215,15 +252,20 @@ class Tracer:
     # -- set-up ---------------------------------------------------------
 
     def _attach_allocators(self) -> None:
+        """Place and attach the allocator probes: one uprobe_multi link for all
+        entries and one for all returns where the kernel has them (6.6+), else
+        a perf-event uprobe per site through BCC. Sets self.probes,
+        self.attach_mode and self._links (the link fds, closed first at exit)."""
         wanted = {name: regs for name, (regs, _) in ALLOCATORS.items()}
         placed = _placement.place_probes(self.libc, wanted)
         seen_addresses: set[int] = set()
+        sites = []   # (name, probe vaddr, probe file offset, has_return)
+        self.probes = []
         for name, (regs, has_return) in ALLOCATORS.items():
             sp = placed.get(name)
             if sp is None or sp.address in seen_addresses:
                 continue  # not in this libc, or an alias already probed
             seen_addresses.add(sp.address)
-            prefix = _BPF_FN.get(name, name)
             pl = sp.placement
             # A return probe hijacks the return address at [rsp] where it sits:
             # it may move past the prologue only if nothing skipped touched rsp
@@ -232,16 +274,38 @@ class Tracer:
                 off, insn, emulated = 0, "entry", pl.emulated and pl.offset == 0
             else:
                 off, insn, emulated = pl.offset, pl.insn, pl.emulated
-            addr = sp.address + off
-            lib = self.libc.encode()
+            sites.append((name, sp.address + off, sp.file_offset + off, has_return))
+            self.probes.append(ProbeInfo(name, self.libc, off, insn, emulated, has_return, tuple(sp.aliases)))
+        self._links: list[int] = []
+        self.attach_mode = "perf"
+        self.multi_error = None
+        if os.environ.get("PYTEST_MEMLEAK_EBPF_UPROBE_MULTI", "1") != "0":
+            try:
+                self._attach_multi(sites)
+                self.attach_mode = "uprobe_multi"
+                return
+            except Exception as e:  # kernel before 6.6, or uprobe_multi disabled
+                self.multi_error = str(e)
+                for fd in self._links:
+                    os.close(fd)
+                self._links = []
+        lib = self.libc.encode()
+        for name, addr, _foff, has_return in sites:
+            prefix = _BPF_FN.get(name, name)
             self.bpf.attach_uprobe(name=lib, addr=addr, fn_name=f"{prefix}_entry".encode())
             if has_return:
                 self.bpf.attach_uretprobe(name=lib, addr=addr, fn_name=f"{prefix}_return".encode())
-            self.probes.append(ProbeInfo(name, self.libc, off, insn, emulated, has_return, tuple(sp.aliases)))
+
+    def _attach_multi(self, sites) -> None:
+        bcc = self._bcc
+        entry = self.bpf.load_func(b"alloc_entry", bcc.BPF.KPROBE, attach_type=BPF_TRACE_UPROBE_MULTI)
+        ret = self.bpf.load_func(b"alloc_return", bcc.BPF.KPROBE, attach_type=BPF_TRACE_UPROBE_MULTI)
+        self._links.append(_uprobe_multi_link(entry.fd, self.libc, [(s[2], FN_IDS[s[0]]) for s in sites], False))
+        self._links.append(_uprobe_multi_link(ret.fd, self.libc, [(s[2], FN_IDS[s[0]]) for s in sites if s[3]], True))
 
     @property
     def probe_count(self) -> int:
-        return len(self.bpf.uprobe_fds) + self.tracepoints
+        return sum(1 + p.return_probe for p in self.probes) + self.tracepoints
 
     # -- events -----------------------------------------------------------
 
@@ -418,6 +482,7 @@ class Tracer:
             except Exception:
                 pass
             running = self._untrack_test(test_id)
+            self._sweep_handoffs()
             procs: dict[int, dict] = {}
             for k, v in list(self._procs.items()):
                 serial = _int(k)
@@ -517,6 +582,15 @@ class Tracer:
                 a[1] += n
             out[serial] = [(b, h, n) for h, (b, n) in per.items()]
         return out
+
+    def _sweep_handoffs(self) -> None:
+        """Hand-off slots live as long as their thread (the BPF program deletes
+        them when a tracked thread exits); drop those of threads that ended
+        untracked (still running at their test's end) or changed id at exec."""
+        ho = self.bpf[b"handoffs"]
+        gone = [k for k in list(ho.keys()) if not os.path.exists(f"/proc/{int(k.tid)}")]
+        for k in gone:
+            self._delete(ho, k)
 
     def _untrack_test(self, test_id: int) -> dict[int, dict]:
         """Remove the test's still-running processes from `tracked`; return
@@ -620,6 +694,10 @@ class Tracer:
             return
         self._closed = True
         with self._lock:
+            for fd in self._links:  # before BCC's cleanup: one unregistration wait per link
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+            self._links = []
             try:
                 self.bpf.cleanup()
             except Exception:
