@@ -55,12 +55,12 @@ class VariantNA(BenchError):
 FULL = dict(
     churn_n=1_000_000, runs=5, slow_runs=3, variant_runs=3, memleak_n=300_000,
     sqlite_rows=200_000, sort_mb=50, xz_mb=2, pytest_tests=1000, pytest_runs=3,
-    report_allocs=200_000, report_runs=3, micro_tests=100,
+    report_allocs=200_000, report_runs=3, micro_tests=100, other_sessions=(1, 3),
 )
 QUICK = dict(
     churn_n=200_000, runs=3, slow_runs=1, variant_runs=1, memleak_n=100_000,
     sqlite_rows=50_000, sort_mb=10, xz_mb=1, pytest_tests=200, pytest_runs=1,
-    report_allocs=200_000, report_runs=1, micro_tests=50,
+    report_allocs=200_000, report_runs=1, micro_tests=50, other_sessions=(1,),
 )
 # Inputs scaled down from the issue's figures so one valgrind run stays under ~60 s
 # on a 2-core machine: xz -9 -T1 of 20 MB takes ~38 s natively (valgrind: ~10 min);
@@ -114,7 +114,8 @@ def loadavg() -> float:
 
 
 def count_foreign_uprobes(root: int) -> int:
-    """Uprobes held (per `bpftool perf list`) by processes other than `root` and its descendants."""
+    """Uprobes held (per `bpftool perf list`, and uprobe_multi links per /proc/*/fdinfo) by
+    processes other than `root` and its descendants."""
     try:
         p = subprocess.run(["bpftool", "-j", "perf", "list"], capture_output=True, text=True, timeout=10)
         items = json.loads(p.stdout or "[]")
@@ -136,7 +137,31 @@ def count_foreign_uprobes(root: int) -> int:
 
     probes = [it for it in items if it.get("fd_type") in ("uprobe", "uretprobe")]
     foreign = {pid for pid in {it.get("pid") for it in probes} if isinstance(pid, int) and not ours(pid)}
-    return sum(1 for it in probes if it.get("pid") in foreign)
+    n = sum(1 for it in probes if it.get("pid") in foreign)
+    # uprobe_multi links (the tracer's attach mode on 6.6+) are not perf events
+    return n + sum(1 for pid in uprobe_multi_holders() if not ours(pid))
+
+
+def uprobe_multi_holders() -> list[int]:
+    """One pid per uprobe_multi link fd held on the machine (from /proc/*/fdinfo)."""
+    out = []
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            fds = os.listdir(f"/proc/{d}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                if os.readlink(f"/proc/{d}/fd/{fd}") != "anon_inode:bpf_link":
+                    continue
+                with open(f"/proc/{d}/fdinfo/{fd}") as fh:
+                    if "uprobe_multi" in fh.read():
+                        out.append(int(d))
+            except OSError:
+                continue
+    return out
 
 
 def gate_watcher(root: int) -> int:
@@ -654,6 +679,31 @@ def bench_churn(cfg: dict, res: dict) -> None:
         finally:
             t.close()
 
+    # (b2) other sessions loaded at once (xdist workers: each loads its own program):
+    # the tracing tracer plus K idle ones whose root is a sleeping process
+    for k in cfg["other_sessions"]:
+        key, label = f"tracer_plus_{k}", f"plugin tracer, {k} other session(s) loaded (idle, like xdist workers)"
+        sleeper = subprocess.Popen(["sleep", "3600"])
+        tracers = []
+        try:
+            t = load_tracer()
+            tracers.append(t)
+            t.add_root(os.getpid())
+            for _ in range(k):
+                it = load_tracer()
+                tracers.append(it)
+                it.add_root(sleeper.pid)
+            runs = [churn_traced(t, churn, n)[0] for _ in range(cfg["variant_runs"])]
+            put(key, label, runs, extra={"other_sessions": k})
+        except Exception as e:
+            cases[key] = {"label": label, "error": str(e)}
+            log(f"churn {key} failed: {e}")
+        finally:
+            for t in tracers:
+                t.close()
+            sleeper.kill()
+            sleeper.wait()
+
     # (e) valgrind memcheck
     runs = plain(("valgrind", "--run-libc-freeres=no"))
     put("valgrind", "valgrind memcheck (--run-libc-freeres=no)", runs,
@@ -1144,7 +1194,9 @@ def markdown(res: dict) -> str:
         def mm(k, w):
             return cs.get(k, {}).get(w, {}).get("median")
 
-        for key in ("baseline", "floor", "tracer", "tracer_no_stack", "tracer_ip_stack", "memleak", "valgrind"):
+        others = sorted((k for k in cs if k.startswith("tracer_plus_")), key=lambda k: cs[k].get("other_sessions", 0))
+        for key in ("baseline", "floor", "tracer", "tracer_no_stack", "tracer_ip_stack", *others, "memleak",
+                    "valgrind"):
             c = cs.get(key)
             if not c:
                 continue
@@ -1179,6 +1231,13 @@ def markdown(res: dict) -> str:
             L.append(f"memleak start-up (compile + attach + first report): {f(mlc, 1, ' s')}; its exit after SIGINT: "
                      f"{f(cs['memleak'].get('exit_after_sigint_s', {}).get('median'), 1, ' s')}; neither is in its "
                      f"per-pair figure.")
+        t0 = mm("tracer", "cpu_us_per_pair")
+        grow = [(cs[k]["other_sessions"], mm(k, "cpu_us_per_pair")) for k in others if mm(k, "cpu_us_per_pair")]
+        if t0 and grow:
+            L.append("Other sessions loaded at once (each xdist worker loads its own program; each runs on every "
+                     "allocator hit of every process, and returns at the pid-bitmap filter): " + "; ".join(
+                         f"{k} more: +{f(v - t0, 3)} µs/pair CPU ({f((v - t0) / k, 3)} per session, "
+                         f"{f((v / t0 - 1) * 100, 0)} %)" for k, v in grow) + ".")
         if ch.get("cost_split_cpu_us"):
             L.append("\nWhere the tracer's time per pair goes (differences of CPU-time medians, µs per "
                      "malloc+free pair):\n")

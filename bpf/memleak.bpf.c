@@ -17,7 +17,8 @@
 // MAX_STACKS, MAX_HANDOFFS, STACK_DEPTH, RINGBUF_PAGES, EXE_LEN, and
 // HAVE_GROUP_DEAD when sched_process_exit has the group_dead field;
 // MAX_EXT_PAGES and SCAN_WORDS for in-process extension attribution;
-// MAX_RAWCACHE for the ip-stack -> build-id-stack cache.
+// MAX_RAWCACHE for the ip-stack -> build-id-stack cache; PIDMAP_WORDS for the
+// pid bitmap (pid_max / 64).
 
 /* Only pt_regs: <linux/sched.h> (nothing here reads a task_struct) doubled the
  * compile time. */
@@ -141,6 +142,12 @@ struct event_t {
 };
 
 BPF_HASH(tracked, u32, struct track_t, MAX_PROCS);
+/* One bit per pid (PIDMAP_WORDS = pid_max / 64): set for every tgid in
+ * `tracked`. Probes of processes that are not tracked -- every other process
+ * on the machine, and other sessions' (xdist workers') processes -- stop at
+ * one array read instead of a hash lookup. A hint only: a pid past the map
+ * (pid_max raised later) falls through to the hash. */
+BPF_ARRAY(pidmap, u64, PIDMAP_WORDS);
 BPF_F_TABLE("hash", u64, struct proc_t, procs, MAX_PROCS, BPF_F_NO_PREALLOC);
 BPF_F_TABLE("hash", struct block_key_t, struct block_t, blocks, MAX_BLOCKS, BPF_F_NO_PREALLOC);
 BPF_HASH(handoffs, struct handoff_key_t, struct handoff_t, MAX_HANDOFFS);
@@ -208,9 +215,34 @@ static __always_inline u64 next_serial(void)
     return (bpf_ktime_get_ns() << 8) | (bpf_get_smp_processor_id() & 0xff);
 }
 
+static __always_inline int maybe_tracked(u32 tgid)
+{
+    u32 w = tgid >> 6;
+    u64 *m = pidmap.lookup(&w);
+    return !m || (*m & (1ULL << (tgid & 63)));
+}
+
+static __always_inline void pidmap_set(u32 tgid)
+{
+    u32 w = tgid >> 6;
+    u64 *m = pidmap.lookup(&w);
+    if (m)
+        __sync_fetch_and_or(m, 1ULL << (tgid & 63));
+}
+
+static __always_inline void pidmap_clear(u32 tgid)
+{
+    u32 w = tgid >> 6;
+    u64 *m = pidmap.lookup(&w);
+    if (m)
+        __sync_fetch_and_and(m, ~(1ULL << (tgid & 63)));
+}
+
 /* The filter: tracked image whose own allocations we record, else NULL. */
 static __always_inline struct track_t *allocs_tracked(u32 tgid)
 {
+    if (!maybe_tracked(tgid))
+        return NULL;
     struct track_t *t = tracked.lookup(&tgid);
     if (!t || !(t->flags & TF_ALLOCS))
         return NULL;
@@ -386,6 +418,8 @@ static __always_inline int gen_return(struct pt_regs *ctx, u32 fn)
 {
     u64 id = bpf_get_current_pid_tgid();
     u32 tgid = id >> 32;
+    if (!maybe_tracked(tgid))
+        return 0;
     struct handoff_key_t k = {.tid = (u32)id, .fn = fn};
     struct handoff_t *hp = handoffs.lookup(&k);
     if (!hp || !hp->live)
@@ -565,6 +599,7 @@ TRACEPOINT_PROBE(task, task_newtask)
         count(CTR_LOST_PROCS);
         return 0;
     }
+    pidmap_set(child);
     u32 zero = 0;
     struct proc_t *p = proc_scratch.lookup(&zero);
     if (!p)
@@ -586,6 +621,7 @@ TRACEPOINT_PROBE(task, task_newtask)
     if (procs.update(&t.serial, p) != 0) {
         count(CTR_LOST_PROCS);
         tracked.delete(&child);
+        pidmap_clear(child);
     }
     return 0;
 }
@@ -743,5 +779,6 @@ TRACEPOINT_PROBE(sched, sched_process_exit)
         p->lost_stacks = t->lost_stacks;
     }
     tracked.delete(&tgid);
+    pidmap_clear(tgid);
     return 0;
 }

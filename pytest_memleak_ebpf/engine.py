@@ -34,6 +34,7 @@ class SessionInfo:
     uprobes: int = 0
     load_seconds: float = 0.0
     libc: str = ""
+    attach_mode: str = ""
     placements: list[str] = field(default_factory=list)
 
 
@@ -60,6 +61,7 @@ class LeakEngine:
             uprobes=len(self.tracer.probes),
             load_seconds=self.tracer.load_seconds,
             libc=self.tracer.libc,
+            attach_mode=self.tracer.attach_mode,
             placements=[
                 f"{p.function}@+{p.offset}" + (" (return)" if p.return_probe else f" '{p.instruction}'")
                 for p in self.tracer.probes

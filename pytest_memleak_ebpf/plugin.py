@@ -283,6 +283,9 @@ def _prepare_in_process(config: pytest.Config, *, restart: bool = False, why: st
     return notes
 
 
+_ATTACH = {"uprobe_multi": "2 uprobe_multi links", "perf": "a perf event per probe"}
+
+
 class LeakChecker:
     """Hooks active only with --ebpf-leaks."""
 
@@ -300,9 +303,14 @@ class LeakChecker:
         placed = f", free probed at +{free.offset} ('{free.instruction}')" if free else ""
         lines = [
             f"ebpf-leaks: tracer ready: {info.probes} probes ({info.uprobes} allocator uprobes on "
-            f"{info.libc}{placed}), loaded in {info.load_seconds:.2f} s; default budget "
+            f"{info.libc}{placed}; {_ATTACH.get(info.attach_mode, info.attach_mode)}), loaded in "
+            f"{info.load_seconds:.2f} s; default budget "
             f"{self.engine.settings.default_budget.describe()[7:]}"
         ]
+        why = getattr(self.engine.tracer, "multi_error", None)
+        if info.attach_mode == "perf" and why:
+            lines.append(f"ebpf-leaks: uprobe_multi links unavailable ({why}): one perf event per probe "
+                         "(slower to detach at exit; Linux 6.6+ has them)")
         mode = self.engine.settings.in_process
         lines.append(f"ebpf-leaks: in-process checking: {mode}" + (f"; {'; '.join(self.notes)}" if self.notes else ""))
         return lines

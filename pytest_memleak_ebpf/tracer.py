@@ -146,6 +146,14 @@ def _uprobe_multi_link(prog_fd: int, path: str, sites: list[tuple[int, int]], re
     return int(fd)
 
 
+def _pid_max() -> int:
+    try:
+        with open("/proc/sys/kernel/pid_max") as f:
+            return min(max(int(f.read()), 64), 1 << 22)   # PID_MAX_LIMIT on 64-bit
+    except (OSError, ValueError):
+        return 1 << 22
+
+
 def _tracepoint_has_field(event: str, name: str) -> bool:
     for d in ("/sys/kernel/tracing", "/sys/kernel/debug/tracing"):
         try:
@@ -206,6 +214,7 @@ class Tracer:
 
         self.config = config or TracerConfig()
         bcc = self._bcc = load_bcc()
+        self._pidmap_words = (_pid_max() + 63) // 64
         t0 = time.monotonic()
         c = self.config
         cflags = [
@@ -219,6 +228,7 @@ class Tracer:
             f"-DMAX_EXT_PAGES={int(c.max_ext_pages)}",
             f"-DMAX_RAWCACHE={int(c.max_rawcache)}",
             f"-DSCAN_WORDS={int(c.scan_words)}",
+            f"-DPIDMAP_WORDS={self._pidmap_words}",
             "-Wno-macro-redefined",
         ]
         if _tracepoint_has_field("sched/sched_process_exit", "group_dead"):
@@ -347,9 +357,17 @@ class Tracer:
     # -- per test -------------------------------------------------------
 
     def add_root(self, tgid: int) -> None:
-        """Track processes that `tgid` creates during tests."""
+        """Track processes that `tgid` creates during tests. Before the first
+        test only: the pid bitmap's word is written here without an atomic
+        operation, safe while no tracked process can be forking."""
+        if self._test_id:
+            raise RuntimeError("add_root() after the first test")
         self._roots[tgid] = ""
         self._set_root(tgid, 0)
+        pm = self.bpf[b"pidmap"]
+        if tgid >> 6 < self._pidmap_words:
+            key = pm.Key(tgid >> 6)
+            pm[key] = pm.Leaf(int(pm[key].value) | (1 << (tgid & 63)))
 
     def _set_root(self, tgid: int, test_id: int, *, allocs: bool = False, serial: int = 0) -> None:
         key = self._tracked.Key(tgid)

@@ -80,3 +80,17 @@ def test_frame_formats():
     assert format_frame({"function": "f", "offset": 1, "module": "/x", "file": "a.c", "line": 3}) == "f+0x1 (/x) at a.c:3"
     assert format_frame({"function": None, "module": None, "address": 255}) == "0xff [unknown]"
     assert format_frame({"function": None, "offset": None, "module": None}) == "[stack not captured]"
+
+
+def test_lost_events_warn_but_counts_stay_exact():
+    r = account("t", Budget(0, None), [proc(1, 5)], {1: [(16, 0)]}, {}, resolve, lost_events=7)
+    assert r.leaked.bytes == 16 and r.leaked.blocks == 1
+    assert not r.incomplete
+    assert r.warnings == ["7 exec/open events were lost (ring buffer full): some frames may not be symbolized"]
+
+
+def test_lost_handoffs_and_stacks_name_the_process_and_the_fix():
+    r = account("t", Budget(0, None), [proc(1, 5, lost_handoffs=2, lost_stacks=4)], {}, {}, resolve)
+    assert any("pid 5" in m for m in r.incomplete + r.warnings)
+    assert any("--ebpf-leaks-max-stacks" in w and "4" in w for w in r.warnings)
+    assert r.incomplete, "a lost hand-off means an allocation was not recorded: never a silent pass"
