@@ -483,6 +483,8 @@ static __always_inline int gen_return(struct pt_regs *ctx, u32 fn)
     return 0;
 }
 
+#ifdef PERF_ATTACH
+/* One program per probe site: kernels without uprobe_multi links (before 6.6). */
 int malloc_entry(struct pt_regs *ctx)         { return gen_entry(FN_MALLOC, PT_REGS_PARM1(ctx), 0); }
 int malloc_return(struct pt_regs *ctx)        { return gen_return(ctx, FN_MALLOC); }
 int calloc_entry(struct pt_regs *ctx)         { return gen_entry(FN_CALLOC, PT_REGS_PARM1(ctx), PT_REGS_PARM2(ctx)); }
@@ -503,6 +505,7 @@ int valloc_entry(struct pt_regs *ctx)         { return gen_entry(FN_VALLOC, PT_R
 int valloc_return(struct pt_regs *ctx)        { return gen_return(ctx, FN_VALLOC); }
 int pvalloc_entry(struct pt_regs *ctx)        { return gen_entry(FN_PVALLOC, PT_REGS_PARM1(ctx), 0); }
 int pvalloc_return(struct pt_regs *ctx)       { return gen_return(ctx, FN_PVALLOC); }
+#endif
 
 /* free is entry-only; the loader may place it after the prologue's
  * single-stepped instructions (argument registers intact there). */
@@ -522,7 +525,9 @@ static __always_inline int free_body(struct pt_regs *ctx)
     return 0;
 }
 
+#ifdef PERF_ATTACH
 int free_entry(struct pt_regs *ctx)           { return free_body(ctx); }
+#endif
 
 /* Kernels with uprobe_multi links (6.6+): one entry and one return program
  * for every allocator site, told apart by the attach cookie (the FN_* id the

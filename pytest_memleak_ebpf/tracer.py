@@ -238,6 +238,7 @@ class Tracer:
         ]
         if _tracepoint_has_field("sched/sched_process_exit", "group_dead"):
             cflags.append("-DHAVE_GROUP_DEAD=1")
+        self._cflags = cflags
         self.bpf = bcc.BPF(src_file=str(bpf_source_path()).encode(), cflags=cflags)
         self.libc = libc or find_libc()
         self.probes: list[ProbeInfo] = []
@@ -299,11 +300,17 @@ class Tracer:
                 self._attach_multi(sites)
                 self.attach_mode = "uprobe_multi"
                 return
-            except Exception as e:  # kernel before 6.6, or uprobe_multi disabled
+            except Exception as e:  # kernel before 6.6
                 self.multi_error = str(e)
                 for fd in self._links:
                     os.close(fd)
                 self._links = []
+        # one program per site: the source has them under PERF_ATTACH (compiling
+        # them costs ~0.6 s, so only here)
+        if hasattr(self, "_cflags"):
+            self.bpf.cleanup()
+            self.bpf = self._bcc.BPF(src_file=str(bpf_source_path()).encode(),
+                                     cflags=[*self._cflags, "-DPERF_ATTACH=1"])
         lib = self.libc.encode()
         for name, addr, _foff, has_return in sites:
             prefix = _BPF_FN.get(name, name)

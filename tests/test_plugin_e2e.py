@@ -186,3 +186,25 @@ def test_ini_enables_and_sets_budget(pytester, ebpf, leaker):
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
     result.assert_outcomes(passed=1, failed=1)
     assert "101 B in 1 block leaked by 1 of 1 process (budget 100 B)" in result.stdout.str()
+
+
+@pytest.mark.parametrize("multi", ["1", "0"])
+def test_both_attach_modes_count_exactly(pytester, run_plugin, leaker, monkeypatch, multi):
+    """uprobe_multi links (Linux 6.6+) and one perf event per probe (the fallback,
+    forced here) give the same exact figures; the header says which is in use."""
+    monkeypatch.setenv("PYTEST_MEMLEAK_EBPF_UPROBE_MULTI", multi)
+    pytester.makepyfile(test_inner=f"""
+        import subprocess
+        def test_leaks():
+            subprocess.run([{leaker!r}, "4", "333"], check=True)
+    """)
+    result, doc = run_plugin()
+    out = result.stdout.str()
+    result.assert_outcomes(failed=1)
+    assert "leak budget exceeded: 1,332 B in 4 blocks leaked by 1 of 1 process (budget 0 B)" in out
+    mode = "2 uprobe_multi links" if multi == "1" else "a perf event per probe"
+    assert re.search(rf"ebpf-leaks: tracer ready: \d+ probes \(\d+ allocator uprobes on \S+libc\.so\.6, "
+                     rf"free probed at \+\d+ \('[^']*'\); {re.escape(mode)}\)", out), out
+    t = doc["tests"][0]
+    assert (t["leaked"]["bytes"], t["leaked"]["blocks"]) == (1332, 4)
+    assert t["processes"][0]["allocated"] == {"bytes": 1000 + 4 * 333, "blocks": 5}
