@@ -262,3 +262,30 @@ def test_xdist_gives_the_same_verdicts_numbers_and_json(pytester, run_plugin, lo
     assert len(entries) == 8
     assert cases["test_live[100]"][0] == "leak budget exceeded: 800 B in 100 blocks leaked by 1 of 1 process (budget 0 B)"
     assert cases["test_live[100]"][1]["leak_bytes"] == "800"
+
+
+def test_thread_slots_and_pid_bits_are_released_in_the_kernel(ebpf, load):
+    """The hand-off slots of a thread are deleted by the BPF program when the
+    thread exits, and a process's pid bit when it ends: nothing piles up in the
+    session's maps however many threads and processes the tests launch."""
+    from pytest_memleak_ebpf.tracer import Tracer
+
+    t = Tracer()
+    try:
+        t.add_root(os.getpid())
+        tid = t.begin_test()
+        subprocess.run([load, "threads", "16", "200"], check=True)
+        subprocess.run([load, "procs", "50"], check=True)
+        ho = t.bpf[b"handoffs"]
+        stale = [int(k.tid) for k in ho.keys() if not os.path.exists(f"/proc/{int(k.tid)}")]
+        assert stale == [], f"hand-off slots of threads that exited: {stale[:10]}"
+        pm = t.bpf[b"pidmap"]
+        bits = [w * 64 + b for w, v in ((int(k.value), int(v.value)) for k, v in pm.items()) if v
+                for b in range(64) if v >> b & 1]
+        assert bits == [os.getpid()], bits
+        raw = t.end_test(tid)
+        procs = [p for p in raw.processes if p["comm"] == "load"]
+        assert len(procs) == 52        # `load threads`, `load procs` and its 50 children
+        assert all(p["exited"] for p in procs)
+    finally:
+        t.close()
