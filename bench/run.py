@@ -463,6 +463,10 @@ class Floor:
                 names.add(f"{prefix}_return")
         src = "#include <uapi/linux/ptrace.h>\n" + "".join(
             f"int {n}(struct pt_regs *ctx) {{ return 0; }}\n" for n in sorted(names))
+        # the session program: like the tracer's for a tracked process, every
+        # allocator's return runs, free's is skipped (it has none)
+        src += ("static u64 (*cookie)(void *) = (void *)BPF_FUNC_get_attach_cookie;\n"
+                f"int alloc_session(struct pt_regs *ctx) {{ return cookie(ctx) == {T.FN_IDS['free']}; }}\n")
         bcc = self._bcc = load_bcc()
         t0 = time.monotonic()
         self.bpf = bcc.BPF(text=src.encode())

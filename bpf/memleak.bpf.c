@@ -251,12 +251,14 @@ static __always_inline struct track_t *allocs_tracked(u32 tgid)
 
 /* ---- allocator probes ------------------------------------------------- */
 
+/* Returns 1 when the call's return needs no probe (nothing was handed off):
+ * a uprobe session then skips the return for this call. */
 static __always_inline int gen_entry(u32 fn, u64 a0, u64 a1)
 {
     u64 id = bpf_get_current_pid_tgid();
     struct track_t *t = allocs_tracked(id >> 32);
     if (!t)
-        return 0;
+        return 1;
     struct handoff_key_t k = {.tid = (u32)id, .fn = fn};
     /* only calls that may nest compare times (gen_return) */
     u64 ts = (fn == FN_MALLOC || fn == FN_CALLOC) ? 0 : bpf_ktime_get_ns();
@@ -269,8 +271,10 @@ static __always_inline int gen_entry(u32 fn, u64 a0, u64 a1)
         return 0;
     }
     struct handoff_t h = {.a0 = a0, .a1 = a1, .ts = ts, .live = 1};
-    if (handoffs.update(&k, &h) != 0)
+    if (handoffs.update(&k, &h) != 0) {
         __sync_fetch_and_add(&t->lost_handoffs, 1);
+        return 1;
+    }
     return 0;
 }
 
@@ -484,26 +488,27 @@ static __always_inline int gen_return(struct pt_regs *ctx, u32 fn)
 }
 
 #ifdef PERF_ATTACH
-/* One program per probe site: kernels without uprobe_multi links (before 6.6). */
-int malloc_entry(struct pt_regs *ctx)         { return gen_entry(FN_MALLOC, PT_REGS_PARM1(ctx), 0); }
+/* One program per probe site: kernels without uprobe_multi links (before 6.6).
+ * A non-zero return would make the perf uprobe emit a sample: always 0. */
+int malloc_entry(struct pt_regs *ctx)         { gen_entry(FN_MALLOC, PT_REGS_PARM1(ctx), 0); return 0; }
 int malloc_return(struct pt_regs *ctx)        { return gen_return(ctx, FN_MALLOC); }
-int calloc_entry(struct pt_regs *ctx)         { return gen_entry(FN_CALLOC, PT_REGS_PARM1(ctx), PT_REGS_PARM2(ctx)); }
+int calloc_entry(struct pt_regs *ctx)         { gen_entry(FN_CALLOC, PT_REGS_PARM1(ctx), PT_REGS_PARM2(ctx)); return 0; }
 int calloc_return(struct pt_regs *ctx)        { return gen_return(ctx, FN_CALLOC); }
-int realloc_entry(struct pt_regs *ctx)        { return gen_entry(FN_REALLOC, PT_REGS_PARM1(ctx), PT_REGS_PARM2(ctx)); }
+int realloc_entry(struct pt_regs *ctx)        { gen_entry(FN_REALLOC, PT_REGS_PARM1(ctx), PT_REGS_PARM2(ctx)); return 0; }
 int realloc_return(struct pt_regs *ctx)       { return gen_return(ctx, FN_REALLOC); }
 int reallocarray_entry(struct pt_regs *ctx)
 {
-    return gen_entry(FN_REALLOCARRAY, PT_REGS_PARM1(ctx),
-                     mul_or_max(PT_REGS_PARM2(ctx), PT_REGS_PARM3(ctx)));
+    gen_entry(FN_REALLOCARRAY, PT_REGS_PARM1(ctx), mul_or_max(PT_REGS_PARM2(ctx), PT_REGS_PARM3(ctx)));
+    return 0;
 }
 int reallocarray_return(struct pt_regs *ctx)  { return gen_return(ctx, FN_REALLOCARRAY); }
-int posix_memalign_entry(struct pt_regs *ctx) { return gen_entry(FN_POSIX_MEMALIGN, PT_REGS_PARM1(ctx), PT_REGS_PARM3(ctx)); }
+int posix_memalign_entry(struct pt_regs *ctx) { gen_entry(FN_POSIX_MEMALIGN, PT_REGS_PARM1(ctx), PT_REGS_PARM3(ctx)); return 0; }
 int posix_memalign_return(struct pt_regs *ctx){ return gen_return(ctx, FN_POSIX_MEMALIGN); }
-int memalign_entry(struct pt_regs *ctx)       { return gen_entry(FN_MEMALIGN, PT_REGS_PARM1(ctx), PT_REGS_PARM2(ctx)); }
+int memalign_entry(struct pt_regs *ctx)       { gen_entry(FN_MEMALIGN, PT_REGS_PARM1(ctx), PT_REGS_PARM2(ctx)); return 0; }
 int memalign_return(struct pt_regs *ctx)      { return gen_return(ctx, FN_MEMALIGN); }
-int valloc_entry(struct pt_regs *ctx)         { return gen_entry(FN_VALLOC, PT_REGS_PARM1(ctx), 0); }
+int valloc_entry(struct pt_regs *ctx)         { gen_entry(FN_VALLOC, PT_REGS_PARM1(ctx), 0); return 0; }
 int valloc_return(struct pt_regs *ctx)        { return gen_return(ctx, FN_VALLOC); }
-int pvalloc_entry(struct pt_regs *ctx)        { return gen_entry(FN_PVALLOC, PT_REGS_PARM1(ctx), 0); }
+int pvalloc_entry(struct pt_regs *ctx)        { gen_entry(FN_PVALLOC, PT_REGS_PARM1(ctx), 0); return 0; }
 int pvalloc_return(struct pt_regs *ctx)       { return gen_return(ctx, FN_PVALLOC); }
 #endif
 
@@ -515,29 +520,27 @@ static __always_inline int free_body(struct pt_regs *ctx)
     u32 tgid = id >> 32;
     struct track_t *t = allocs_tracked(tgid);
     if (!t)
-        return 0;
+        return 1;
     u64 addr = PT_REGS_PARM1(ctx);
     if (!addr)
-        return 0;
+        return 1;
     struct block_key_t k = {.tgid = tgid, .addr = addr};
     if (blocks.delete(&k) == 0)
         __sync_fetch_and_add(&t->free_blocks, 1);
-    return 0;
+    return 1;
 }
 
 #ifdef PERF_ATTACH
-int free_entry(struct pt_regs *ctx)           { return free_body(ctx); }
+int free_entry(struct pt_regs *ctx)           { free_body(ctx); return 0; }
 #endif
 
-/* Kernels with uprobe_multi links (6.6+): one entry and one return program
- * for every allocator site, told apart by the attach cookie (the FN_* id the
- * loader gives each site). Fewer programs, a cheaper path per hit than one
- * perf event per probe, and one unregistration wait per link at exit. */
+/* Kernels with uprobe_multi links: programs for every allocator site, told
+ * apart by the attach cookie (the FN_* id the loader gives each site). */
 static u64 (*attach_cookie)(void *ctx) = (void *)BPF_FUNC_get_attach_cookie;
+static u64 (*probe_func_ip)(void *ctx) = (void *)BPF_FUNC_get_func_ip;
 
-int alloc_entry(struct pt_regs *ctx)
+static __always_inline int entry_dispatch(struct pt_regs *ctx, u32 fn)
 {
-    u32 fn = attach_cookie(ctx);
     switch (fn) {
     case FN_FREE:
         return free_body(ctx);
@@ -554,6 +557,14 @@ int alloc_entry(struct pt_regs *ctx)
     case FN_MEMALIGN:
         return gen_entry(fn, PT_REGS_PARM1(ctx), PT_REGS_PARM2(ctx));
     }
+    return 1;
+}
+
+#ifdef ATTACH_MULTI
+/* uprobe_multi (6.6+): an entry link and a return link */
+int alloc_entry(struct pt_regs *ctx)
+{
+    entry_dispatch(ctx, attach_cookie(ctx));
     return 0;
 }
 
@@ -564,6 +575,23 @@ int alloc_return(struct pt_regs *ctx)
         return 0;
     return gen_return(ctx, fn);
 }
+#else
+/* uprobe session (6.13+): one link, one program for entry and return. An
+ * entry returning 1 has the kernel skip this call's return probe: untracked
+ * processes (and free) never pay for the return trampoline. The program runs
+ * at the return with the ip at the caller, at the entry with the ip at the
+ * probed instruction (what bpf_get_func_ip gives in both). */
+int alloc_session(struct pt_regs *ctx)
+{
+    u32 fn = attach_cookie(ctx);
+    if (PT_REGS_IP(ctx) != probe_func_ip(ctx)) {
+        if (fn == 0 || fn >= FN_FREE)
+            return 0;
+        return gen_return(ctx, fn);
+    }
+    return entry_dispatch(ctx, fn);
+}
+#endif
 
 /* ---- process lifecycle ------------------------------------------------ */
 

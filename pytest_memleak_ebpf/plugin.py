@@ -283,7 +283,7 @@ def _prepare_in_process(config: pytest.Config, *, restart: bool = False, why: st
     return notes
 
 
-_ATTACH = {"uprobe_multi": "2 uprobe_multi links", "perf": "a perf event per probe"}
+_ATTACH = {"session": "1 uprobe session link", "multi": "2 uprobe_multi links", "perf": "a perf event per probe"}
 
 
 class LeakChecker:
@@ -307,10 +307,9 @@ class LeakChecker:
             f"{info.load_seconds:.2f} s; default budget "
             f"{self.engine.settings.default_budget.describe()[7:]}"
         ]
-        why = getattr(self.engine.tracer, "multi_error", None)
-        if info.attach_mode == "perf" and why:
-            lines.append(f"ebpf-leaks: uprobe_multi links unavailable ({why}): one perf event per probe "
-                         "(slower to detach at exit; Linux 6.6+ has them)")
+        for mode, why in getattr(self.engine.tracer, "attach_errors", {}).items():
+            lines.append(f"ebpf-leaks: {_ATTACH[mode]} unavailable here ({why}); using the next best "
+                         "(uprobe sessions need Linux 6.13+, uprobe_multi links 6.6+)")
         mode = self.engine.settings.in_process
         lines.append(f"ebpf-leaks: in-process checking: {mode}" + (f"; {'; '.join(self.notes)}" if self.notes else ""))
         return lines

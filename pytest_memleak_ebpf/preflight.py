@@ -13,6 +13,10 @@ class EnvironmentProblem(RuntimeError):
 
 
 TRACEFS_DIRS = ("/sys/kernel/tracing", "/sys/kernel/debug/tracing")
+# How the tracer attaches its allocator probes, best first (tracer.py); the
+# environment variable forces one.
+ATTACH_MODES = ("session", "multi", "perf")
+ATTACH_ENV = "PYTEST_MEMLEAK_EBPF_ATTACH"
 
 
 def _tracefs_ready() -> bool:
@@ -82,9 +86,21 @@ def check_uprobes() -> None:
     )
 
 
+def check_attach_env() -> None:
+    value = os.environ.get(ATTACH_ENV) or "auto"
+    if value == "auto" or value in ATTACH_MODES:
+        return
+    raise EnvironmentProblem(
+        f"{ATTACH_ENV}={value!r} is not a way to attach the allocator probes: use auto (the default: "
+        "the best the kernel has), session (uprobe session link, Linux 6.13+), multi (uprobe_multi "
+        "links, Linux 6.6+) or perf (one perf event per probe, any kernel with uprobes)."
+    )
+
+
 def run_all() -> None:
     if platform.system() != "Linux":
         raise EnvironmentProblem("--ebpf-leaks works on Linux only (it uses eBPF uprobes).")
+    check_attach_env()
     check_privileges()
     ensure_tracefs()
     check_uprobes()

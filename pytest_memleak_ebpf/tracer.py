@@ -39,6 +39,13 @@ _BPF_FN = {"aligned_alloc": "memalign"}
 FN_IDS = {"malloc": 1, "calloc": 2, "realloc": 3, "reallocarray": 4, "posix_memalign": 5,
           "aligned_alloc": 6, "memalign": 6, "valloc": 7, "pvalloc": 8, "free": 9}
 BPF_TRACE_UPROBE_MULTI = 48      # enum bpf_attach_type (Linux 6.6+)
+BPF_TRACE_UPROBE_SESSION = 57    # (Linux 6.13+)
+# How the allocator probes are attached, best first; PYTEST_MEMLEAK_EBPF_ATTACH forces one.
+#   session: one uprobe session link (entry and return in one program; an entry
+#            that needs no return skips it), multi: an entry and a return
+#            uprobe_multi link, perf: BCC's one perf event per probe.
+from .preflight import ATTACH_ENV, ATTACH_MODES  # noqa: E402  (defined there for the option check)
+_MODE_CFLAGS = {"session": [], "multi": ["-DATTACH_MULTI=1"], "perf": ["-DATTACH_MULTI=1", "-DPERF_ATTACH=1"]}
 BPF_F_UPROBE_MULTI_RETURN = 1
 _BPF_LINK_CREATE = 28
 _NR_BPF = {"x86_64": 321, "aarch64": 280}
@@ -118,8 +125,9 @@ def find_libc() -> str:
     raise FileNotFoundError("libc.so.6 not found")
 
 
-def _uprobe_multi_link(prog_fd: int, path: str, sites: list[tuple[int, int]], retprobe: bool) -> int:
-    """BPF_LINK_CREATE of a uprobe_multi link: prog_fd on every (file offset,
+def _uprobe_multi_link(prog_fd: int, path: str, sites: list[tuple[int, int]], retprobe: bool,
+                       attach_type: int = BPF_TRACE_UPROBE_MULTI) -> int:
+    """BPF_LINK_CREATE of a uprobe_multi (or session) link: prog_fd on every (file offset,
     cookie) of `path`. Returns the link fd; OSError when the kernel refuses."""
     nr = _NR_BPF.get(os.uname().machine)
     if nr is None:
@@ -130,7 +138,7 @@ def _uprobe_multi_link(prog_fd: int, path: str, sites: list[tuple[int, int]], re
     cpath = ctypes.create_string_buffer(os.fsencode(path))
     attr = (ctypes.c_uint8 * 128)()          # union bpf_attr, link_create member
     ctypes.c_uint32.from_buffer(attr, 0).value = prog_fd
-    ctypes.c_uint32.from_buffer(attr, 8).value = BPF_TRACE_UPROBE_MULTI
+    ctypes.c_uint32.from_buffer(attr, 8).value = attach_type
     ctypes.c_uint64.from_buffer(attr, 16).value = ctypes.addressof(cpath)     # uprobe_multi.path
     ctypes.c_uint64.from_buffer(attr, 24).value = ctypes.addressof(offsets)   # .offsets
     ctypes.c_uint64.from_buffer(attr, 40).value = ctypes.addressof(cookies)   # .cookies
@@ -239,7 +247,9 @@ class Tracer:
         if _tracepoint_has_field("sched/sched_process_exit", "group_dead"):
             cflags.append("-DHAVE_GROUP_DEAD=1")
         self._cflags = cflags
-        self.bpf = bcc.BPF(src_file=str(bpf_source_path()).encode(), cflags=cflags)
+        forced = os.environ.get(ATTACH_ENV) or "auto"
+        self._modes = ATTACH_MODES if forced == "auto" else (forced,)
+        self.bpf = bcc.BPF(src_file=str(bpf_source_path()).encode(), cflags=[*cflags, *_MODE_CFLAGS[self._modes[0]]])
         self.libc = libc or find_libc()
         self.probes: list[ProbeInfo] = []
         self._attach_allocators()
@@ -293,30 +303,31 @@ class Tracer:
             sites.append((name, sp.address + off, sp.file_offset + off, has_return))
             self.probes.append(ProbeInfo(name, self.libc, off, insn, emulated, has_return, tuple(sp.aliases)))
         self._links: list[int] = []
-        self.attach_mode = "perf"
-        self.multi_error = None
-        if os.environ.get("PYTEST_MEMLEAK_EBPF_UPROBE_MULTI", "1") != "0":
+        self.attach_errors: dict[str, str] = {}
+        modes = getattr(self, "_modes", ATTACH_MODES)
+        for i, mode in enumerate(modes):
+            # The source compiles only the programs of one mode (each copy of the
+            # allocator code costs compile time); the first is built by __init__.
+            if i and hasattr(self, "_cflags"):
+                self.bpf.cleanup()
+                self.bpf = self._bcc.BPF(src_file=str(bpf_source_path()).encode(),
+                                         cflags=[*self._cflags, *_MODE_CFLAGS[mode]])
             try:
-                self._attach_multi(sites)
-                self.attach_mode = "uprobe_multi"
+                getattr(Tracer, f"_attach_{mode}")(self, sites)   # also for bench.Floor
+                self.attach_mode = mode
                 return
-            except Exception as e:  # kernel before 6.6
-                self.multi_error = str(e)
+            except Exception as e:
+                if mode == modes[-1]:
+                    raise
+                self.attach_errors[mode] = str(e)
                 for fd in self._links:
                     os.close(fd)
                 self._links = []
-        # one program per site: the source has them under PERF_ATTACH (compiling
-        # them costs ~0.6 s, so only here)
-        if hasattr(self, "_cflags"):
-            self.bpf.cleanup()
-            self.bpf = self._bcc.BPF(src_file=str(bpf_source_path()).encode(),
-                                     cflags=[*self._cflags, "-DPERF_ATTACH=1"])
-        lib = self.libc.encode()
-        for name, addr, _foff, has_return in sites:
-            prefix = _BPF_FN.get(name, name)
-            self.bpf.attach_uprobe(name=lib, addr=addr, fn_name=f"{prefix}_entry".encode())
-            if has_return:
-                self.bpf.attach_uretprobe(name=lib, addr=addr, fn_name=f"{prefix}_return".encode())
+
+    def _attach_session(self, sites) -> None:
+        prog = self.bpf.load_func(b"alloc_session", self._bcc.BPF.KPROBE, attach_type=BPF_TRACE_UPROBE_SESSION)
+        self._links.append(_uprobe_multi_link(prog.fd, self.libc, [(s[2], FN_IDS[s[0]]) for s in sites], False,
+                                              attach_type=BPF_TRACE_UPROBE_SESSION))
 
     def _attach_multi(self, sites) -> None:
         bcc = self._bcc
@@ -324,6 +335,14 @@ class Tracer:
         ret = self.bpf.load_func(b"alloc_return", bcc.BPF.KPROBE, attach_type=BPF_TRACE_UPROBE_MULTI)
         self._links.append(_uprobe_multi_link(entry.fd, self.libc, [(s[2], FN_IDS[s[0]]) for s in sites], False))
         self._links.append(_uprobe_multi_link(ret.fd, self.libc, [(s[2], FN_IDS[s[0]]) for s in sites if s[3]], True))
+
+    def _attach_perf(self, sites) -> None:
+        lib = self.libc.encode()
+        for name, addr, _foff, has_return in sites:
+            prefix = _BPF_FN.get(name, name)
+            self.bpf.attach_uprobe(name=lib, addr=addr, fn_name=f"{prefix}_entry".encode())
+            if has_return:
+                self.bpf.attach_uretprobe(name=lib, addr=addr, fn_name=f"{prefix}_return".encode())
 
     @property
     def probe_count(self) -> int:

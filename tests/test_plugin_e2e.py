@@ -188,11 +188,11 @@ def test_ini_enables_and_sets_budget(pytester, ebpf, leaker):
     assert "101 B in 1 block leaked by 1 of 1 process (budget 100 B)" in result.stdout.str()
 
 
-@pytest.mark.parametrize("multi", ["1", "0"])
-def test_both_attach_modes_count_exactly(pytester, run_plugin, leaker, monkeypatch, multi):
-    """uprobe_multi links (Linux 6.6+) and one perf event per probe (the fallback,
-    forced here) give the same exact figures; the header says which is in use."""
-    monkeypatch.setenv("PYTEST_MEMLEAK_EBPF_UPROBE_MULTI", multi)
+@pytest.mark.parametrize("mode", ["session", "multi", "perf"])
+def test_every_attach_mode_counts_exactly(pytester, run_plugin, leaker, monkeypatch, mode):
+    """A uprobe session link (6.13+), uprobe_multi links (6.6+) and one perf event
+    per probe (any kernel) give the same exact figures; the header says which."""
+    monkeypatch.setenv("PYTEST_MEMLEAK_EBPF_ATTACH", mode)
     pytester.makepyfile(test_inner=f"""
         import subprocess
         def test_leaks():
@@ -202,9 +202,18 @@ def test_both_attach_modes_count_exactly(pytester, run_plugin, leaker, monkeypat
     out = result.stdout.str()
     result.assert_outcomes(failed=1)
     assert "leak budget exceeded: 1,332 B in 4 blocks leaked by 1 of 1 process (budget 0 B)" in out
-    mode = "2 uprobe_multi links" if multi == "1" else "a perf event per probe"
+    how = {"session": "1 uprobe session link", "multi": "2 uprobe_multi links", "perf": "a perf event per probe"}
     assert re.search(rf"ebpf-leaks: tracer ready: \d+ probes \(\d+ allocator uprobes on \S+libc\.so\.6, "
-                     rf"free probed at \+\d+ \('[^']*'\); {re.escape(mode)}\)", out), out
+                     rf"free probed at \+\d+ \('[^']*'\); {re.escape(how[mode])}\)", out), out
     t = doc["tests"][0]
     assert (t["leaked"]["bytes"], t["leaked"]["blocks"]) == (1332, 4)
     assert t["processes"][0]["allocated"] == {"bytes": 1000 + 4 * 333, "blocks": 5}
+
+
+def test_unknown_attach_mode_is_a_usage_error(pytester, monkeypatch):
+    monkeypatch.setenv("PYTEST_MEMLEAK_EBPF_ATTACH", "kprobe")
+    pytester.makepyfile(test_m="def test_x(): pass")
+    result = pytester.runpytest_subprocess("--ebpf-leaks", "-p", "no:cacheprovider")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    err = result.stderr.str()
+    assert "PYTEST_MEMLEAK_EBPF_ATTACH='kprobe' is not a way to attach" in err and "Traceback" not in err
