@@ -15,7 +15,8 @@
 //
 // Parameters substituted by the loader (tracer.py): MAX_BLOCKS, MAX_PROCS,
 // MAX_STACKS, MAX_HANDOFFS, STACK_DEPTH, RINGBUF_PAGES, EXE_LEN, and
-// HAVE_GROUP_DEAD when sched_process_exit has the group_dead field;
+// HAVE_GROUP_DEAD when sched_process_exit has the group_dead field; one of
+// ATTACH_SESSION, ATTACH_MULTI, ATTACH_PERF (which allocator programs to build);
 // MAX_EXT_PAGES and SCAN_WORDS for in-process extension attribution;
 // MAX_RAWCACHE for the ip-stack -> build-id-stack cache; PIDMAP_WORDS for the
 // pid bitmap (pid_max / 64).
@@ -215,38 +216,46 @@ static __always_inline u64 next_serial(void)
     return (bpf_ktime_get_ns() << 8) | (bpf_get_smp_processor_id() & 0xff);
 }
 
-static __always_inline int maybe_tracked(u32 tgid)
+static __always_inline u64 *pidmap_word(u32 tgid)
 {
     u32 w = tgid >> 6;
-    u64 *m = pidmap.lookup(&w);
+    return pidmap.lookup(&w);
+}
+
+static __always_inline int maybe_tracked(u32 tgid)
+{
+    u64 *m = pidmap_word(tgid);
     return !m || (*m & (1ULL << (tgid & 63)));
 }
 
 static __always_inline void pidmap_set(u32 tgid)
 {
-    u32 w = tgid >> 6;
-    u64 *m = pidmap.lookup(&w);
+    u64 *m = pidmap_word(tgid);
     if (m)
         __sync_fetch_and_or(m, 1ULL << (tgid & 63));
 }
 
 static __always_inline void pidmap_clear(u32 tgid)
 {
-    u32 w = tgid >> 6;
-    u64 *m = pidmap.lookup(&w);
+    u64 *m = pidmap_word(tgid);
     if (m)
         __sync_fetch_and_and(m, ~(1ULL << (tgid & 63)));
 }
 
-/* The filter: tracked image whose own allocations we record, else NULL. */
-static __always_inline struct track_t *allocs_tracked(u32 tgid)
+/* A tracked image whose own allocations we record, else NULL (the hash only:
+ * for callers that already passed the pid bitmap). */
+static __always_inline struct track_t *allocs_lookup(u32 tgid)
 {
-    if (!maybe_tracked(tgid))
-        return NULL;
     struct track_t *t = tracked.lookup(&tgid);
     if (!t || !(t->flags & TF_ALLOCS))
         return NULL;
     return t;
+}
+
+/* The filter: the pid bitmap, then the hash. */
+static __always_inline struct track_t *allocs_tracked(u32 tgid)
+{
+    return maybe_tracked(tgid) ? allocs_lookup(tgid) : NULL;
 }
 
 /* ---- allocator probes ------------------------------------------------- */
@@ -430,7 +439,7 @@ static __always_inline int gen_return(struct pt_regs *ctx, u32 fn)
         return 0;
     struct handoff_t h = *hp;
     hp->live = 0;
-    struct track_t *t = allocs_tracked(tgid);
+    struct track_t *t = allocs_lookup(tgid);
     if (!t)
         return 0;
     u64 ret = PT_REGS_RC(ctx);
@@ -487,30 +496,6 @@ static __always_inline int gen_return(struct pt_regs *ctx, u32 fn)
     return 0;
 }
 
-#ifdef PERF_ATTACH
-/* One program per probe site: kernels without uprobe_multi links (before 6.6).
- * A non-zero return would make the perf uprobe emit a sample: always 0. */
-int malloc_entry(struct pt_regs *ctx)         { gen_entry(FN_MALLOC, PT_REGS_PARM1(ctx), 0); return 0; }
-int malloc_return(struct pt_regs *ctx)        { return gen_return(ctx, FN_MALLOC); }
-int calloc_entry(struct pt_regs *ctx)         { gen_entry(FN_CALLOC, PT_REGS_PARM1(ctx), PT_REGS_PARM2(ctx)); return 0; }
-int calloc_return(struct pt_regs *ctx)        { return gen_return(ctx, FN_CALLOC); }
-int realloc_entry(struct pt_regs *ctx)        { gen_entry(FN_REALLOC, PT_REGS_PARM1(ctx), PT_REGS_PARM2(ctx)); return 0; }
-int realloc_return(struct pt_regs *ctx)       { return gen_return(ctx, FN_REALLOC); }
-int reallocarray_entry(struct pt_regs *ctx)
-{
-    gen_entry(FN_REALLOCARRAY, PT_REGS_PARM1(ctx), mul_or_max(PT_REGS_PARM2(ctx), PT_REGS_PARM3(ctx)));
-    return 0;
-}
-int reallocarray_return(struct pt_regs *ctx)  { return gen_return(ctx, FN_REALLOCARRAY); }
-int posix_memalign_entry(struct pt_regs *ctx) { gen_entry(FN_POSIX_MEMALIGN, PT_REGS_PARM1(ctx), PT_REGS_PARM3(ctx)); return 0; }
-int posix_memalign_return(struct pt_regs *ctx){ return gen_return(ctx, FN_POSIX_MEMALIGN); }
-int memalign_entry(struct pt_regs *ctx)       { gen_entry(FN_MEMALIGN, PT_REGS_PARM1(ctx), PT_REGS_PARM2(ctx)); return 0; }
-int memalign_return(struct pt_regs *ctx)      { return gen_return(ctx, FN_MEMALIGN); }
-int valloc_entry(struct pt_regs *ctx)         { gen_entry(FN_VALLOC, PT_REGS_PARM1(ctx), 0); return 0; }
-int valloc_return(struct pt_regs *ctx)        { return gen_return(ctx, FN_VALLOC); }
-int pvalloc_entry(struct pt_regs *ctx)        { gen_entry(FN_PVALLOC, PT_REGS_PARM1(ctx), 0); return 0; }
-int pvalloc_return(struct pt_regs *ctx)       { return gen_return(ctx, FN_PVALLOC); }
-#endif
 
 /* free is entry-only; the loader may place it after the prologue's
  * single-stepped instructions (argument registers intact there). */
@@ -530,15 +515,14 @@ static __always_inline int free_body(struct pt_regs *ctx)
     return 1;
 }
 
-#ifdef PERF_ATTACH
-int free_entry(struct pt_regs *ctx)           { free_body(ctx); return 0; }
-#endif
 
 /* Kernels with uprobe_multi links: programs for every allocator site, told
  * apart by the attach cookie (the FN_* id the loader gives each site). */
 static u64 (*attach_cookie)(void *ctx) = (void *)BPF_FUNC_get_attach_cookie;
 static u64 (*probe_func_ip)(void *ctx) = (void *)BPF_FUNC_get_func_ip;
 
+/* An allocator's entry: its arguments by function; 1 when its return needs
+ * no probe. */
 static __always_inline int entry_dispatch(struct pt_regs *ctx, u32 fn)
 {
     switch (fn) {
@@ -560,6 +544,31 @@ static __always_inline int entry_dispatch(struct pt_regs *ctx, u32 fn)
     return 1;
 }
 
+static __always_inline int return_dispatch(struct pt_regs *ctx, u32 fn)
+{
+    if (fn == 0 || fn >= FN_FREE)
+        return 0;
+    return gen_return(ctx, fn);
+}
+
+#ifdef ATTACH_PERF
+/* One program per probe site: kernels without uprobe_multi links (before 6.6).
+ * A non-zero return would make the perf uprobe emit a sample: always 0.
+ * (fn is a constant here: each dispatch folds to its one case.) */
+#define PER_SITE(name, fn) \
+    int name##_entry(struct pt_regs *ctx)  { entry_dispatch(ctx, fn); return 0; } \
+    int name##_return(struct pt_regs *ctx) { return_dispatch(ctx, fn); return 0; }
+PER_SITE(malloc, FN_MALLOC)
+PER_SITE(calloc, FN_CALLOC)
+PER_SITE(realloc, FN_REALLOC)
+PER_SITE(reallocarray, FN_REALLOCARRAY)
+PER_SITE(posix_memalign, FN_POSIX_MEMALIGN)
+PER_SITE(memalign, FN_MEMALIGN)
+PER_SITE(valloc, FN_VALLOC)
+PER_SITE(pvalloc, FN_PVALLOC)
+int free_entry(struct pt_regs *ctx)           { free_body(ctx); return 0; }
+#endif
+
 #ifdef ATTACH_MULTI
 /* uprobe_multi (6.6+): an entry link and a return link */
 int alloc_entry(struct pt_regs *ctx)
@@ -570,12 +579,11 @@ int alloc_entry(struct pt_regs *ctx)
 
 int alloc_return(struct pt_regs *ctx)
 {
-    u32 fn = attach_cookie(ctx);
-    if (fn == 0 || fn >= FN_FREE)
-        return 0;
-    return gen_return(ctx, fn);
+    return return_dispatch(ctx, attach_cookie(ctx));
 }
-#else
+#endif
+
+#ifdef ATTACH_SESSION
 /* uprobe session (6.13+): one link, one program for entry and return. An
  * entry returning 1 has the kernel skip this call's return probe: untracked
  * processes (and free) never pay for the return trampoline. The program runs
@@ -584,16 +592,28 @@ int alloc_return(struct pt_regs *ctx)
 int alloc_session(struct pt_regs *ctx)
 {
     u32 fn = attach_cookie(ctx);
-    if (PT_REGS_IP(ctx) != probe_func_ip(ctx)) {
-        if (fn == 0 || fn >= FN_FREE)
-            return 0;
-        return gen_return(ctx, fn);
-    }
+    if (PT_REGS_IP(ctx) != probe_func_ip(ctx))
+        return return_dispatch(ctx, fn);
     return entry_dispatch(ctx, fn);
 }
 #endif
 
 /* ---- process lifecycle ------------------------------------------------ */
+
+/* A path event for userspace, header filled; NULL (counted) when the ring
+ * buffer is full. */
+static __always_inline struct event_t *reserve_event(u32 type, u32 tgid, u64 serial)
+{
+    struct event_t *e = events.ringbuf_reserve(sizeof(struct event_t));
+    if (!e) {
+        count(CTR_LOST_EVENTS);
+        return NULL;
+    }
+    e->type = type;
+    e->tgid = tgid;
+    e->serial = serial;
+    return e;
+}
 
 static __always_inline void fill_proc(struct proc_t *p, struct track_t *t, u32 tgid)
 {
@@ -693,14 +713,9 @@ TRACEPOINT_PROBE(sched, sched_process_exec)
     if (procs.update(&t->serial, p) != 0)
         count(CTR_LOST_PROCS);
 
-    struct event_t *e = events.ringbuf_reserve(sizeof(struct event_t));
-    if (!e) {
-        count(CTR_LOST_EVENTS);
+    struct event_t *e = reserve_event(EV_EXEC, tgid, t->serial);
+    if (!e)
         return 0;
-    }
-    e->type = EV_EXEC;
-    e->tgid = tgid;
-    e->serial = t->serial;
     bpf_probe_read_kernel_str(e->path, sizeof(e->path), (void *)args + loc);
     events.ringbuf_submit(e, 0);
     return 0;
@@ -716,14 +731,9 @@ TRACEPOINT_PROBE(syscalls, sys_enter_openat)
     struct track_t *t = tracked.lookup(&tgid);
     if (!t || (t->flags & TF_ROOT))
         return 0;
-    struct event_t *e = events.ringbuf_reserve(sizeof(struct event_t));
-    if (!e) {
-        count(CTR_LOST_EVENTS);
+    struct event_t *e = reserve_event(EV_OPEN, tgid, t->serial);
+    if (!e)
         return 0;
-    }
-    e->type = EV_OPEN;
-    e->tgid = tgid;
-    e->serial = t->serial;
     if (bpf_probe_read_user_str(e->path, sizeof(e->path), (void *)args->filename) < 0)
         e->path[0] = 0;
     events.ringbuf_submit(e, 0);

@@ -307,7 +307,7 @@ class LeakChecker:
             f"{info.load_seconds:.2f} s; default budget "
             f"{self.engine.settings.default_budget.describe()[7:]}"
         ]
-        for mode, why in getattr(self.engine.tracer, "attach_errors", {}).items():
+        for mode, why in self.engine.tracer.attach_errors.items():
             lines.append(f"ebpf-leaks: {_ATTACH[mode]} unavailable here ({why}); using the next best "
                          "(uprobe sessions need Linux 6.13+, uprobe_multi links 6.6+)")
         mode = self.engine.settings.in_process

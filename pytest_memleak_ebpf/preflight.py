@@ -13,8 +13,11 @@ class EnvironmentProblem(RuntimeError):
 
 
 TRACEFS_DIRS = ("/sys/kernel/tracing", "/sys/kernel/debug/tracing")
-# How the tracer attaches its allocator probes, best first (tracer.py); the
-# environment variable forces one.
+# How the tracer attaches its allocator probes, best first (tracer.py):
+#   session: one uprobe session link (entry and return in one program; an entry
+#            that needs no return skips it), multi: an entry and a return
+#            uprobe_multi link, perf: BCC's one perf event per probe.
+# The environment variable forces one.
 ATTACH_MODES = ("session", "multi", "perf")
 ATTACH_ENV = "PYTEST_MEMLEAK_EBPF_ATTACH"
 

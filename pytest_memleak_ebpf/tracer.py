@@ -19,6 +19,7 @@ from importlib import resources
 from pathlib import Path
 
 from . import placement as _placement
+from .preflight import ATTACH_ENV, ATTACH_MODES
 
 # Allocator functions: name -> (argument registers the entry reads, has return probe)
 ALLOCATORS: dict[str, tuple[tuple[str, ...], bool]] = {
@@ -40,12 +41,8 @@ FN_IDS = {"malloc": 1, "calloc": 2, "realloc": 3, "reallocarray": 4, "posix_mema
           "aligned_alloc": 6, "memalign": 6, "valloc": 7, "pvalloc": 8, "free": 9}
 BPF_TRACE_UPROBE_MULTI = 48      # enum bpf_attach_type (Linux 6.6+)
 BPF_TRACE_UPROBE_SESSION = 57    # (Linux 6.13+)
-# How the allocator probes are attached, best first; PYTEST_MEMLEAK_EBPF_ATTACH forces one.
-#   session: one uprobe session link (entry and return in one program; an entry
-#            that needs no return skips it), multi: an entry and a return
-#            uprobe_multi link, perf: BCC's one perf event per probe.
-from .preflight import ATTACH_ENV, ATTACH_MODES  # noqa: E402  (defined there for the option check)
-_MODE_CFLAGS = {"session": [], "multi": ["-DATTACH_MULTI=1"], "perf": ["-DATTACH_MULTI=1", "-DPERF_ATTACH=1"]}
+# The programs the BPF source builds for each attach mode (preflight.ATTACH_MODES)
+_MODE_CFLAGS = {"session": ["-DATTACH_SESSION=1"], "multi": ["-DATTACH_MULTI=1"], "perf": ["-DATTACH_PERF=1"]}
 BPF_F_UPROBE_MULTI_RETURN = 1
 _BPF_LINK_CREATE = 28
 _NR_BPF = {"x86_64": 321, "aarch64": 280}
@@ -150,7 +147,7 @@ def _uprobe_multi_link(prog_fd: int, path: str, sites: list[tuple[int, int]], re
                       ctypes.c_uint(ctypes.sizeof(attr)))
     if fd < 0:
         err = ctypes.get_errno()
-        raise OSError(err, f"uprobe_multi link on {path}: {os.strerror(err)}")
+        raise OSError(err, f"uprobe link (attach type {attach_type}) on {path}: {os.strerror(err)}")
     return int(fd)
 
 
@@ -278,10 +275,12 @@ class Tracer:
     # -- set-up ---------------------------------------------------------
 
     def _attach_allocators(self) -> None:
-        """Place and attach the allocator probes: one uprobe_multi link for all
-        entries and one for all returns where the kernel has them (6.6+), else
-        a perf-event uprobe per site through BCC. Sets self.probes,
-        self.attach_mode and self._links (the link fds, closed first at exit)."""
+        """Place and attach the allocator probes the best way the kernel has
+        (preflight.ATTACH_MODES: a uprobe session link, 6.13+; an entry and a
+        return uprobe_multi link, 6.6+; a perf-event uprobe per site through
+        BCC), or the one PYTEST_MEMLEAK_EBPF_ATTACH forces. Sets self.probes,
+        self.attach_mode, self.attach_errors (modes that failed) and
+        self._links (the link fds, closed first at exit)."""
         wanted = {name: regs for name, (regs, _) in ALLOCATORS.items()}
         placed = _placement.place_probes(self.libc, wanted)
         seen_addresses: set[int] = set()
@@ -545,12 +544,13 @@ class Tracer:
                 self._delete(self._procs, k)
             # Draining walks every bucket of the block map (~0.4 ms at 1M entries) even
             # when it is empty: skip it when nothing of this test can be in it.
-            window_allocs = self._window_counters is not None and self._window_counters.get("alloc_blocks", 0) > 0
-            if procs or window_allocs or self._in_window:
-                blocks, stacks = self._collect_blocks(procs, raw)
+            # a window closed during the test: its counters, and its blocks below
+            raw.inproc_counters, self._window_counters = self._window_counters, None
+            window_closed = raw.inproc_counters is not None
+            if procs or self._in_window or (window_closed and raw.inproc_counters.get("alloc_blocks", 0) > 0):
+                blocks, stacks = self._collect_blocks(procs, raw, window_closed)
             else:
                 blocks, stacks = {}, {}
-                raw.inproc_counters, self._window_counters = self._window_counters, None
             paths = {s: self._paths.pop(s) for s in list(self._paths) if s in procs}
             # paths of images we will never report (exec'd away, other tests)
             self._paths = {s: p for s, p in self._paths.items() if s > max(procs, default=0)}
@@ -564,13 +564,13 @@ class Tracer:
         raw.paths = paths
         return raw
 
-    def _collect_blocks(self, procs: dict, raw: RawTest) -> tuple[dict, dict]:
+    def _collect_blocks(self, procs: dict, raw: RawTest, window_closed: bool) -> tuple[dict, dict]:
         """Drain the live blocks and stacks: the finished processes' blocks per
-        stack, the in-process window's blocks into raw; the open window's
+        stack, the closed in-process window's blocks into raw; the open window's
         entries are put back. Returns (blocks by serial, frames by stack)."""
         agg: dict[int, dict[int, list[int]]] = {}   # serial -> stack -> [bytes, blocks]
         inproc: list[tuple[int, int, int]] = []
-        wserial = self._window_serial if self._window_counters is not None else -1
+        wserial = self._window_serial if window_closed else -1
         open_serial = self._window_serial if self._in_window else -1
         keep = []   # the open window's blocks: put back after the drain
         for serial, size, stack, ext_ip, kv in self._drain(
@@ -589,8 +589,6 @@ class Tracer:
         for k, v in keep:
             self._blocks[self._blocks.Key(k) if isinstance(k, int) else k] = v
         raw.inproc_blocks = inproc
-        raw.inproc_counters = self._window_counters
-        self._window_counters = None
         kept_stacks = {int(v.stack) for _, v in keep if int(v.stack)}
         all_frames: dict[int, list] = {}
         restore = []
