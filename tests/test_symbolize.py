@@ -319,14 +319,20 @@ def test_every_instruction_byte_matches_addr2line(built):
                           "kv_dup", "kv_index_build", "kv_exported_helper")}
         assert len(funcs) >= 3
         vaddrs = [s + k for s, size in funcs.values() for k in range(size)]
-        oracle = addr2line(path, vaddrs)
-        bad = []
-        for vaddr, exp in zip(vaddrs, oracle):
-            fr = frame_for(sym, path, vaddr, ret=False)
-            got = (os.path.normpath(fr.file), fr.line) if fr.line else None
-            if got != exp:
-                bad.append((hex(vaddr), got, exp))
+        bad = addr2line_mismatches(sym, path, vaddrs)
         assert not bad, bad[:10]
+
+
+def addr2line_mismatches(sym, path, vaddrs):
+    """(address, ours, addr2line's) for every address where our file:line
+    differs from addr2line's."""
+    bad = []
+    for vaddr, exp in zip(vaddrs, addr2line(path, vaddrs)):
+        fr = frame_for(sym, path, vaddr, ret=False)
+        got = (os.path.normpath(fr.file), fr.line) if fr.line else None
+        if got != exp:
+            bad.append((hex(vaddr), got, exp))
+    return bad
 
 
 DWARF_VARIANTS = {
@@ -361,13 +367,7 @@ def test_dwarf_variants_match_addr2line(variant, aranges, tmp_path):
     vaddrs = [s + k for n, (s, size) in funcs.items() if n.startswith(("kv_", "__kv"))
               for k in range(size)]
     assert len(vaddrs) > 50
-    oracle = addr2line(lib, vaddrs)
-    bad = []
-    for vaddr, exp in zip(vaddrs, oracle):
-        fr = frame_for(sym, lib, vaddr, ret=False)
-        got = (os.path.normpath(fr.file), fr.line) if fr.line else None
-        if got != exp:
-            bad.append((hex(vaddr), got, exp))
+    bad = addr2line_mismatches(sym, lib, vaddrs)
     assert not bad, bad[:10]
     cold = marker_lines(DATA / "libkv.c")["kv_cold_body"]
     start, size = funcs["kv_cold_path"]
