@@ -17,7 +17,7 @@
 // MAX_STACKS, MAX_HANDOFFS, STACK_DEPTH, RINGBUF_PAGES, EXE_LEN, and
 // HAVE_GROUP_DEAD when sched_process_exit has the group_dead field; one of
 // ATTACH_SESSION, ATTACH_MULTI, ATTACH_PERF (which allocator programs to build);
-// MAX_EXT_PAGES and SCAN_WORDS for in-process extension attribution;
+// MAX_EXT_PAGES, MAX_ROOTS and SCAN_WORDS for in-process extension attribution;
 // MAX_RAWCACHE for the ip-stack -> build-id-stack cache; PIDMAP_WORDS for the
 // pid bitmap (pid_max / 64).
 
@@ -37,6 +37,9 @@
 
 #define TF_ROOT            1   /* the pytest process: children are tracked */
 #define TF_ALLOCS          2   /* record this process's own allocations */
+#define TF_SPAWNER         4   /* ROOT (the xdist controller): every process it
+                                  creates is a ROOT (a worker) from birth */
+#define TF_SPAWNED         8   /* ROOT created by a spawner: forgotten at exit */
 
 #define PF_EXITED          1
 #define PF_TERMINATED      2   /* exit code or fatal signal recorded */
@@ -47,6 +50,7 @@
 #define CTR_LOST_PROCS     0   /* tracked/procs map full: a process went untracked */
 #define CTR_LOST_EVENTS    1   /* ring buffer full: exec/open path not delivered */
 #define CTR_LOST_STACKS    2   /* stack map full */
+#define CTR_NEW_STACKS     3   /* stacks inserted (userspace sizes its clean-ups) */
 #define CTR_NCOUNTERS      4
 
 #ifndef BPF_F_USER_BUILD_ID
@@ -132,6 +136,8 @@ struct handoff_t {
 struct stack_t {
     u32 nframes;
     u32 pad;
+    u64 used;            /* bpf_ktime of the last block that used it: userspace
+                            deletes only stacks unused since its block walk began */
     struct bpf_stack_build_id frames[STACK_DEPTH];
 };
 
@@ -183,8 +189,14 @@ struct ext_t {
     u64 n;               /* number of extension text pages (0: no scanning) */
     u64 lo, hi;          /* envelope of all extension text */
 };
-BPF_ARRAY(ext, struct ext_t, 1);
-BPF_HASH(ext_pages, u64, u32, MAX_EXT_PAGES);   /* page number -> 1 */
+/* per root (each xdist worker has its own address space) */
+BPF_HASH(ext, u32, struct ext_t, MAX_ROOTS);
+struct ext_page_t {
+    u32 tgid;
+    u32 pad;
+    u64 page;
+};
+BPF_HASH(ext_pages, struct ext_page_t, u32, MAX_EXT_PAGES);   /* (root, page number) -> 1 */
 struct scanbuf_t {
     u64 w[SCAN_WORDS];
 };
@@ -303,18 +315,19 @@ static __always_inline void forget_block(struct track_t *t, u32 tgid, u64 addr, 
  * frame-pointer walk rarely gets past it to the extension that called in.
  * Scan the live stack above rsp for the innermost return address into an
  * extension module's code (pages set by userspace). */
-static __always_inline u64 scan_extension_frame(struct pt_regs *ctx)
+static __always_inline u64 scan_extension_frame(struct pt_regs *ctx, u32 tgid)
 {
     u32 zero = 0;
-    struct ext_t *e = ext.lookup(&zero);
+    struct ext_t *e = ext.lookup(&tgid);
     if (!e || e->n == 0)
         return 0;
     u64 lo = e->lo, hi = e->hi;
+    struct ext_page_t pk = {.tgid = tgid};
     /* the allocator returns into its caller: that return address is the ip */
     u64 ip = PT_REGS_IP(ctx);
     if (ip >= lo && ip < hi) {
-        u64 page = ip >> 12;
-        if (ext_pages.lookup(&page))
+        pk.page = ip >> 12;
+        if (ext_pages.lookup(&pk))
             return ip;
     }
     struct scanbuf_t *buf = scanbuf.lookup(&zero);
@@ -326,14 +339,14 @@ static __always_inline u64 scan_extension_frame(struct pt_regs *ctx)
         u64 w = buf->w[i];
         if (w < lo || w >= hi)
             continue;
-        u64 page = w >> 12;
-        if (ext_pages.lookup(&page))
+        pk.page = w >> 12;
+        if (ext_pages.lookup(&pk))
             return w;
     }
     return 0;
 }
 
-static __always_inline u64 capture_stack(struct pt_regs *ctx, struct track_t *t)
+static __always_inline u64 capture_stack(struct pt_regs *ctx, struct track_t *t, u64 now)
 {
     u32 zero = 0;
     struct rawkey_t rk = {.serial = t->serial};
@@ -353,8 +366,11 @@ static __always_inline u64 capture_stack(struct pt_regs *ctx, struct track_t *t)
             struct rawval_t *known = rawcache.lookup(&rk);
             if (known) {
                 u64 kh = known->h;
-                if (stacks.lookup(&kh))
+                struct stack_t *ks = stacks.lookup(&kh);
+                if (ks) {
+                    ks->used = now;
                     return kh;
+                }
             }
         }
     }
@@ -383,12 +399,17 @@ static __always_inline u64 capture_stack(struct pt_regs *ctx, struct track_t *t)
     }
     if (h == 0)
         h = 1;
-    if (!stacks.lookup(&h)) {
+    struct stack_t *old = stacks.lookup(&h);
+    if (old) {
+        old->used = now;
+    } else {
+        s->used = now;
         if (stacks.update(&h, s) != 0) {
             __sync_fetch_and_add(&t->lost_stacks, 1);
             count(CTR_LOST_STACKS);
             return 0;
         }
+        count(CTR_NEW_STACKS);
     }
     /* The kernel falls back to plain ips for the whole stack when it cannot
      * take the mmap lock (another thread is mapping memory): never cache
@@ -416,9 +437,9 @@ static __always_inline void record_block(struct pt_regs *ctx, struct track_t *t,
             return; /* already recorded by a nested allocator call */
     }
     struct block_t b = {.size = size, .ts = bpf_ktime_get_ns(), .serial = t->serial};
-    b.stack = capture_stack(ctx, t);
+    b.stack = capture_stack(ctx, t, b.ts);
     if (t->flags & TF_ROOT)
-        b.ext_ip = scan_extension_frame(ctx);
+        b.ext_ip = scan_extension_frame(ctx, tgid);
     if (blocks.update(&k, &b) != 0) {
         __sync_fetch_and_add(&t->lost_blocks, 1);
         return;
@@ -639,9 +660,19 @@ TRACEPOINT_PROBE(task, task_newtask)
             __sync_fetch_and_add(&parent->nthreads, 1);
         return 0;
     }
+    u32 child = args->pid;
+    if (parent->flags & TF_SPAWNER) {
+        /* an xdist worker: a root from its first instruction (the controller
+         * serves it this program's maps) */
+        struct track_t r = {.flags = TF_ROOT | TF_SPAWNED, .ppid = tgid};
+        if (tracked.update(&child, &r) != 0)
+            count(CTR_LOST_PROCS);
+        else
+            pidmap_set(child);
+        return 0;
+    }
     if (parent->test_id == 0)
         return 0;           /* root between tests */
-    u32 child = args->pid;
     struct track_t t = {};
     t.serial = next_serial();
     t.test_id = parent->test_id;
@@ -797,8 +828,17 @@ TRACEPOINT_PROBE(sched, sched_process_exit)
         struct handoff_key_t hk = {.tid = (u32)id, .fn = fn};
         handoffs.delete(&hk);
     }
-    if (t->flags & TF_ROOT)
+    if (t->flags & TF_ROOT) {
+#ifdef HAVE_GROUP_DEAD
+        /* a worker that exits: its pid may be reused (userspace also drops
+         * it when the worker disconnects) */
+        if ((t->flags & TF_SPAWNED) && args->group_dead) {
+            tracked.delete(&tgid);
+            pidmap_clear(tgid);
+        }
+#endif
         return 0;
+    }
 #ifdef HAVE_GROUP_DEAD
     if (!args->group_dead)
         return 0;

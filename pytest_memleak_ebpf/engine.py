@@ -219,7 +219,7 @@ class LeakEngine:
 
     def abandon(self) -> None:
         self._empty_window = False
-        if self.tracer._in_window:
+        if self.tracer.in_window():
             self.tracer.close_window()
         """Stop tracking the current test without reporting (interrupted)."""
         if self._current is not None:

@@ -404,7 +404,7 @@ class LeakChecker:
     def pytest_runtest_makereport(self, item: pytest.Item, call: pytest.CallInfo):
         outcome = yield
         report: pytest.TestReport = outcome.get_result()
-        if call.when == "teardown" and (self.engine.tracer._in_window or self.engine._empty_window):
+        if call.when == "teardown" and (self.engine.tracer.in_window() or self.engine._empty_window):
             self._finish_whole_test_window(item, report)
             return
         if not self.engine.active():

@@ -47,10 +47,14 @@ BPF_F_UPROBE_MULTI_RETURN = 1
 _BPF_LINK_CREATE = 28
 _NR_BPF = {"x86_64": 321, "aarch64": 280}
 
-TF_ROOT, TF_ALLOCS = 1, 2
+TF_ROOT, TF_ALLOCS, TF_SPAWNER, TF_SPAWNED = 1, 2, 4, 8
 PF_EXITED, PF_TERMINATED = 1, 2
 EV_EXEC, EV_OPEN = 1, 2
-CTR_LOST_PROCS, CTR_LOST_EVENTS, CTR_LOST_STACKS = 0, 1, 2
+CTR_LOST_PROCS, CTR_LOST_EVENTS, CTR_LOST_STACKS, CTR_NEW_STACKS = 0, 1, 2, 3
+# In-process window serials (process image serials are monotonic ns << 8)
+WINDOW_SERIAL = 1 << 62
+# _select() verdicts: delete the entry (it was used / it is garbage)
+_TAKE, _DROP = object(), object()
 BUILD_ID_VALID, BUILD_ID_IP = 1, 2
 BATCH_CHUNK = 4096
 
@@ -67,6 +71,7 @@ class TracerConfig:
     max_ext_pages: int = 1 << 16
     max_rawcache: int = 1 << 16
     scan_words: int = 128
+    max_roots: int = 1024
 
 
 @dataclass
@@ -93,6 +98,33 @@ class RawTest:
     # in-process (the pytest process's own blocks from its last window)
     inproc_blocks: list[tuple[int, int, int]] = field(default_factory=list)  # (size, stack, ext_ip)
     inproc_counters: dict | None = None
+
+
+@dataclass(eq=False)
+class Client:
+    """A pytest process the tracer serves: the session's own, or an xdist
+    worker (shared.py). Its roots' children are tracked during its tests;
+    its tests and in-process windows are its own."""
+
+    roots: list[int]
+    counter_base: list[int]
+    root_flags: int = TF_ROOT
+    test_id: int = 0                     # the current test, 0 between tests
+    in_window: bool = False
+    window_serial: int = 0
+    window_counters: dict | None = None  # a closed window not collected yet
+    ext_pages: set | None = None
+
+
+@dataclass
+class _Sweep:
+    """What one walk of the live-block map found (Tracer._sweep_blocks)."""
+
+    blocks: dict = field(default_factory=dict)       # serial -> [(bytes, stack, blocks)]
+    inproc: list = field(default_factory=list)       # the closed window's (size, stack, ext_ip)
+    referenced: set = field(default_factory=set)     # stacks of the blocks left in the map
+    frames: dict = field(default_factory=dict)       # stack hash -> frames (looked up)
+    started_ns: int = field(default_factory=time.monotonic_ns)
 
 
 def bpf_source_path() -> Path:
@@ -239,6 +271,7 @@ class Tracer:
             f"-DMAX_RAWCACHE={int(c.max_rawcache)}",
             f"-DSCAN_WORDS={int(c.scan_words)}",
             f"-DPIDMAP_WORDS={self._pidmap_words}",
+            f"-DMAX_ROOTS={int(c.max_roots)}",
             "-Wno-macro-redefined",
         ]
         if _tracepoint_has_field("sched/sched_process_exit", "group_dead"):
@@ -258,16 +291,15 @@ class Tracer:
         self._stacks = self.bpf[b"stacks"]
         self._counters = self.bpf[b"counters"]
         self._paths: dict[int, list[str]] = {}
-        self._roots: dict[int, str] = {}
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
         self._closed = False
-        self._test_id = 0
-        self._window = 0
-        self._window_serial = 0
-        self._window_counters: dict | None = None
-        self._in_window = False
+        self._clients: list[Client] = []
+        self._local: Client | None = None   # this process's own (add_root)
+        self._next_test = 0
+        self._next_window = 0
         self._batch_bufs: dict = {}
-        self._counter_base = self._read_counters()
+        self._stacks_deleted = 0
+        self._stack_gc_at = max(16, c.max_stacks // 2)
         self.bpf[b"events"].open_ring_buffer(self._on_event)
         self._poller = threading.Thread(target=self._poll_loop, name="memleak-ebpf-events", daemon=True)
         self._poller.start()
@@ -377,102 +409,111 @@ class Tracer:
                 if self._closed:
                     return
                 # allocate nothing in this process while a window records it
-                if not self._in_window:
+                if not self.in_window():
                     try:
                         self.bpf.ring_buffer_poll(timeout=0)
                     except Exception:
                         pass
             time.sleep(0.02)
 
-    # -- per test -------------------------------------------------------
+    # -- clients: the pytest processes this tracer serves -------------------
 
     def add_root(self, tgid: int) -> None:
-        """Track processes that `tgid` creates during tests. Before the first
-        test only: the pid bitmap's word is written here without an atomic
-        operation, safe while no tracked process can be forking."""
-        if self._test_id:
+        """Track processes that `tgid` (this pytest process) creates during
+        tests. Before the first test only: the pid bitmap's word is written
+        here without an atomic operation, safe while no tracked process can
+        be forking."""
+        if self._next_test:
             raise RuntimeError("add_root() after the first test")
-        self._roots[tgid] = ""
-        self._set_root(tgid, 0)
+        if self._local is None:
+            self._local = Client(roots=[], counter_base=self._read_counters())
+            self._clients.append(self._local)
+        self._local.roots.append(tgid)
+        self._set_root(self._local, tgid, 0)
+        self._pidmap_or(tgid)
+
+    def add_spawner(self, tgid: int) -> None:
+        """The xdist controller: every process it creates from now on is a
+        root from its first instruction (the BPF program follows the fork),
+        to be served through connect(). Before the workers start."""
+        key = self._tracked.Key(tgid)
+        leaf = self._tracked.Leaf()
+        leaf.flags = TF_ROOT | TF_SPAWNER
+        self._tracked[key] = leaf
+        self._pidmap_or(tgid)
+
+    def connect(self, tgid: int) -> Client:
+        """A worker of the spawner: its client state. The kernel made it a
+        root at fork; a process the spawner did not create is added here."""
+        with self._lock:
+            try:
+                flags = int(self._tracked[self._tracked.Key(tgid)].flags)
+            except KeyError:
+                flags = 0
+            if not flags & TF_ROOT:
+                # not forked by the spawner (another host's worker cannot reach us):
+                # register it, then repair bits of the word a fork may have raced
+                self._set_root_flags(tgid, TF_ROOT | TF_SPAWNED)
+                self._pidmap_or(tgid)
+                self._repair_pidmap(tgid >> 6)
+            c = Client(roots=[tgid], counter_base=self._read_counters(), root_flags=TF_ROOT | TF_SPAWNED)
+            self._set_root(c, tgid, 0)
+            self._clients.append(c)
+            return c
+
+    def disconnect(self, c: Client) -> None:
+        """A worker went away (ended or died): forget its test, windows and roots."""
+        with self._lock:
+            if c not in self._clients:
+                return
+            self._clients.remove(c)
+            if c.test_id:
+                self._untrack_test(c.test_id)
+            for tgid in c.roots:
+                self._delete(self._tracked, self._tracked.Key(tgid))   # its bit stays: a hint only
+                self._delete(self.bpf[b"ext"], self.bpf[b"ext"].Key(tgid))
+            if c.ext_pages:
+                self._set_ext_keys(c, set())
+
+    def _pidmap_or(self, tgid: int) -> None:
         pm = self.bpf[b"pidmap"]
         if tgid >> 6 < self._pidmap_words:
             key = pm.Key(tgid >> 6)
             pm[key] = pm.Leaf(int(pm[key].value) | (1 << (tgid & 63)))
 
-    def _set_root(self, tgid: int, test_id: int, *, allocs: bool = False, serial: int = 0) -> None:
+    def _repair_pidmap(self, word: int) -> None:
+        """Set the bit of every tracked pid in `word` (a fork's atomic update
+        may have landed between our read and write of the word)."""
+        bits = 0
+        for k in list(self._tracked.keys()):
+            if int(k.value) >> 6 == word:
+                bits |= 1 << (int(k.value) & 63)
+        if bits and word < self._pidmap_words:
+            pm = self.bpf[b"pidmap"]
+            key = pm.Key(word)
+            pm[key] = pm.Leaf(int(pm[key].value) | bits)
+
+    def _client(self, c: Client | None) -> Client:
+        if c is not None:
+            return c
+        if self._local is None:
+            raise RuntimeError("no root: call add_root() first")
+        return self._local
+
+    def _set_root(self, c: Client, tgid: int, test_id: int, *, allocs: bool = False, serial: int = 0) -> None:
         key = self._tracked.Key(tgid)
         leaf = self._tracked.Leaf()
         leaf.test_id = test_id
-        leaf.flags = TF_ROOT | (TF_ALLOCS if allocs else 0)
+        leaf.flags = c.root_flags | (TF_ALLOCS if allocs else 0)
         leaf.serial = serial
         leaf.nthreads = 0
         self._tracked[key] = leaf
 
-    # -- in-process windows (the pytest process's own allocations) ----------
-
-    def set_extension_pages(self, ranges: list[tuple[int, int]]) -> None:
-        """Executable address ranges of extension modules in this process:
-        root allocations whose stack holds a return address into one of them
-        are attributed to an extension (block.ext_ip)."""
-        pages = set()
-        for start, end in ranges:
-            pages.update(range(start >> 12, (end + 4095) >> 12))
-        if pages == getattr(self, "_ext_pages", None):
-            return
-        table = self.bpf[b"ext_pages"]
-        table.clear()
-        limit = self.config.max_ext_pages
-        for i, page in enumerate(sorted(pages)):
-            if i >= limit:
-                break
-            table[table.Key(page)] = table.Leaf(1)
-        ext = self.bpf[b"ext"]
-        leaf = ext.Leaf()
-        leaf.n = min(len(pages), limit)
-        leaf.lo = min(pages) << 12 if pages else 0
-        leaf.hi = (max(pages) + 1) << 12 if pages else 0
-        ext[ext.Key(0)] = leaf
-        self._ext_pages = pages
-
-    def open_window(self) -> int:
-        """Start recording the root's own allocations; returns the window's serial."""
-        with self._lock:
-            self._window += 1
-            self._window_serial = (1 << 62) | self._window
-            for tgid in self._roots:
-                self._set_root(tgid, self._test_id, allocs=True, serial=self._window_serial)
-            self._in_window = True
-        return self._window_serial
-
-    def close_window(self) -> dict:
-        """Stop recording the root's allocations; returns its lifetime counters."""
-        with self._lock:
-            counters = dict.fromkeys(COUNTERS, 0)
-            for tgid in self._roots:
-                try:
-                    for k, n in _counters(self._tracked[self._tracked.Key(tgid)]).items():
-                        counters[k] += n
-                except KeyError:
-                    pass
-                self._set_root_fields(tgid, flags=TF_ROOT)
-            self._window_counters = counters
-            self._in_window = False
-            return counters
-
-    def window_snapshot(self) -> list[tuple[int, int, int]]:
-        """The current window's live root blocks, without removing them.
-        Recording pauses while the maps are read (reading allocates)."""
-        serial = self._window_serial
-        with self._lock:
-            for tgid in self._roots:
-                self._set_root_fields(tgid, flags=TF_ROOT)
-            try:
-                out = [b[1:] for b in self._batch(self._blocks, lambda k, v: (v.serial, v.size, v.stack, v.ext_ip),
-                                                   delete=False) if b[0] == serial]
-            finally:
-                for tgid in self._roots:
-                    self._set_root_fields(tgid, flags=TF_ROOT | TF_ALLOCS)
-        return out
+    def _set_root_flags(self, tgid: int, flags: int) -> None:
+        key = self._tracked.Key(tgid)
+        leaf = self._tracked.Leaf()
+        leaf.flags = flags
+        self._tracked[key] = leaf
 
     def _set_root_fields(self, tgid: int, **fields) -> None:
         """Change some fields of a root's entry, keeping its window counters."""
@@ -482,24 +523,110 @@ class Tracer:
             setattr(leaf, name, value)
         self._tracked[key] = leaf
 
-    def collect_window(self) -> tuple[list[tuple[int, int, int]], dict | None, dict]:
+    def in_window(self, c: Client | None = None) -> bool:
+        c = c or self._local
+        return c is not None and c.in_window
+
+    # -- in-process windows (a pytest process's own allocations) ------------
+
+    def set_extension_pages(self, ranges: list[tuple[int, int]], c: Client | None = None) -> None:
+        """Executable address ranges of extension modules in the client's
+        process: its allocations whose stack holds a return address into one
+        of them are attributed to an extension (block.ext_ip)."""
+        c = self._client(c)
+        pages = set()
+        for start, end in ranges:
+            pages.update(range(start >> 12, (end + 4095) >> 12))
+        if pages == c.ext_pages:
+            return
+        limit = self.config.max_ext_pages
+        pages = set(sorted(pages)[:limit])
+        with self._lock:
+            self._set_ext_keys(c, pages)
+            ext = self.bpf[b"ext"]
+            leaf = ext.Leaf()
+            leaf.n = len(pages)
+            leaf.lo = min(pages) << 12 if pages else 0
+            leaf.hi = (max(pages) + 1) << 12 if pages else 0
+            for tgid in c.roots:
+                ext[ext.Key(tgid)] = leaf
+        c.ext_pages = pages
+
+    def _set_ext_keys(self, c: Client, pages: set) -> None:
+        table = self.bpf[b"ext_pages"]
+        old = c.ext_pages or set()
+        for tgid in c.roots:
+            for page in old - pages:
+                self._delete(table, table.Key(tgid, 0, page))
+            for page in pages - old:
+                table[table.Key(tgid, 0, page)] = table.Leaf(1)
+
+    def open_window(self, c: Client | None = None) -> int:
+        """Start recording the root's own allocations; returns the window's serial."""
+        c = self._client(c)
+        with self._lock:
+            self._next_window += 1
+            c.window_serial = WINDOW_SERIAL | self._next_window
+            for tgid in c.roots:
+                self._set_root(c, tgid, c.test_id, allocs=True, serial=c.window_serial)
+            c.in_window = True
+        return c.window_serial
+
+    def close_window(self, c: Client | None = None) -> dict:
+        """Stop recording the root's allocations; returns its lifetime counters."""
+        c = self._client(c)
+        with self._lock:
+            counters = dict.fromkeys(COUNTERS, 0)
+            for tgid in c.roots:
+                try:
+                    for k, n in _counters(self._tracked[self._tracked.Key(tgid)]).items():
+                        counters[k] += n
+                except KeyError:
+                    pass
+                self._set_root_fields(tgid, flags=c.root_flags)
+            c.window_counters = counters
+            c.in_window = False
+            return counters
+
+    def window_snapshot(self, c: Client | None = None) -> list[tuple[int, int, int]]:
+        """The current window's live root blocks, without removing them.
+        Recording pauses while the maps are read (reading allocates)."""
+        c = self._client(c)
+        serial = c.window_serial
+        with self._lock:
+            for tgid in c.roots:
+                self._set_root_fields(tgid, flags=c.root_flags)
+            try:
+                pick = lambda k, v: (v.size, v.stack, v.ext_ip) if v.serial == serial else None  # noqa: E731
+                out = [r for _, _, results in self._chunks(self._blocks, pick) for r in results if r is not None]
+            finally:
+                for tgid in c.roots:
+                    self._set_root_fields(tgid, flags=c.root_flags | TF_ALLOCS)
+        return out
+
+    def collect_window(self, c: Client | None = None) -> tuple[list[tuple[int, int, int]], dict | None, dict]:
         """After close_window() outside a test: the closed window's live blocks,
         counters and their stacks (used when the window spanned a whole test)."""
-        wserial = self._window_serial
+        c = self._client(c)
         with self._lock:
-            inproc = [b[1:] for b in self._drain(self._blocks, lambda k, v: (v.serial, v.size, v.stack, v.ext_ip))
-                      if b[0] == wserial]
-            wanted = {h for _, h, _ in inproc if h}
-            stacks = {h: f for h, f in self._drain(
-                self._stacks, lambda k, v: (_int(k), self._frames(v) if _int(k) in wanted else None)) if f}
-            counters, self._window_counters = self._window_counters, None
+            wserial = c.window_serial
+            sweep = self._sweep_blocks({}, wserial)
+            inproc = sweep.inproc
+            stacks = self._stack_frames({h for _, h, _ in inproc if h})
+            self._collect_stack_garbage(sweep)
+            counters, c.window_counters = c.window_counters, None
         return inproc, counters, stacks
 
-    def begin_test(self) -> int:
-        self._test_id += 1
-        for tgid in self._roots:
-            self._set_root(tgid, self._test_id)
-        return self._test_id
+    # -- per test -------------------------------------------------------
+
+    def begin_test(self, c: Client | None = None) -> int:
+        c = self._client(c)
+        with self._lock:
+            self._next_test += 1
+            c.test_id = self._next_test
+            for tgid in c.roots:
+                self._set_root(c, tgid, c.test_id)
+        return c.test_id
 
     def _read_counters(self) -> list[int]:
         return [int(v.value) for v in self._counters.values()]
@@ -512,115 +639,180 @@ class Tracer:
             return sum(1 for _, v in self._tracked.items()
                        if not int(v.flags) & TF_ROOT and int(v.test_id) == test_id)
 
-    def end_test(self, test_id: int) -> RawTest:
+    def end_test(self, test_id: int, c: Client | None = None) -> RawTest:
         """Stop attributing new processes to the test and collect its records.
 
         Processes of the test still running are reported as running and
         stop being tracked, so they never reach another test's figures.
+        Other clients' records (xdist workers sharing this tracer) stay.
         """
+        c = self._client(c)
         raw = RawTest()
         with self._lock:
-            for tgid in self._roots:
-                if self._in_window:   # a window spanning the whole test stays open
+            for tgid in c.roots:
+                if c.in_window:   # a window spanning the whole test stays open
                     self._set_root_fields(tgid, test_id=0)
                 else:
-                    self._set_root(tgid, 0)
+                    self._set_root(c, tgid, 0)
+            c.test_id = 0
             try:
                 self.bpf.ring_buffer_consume()
             except Exception:
                 pass
+            # Records made from now on belong to live processes: serials are
+            # monotonic time, so anything older that no live process or active
+            # test owns is garbage (a process that outlived its test).
+            t0 = time.monotonic_ns()
             running = self._untrack_test(test_id)
             self._sweep_handoffs()
+            live = {int(v.serial) for _, v in self._tracked.items() if not int(v.flags) & TF_ROOT}
+            active = {o.test_id for o in self._clients if o.test_id}
             procs: dict[int, dict] = {}
             for k, v in list(self._procs.items()):
-                serial = _int(k)
-                if int(v.test_id) != test_id:
-                    # left over from an earlier test (a process forked while that
-                    # test was being collected): drop it
-                    if int(v.test_id) < test_id:
-                        self._delete(self._procs, k)
-                    continue
-                procs[serial] = self._proc_dict(v, running.get(serial))
-                self._delete(self._procs, k)
-            # Draining walks every bucket of the block map (~0.4 ms at 1M entries) even
-            # when it is empty: skip it when nothing of this test can be in it.
-            # a window closed during the test: its counters, and its blocks below
-            raw.inproc_counters, self._window_counters = self._window_counters, None
+                serial, tid = _int(k), int(v.test_id)
+                if tid == test_id:
+                    procs[serial] = self._proc_dict(v, running.get(serial))
+                    self._delete(self._procs, k)
+                elif tid in active or serial in live:
+                    live.add(serial)
+                else:   # its test is over (forked while a test was being collected)
+                    self._delete(self._procs, k)
+            raw.inproc_counters, c.window_counters = c.window_counters, None
             window_closed = raw.inproc_counters is not None
-            if procs or self._in_window or (window_closed and raw.inproc_counters.get("alloc_blocks", 0) > 0):
-                blocks, stacks = self._collect_blocks(procs, raw, window_closed)
+            wserial = c.window_serial if window_closed else -1
+            # Walking the block map costs ~0.4 ms at 1M entries even when empty:
+            # skip it when nothing of this test can be in it.
+            if procs or (window_closed and raw.inproc_counters.get("alloc_blocks", 0) > 0):
+                sweep = self._sweep_blocks(procs, wserial, live=live, t0=t0)
+                blocks = self._remap_ip_stacks(sweep, live, t0)
+                raw.inproc_blocks = sweep.inproc
+                wanted = {h for bl in blocks.values() for _, h, _ in bl if h} | {h for _, h, _ in sweep.inproc if h}
+                stacks = {h: sweep.frames[h] if h in sweep.frames else None for h in wanted}
+                stacks.update(self._stack_frames({h for h, f in stacks.items() if f is None}))
+                stacks = {h: f for h, f in stacks.items() if f is not None}
+                self._collect_stack_garbage(sweep)
             else:
                 blocks, stacks = {}, {}
             paths = {s: self._paths.pop(s) for s in list(self._paths) if s in procs}
-            # paths of images we will never report (exec'd away, other tests)
-            self._paths = {s: p for s, p in self._paths.items() if s > max(procs, default=0)}
-        counters = self._read_counters()
-        raw.lost_procs = counters[CTR_LOST_PROCS] - self._counter_base[CTR_LOST_PROCS]
-        raw.lost_events = counters[CTR_LOST_EVENTS] - self._counter_base[CTR_LOST_EVENTS]
-        self._counter_base = counters
+            # paths of images nothing will report (exec'd away, ended with their test)
+            t0_serial = t0 << 8
+            self._paths = {s: p for s, p in self._paths.items() if s in live or s >= t0_serial}
+            counters = self._read_counters()
+            raw.lost_procs = counters[CTR_LOST_PROCS] - c.counter_base[CTR_LOST_PROCS]
+            raw.lost_events = counters[CTR_LOST_EVENTS] - c.counter_base[CTR_LOST_EVENTS]
+            c.counter_base = counters
         raw.processes = sorted(procs.values(), key=lambda p: p["serial"])
         raw.blocks = blocks
         raw.stacks = stacks
         raw.paths = paths
         return raw
 
-    def _collect_blocks(self, procs: dict, raw: RawTest, window_closed: bool) -> tuple[dict, dict]:
-        """Drain the live blocks and stacks: the finished processes' blocks per
-        stack, the closed in-process window's blocks into raw; the open window's
-        entries are put back. Returns (blocks by serial, frames by stack)."""
-        agg: dict[int, dict[int, list[int]]] = {}   # serial -> stack -> [bytes, blocks]
-        inproc: list[tuple[int, int, int]] = []
-        wserial = self._window_serial if window_closed else -1
-        open_serial = self._window_serial if self._in_window else -1
-        keep = []   # the open window's blocks: put back after the drain
-        for serial, size, stack, ext_ip, kv in self._drain(
-                self._blocks, lambda k, v: (v.serial, v.size, v.stack, v.ext_ip,
-                                            (_copy(k), _copy(v)) if v.serial == open_serial else None)):
-            if serial in procs:
-                a = agg.setdefault(serial, {}).setdefault(stack, [0, 0])
-                a[0] += size
-                a[1] += 1
-            elif serial == wserial:
-                inproc.append((size, stack, ext_ip))
-            elif kv is not None:
-                keep.append(kv)
-        blocks = {serial: [(b, h, n) for h, (b, n) in per.items()] for serial, per in agg.items()}
-        del agg
-        for k, v in keep:
-            self._blocks[self._blocks.Key(k) if isinstance(k, int) else k] = v
-        raw.inproc_blocks = inproc
-        kept_stacks = {int(v.stack) for _, v in keep if int(v.stack)}
-        all_frames: dict[int, list] = {}
-        restore = []
-        for h, frames, kv in self._drain(
-                self._stacks, lambda k, v: (_int(k), self._frames(v),
-                                            (_copy(k), _copy(v)) if _int(k) in kept_stacks else None)):
-            all_frames[h] = frames
-            if kv is not None:
-                restore.append(kv)
-        for k, v in restore:
-            self._stacks[self._stacks.Key(k) if isinstance(k, int) else k] = v
-        blocks = self._remap_ip_stacks(blocks, all_frames)
-        wanted = {h for bl in blocks.values() for _, h, _ in bl if h} | {h for _, h, _ in inproc if h}
-        stacks = {h: all_frames[h] for h in wanted if h in all_frames}
-        del all_frames
-        return blocks, stacks
+    def _window_serials(self) -> set[int]:
+        """In-process windows whose blocks must stay: open, or closed and not
+        yet collected."""
+        return {o.window_serial for o in self._clients if o.in_window or o.window_counters is not None}
 
-    def _remap_ip_stacks(self, blocks, all_frames):
+    def _sweep_blocks(self, procs: dict, wserial: int, *, live: set | None = None, t0: int | None = None) -> _Sweep:
+        """One walk of the live-block map: the blocks of `procs` (finished or
+        untracked images of the test, per serial and stack) and of the closed
+        window `wserial` are taken out; garbage (older than t0, owned by
+        nothing live) is deleted; everything else stays, its stacks noted."""
+        s = _Sweep() if t0 is None else _Sweep(started_ns=t0)
+        agg: dict[int, dict[int, list[int]]] = {}   # serial -> stack -> [bytes, blocks]
+        inproc = s.inproc
+        windows = self._window_serials() - {wserial}
+        live = live or set()
+        t0_serial = (t0 if t0 is not None else time.monotonic_ns()) << 8
+        referenced = s.referenced
+        take = _TAKE
+
+        def pick(k, v):
+            serial = v.serial
+            if serial in procs:
+                a = agg.setdefault(serial, {}).setdefault(v.stack, [0, 0])
+                a[0] += v.size
+                a[1] += 1
+                return take
+            if serial == wserial:
+                inproc.append((v.size, v.stack, v.ext_ip))
+                return take
+            if serial in live or serial in windows or serial >= t0_serial:
+                referenced.add(v.stack)
+                return None
+            return take   # garbage
+
+        for _ in self._select(self._blocks, pick):
+            pass
+        s.blocks = {serial: [(b, h, n) for h, (b, n) in per.items()] for serial, per in agg.items()}
+        return s
+
+    def _stack_frames(self, hashes) -> dict[int, list]:
+        """The frames of these stack hashes (those still in the map)."""
+        out = {}
+        for h in hashes:
+            try:
+                out[h] = self._frames(self._stacks[self._stacks.Key(h)])
+            except KeyError:
+                pass
+        return out
+
+    def _collect_stack_garbage(self, sweep: _Sweep) -> None:
+        """Stacks are shared by every block (and every xdist worker's test)
+        that was allocated from the same place, so they are not taken with a
+        test's blocks: once the map is half full, delete those no remaining
+        block refers to and no allocation used since the block walk began
+        (the BPF program stamps a stack each time it is used)."""
+        new = self._read_counters()[CTR_NEW_STACKS]
+        if new - self._stacks_deleted < self._stack_gc_at:
+            return
+        keep = sweep.referenced
+        since = sweep.started_ns
+        dropped = 0
+
+        def pick(k, v):
+            nonlocal dropped
+            if int(v.used) >= since or _int(k) in keep:
+                return None
+            dropped += 1
+            return _DROP
+
+        for _ in self._select(self._stacks, pick):
+            pass
+        self._stacks_deleted += dropped
+        left = new - self._stacks_deleted
+        self._stack_gc_at = max(self.config.max_stacks // 2, left + self.config.max_stacks // 4)
+
+    def _remap_ip_stacks(self, sweep: _Sweep, live: set, t0: int) -> dict:
         """Stacks the kernel returned as plain ips (it could not take the mmap
         lock: another thread was mapping memory) are resolved through the
         image's other captures (the BPF program's rawcache): the same ips map
         to the same build-id stack; otherwise each ip is placed in a module
-        whose load bias (ip - file offset) the image's other stacks revealed."""
+        whose load bias (ip - file offset) the image's other stacks revealed.
+        Takes the test's images' rawcache entries (and garbage) out."""
+        blocks = sweep.blocks
+        frames_of = sweep.frames
+        t0_serial = t0 << 8
+        depth = self.config.stack_depth
+
+        def pick(k, v):
+            serial = k.serial
+            if serial in blocks:
+                return (serial, k.rawhash, v.h, [v.ip[i] for i in range(min(v.n, depth))])
+            if serial in live or serial >= t0_serial:
+                return None
+            return _DROP
+
+        cached = list(self._select(self.bpf[b"rawcache"], pick))
+        ip_only = {h for bl in blocks.values() for _, h, _ in bl if h}
+        frames_of.update(self._stack_frames(ip_only | {h for _, _, h, _ in cached}))
+        ip_only = {h for h in ip_only if frames_of.get(h) and all(st == BUILD_ID_IP for st, _, _ in frames_of[h])}
+        if not ip_only:
+            return blocks
         biases: dict[int, set] = {}      # serial -> {(build_id, bias)}
         same: dict[tuple, int] = {}      # (serial, raw hash) -> build-id stack hash
-        for serial, rh, h, ips in self._drain(
-                self.bpf[b"rawcache"],
-                lambda k, v: (k.serial, k.rawhash, v.h, [v.ip[i] for i in range(min(v.n, self.config.stack_depth))])):
-            if serial not in blocks:
-                continue
+        for serial, rh, h, ips in cached:
             same[(serial, rh)] = h
-            frames = all_frames.get(h) or []
+            frames = frames_of.get(h) or []
             if len(frames) == len(ips):
                 for (st, bid, off), ip in zip(frames, ips):
                     if st == BUILD_ID_VALID:
@@ -629,15 +821,14 @@ class Tracer:
         for serial, bl in blocks.items():
             per: dict[int, list[int]] = {}
             for nbytes, h, n in bl:
-                frames = all_frames.get(h)
-                if frames and all(st == BUILD_ID_IP for st, _, _ in frames):
-                    h2 = same.get((serial, _fnv_ips([ip for _, _, ip in frames])))
-                    if h2 in all_frames:
+                if h in ip_only:
+                    h2 = same.get((serial, _fnv_ips([ip for _, _, ip in frames_of[h]])))
+                    if h2 in frames_of:
                         h = h2
                     elif serial in biases:
-                        fixed = [_place(ip, biases[serial]) for _, _, ip in frames]
+                        fixed = [_place(ip, biases[serial]) for _, _, ip in frames_of[h]]
                         h = hash(("remapped", serial, tuple(fixed)))
-                        all_frames[h] = fixed
+                        frames_of[h] = fixed
                 a = per.setdefault(h, [0, 0])
                 a[0] += nbytes
                 a[1] += n
@@ -669,18 +860,40 @@ class Tracer:
                 break
         return running
 
-    @staticmethod
-    def _delete(table, key) -> None:
-        try:
-            del table[key]
-        except KeyError:
-            pass
+    def _select(self, table, pick):
+        """Walk `table` in batches: pick(key, value) returns None to leave an
+        entry, _DROP to delete it, _TAKE to delete it having used it, or any
+        other value, which is yielded and the entry deleted. Deletions are
+        batched per chunk (a key that vanished meanwhile is skipped)."""
+        import ctypes as ct
 
-    def _batch(self, table, conv, *, delete: bool):
-        """All entries of `table` through BPF_MAP_LOOKUP(_AND_DELETE)_BATCH in
-        fixed chunks (buffers allocated once), each converted by conv(k, v)
-        to builtin types before the buffers are reused. A generator: callers
-        aggregate as they go, so memory stays proportional to one chunk."""
+        bcc = sys.modules["bcc"]
+        ksize = ct.sizeof(table.Key)
+        dbuf = self._batch_bufs.get(("del", id(table)))
+        if dbuf is None:
+            dbuf = self._batch_bufs[("del", id(table))] = (table.Key * BATCH_CHUNK)()
+        for keys, n, results in self._chunks(table, pick):
+            sel = [i for i, r in enumerate(results) if r is not None]
+            for r in results:
+                if r is not None and r is not _DROP and r is not _TAKE:
+                    yield r
+            if not sel:
+                continue
+            if len(sel) == n:
+                base = ct.addressof(keys)
+            else:
+                for j, i in enumerate(sel):
+                    ct.memmove(ct.addressof(dbuf) + j * ksize, ct.addressof(keys) + i * ksize, ksize)
+                base = ct.addressof(dbuf)
+            start = 0
+            while start < len(sel):
+                cnt = ct.c_uint32(len(sel) - start)
+                if bcc.lib.bpf_delete_batch(table.map_fd, ct.c_void_p(base + start * ksize), ct.byref(cnt)) == 0:
+                    break
+                start += cnt.value + 1   # that key was deleted meanwhile (a free): skip it
+
+    def _chunks(self, table, pick):
+        """(keys buffer, n, [pick(k, v) per entry]) per batch lookup."""
         import ctypes as ct
         import errno
 
@@ -690,27 +903,27 @@ class Tracer:
             bufs = ((table.Key * BATCH_CHUNK)(), (table.Leaf * BATCH_CHUNK)())
             self._batch_bufs[id(table)] = bufs
         keys, vals = bufs
-        fn = bcc.lib.bpf_lookup_and_delete_batch if delete else bcc.lib.bpf_lookup_batch
         token = ct.c_uint32(0)
         first = True
         while True:
             cnt = ct.c_uint32(BATCH_CHUNK)
-            res = fn(table.map_fd, None if first else ct.byref(token), ct.byref(token),
-                     ct.byref(keys), ct.byref(vals), ct.byref(cnt))
+            res = bcc.lib.bpf_lookup_batch(table.map_fd, None if first else ct.byref(token), ct.byref(token),
+                                           ct.byref(keys), ct.byref(vals), ct.byref(cnt))
             err = ct.get_errno()
-            for i in range(cnt.value):
-                yield conv(keys[i], vals[i])
+            n = cnt.value
+            if n:
+                yield keys, n, [pick(keys[i], vals[i]) for i in range(n)]
             if res != 0:
                 if err == errno.ENOENT:
                     break
                 raise OSError(err, f"BPF map batch operation failed: {os.strerror(err)}")
             first = False
 
-    def _drain(self, table, conv):
-        return self._batch(table, conv, delete=True)
-
-    def _discard(self, table) -> None:
-        for _ in self._batch(table, lambda k, v: None, delete=True):
+    @staticmethod
+    def _delete(table, key) -> None:
+        try:
+            del table[key]
+        except KeyError:
             pass
 
     @staticmethod
