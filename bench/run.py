@@ -34,7 +34,7 @@ BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 OUT = BENCH / "out"
 VENV_PY = ROOT / ".venv" / "bin" / "python"
-SECTIONS = ("churn", "real", "pytest", "report", "outside")
+SECTIONS = ("churn", "real", "pytest", "report", "outside", "xdist")
 
 sys.path.insert(0, str(ROOT))  # the checkout's package, even from another interpreter
 CODE = {"source": "working tree", "path": str(ROOT)}   # which plugin code is measured (--rev changes it)
@@ -55,12 +55,12 @@ class VariantNA(BenchError):
 FULL = dict(
     churn_n=1_000_000, runs=5, slow_runs=3, variant_runs=3, memleak_n=300_000,
     sqlite_rows=200_000, sort_mb=50, xz_mb=2, pytest_tests=1000, pytest_runs=3,
-    report_allocs=200_000, report_runs=3, micro_tests=100, other_sessions=(1, 3),
+    report_allocs=200_000, report_runs=3, micro_tests=100, other_sessions=(1, 3), xdist_workers=(1, 2, 4),
 )
 QUICK = dict(
     churn_n=200_000, runs=3, slow_runs=1, variant_runs=1, memleak_n=100_000,
     sqlite_rows=50_000, sort_mb=10, xz_mb=1, pytest_tests=200, pytest_runs=1,
-    report_allocs=200_000, report_runs=1, micro_tests=50, other_sessions=(1,),
+    report_allocs=200_000, report_runs=1, micro_tests=50, other_sessions=(1,), xdist_workers=(1, 2),
 )
 # Inputs scaled down from the issue's figures so one valgrind run stays under ~60 s
 # on a 2-core machine: xz -9 -T1 of 20 MB takes ~38 s natively (valgrind: ~10 min);
@@ -1077,6 +1077,44 @@ def bench_outside(cfg: dict, res: dict) -> None:
         f"{out['session_loaded_us_per_pair']['median']:.3f} us/pair")
 
 
+def bench_xdist(cfg: dict, res: dict) -> None:
+    """Per-allocation cost under pytest-xdist: `pytest -n K --ebpf-leaks` where
+    one test runs churn and the other workers sit in tests of their own. The
+    controller's one program serves every worker, so the cost per pair should
+    not grow with K (it did when each worker loaded its own program: see the
+    churn section's "other sessions loaded" rows)."""
+    churn = build("churn")
+    n = cfg["churn_n"]
+    out = res.setdefault("xdist", {"n": n, "workers": {}})
+    tmp = Path(tempfile.mkdtemp(dir=OUT, prefix="xdist-"))
+    try:
+        for k in cfg["xdist_workers"]:
+            runs = []
+            for _ in range(cfg["variant_runs"]):
+                ns = tmp / "churn.ns"
+                (tmp / "test_churn.py").write_text(
+                    "import subprocess, time, pytest\n"
+                    "@pytest.mark.parametrize('i', range(%d))\n"
+                    "def test_w(i):\n"
+                    "    if i == 0:\n"
+                    "        subprocess.run([%r, '%d', '-o', %r], check=True)\n"
+                    "    else:\n"
+                    "        time.sleep(0.5)\n" % (k, str(churn), n, str(ns)))
+                cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--ebpf-leaks",
+                       "-n", str(k), str(tmp / "test_churn.py")]
+                wall, _cpu = gated(lambda: run_proc(cmd, cwd=tmp, what=f"pytest -n {k}"))
+                lw, lc = read_loop(str(ns))
+                runs.append((lw, lc, wall))
+            out["workers"][str(k)] = {
+                "us_per_pair": summary([r[0] / n * 1e6 for r in runs], "us"),
+                "cpu_us_per_pair": summary([r[1] / n * 1e6 for r in runs], "us"),
+                "pytest_wall_s": summary([r[2] for r in runs], "s"),
+            }
+            log(f"xdist -n {k}: {out['workers'][str(k)]['cpu_us_per_pair']['median']:.3f} CPU us/pair")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 # --------------------------------------------------------------------------
 # tables
 # --------------------------------------------------------------------------
@@ -1128,6 +1166,14 @@ def targets(res: dict) -> list[dict]:
                 pt.get("inproc_off_per_test_cpu_ms"), lambda v: v <= 2, unit=" ms")
             row("session start, --ebpf-leaks-in-process off", "≤ 1.5 s", pt.get("inproc_off_session_start_s"),
                 pt.get("inproc_off_session_start_cpu_s"), lambda v: v <= 1.5, unit=" s")
+    xd = res.get("xdist", {}).get("workers", {})
+    if "1" in xd and len(xd) > 1:
+        k = max(xd, key=int)
+        one, many = xd["1"], xd[k]
+        row(f"xdist: per-pair cost with {k} workers ≤ 1.1× with 1 (issue 6: does not grow)", "≤ 1.1×",
+            ratio(many["us_per_pair"]["median"], one["us_per_pair"]["median"]),
+            ratio(many["cpu_us_per_pair"]["median"], one["cpu_us_per_pair"]["median"]), lambda v: v <= 1.1,
+            unit="×")
     rp = res.get("report")
     if rp:
         row(f"report with {rp['allocations']:,} outstanding allocations", "≤ 1 s",
@@ -1336,6 +1382,18 @@ def markdown(res: dict) -> str:
         L.append(f"| tracer loaded, test running | {f(ou['session_loaded_us_per_pair']['median'])} | "
                  f"{f(ou['session_loaded_cpu_us_per_pair']['median'])} |")
         L.append("")
+    xd = res.get("xdist")
+    if xd and xd.get("workers"):
+        L.append(f"## 6. pytest-xdist: `pytest -n K --ebpf-leaks`, one test runs churn (N = {xd['n']:,}), the "
+                 "other workers sit in tests of their own\n")
+        L.append("| workers | µs/pair (wall) | µs/pair (CPU) | × the 1-worker CPU figure | pytest wall s |")
+        L.append("|---|---|---|---|---|")
+        one = xd["workers"].get("1", {}).get("cpu_us_per_pair", {}).get("median")
+        for k, d in sorted(xd["workers"].items(), key=lambda kv: int(kv[0])):
+            c = d["cpu_us_per_pair"]
+            L.append(f"| {k} | {f(d['us_per_pair']['median'])} | {f(c['median'])} | "
+                     f"{f(ratio(c['median'], one), 2, '×')} | {f(d['pytest_wall_s']['median'], 2)} |")
+        L.append("")
     L.append("## Reference figures measured earlier on this machine (issue 5)\n")
     L.append("; ".join(f"{k}: {v}" for k, v in REFERENCE.items()) + ".\n")
     if res.get("errors"):
@@ -1389,7 +1447,7 @@ def main(argv=None) -> int:
     t_start = time.monotonic()
     res: dict = {"quick": args.quick, "config": cfg, "machine": machine_info(), "errors": []}
     funcs = {"churn": bench_churn, "real": bench_real, "pytest": bench_pytest, "report": bench_report,
-             "outside": bench_outside}
+             "outside": bench_outside, "xdist": bench_xdist}
     res["sections"] = {}
     for s in SECTIONS:
         if s not in only:

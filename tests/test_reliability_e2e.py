@@ -331,3 +331,25 @@ def test_xdist_workers_share_the_controllers_program(pytester, run_plugin, load)
     assert doc["session"]["workers"] == 3
     leaked = sorted(t["leaked"]["bytes"] for t in doc["tests"] if "test_live" in t["nodeid"])
     assert leaked == [8 * (n + 1) for n in range(6)]
+
+
+def test_xdist_worker_that_dies_is_dropped_and_the_rest_stay_exact(pytester, run_plugin, load):
+    """A worker killed mid-test (its connection to the controller's tracer
+    closes): its test is dropped, the replacement worker and the other
+    worker's tests keep exact figures."""
+    pytester.makepyfile(test_die=f"""
+        import os, subprocess, pytest
+        L = {load!r}
+        def test_a_dies():
+            subprocess.run([L, "live", "3"], check=True)
+            os._exit(3)
+        @pytest.mark.parametrize("n", range(8))
+        def test_live(n):
+            subprocess.run([L, "live", str(n + 1)], check=True)
+    """)
+    result, doc = run_plugin("-n", "2")
+    out = result.stdout.str()
+    assert "crashed" in out, out
+    leaked = sorted(t["leaked"]["bytes"] for t in doc["tests"] if "test_live" in t["nodeid"])
+    assert leaked == [8 * (n + 1) for n in range(8)]
+    assert doc["session"]["workers"] == 3
