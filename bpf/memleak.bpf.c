@@ -4,6 +4,8 @@
 // One program per pytest session (compiled by BCC). Userspace marks the
 // pytest process as a ROOT in `tracked`; every process the root (or a tracked
 // process) creates while a test runs is tracked from birth, in the kernel.
+// Under pytest-xdist the controller is a SPAWNER: each process it creates (a
+// worker) is a ROOT from birth, and the workers share this one program.
 //
 // Accounting contract, per process image (a new image starts at exec):
 //   live blocks  = blocks the process allocated itself since its last exec

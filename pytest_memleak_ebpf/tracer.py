@@ -1,6 +1,10 @@
 """The tracer: compile and load the BPF program once (BCC), attach the allocator
 uprobes and process tracepoints, and read/clear the maps per test.
 
+It serves clients: the pytest process itself (add_root), or, under xdist, every
+worker of the controller that loaded it (add_spawner, connect; shared.py). A
+test's records are taken out selectively, so clients' tests may overlap.
+
 Everything this module returns is made of builtin types; the accounting and
 reporting layers never see BCC or ctypes objects.
 """
