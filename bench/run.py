@@ -683,10 +683,11 @@ def bench_churn(cfg: dict, res: dict) -> None:
         finally:
             t.close()
 
-    # (b2) other sessions loaded at once (xdist workers: each loads its own program):
-    # the tracing tracer plus K idle ones whose root is a sleeping process
+    # (b2) other sessions loaded at once (other pytest runs on the machine; xdist workers
+    # share the controller's: see bench_xdist): the tracing tracer plus K idle ones whose
+    # root is a sleeping process
     for k in cfg["other_sessions"]:
-        key, label = f"tracer_plus_{k}", f"plugin tracer, {k} other session(s) loaded (idle, like xdist workers)"
+        key, label = f"tracer_plus_{k}", f"plugin tracer, {k} other session(s) loaded (idle pytest runs)"
         sleeper = subprocess.Popen(["sleep", "3600"])
         tracers = []
         try:
@@ -1092,14 +1093,26 @@ def bench_xdist(cfg: dict, res: dict) -> None:
             runs = []
             for _ in range(cfg["variant_runs"]):
                 ns = tmp / "churn.ns"
+                for old in tmp.glob("ready-*"):
+                    old.unlink()
+                # every worker sits in a test of its own (all started up, idle) while churn runs
                 (tmp / "test_churn.py").write_text(
-                    "import subprocess, time, pytest\n"
+                    "import os, subprocess, time, pytest\n"
+                    "D = %r\n"
+                    "def wait(cond):\n"
+                    "    t = time.monotonic()\n"
+                    "    while not cond() and time.monotonic() - t < 60:\n"
+                    "        time.sleep(0.02)\n"
                     "@pytest.mark.parametrize('i', range(%d))\n"
                     "def test_w(i):\n"
+                    "    open(os.path.join(D, 'ready-%%d' %% i), 'w').close()\n"
                     "    if i == 0:\n"
+                    "        wait(lambda: len([f for f in os.listdir(D) if f.startswith('ready-')]) == %d)\n"
                     "        subprocess.run([%r, '%d', '-o', %r], check=True)\n"
+                    "        open(os.path.join(D, 'ready-done'), 'w').close()\n"
                     "    else:\n"
-                    "        time.sleep(0.5)\n" % (k, str(churn), n, str(ns)))
+                    "        wait(lambda: os.path.exists(os.path.join(D, 'ready-done')))\n"
+                    % (str(tmp), k, k, str(churn), n, str(ns)))
                 cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--ebpf-leaks",
                        "-n", str(k), str(tmp / "test_churn.py")]
                 wall, _cpu = gated(lambda: run_proc(cmd, cwd=tmp, what=f"pytest -n {k}"))
@@ -1284,8 +1297,9 @@ def markdown(res: dict) -> str:
         t0 = mm("tracer", "cpu_us_per_pair")
         grow = [(cs[k]["other_sessions"], mm(k, "cpu_us_per_pair")) for k in others if mm(k, "cpu_us_per_pair")]
         if t0 and grow:
-            L.append("Other sessions loaded at once (each xdist worker loads its own program; each runs on every "
-                     "allocator hit of every process, and returns at the pid-bitmap filter): " + "; ".join(
+            L.append("Other sessions loaded at once (other pytest runs on the machine: each session's program "
+                     "runs on every allocator hit of every process, and returns at the pid-bitmap filter; xdist "
+                     "workers share the controller's, see section 6): " + "; ".join(
                          f"{k} more: +{f(v - t0, 3)} µs/pair CPU ({f((v - t0) / k, 3)} per session, "
                          f"{f((v / t0 - 1) * 100, 0)} %)" for k, v in grow) + ".")
         if ch.get("cost_split_cpu_us"):

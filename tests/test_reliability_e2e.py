@@ -353,3 +353,44 @@ def test_xdist_worker_that_dies_is_dropped_and_the_rest_stay_exact(pytester, run
     leaked = sorted(t["leaked"]["bytes"] for t in doc["tests"] if "test_live" in t["nodeid"])
     assert leaked == [8 * (n + 1) for n in range(8)]
     assert doc["session"]["workers"] == 3
+
+
+SITES = "#include <stdlib.h>\n" + "".join(
+    f"__attribute__((noinline)) static void s{i}(void) {{ void *p = malloc(8); __asm__ volatile(\"\" :: \"r\"(p) : \"memory\"); free(p); }}\n"
+    for i in range(64)) + """
+__attribute__((noinline)) static void leak_site(void) { void *p = malloc(24); __asm__ volatile("" :: "r"(p) : "memory"); }
+static void (*sites[64])(void) = {""" + ", ".join(f"s{i}" for i in range(64)) + """};
+__attribute__((noinline)) static void rec(int d, int i) { if (d) rec(d - 1, i); else sites[i](); __asm__ volatile(""); }
+int main(int argc, char **argv) {   /* sites DEPTH N: N freed blocks, each its own stack, then one 24 B leak */
+    int depth = atoi(argv[1]), n = atoi(argv[2]);
+    for (int i = 0; i < n && i < 64; i++) rec(depth, i);
+    leak_site();
+    return 0;
+}
+"""
+
+
+def test_stacks_are_collected_between_tests_when_the_map_fills(pytester, run_plugin, cbuild):
+    """Stacks are shared, so a test's end does not take them: once the stack
+    map is half full the unreferenced ones are collected. With room for 64
+    stacks, 8 tests of 32+ new stacks each (the call depth differs per test)
+    would overflow it without that;
+    every test stays complete and exact, its leaking stack named."""
+    prog = cbuild("sites", SITES)
+    pytester.makepyfile(test_sites=f"""
+        import subprocess, pytest
+        @pytest.mark.leak_budget("1 KiB")
+        @pytest.mark.parametrize("i", range(8))
+        def test_sites(i):
+            subprocess.run([{str(prog)!r}, str(i), "32"], check=True)
+    """)
+    result, doc = run_plugin("--ebpf-leaks-max-stacks=64")
+    result.assert_outcomes(passed=8)
+    assert "leak tracking incomplete" not in result.stdout.str()
+    for t in doc["tests"]:
+        assert t["tracking_complete"] and not t["incomplete"], t
+        (p,) = t["processes"]
+        assert p["outstanding"] == {"bytes": 24, "blocks": 1}, t["nodeid"]
+        assert p["tracking"]["lost_stacks"] == 0
+        (st,) = [s for s in p["stacks"] if not s["suppressed"]]
+        assert st["captured"] and any(f["function"] == "leak_site" for f in st["frames"]), st
