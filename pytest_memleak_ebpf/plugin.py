@@ -326,7 +326,8 @@ def _tracer_lines(tracer, settings) -> list[str]:
     lines = [
         f"ebpf-leaks: tracer ready: {tracer.probe_count} probes ({len(tracer.probes)} allocator uprobes on "
         f"{tracer.libc}{placed}; {_ATTACH.get(tracer.attach_mode, tracer.attach_mode)}), loaded in "
-        f"{tracer.load_seconds:.2f} s; default budget {settings.default_budget.describe()[7:]}"
+        f"{tracer.load_seconds:.2f} s{' (compiled programs from the cache)' if tracer.cached else ''}; "
+        f"default budget {settings.default_budget.describe()[7:]}"
     ]
     for mode, why in tracer.attach_errors.items():
         lines.append(f"ebpf-leaks: {_ATTACH[mode]} unavailable here ({why}); using the next best "

@@ -130,6 +130,7 @@ class TracerServer:
             "attach_mode": t.attach_mode,
             "attach_errors": dict(t.attach_errors),
             "load_seconds": t.load_seconds,
+            "cached": t.cached,
             "probe_count": t.probe_count,
             "forked_root": forked,
         }
@@ -162,6 +163,7 @@ class RemoteTracer:
         self.attach_mode = info["attach_mode"]
         self.attach_errors = info["attach_errors"]
         self.load_seconds = info["load_seconds"]
+        self.cached = info["cached"]
         self.probe_count = info["probe_count"]
         self.forked_root = info["forked_root"]
         self._in_window = False

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
+from . import bpfcache as _bpfcache
 from . import placement as _placement
 from .preflight import ATTACH_ENV, ATTACH_MODES
 
@@ -102,6 +103,13 @@ class RawTest:
     # in-process (the pytest process's own blocks from its last window)
     inproc_blocks: list[tuple[int, int, int]] = field(default_factory=list)  # (size, stack, ext_ip)
     inproc_counters: dict | None = None
+
+
+class _Event(ctypes.Structure):
+    """The BPF source's struct event_t (a ring-buffer record)."""
+
+    _fields_ = [("type", ctypes.c_uint32), ("tgid", ctypes.c_uint32), ("serial", ctypes.c_uint64),
+                ("path", ctypes.c_char * 256)]
 
 
 @dataclass(eq=False)
@@ -284,7 +292,7 @@ class Tracer:
         self._cflags = cflags
         forced = os.environ.get(ATTACH_ENV) or "auto"
         self._modes = ATTACH_MODES if forced == "auto" else (forced,)
-        self.bpf = bcc.BPF(src_file=str(bpf_source_path()).encode(), cflags=[*cflags, *_MODE_CFLAGS[self._modes[0]]])
+        self.bpf, self.cached = _bpfcache.load(bcc, bpf_source_path(), [*cflags, *_MODE_CFLAGS[self._modes[0]]])
         self.libc = libc or find_libc()
         self.probes: list[ProbeInfo] = []
         self._attach_allocators()
@@ -346,8 +354,8 @@ class Tracer:
             # allocator code costs compile time); the first is built by __init__.
             if i and hasattr(self, "_cflags"):
                 self.bpf.cleanup()
-                self.bpf = self._bcc.BPF(src_file=str(bpf_source_path()).encode(),
-                                         cflags=[*self._cflags, *_MODE_CFLAGS[mode]])
+                self.bpf, self.cached = _bpfcache.load(self._bcc, bpf_source_path(),
+                                                       [*self._cflags, *_MODE_CFLAGS[mode]])
             try:
                 getattr(Tracer, f"_attach_{mode}")(self, sites)   # also for bench.Floor
                 self.attach_mode = mode
@@ -387,7 +395,7 @@ class Tracer:
     # -- events -----------------------------------------------------------
 
     def _on_event(self, ctx, data, size) -> None:
-        ev = self.bpf[b"events"].event(data)
+        ev = ctypes.cast(data, ctypes.POINTER(_Event)).contents
         path = ev.path.decode("utf-8", "surrogateescape")
         if not path:
             return

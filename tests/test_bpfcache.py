@@ -1,0 +1,118 @@
+"""The compiled-program cache: map fds patched in the instructions, entries
+used only when safe, and a tracer loaded from the cache counts exactly what a
+compiled one counts."""
+
+import os
+import struct
+import subprocess
+
+import pytest
+
+from pytest_memleak_ebpf import bpfcache
+
+INSN = struct.Struct("<BBhi")
+
+
+def insn(code, dst=0, src=0, off=0, imm=0):
+    return INSN.pack(code, src << 4 | dst, off, imm)
+
+
+def test_patch_replaces_map_fds_and_nothing_else():
+    prog = (insn(0xb7, dst=0, imm=7)                          # mov r0, 7 (imm 7 is not a map)
+            + insn(0x18, dst=1, src=1, imm=7) + insn(0)       # ld_imm64 r1, map fd 7
+            + insn(0x18, dst=2, src=0, imm=7) + insn(0, imm=3)  # ld_imm64 r2, constant 7 | 3 << 32
+            + insn(0x18, dst=3, src=1, imm=9) + insn(0)       # ld_imm64 r3, map fd 9
+            + insn(0x95))                                     # exit
+    out = bpfcache._patch(prog, {7: 40, 9: 41})
+    words = [INSN.unpack_from(out, i) for i in range(0, len(out), 8)]
+    assert [w[3] for w in words] == [7, 40, 0, 7, 3, 41, 0, 0]
+    assert [w[0] for w in words] == [INSN.unpack_from(prog, i)[0] for i in range(0, len(prog), 8)]
+
+
+def test_patch_refuses_an_unknown_map_fd():
+    with pytest.raises(ValueError, match="unknown map fd 5"):
+        bpfcache._patch(insn(0x18, dst=1, src=1, imm=5) + insn(0), {7: 40})
+
+
+def test_cache_dir_and_key(monkeypatch, tmp_path):
+    monkeypatch.setenv(bpfcache.CACHE_ENV, "off")
+    assert bpfcache.cache_dir() is None
+    monkeypatch.setenv(bpfcache.CACHE_ENV, str(tmp_path))
+    assert bpfcache.cache_dir() == tmp_path
+    k = bpfcache.cache_key(b"src", ["-DA=1"], "0.26.0")
+    assert k != bpfcache.cache_key(b"src", ["-DA=2"], "0.26.0")
+    assert k != bpfcache.cache_key(b"src2", ["-DA=1"], "0.26.0")
+    assert k != bpfcache.cache_key(b"src", ["-DA=1"], "0.27.0")
+    assert k == bpfcache.cache_key(b"src", ["-DA=1"], "0.26.0")
+
+
+def test_only_our_own_unshared_files_are_trusted(tmp_path):
+    d = tmp_path / "c"
+    d.mkdir(mode=0o700)
+    assert bpfcache._safe(d)
+    os.chmod(d, 0o777)
+    assert not bpfcache._safe(d)
+    os.chmod(d, 0o720)
+    assert not bpfcache._safe(d)
+    assert not bpfcache._safe(tmp_path / "missing")
+
+
+LEAK7 = r"""
+#include <stdlib.h>
+int main(void) { for (int i = 0; i < 7; i++) { void *p = malloc(10); __asm__ volatile("" :: "r"(p)); } return 0; }
+"""
+
+
+def _figures(tracer, prog):
+    tracer.add_root(os.getpid())
+    tid = tracer.begin_test()
+    subprocess.run([prog], check=True)
+    raw = tracer.end_test(tid)
+    (p,) = [p for p in raw.processes if p["comm"] == "leak7"]
+    nbytes = sum(b for b, _h, _n in raw.blocks[p["serial"]])
+    nblocks = sum(n for _b, _h, n in raw.blocks[p["serial"]])
+    return nbytes, nblocks, p["alloc_blocks"] - p["free_blocks"]
+
+
+@pytest.mark.ebpf
+def test_cached_programs_count_exactly_like_compiled_ones(ebpf, cbuild, tmp_path, monkeypatch):
+    from pytest_memleak_ebpf.tracer import Tracer
+
+    prog = cbuild("leak7", LEAK7)
+    monkeypatch.setenv(bpfcache.CACHE_ENV, str(tmp_path / "cache"))
+    runs = []
+    for _ in range(2):
+        t = Tracer()
+        try:
+            runs.append((t.cached, _figures(t, prog)))
+        finally:
+            t.close()
+    assert [c for c, _ in runs] == [False, True]
+    assert runs[0][1] == runs[1][1] == (70, 7, 7)
+    assert len(list((tmp_path / "cache").glob("*.json"))) == 1
+
+
+@pytest.mark.ebpf
+def test_a_damaged_or_unsafe_cache_is_not_used(ebpf, cbuild, tmp_path, monkeypatch):
+    from pytest_memleak_ebpf.tracer import Tracer
+
+    prog = cbuild("leak7", LEAK7)
+    cache = tmp_path / "cache"
+    monkeypatch.setenv(bpfcache.CACHE_ENV, str(cache))
+    Tracer().close()                                   # compiles, saves
+    (entry,) = cache.glob("*.json")
+    entry.write_text(entry.read_text().replace('"functions": {', '"functions": {"x": "!!", ', 1)[:-50])
+    t = Tracer()                                       # damaged: compiled again, and saved again
+    try:
+        assert not t.cached and _figures(t, prog) == (70, 7, 7)
+    finally:
+        t.close()
+    t = Tracer()
+    t.close()
+    assert t.cached
+    os.chmod(cache, 0o777)                             # others may write it: never loaded
+    t = Tracer()
+    try:
+        assert not t.cached and _figures(t, prog) == (70, 7, 7)
+    finally:
+        t.close()
