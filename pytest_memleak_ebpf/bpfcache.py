@@ -31,7 +31,7 @@ from pathlib import Path
 CACHE_ENV = "PYTEST_MEMLEAK_EBPF_CACHE"
 FORMAT = 1
 _BPF_MAP_CREATE, _BPF_PROG_LOAD = 0, 5
-_PSEUDO_MAP_FD = 1
+_PSEUDO_MAP = (1, 2)   # BPF_PSEUDO_MAP_FD, BPF_PSEUDO_MAP_VALUE: imm is a map fd
 _LD_IMM64 = 0x18
 _INSN = struct.Struct("<BBhi")
 
@@ -189,10 +189,13 @@ def _patch(insns: bytes, fds: dict[int, int]) -> bytes:
     while i + 16 <= len(out):
         code, regs, off, imm = _INSN.unpack_from(out, i)
         if code == _LD_IMM64:
-            if regs >> 4 == _PSEUDO_MAP_FD:
+            src = regs >> 4
+            if src in _PSEUDO_MAP:
                 if imm not in fds:
                     raise ValueError(f"instruction {i // 8} refers to unknown map fd {imm}")
                 _INSN.pack_into(out, i, code, regs, off, fds[imm])
+            elif src:
+                raise ValueError(f"instruction {i // 8}: ld_imm64 of kind {src} is not handled")
             i += 16
         else:
             i += 8

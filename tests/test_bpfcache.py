@@ -29,9 +29,12 @@ def test_patch_replaces_map_fds_and_nothing_else():
     assert [w[0] for w in words] == [INSN.unpack_from(prog, i)[0] for i in range(0, len(prog), 8)]
 
 
-def test_patch_refuses_an_unknown_map_fd():
+def test_patch_refuses_an_unknown_map_fd_or_reference():
     with pytest.raises(ValueError, match="unknown map fd 5"):
         bpfcache._patch(insn(0x18, dst=1, src=1, imm=5) + insn(0), {7: 40})
+    assert bpfcache._patch(insn(0x18, dst=1, src=2, imm=7) + insn(0, imm=8), {7: 40})[4:8] == (40).to_bytes(4, "little")
+    with pytest.raises(ValueError, match="kind 3"):   # a BTF id: not ours to patch
+        bpfcache._patch(insn(0x18, dst=1, src=3, imm=7) + insn(0), {7: 40})
 
 
 def test_cache_dir_and_key(monkeypatch, tmp_path):
