@@ -624,7 +624,10 @@ class Tracer:
         c = self._client(c)
         with self._lock:
             wserial = c.window_serial
-            sweep = self._sweep_blocks({}, wserial)
+            t0 = time.monotonic_ns()
+            live = {int(v.serial) for _, v in self._tracked.items() if not int(v.flags) & TF_ROOT}
+            live |= {_int(k) for k in self._procs.keys()}   # other clients' tests' images
+            sweep = self._sweep_blocks({}, wserial, live=live, t0=t0)
             inproc = sweep.inproc
             stacks = self._stack_frames({h for _, h, _ in inproc if h})
             self._collect_stack_garbage(sweep)
@@ -726,17 +729,16 @@ class Tracer:
         yet collected."""
         return {o.window_serial for o in self._clients if o.in_window or o.window_counters is not None}
 
-    def _sweep_blocks(self, procs: dict, wserial: int, *, live: set | None = None, t0: int | None = None) -> _Sweep:
+    def _sweep_blocks(self, procs: dict, wserial: int, *, live: set, t0: int) -> _Sweep:
         """One walk of the live-block map: the blocks of `procs` (finished or
         untracked images of the test, per serial and stack) and of the closed
         window `wserial` are taken out; garbage (older than t0, owned by
         nothing live) is deleted; everything else stays, its stacks noted."""
-        s = _Sweep() if t0 is None else _Sweep(started_ns=t0)
+        s = _Sweep(started_ns=t0)
         agg: dict[int, dict[int, list[int]]] = {}   # serial -> stack -> [bytes, blocks]
         inproc = s.inproc
         windows = self._window_serials() - {wserial}
-        live = live or set()
-        t0_serial = (t0 if t0 is not None else time.monotonic_ns()) << 8
+        t0_serial = t0 << 8
         referenced = s.referenced
         take = _TAKE
 
@@ -755,7 +757,9 @@ class Tracer:
                 return None
             return take   # garbage
 
-        for _ in self._select(self._blocks, pick):
+        # One client, no open window, nothing live: every entry goes (ours or garbage)
+        drain = not live and not windows and len(self._clients) <= 1
+        for _ in self._select(self._blocks, pick, drain=drain):
             pass
         s.blocks = {serial: [(b, h, n) for h, (b, n) in per.items()] for serial, per in agg.items()}
         return s
@@ -874,11 +878,13 @@ class Tracer:
                 break
         return running
 
-    def _select(self, table, pick):
+    def _select(self, table, pick, *, drain: bool = False):
         """Walk `table` in batches: pick(key, value) returns None to leave an
         entry, _DROP to delete it, _TAKE to delete it having used it, or any
         other value, which is yielded and the entry deleted. Deletions are
-        batched per chunk (a key that vanished meanwhile is skipped)."""
+        batched per chunk (a key that vanished meanwhile is skipped).
+        drain: the caller knows every entry goes (pick never returns None):
+        each batch is looked up and deleted in one call, ~2x faster."""
         import ctypes as ct
 
         bcc = sys.modules["bcc"]
@@ -886,13 +892,17 @@ class Tracer:
         dbuf = self._batch_bufs.get(("del", id(table)))
         if dbuf is None:
             dbuf = self._batch_bufs[("del", id(table))] = (table.Key * BATCH_CHUNK)()
-        for keys, n, results in self._chunks(table, pick):
-            sel = [i for i, r in enumerate(results) if r is not None]
-            for r in results:
-                if r is not None and r is not _DROP and r is not _TAKE:
-                    yield r
-            if not sel:
+        for keys, n, results in self._chunks(table, pick, delete=drain):
+            if drain:
+                yield from (r for r in results if r is not None and r is not _TAKE and r is not _DROP)
                 continue
+            if None not in results:          # the whole chunk goes (the common case)
+                sel = range(n)
+            else:
+                sel = [i for i, r in enumerate(results) if r is not None]
+                if not sel:
+                    continue
+            yield from (r for r in results if r is not None and r is not _TAKE and r is not _DROP)
             if len(sel) == n:
                 base = ct.addressof(keys)
             else:
@@ -906,8 +916,9 @@ class Tracer:
                     break
                 start += cnt.value + 1   # that key was deleted meanwhile (a free): skip it
 
-    def _chunks(self, table, pick):
-        """(keys buffer, n, [pick(k, v) per entry]) per batch lookup."""
+    def _chunks(self, table, pick, *, delete: bool = False):
+        """(keys buffer, n, [pick(k, v) per entry]) per batch lookup (and
+        delete, with delete=True)."""
         import ctypes as ct
         import errno
 
@@ -921,8 +932,9 @@ class Tracer:
         first = True
         while True:
             cnt = ct.c_uint32(BATCH_CHUNK)
-            res = bcc.lib.bpf_lookup_batch(table.map_fd, None if first else ct.byref(token), ct.byref(token),
-                                           ct.byref(keys), ct.byref(vals), ct.byref(cnt))
+            fn = bcc.lib.bpf_lookup_and_delete_batch if delete else bcc.lib.bpf_lookup_batch
+            res = fn(table.map_fd, None if first else ct.byref(token), ct.byref(token),
+                     ct.byref(keys), ct.byref(vals), ct.byref(cnt))
             err = ct.get_errno()
             n = cnt.value
             if n:

@@ -394,3 +394,29 @@ def test_stacks_are_collected_between_tests_when_the_map_fills(pytester, run_plu
         assert p["tracking"]["lost_stacks"] == 0
         (st,) = [s for s in p["stacks"] if not s["suppressed"]]
         assert st["captured"] and any(f["function"] == "leak_site" for f in st["frames"]), st
+
+
+def test_collecting_a_window_leaves_other_tests_blocks(ebpf, load):
+    """Under xdist a worker collects its in-process window while other
+    workers' tests run: their processes' live blocks must stay in the map."""
+    from pytest_memleak_ebpf.tracer import Tracer
+
+    t = Tracer()
+    try:
+        t.add_root(os.getpid())
+        tid = t.begin_test()
+        p = subprocess.Popen([load, "sleep", "3"])
+        deadline = time.time() + 5
+        while time.time() < deadline and not t._blocks.items():
+            time.sleep(0.02)
+        t.open_window()
+        t.close_window()
+        t.collect_window()
+        os.kill(p.pid, signal.SIGKILL)
+        p.wait()
+        raw = t.end_test(tid)
+        (lp,) = [x for x in raw.processes if x["comm"] == "load"]
+        assert sum(b for b, _h, _n in raw.blocks[lp["serial"]]) >= 16
+        assert lp["signal"] == signal.SIGKILL
+    finally:
+        t.close()
