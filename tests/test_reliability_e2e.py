@@ -245,7 +245,7 @@ def test_xdist_gives_the_same_verdicts_numbers_and_json(pytester, run_plugin, lo
     import xml.etree.ElementTree as ET
 
     runs = {}
-    for n in ("0", "2"):
+    for n in ("0", "2", "4"):
         junit = pytester.path / f"junit{n}.xml"
         result, doc = run_plugin("-n", n, f"--junitxml={junit}")
         result.assert_outcomes(passed=2, failed=6)
@@ -259,7 +259,7 @@ def test_xdist_gives_the_same_verdicts_numbers_and_json(pytester, run_plugin, lo
             props = {p.get("name"): p.get("value") for p in c.iter("property")}
             cases[c.get("name")] = (f.get("message") if f is not None else None, props)
         runs[n] = (entries, cases)
-    assert runs["0"] == runs["2"]
+    assert runs["0"] == runs["2"] == runs["4"]
     entries, cases = runs["0"]
     assert len(entries) == 8
     assert cases["test_live[100]"][0] == "leak budget exceeded: 800 B in 100 blocks leaked by 1 of 1 process (budget 0 B)"
