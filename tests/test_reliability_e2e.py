@@ -148,14 +148,21 @@ OUR_PROGS = ("alloc_session", "alloc_entry", "alloc_return", "malloc_entry", "ma
              "calloc_entry", "realloc_entry")
 
 
-def _bpf_progs():
-    """{prog id: set of pids holding it} for BPF programs with our names."""
-    out = subprocess.run(["bpftool", "-j", "prog", "show"], capture_output=True, text=True).stdout
+OUR_MAPS = ("tracked", "pidmap", "procs", "blocks", "handoffs", "stacks", "rawcache")
+
+
+def _bpf_progs(kind="prog", names=OUR_PROGS):
+    """{id: set of pids holding it} for BPF programs (or maps) with our names."""
+    out = subprocess.run(["bpftool", "-j", kind, "show"], capture_output=True, text=True).stdout
     progs = {}
     for p in json.loads(out or "[]"):
-        if p.get("name") in OUR_PROGS:
+        if p.get("name") in names:
             progs[p["id"]] = {x["pid"] for x in p.get("pids", [])}
     return progs
+
+
+def _bpf_maps():
+    return _bpf_progs("map", OUR_MAPS)
 
 
 def _uprobe_events():
@@ -165,14 +172,14 @@ def _uprobe_events():
     return []
 
 
-def _leftovers(before, dead_pid):
-    """Programs of the dead session still loaded (other sessions may run concurrently)."""
-    return [pid for pid, holders in _bpf_progs().items()
+def _leftovers(before, dead_pid, now=_bpf_progs):
+    """Programs (maps) of the dead session still loaded (other sessions may run concurrently)."""
+    return [pid for pid, holders in now().items()
             if pid not in before and (not holders or dead_pid in holders)]
 
 
 def test_sigkill_leaves_nothing_behind_and_sigint_reports(pytester, ebpf, load, tmp_path):
-    before = _bpf_progs()
+    before, maps_before = _bpf_progs(), _bpf_maps()
     events_before = _uprobe_events()
     (tmp_path / "test_slow.py").write_text(
         "import subprocess\n"
@@ -186,6 +193,8 @@ def test_sigkill_leaves_nothing_behind_and_sigint_reports(pytester, ebpf, load, 
         while time.time() < deadline and not _children_named(p.pid, "load"):
             time.sleep(0.05)
         assert _children_named(p.pid, "load"), "the test's process did not start"
+        assert _leftovers(before, p.pid) and _leftovers(maps_before, p.pid, _bpf_maps), \
+            "the session's program and maps are not visible to bpftool: nothing would be checked"
         time.sleep(0.3)
         if sig == signal.SIGINT:
             os.killpg(p.pid, signal.SIGINT)   # Ctrl-C reaches the whole foreground group
@@ -203,9 +212,10 @@ def test_sigkill_leaves_nothing_behind_and_sigint_reports(pytester, ebpf, load, 
             (lp,) = [x for x in t["processes"] if x["comm"] == "load"]
             assert lp["outstanding"]["blocks"] >= 1
         deadline = time.time() + 20   # the kernel frees programs asynchronously after the fds close
-        while time.time() < deadline and _leftovers(before, p.pid):
+        while time.time() < deadline and (_leftovers(before, p.pid) or _leftovers(maps_before, p.pid, _bpf_maps)):
             time.sleep(0.2)
         assert not _leftovers(before, p.pid), f"BPF programs survived {sig!r}"
+        assert not _leftovers(maps_before, p.pid, _bpf_maps), f"BPF maps survived {sig!r}"
         assert _uprobe_events() == events_before, "uprobe events survived"
 
 
