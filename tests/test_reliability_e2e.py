@@ -430,3 +430,36 @@ def test_collecting_a_window_leaves_other_tests_blocks(ebpf, load):
         assert lp["signal"] == signal.SIGKILL
     finally:
         t.close()
+
+
+def test_xdist_running_processes_and_wait(pytester, run_plugin, load, tmp_path):
+    """Under xdist (the controller's tracer, tests of two workers at once): a
+    process left running is reported as running by its own test only, and
+    --ebpf-leaks-wait waits for it."""
+    pidfile = tmp_path / "bg.pid"
+    pytester.makepyfile(test_bg=f"""
+        import subprocess, pytest
+        L = {load!r}
+        @pytest.mark.leak_budget(None)
+        def test_bg():
+            p = subprocess.Popen([L, "sleep", "1"])
+            open({str(pidfile)!r}, "w").write(str(p.pid))
+        @pytest.mark.parametrize("n", range(6))
+        def test_live(n):
+            subprocess.run([L, "live", str(n + 1)], check=True)
+    """)
+    for wait in (None, "10"):
+        result, doc = run_plugin("-n", "2", *([f"--ebpf-leaks-wait={wait}"] if wait else []))
+        bg = int(pidfile.read_text())
+        tests = {t["nodeid"].split("::")[-1]: t for t in doc["tests"]}
+        (p,) = [x for x in tests["test_bg"]["processes"] if x["pid"] == bg]
+        assert p["outstanding"] == {"bytes": 16, "blocks": 1}
+        if wait:
+            assert p["running_at_test_end"] is False and p["exit_code"] == 0
+        else:
+            assert p["running_at_test_end"] is True
+        others = [x for name, t in tests.items() if name != "test_bg" for x in t["processes"]]
+        assert bg not in {x["pid"] for x in others}
+        assert sorted(t["leaked"]["bytes"] for n, t in tests.items() if n.startswith("test_live")) == \
+            [8 * (n + 1) for n in range(6)]
+        time.sleep(1.2)   # the sleeper of the run without wait
