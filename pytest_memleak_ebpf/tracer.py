@@ -704,9 +704,8 @@ class Tracer:
                 blocks = self._remap_ip_stacks(sweep, live, t0)
                 raw.inproc_blocks = sweep.inproc
                 wanted = {h for bl in blocks.values() for _, h, _ in bl if h} | {h for _, h, _ in sweep.inproc if h}
-                stacks = {h: sweep.frames[h] if h in sweep.frames else None for h in wanted}
-                stacks.update(self._stack_frames({h for h, f in stacks.items() if f is None}))
-                stacks = {h: f for h, f in stacks.items() if f is not None}
+                frames = {**sweep.frames, **self._stack_frames(wanted - sweep.frames.keys())}
+                stacks = {h: frames[h] for h in wanted if h in frames}
                 self._collect_stack_garbage(sweep)
             else:
                 blocks, stacks = {}, {}
