@@ -7,6 +7,13 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+# Inner sessions (pytester) run with a temporary HOME: give them one shared
+# compiled-program cache, so after the first they load their programs from it,
+# as users' sessions do from their second run on (tests/test_bpfcache.py checks
+# that cached programs count exactly what compiled ones do).
+os.environ.setdefault("PYTEST_MEMLEAK_EBPF_CACHE",
+                      os.path.join(os.path.expanduser("~"), ".cache", "pytest-memleak-ebpf"))
+
 
 def pytest_collection_modifyitems(items):
     # run-tests.sh reads this property from the JUnit XML: in CI no eBPF test may skip

@@ -438,12 +438,15 @@ def test_xdist_running_processes_and_wait(pytester, run_plugin, load, tmp_path):
     --ebpf-leaks-wait waits for it."""
     pidfile = tmp_path / "bg.pid"
     pytester.makepyfile(test_bg=f"""
-        import subprocess, pytest
+        import subprocess, time, pytest
         L = {load!r}
         @pytest.mark.leak_budget(None)
         def test_bg():
             p = subprocess.Popen([L, "sleep", "1"])
             open({str(pidfile)!r}, "w").write(str(p.pid))
+            deadline = time.time() + 10   # until it sleeps: its block is allocated
+            while time.time() < deadline and open(f"/proc/{{p.pid}}/syscall").read().split()[0] not in ("35", "230"):
+                time.sleep(0.01)
         @pytest.mark.parametrize("n", range(6))
         def test_live(n):
             subprocess.run([L, "live", str(n + 1)], check=True)
