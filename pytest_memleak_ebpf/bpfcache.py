@@ -20,7 +20,6 @@ from __future__ import annotations
 import base64
 import contextlib
 import ctypes
-import errno
 import hashlib
 import json
 import os
@@ -142,22 +141,9 @@ def _entry(bcc, bpf) -> dict:
     return {"format": FORMAT, "license": lib.bpf_module_license(mod).decode(), "maps": maps, "functions": funcs}
 
 
-def _bpf_syscall(cmd: int, attr) -> int:
-    from .tracer import _NR_BPF
-
-    nr = _NR_BPF.get(os.uname().machine)
-    if nr is None:
-        raise OSError(errno.ENOSYS, "no bpf syscall number for this machine")
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.syscall.restype = ctypes.c_long
-    fd = libc.syscall(ctypes.c_long(nr), ctypes.c_long(cmd), ctypes.byref(attr), ctypes.c_uint(ctypes.sizeof(attr)))
-    if fd < 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
-    return int(fd)
-
-
 def _create_map(m: dict) -> int:
+    from .tracer import _bpf_syscall   # (tracer imports this module)
+
     attr = (ctypes.c_uint8 * 128)()
     for off, v in ((0, m["type"]), (4, m["key_size"]), (8, m["leaf_size"]), (12, m["max_entries"]),
                    (16, m["flags"])):
@@ -168,6 +154,8 @@ def _create_map(m: dict) -> int:
 
 
 def _load_prog(name: bytes, prog_type: int, insns: bytes, license_: bytes, attach_type: int) -> int:
+    from .tracer import _bpf_syscall
+
     buf = ctypes.create_string_buffer(insns, len(insns))
     lic = ctypes.create_string_buffer(license_)
     attr = (ctypes.c_uint8 * 128)()

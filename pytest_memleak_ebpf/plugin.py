@@ -264,8 +264,6 @@ def _load(make):
         return make()
     except (EnvironmentProblem, BCCNotFound) as exc:
         raise pytest.UsageError(f"--ebpf-leaks cannot run: {exc}") from None
-    except pytest.UsageError:
-        raise
     except Exception as exc:  # BCC compile/attach failure
         raise pytest.UsageError(
             f"--ebpf-leaks cannot run: loading the eBPF tracer failed: {exc}. Check that the kernel "
@@ -644,9 +642,8 @@ class XdistController:
                       leaked=self.leaked, json_path=self.settings.json_path, flamegraphs=self.flamegraphs)
 
     def pytest_sessionfinish(self, session, exitstatus):
-        from .report import write_json_report
-
         from .engine import session_info
+        from .report import write_json_report
 
         info = {**session_info(self.tracer), "workers": self.server.workers_served}
         write_json_report(session.config, self.settings.json_path,

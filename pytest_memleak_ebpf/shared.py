@@ -75,7 +75,6 @@ class TracerServer:
         self._closed = False
         self._conns: set[socket.socket] = set()
         self.workers_served = 0
-        self.forked_roots = 0      # workers the kernel had made roots at fork
         self._thread = threading.Thread(target=self._accept, name="memleak-ebpf-server", daemon=True)
         self._thread.start()
 
@@ -102,10 +101,8 @@ class TracerServer:
                 try:
                     if op == "hello":
                         client = self.tracer.connect(pid)
-                        forked = client.forked
                         self.workers_served += 1
-                        self.forked_roots += bool(forked)
-                        value = self._info(forked)
+                        value = self._info()
                     elif op in _OPS and client is not None:
                         value = getattr(self.tracer, op)(*args, c=client)
                     else:
@@ -122,7 +119,7 @@ class TracerServer:
             self._conns.discard(conn)
             conn.close()
 
-    def _info(self, forked: bool) -> dict:
+    def _info(self) -> dict:
         t = self.tracer
         return {
             "probes": [dataclasses.asdict(p) for p in t.probes],
@@ -132,7 +129,6 @@ class TracerServer:
             "load_seconds": t.load_seconds,
             "cached": t.cached,
             "probe_count": t.probe_count,
-            "forked_root": forked,
         }
 
     def close(self) -> None:
@@ -165,7 +161,6 @@ class RemoteTracer:
         self.load_seconds = info["load_seconds"]
         self.cached = info["cached"]
         self.probe_count = info["probe_count"]
-        self.forked_root = info["forked_root"]
         self._in_window = False
 
     def _call(self, op: str, *args):

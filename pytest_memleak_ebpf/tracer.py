@@ -58,8 +58,8 @@ EV_EXEC, EV_OPEN = 1, 2
 CTR_LOST_PROCS, CTR_LOST_EVENTS, CTR_LOST_STACKS, CTR_NEW_STACKS = 0, 1, 2, 3
 # In-process window serials (process image serials are monotonic ns << 8)
 WINDOW_SERIAL = 1 << 62
-# _select() verdicts: delete the entry (it was used / it is garbage)
-_TAKE, _DROP = object(), object()
+# _select() verdict: delete the entry (used, or garbage) without yielding anything
+_DELETE = object()
 BUILD_ID_VALID, BUILD_ID_IP = 1, 2
 BATCH_CHUNK = 4096
 
@@ -167,13 +167,24 @@ def find_libc() -> str:
     raise FileNotFoundError("libc.so.6 not found")
 
 
+def _bpf_syscall(cmd: int, attr) -> int:
+    """bpf(cmd, attr): the fd it returns; OSError(errno) when the kernel refuses."""
+    nr = _NR_BPF.get(os.uname().machine)
+    if nr is None:
+        raise OSError(errno.ENOSYS, f"no bpf syscall number known for {os.uname().machine}")
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.syscall.restype = ctypes.c_long
+    fd = libc.syscall(ctypes.c_long(nr), ctypes.c_long(cmd), ctypes.byref(attr), ctypes.c_uint(ctypes.sizeof(attr)))
+    if fd < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+    return int(fd)
+
+
 def _uprobe_multi_link(prog_fd: int, path: str, sites: list[tuple[int, int]], retprobe: bool,
                        attach_type: int = BPF_TRACE_UPROBE_MULTI) -> int:
     """BPF_LINK_CREATE of a uprobe_multi (or session) link: prog_fd on every (file offset,
     cookie) of `path`. Returns the link fd; OSError when the kernel refuses."""
-    nr = _NR_BPF.get(os.uname().machine)
-    if nr is None:
-        raise OSError(errno.ENOSYS, f"no bpf syscall number known for {os.uname().machine}")
     n = len(sites)
     offsets = (ctypes.c_uint64 * n)(*[o for o, _ in sites])
     cookies = (ctypes.c_uint64 * n)(*[c for _, c in sites])
@@ -186,14 +197,10 @@ def _uprobe_multi_link(prog_fd: int, path: str, sites: list[tuple[int, int]], re
     ctypes.c_uint64.from_buffer(attr, 40).value = ctypes.addressof(cookies)   # .cookies
     ctypes.c_uint32.from_buffer(attr, 48).value = n                           # .cnt
     ctypes.c_uint32.from_buffer(attr, 52).value = BPF_F_UPROBE_MULTI_RETURN if retprobe else 0
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.syscall.restype = ctypes.c_long
-    fd = libc.syscall(ctypes.c_long(nr), ctypes.c_long(_BPF_LINK_CREATE), ctypes.byref(attr),
-                      ctypes.c_uint(ctypes.sizeof(attr)))
-    if fd < 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"uprobe link (attach type {attach_type}) on {path}: {os.strerror(err)}")
-    return int(fd)
+    try:
+        return _bpf_syscall(_BPF_LINK_CREATE, attr)
+    except OSError as e:
+        raise OSError(e.errno, f"uprobe link (attach type {attach_type}) on {path}: {e.strerror}") from None
 
 
 def _quietly(fn) -> None:
@@ -247,14 +254,6 @@ def _fnv_ips(ips: list[int]) -> int:
     return h
 
 
-def _copy(c):
-    """A detached copy of a ctypes key/value (batch buffers are reused);
-    simple ctypes elements already come out of arrays as Python ints."""
-    if isinstance(c, int):
-        return c
-    return type(c).from_buffer_copy(c)
-
-
 def _int(v) -> int:
     return int(getattr(v, "value", v))
 
@@ -304,7 +303,7 @@ class Tracer:
         self._stacks = self.bpf[b"stacks"]
         self._counters = self.bpf[b"counters"]
         self._paths: dict[int, list[str]] = {}
-        self._lock = threading.RLock()
+        self._lock = threading.Lock()
         self._closed = False
         self._clients: list[Client] = []
         self._local: Client | None = None   # this process's own (add_root)
@@ -449,10 +448,7 @@ class Tracer:
         """The xdist controller: every process it creates from now on is a
         root from its first instruction (the BPF program follows the fork),
         to be served through connect(). Before the workers start."""
-        key = self._tracked.Key(tgid)
-        leaf = self._tracked.Leaf()
-        leaf.flags = TF_ROOT | TF_SPAWNER
-        self._tracked[key] = leaf
+        self._write_root(tgid, TF_ROOT | TF_SPAWNER)
         self._pidmap_or(tgid)
 
     def connect(self, tgid: int) -> Client:
@@ -463,15 +459,14 @@ class Tracer:
                 flags = int(self._tracked[self._tracked.Key(tgid)].flags)
             except KeyError:
                 flags = 0
-            if not flags & TF_ROOT:
-                # not forked by the spawner (another host's worker cannot reach us):
-                # register it, then repair bits of the word a fork may have raced
-                self._set_root_flags(tgid, TF_ROOT | TF_SPAWNED)
-                self._pidmap_or(tgid)
-                self._repair_pidmap(tgid >> 6)
             c = Client(roots=[tgid], counter_base=self._read_counters(), root_flags=TF_ROOT | TF_SPAWNED,
                        forked=bool(flags & TF_ROOT))
             self._set_root(c, tgid, 0)
+            if not c.forked:
+                # not forked by the spawner (another host's worker cannot reach us):
+                # registered above; now its bit, then repair bits of the word a fork may have raced
+                self._pidmap_or(tgid)
+                self._repair_pidmap(tgid >> 6)
             self._clients.append(c)
             return c
 
@@ -515,19 +510,15 @@ class Tracer:
         return self._local
 
     def _set_root(self, c: Client, tgid: int, test_id: int, *, allocs: bool = False, serial: int = 0) -> None:
-        key = self._tracked.Key(tgid)
+        self._write_root(tgid, c.root_flags | (TF_ALLOCS if allocs else 0), test_id, serial)
+
+    def _write_root(self, tgid: int, flags: int, test_id: int = 0, serial: int = 0) -> None:
+        """A root's entry in `tracked`, counters zeroed."""
         leaf = self._tracked.Leaf()
         leaf.test_id = test_id
-        leaf.flags = c.root_flags | (TF_ALLOCS if allocs else 0)
-        leaf.serial = serial
-        leaf.nthreads = 0
-        self._tracked[key] = leaf
-
-    def _set_root_flags(self, tgid: int, flags: int) -> None:
-        key = self._tracked.Key(tgid)
-        leaf = self._tracked.Leaf()
         leaf.flags = flags
-        self._tracked[key] = leaf
+        leaf.serial = serial
+        self._tracked[self._tracked.Key(tgid)] = leaf
 
     def _set_root_fields(self, tgid: int, **fields) -> None:
         """Change some fields of a root's entry, keeping its window counters."""
@@ -625,8 +616,7 @@ class Tracer:
         with self._lock:
             wserial = c.window_serial
             t0 = time.monotonic_ns()
-            live = {int(v.serial) for _, v in self._tracked.items() if not int(v.flags) & TF_ROOT}
-            live |= {_int(k) for k in self._procs.keys()}   # other clients' tests' images
+            live = self._tracked_serials() | {_int(k) for k in self._procs.keys()}   # other clients' tests' images
             sweep = self._sweep_blocks({}, wserial, live=live, t0=t0)
             inproc = sweep.inproc
             stacks = self._stack_frames({h for _, h, _ in inproc if h})
@@ -682,7 +672,7 @@ class Tracer:
             t0 = time.monotonic_ns()
             running = self._untrack_test(test_id)
             self._sweep_handoffs()
-            live = {int(v.serial) for _, v in self._tracked.items() if not int(v.flags) & TF_ROOT}
+            live = self._tracked_serials()
             active = {o.test_id for o in self._clients if o.test_id}
             procs: dict[int, dict] = {}
             for k, v in list(self._procs.items()):
@@ -723,6 +713,10 @@ class Tracer:
         raw.paths = paths
         return raw
 
+    def _tracked_serials(self) -> set[int]:
+        """Images of the processes tracked now (all clients' tests)."""
+        return {int(v.serial) for _, v in self._tracked.items() if not int(v.flags) & TF_ROOT}
+
     def _window_serials(self) -> set[int]:
         """In-process windows whose blocks must stay: open, or closed and not
         yet collected."""
@@ -739,7 +733,6 @@ class Tracer:
         windows = self._window_serials() - {wserial}
         t0_serial = t0 << 8
         referenced = s.referenced
-        take = _TAKE
 
         def pick(k, v):
             serial = v.serial
@@ -747,14 +740,14 @@ class Tracer:
                 a = agg.setdefault(serial, {}).setdefault(v.stack, [0, 0])
                 a[0] += v.size
                 a[1] += 1
-                return take
+                return _DELETE
             if serial == wserial:
                 inproc.append((v.size, v.stack, v.ext_ip))
-                return take
+                return _DELETE
             if serial in live or serial in windows or serial >= t0_serial:
                 referenced.add(v.stack)
                 return None
-            return take   # garbage
+            return _DELETE   # garbage
 
         # One client, no open window, nothing live: every entry goes (ours or garbage)
         drain = not live and not windows and len(self._clients) <= 1
@@ -791,7 +784,7 @@ class Tracer:
             if int(v.used) >= since or _int(k) in keep:
                 return None
             dropped += 1
-            return _DROP
+            return _DELETE
 
         for _ in self._select(self._stacks, pick):
             pass
@@ -817,7 +810,7 @@ class Tracer:
                 return (serial, k.rawhash, v.h, [v.ip[i] for i in range(min(v.n, depth))])
             if serial in live or serial >= t0_serial:
                 return None
-            return _DROP
+            return _DELETE
 
         cached = list(self._select(self.bpf[b"rawcache"], pick))
         ip_only = {h for bl in blocks.values() for _, h, _ in bl if h}
@@ -879,21 +872,19 @@ class Tracer:
 
     def _select(self, table, pick, *, drain: bool = False):
         """Walk `table` in batches: pick(key, value) returns None to leave an
-        entry, _DROP to delete it, _TAKE to delete it having used it, or any
-        other value, which is yielded and the entry deleted. Deletions are
-        batched per chunk (a key that vanished meanwhile is skipped).
+        entry, _DELETE to delete it, or any other value, which is yielded and
+        the entry deleted. Deletions are batched per chunk (a key that vanished
+        meanwhile is skipped).
         drain: the caller knows every entry goes (pick never returns None):
         each batch is looked up and deleted in one call, ~2x faster."""
-        import ctypes as ct
-
         bcc = sys.modules["bcc"]
-        ksize = ct.sizeof(table.Key)
+        ksize = ctypes.sizeof(table.Key)
         dbuf = self._batch_bufs.get(("del", id(table)))
         if dbuf is None:
             dbuf = self._batch_bufs[("del", id(table))] = (table.Key * BATCH_CHUNK)()
         for keys, n, results in self._chunks(table, pick, delete=drain):
+            yield from (r for r in results if r is not None and r is not _DELETE)
             if drain:
-                yield from (r for r in results if r is not None and r is not _TAKE and r is not _DROP)
                 continue
             if None not in results:          # the whole chunk goes (the common case)
                 sel = range(n)
@@ -901,40 +892,37 @@ class Tracer:
                 sel = [i for i, r in enumerate(results) if r is not None]
                 if not sel:
                     continue
-            yield from (r for r in results if r is not None and r is not _TAKE and r is not _DROP)
             if len(sel) == n:
-                base = ct.addressof(keys)
+                base = ctypes.addressof(keys)
             else:
                 for j, i in enumerate(sel):
-                    ct.memmove(ct.addressof(dbuf) + j * ksize, ct.addressof(keys) + i * ksize, ksize)
-                base = ct.addressof(dbuf)
+                    ctypes.memmove(ctypes.addressof(dbuf) + j * ksize, ctypes.addressof(keys) + i * ksize, ksize)
+                base = ctypes.addressof(dbuf)
             start = 0
             while start < len(sel):
-                cnt = ct.c_uint32(len(sel) - start)
-                if bcc.lib.bpf_delete_batch(table.map_fd, ct.c_void_p(base + start * ksize), ct.byref(cnt)) == 0:
+                cnt = ctypes.c_uint32(len(sel) - start)
+                at = ctypes.c_void_p(base + start * ksize)
+                if bcc.lib.bpf_delete_batch(table.map_fd, at, ctypes.byref(cnt)) == 0:
                     break
                 start += cnt.value + 1   # that key was deleted meanwhile (a free): skip it
 
     def _chunks(self, table, pick, *, delete: bool = False):
         """(keys buffer, n, [pick(k, v) per entry]) per batch lookup (and
         delete, with delete=True)."""
-        import ctypes as ct
-        import errno
-
         bcc = sys.modules["bcc"]
         bufs = self._batch_bufs.get(id(table))
         if bufs is None:
             bufs = ((table.Key * BATCH_CHUNK)(), (table.Leaf * BATCH_CHUNK)())
             self._batch_bufs[id(table)] = bufs
         keys, vals = bufs
-        token = ct.c_uint32(0)
+        fn = bcc.lib.bpf_lookup_and_delete_batch if delete else bcc.lib.bpf_lookup_batch
+        token = ctypes.c_uint32(0)
         first = True
         while True:
-            cnt = ct.c_uint32(BATCH_CHUNK)
-            fn = bcc.lib.bpf_lookup_and_delete_batch if delete else bcc.lib.bpf_lookup_batch
-            res = fn(table.map_fd, None if first else ct.byref(token), ct.byref(token),
-                     ct.byref(keys), ct.byref(vals), ct.byref(cnt))
-            err = ct.get_errno()
+            cnt = ctypes.c_uint32(BATCH_CHUNK)
+            res = fn(table.map_fd, None if first else ctypes.byref(token), ctypes.byref(token),
+                     ctypes.byref(keys), ctypes.byref(vals), ctypes.byref(cnt))
+            err = ctypes.get_errno()
             n = cnt.value
             if n:
                 yield keys, n, [pick(keys[i], vals[i]) for i in range(n)]

@@ -143,9 +143,9 @@ def test_sessions_are_isolated(pytester, ebpf, load, tmp_path):
         assert all(p["outstanding"] == {"bytes": 8 * n, "blocks": n} for p in t["processes"])
 
 
-# the allocator programs of every attach mode (session, multi, perf)
-OUR_PROGS = ("alloc_session", "alloc_entry", "alloc_return", "malloc_entry", "malloc_return", "free_entry",
-             "calloc_entry", "realloc_entry")
+# the allocator entry programs of every attach mode (session, multi, perf): one per session
+ENTRY_PROGS = ("alloc_session", "alloc_entry", "malloc_entry")
+OUR_PROGS = (*ENTRY_PROGS, "alloc_return", "malloc_return", "free_entry", "calloc_entry", "realloc_entry")
 
 
 OUR_MAPS = ("tracked", "pidmap", "procs", "blocks", "handoffs", "stacks", "rawcache")
@@ -310,7 +310,7 @@ def test_xdist_workers_share_the_controllers_program(pytester, run_plugin, load)
     pytester.makepyfile(test_shared=f"""
         import glob, json, os, subprocess, pytest
         L = {load!r}
-        ENTRY = {OUR_PROGS[:2] + OUR_PROGS[3:4]!r}
+        ENTRY = {ENTRY_PROGS!r}
 
         def holders(prog_id):
             pids = set()
