@@ -7,7 +7,15 @@ and each map's definition (type, sizes, flags, and BCC's description of its
 key and value types). Later sessions create the maps and load the programs
 straight from that, patching the map file descriptors the instructions refer
 to. Anything unexpected (a damaged or foreign entry, a program the kernel
-refuses) falls back to compiling.
+refuses) falls back to compiling. A fresh compile is loaded the same way
+(whether or not it can be saved), so every session's programs go through
+one loader.
+
+Kernel functions (kfuncs): BCC cannot emit a kfunc call, so the BPF source
+calls placeholder helper ids (KFUNCS); the loader rewrites each such call
+into a call of the kernel function by its BTF id in this kernel's vmlinux
+BTF (looked up with libbpf, which BCC itself depends on). A program that
+calls a kfunc this kernel lacks is refused with an error naming it.
 
 The entries are BPF bytecode that root loads into the kernel: a cache
 directory or entry that is not owned by the current user, or that others may
@@ -20,6 +28,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import ctypes
+import errno
 import hashlib
 import json
 import os
@@ -32,7 +41,12 @@ FORMAT = 1
 _BPF_MAP_CREATE, _BPF_PROG_LOAD = 0, 5
 _PSEUDO_MAP = (1, 2)   # BPF_PSEUDO_MAP_FD, BPF_PSEUDO_MAP_VALUE: imm is a map fd
 _LD_IMM64 = 0x18
+_CALL = 0x85            # BPF_JMP | BPF_CALL
+_PSEUDO_KFUNC_CALL = 2
+_BTF_KIND_FUNC = 12
 _INSN = struct.Struct("<BBhi")
+# placeholder helper id in the BPF source -> kernel function (bpf/memleak.bpf.c)
+KFUNCS = {0x7FFFF001: "bpf_session_cookie", 0x7FFFF002: "bpf_session_is_return"}
 
 
 def cache_dir() -> Path | None:
@@ -76,11 +90,15 @@ def load(bcc, src_path: Path, cflags: list[str]):
             return bpf, True
         except Exception:
             pass   # damaged, or refused by this kernel: compile
-    bpf = bcc.BPF(src_file=str(src_path).encode(), cflags=cflags)
+    compiled = bcc.BPF(src_file=str(src_path).encode(), cflags=cflags)
+    try:
+        entry = _entry(bcc, compiled)
+    finally:
+        compiled.cleanup()   # its maps and programs: the entry's are loaded below
     if path is not None:
         with contextlib.suppress(Exception):
-            _save(path, _entry(bcc, bpf))
-    return bpf, False
+            _save(path, entry)
+    return _from_entry(bcc, entry), False
 
 
 KEEP = 32   # entries kept (each set of map sizes is an entry of its own)
@@ -167,7 +185,68 @@ def _load_prog(name: bytes, prog_type: int, insns: bytes, license_: bytes, attac
     ctypes.memmove(ctypes.addressof(attr) + 48, n, len(n))
     if attach_type >= 0:
         ctypes.c_uint32.from_buffer(attr, 68).value = attach_type
-    return _bpf_syscall(_BPF_PROG_LOAD, attr)
+    try:
+        return _bpf_syscall(_BPF_PROG_LOAD, attr)
+    except OSError as e:
+        if e.errno not in (errno.EACCES, errno.EINVAL):
+            raise
+        # the verifier's reason: load again with its log
+        log = ctypes.create_string_buffer(1 << 20)
+        ctypes.c_uint32.from_buffer(attr, 24).value = 1            # log_level
+        ctypes.c_uint32.from_buffer(attr, 28).value = len(log)     # log_size
+        ctypes.c_uint64.from_buffer(attr, 32).value = ctypes.addressof(log)
+        try:
+            return _bpf_syscall(_BPF_PROG_LOAD, attr)
+        except OSError:
+            pass
+        tail = log.value.decode(errors="replace").strip().splitlines()[-12:]
+        raise OSError(e.errno, f"the kernel refused BPF program {name.decode()}: {e.strerror}"
+                      + ("; verifier: " + " | ".join(tail) if tail else "")) from None
+
+
+_KFUNC_IDS: dict[str, int] = {}
+
+
+def kfunc_btf_id(name: str) -> int:
+    """The BTF id of kernel function `name` in this kernel's vmlinux BTF."""
+    if name not in _KFUNC_IDS:
+        try:
+            lib = ctypes.CDLL("libbpf.so.1", use_errno=True)
+        except OSError as e:
+            raise RuntimeError(f"cannot call kernel function {name}: libbpf.so.1 is missing ({e})") from None
+        lib.btf__load_vmlinux_btf.restype = ctypes.c_void_p
+        lib.btf__find_by_name_kind.restype = ctypes.c_int
+        lib.btf__find_by_name_kind.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_uint32]
+        lib.btf__free.argtypes = [ctypes.c_void_p]
+        btf = lib.btf__load_vmlinux_btf()
+        if not btf:
+            raise RuntimeError(f"cannot call kernel function {name}: this kernel's BTF "
+                               f"(/sys/kernel/btf/vmlinux) cannot be read")
+        try:
+            for n in KFUNCS.values():
+                fid = lib.btf__find_by_name_kind(btf, n.encode(), _BTF_KIND_FUNC)
+                if fid > 0:
+                    _KFUNC_IDS[n] = fid
+        finally:
+            lib.btf__free(btf)
+        if name not in _KFUNC_IDS:
+            raise RuntimeError(f"this kernel has no kernel function {name} (uprobe sessions need Linux 6.13+)")
+    return _KFUNC_IDS[name]
+
+
+def link_kfuncs(insns: bytes, kfunc_id=kfunc_btf_id) -> bytes:
+    """The instructions with each call of a KFUNCS placeholder made a call
+    of its kernel function (at load: a kernel without it refuses only the
+    programs that call it)."""
+    out = bytearray(insns)
+    i = 0
+    while i + 8 <= len(out):
+        code, regs, _off, imm = _INSN.unpack_from(out, i)
+        if code == _CALL and regs >> 4 == 0 and imm in KFUNCS:
+            # src_reg = BPF_PSEUDO_KFUNC_CALL, imm = BTF id, off 0: vmlinux
+            _INSN.pack_into(out, i, code, (regs & 0x0F) | _PSEUDO_KFUNC_CALL << 4, 0, kfunc_id(KFUNCS[imm]))
+        i += 16 if code == _LD_IMM64 else 8
+    return bytes(out)
 
 
 def _patch(insns: bytes, fds: dict[int, int]) -> bytes:
@@ -255,7 +334,7 @@ def _cached_bpf_class(bcc):
                 return self.funcs[func_name]
             if func_name not in self._insns:
                 raise Exception(f"Unknown program {func_name!r}")
-            fd = _load_prog(func_name, prog_type, self._insns[func_name], self._license, attach_type)
+            fd = _load_prog(func_name, prog_type, link_kfuncs(self._insns[func_name]), self._license, attach_type)
             fn = bcc.BPF.Function(self, func_name, fd)
             self.funcs[func_name] = fn
             return fn
