@@ -109,3 +109,73 @@ def test_frames_name_function_and_line(pytester, run_plugin, cbuild, tmp_path):
     assert p["outstanding"]["bytes"] >= 1024 and p["leaked"] == {"bytes": 0, "blocks": 0}
     assert t["outcome"] == "passed" and any(s["suppressed"] for s in p["stacks"])
     assert t["suppressions_used"] and t["suppressions_used"][0]["pattern"].startswith("^_IO_")
+
+
+BP = r"""
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+/* malloc called with rbp = bp (code without frame pointers keeps data there) */
+__attribute__((noinline)) void *bp_alloc(uintptr_t bp, size_t n) {
+    void *p;
+    __asm__ volatile("push %%rbp\n\t"
+                     "sub $8, %%rsp\n\t"
+                     "mov %1, %%rbp\n\t"
+                     "mov %2, %%rdi\n\t"
+                     "call malloc@PLT\n\t"
+                     "add $8, %%rsp\n\t"
+                     "pop %%rbp\n\t"
+                     : "=a"(p) : "r"(bp), "r"(n)
+                     : "rdi", "rsi", "rdx", "rcx", "r8", "r9", "r10", "r11", "memory", "cc");
+    return p;
+}
+__attribute__((noinline)) void *inner_make(size_t n) { return malloc(n); }
+__attribute__((noinline)) void *outer_make(size_t n) { return inner_make(n); }
+int main(int argc, char **argv) {
+    if (!strcmp(argv[1], "nowhere")) {
+        bp_alloc(0x10, 301);                                   /* points nowhere */
+    } else if (!strcmp(argv[1], "heap")) {
+        uintptr_t *fake = malloc(64);                          /* a readable fake frame */
+        fake[0] = (uintptr_t)(fake + 2);
+        fake[1] = 0x4141414141;
+        fake[2] = 0;
+        fake[3] = 0x4242424242;
+        bp_alloc((uintptr_t)fake, 302);
+        free(fake);
+    } else {
+        outer_make(303);                                       /* a real chain */
+    }
+    return 0;
+}
+"""
+
+
+def test_a_frame_pointer_that_does_not_point_up_the_stack_ends_the_stack(pytester, run_plugin, cbuild):
+    """Code without frame pointers keeps data in rbp: the walk must stop at the
+    first frame pointer that does not point further up the stack (no garbage
+    frames, no page fault), and still follow a real chain."""
+    prog = cbuild("bpwalk", BP)
+    pytester.makepyfile(test_bp=f"""
+        import subprocess, pytest
+        @pytest.mark.leak_budget(None)
+        @pytest.mark.parametrize("how", ["nowhere", "heap", "chain"])
+        def test_bp(how):
+            subprocess.run([{str(prog)!r}, how], check=True)
+    """)
+    result, doc = run_plugin()
+    stacks = {}
+    want = {"nowhere": 301, "heap": 302, "chain": 303}
+    for t in doc["tests"]:
+        (p,) = t["processes"]
+        how = t["nodeid"].split("[")[1].rstrip("]")
+        assert p["leaked"] == {"bytes": want[how], "blocks": 1}, (how, p)
+        for s in p["stacks"]:
+            if s["bytes"] in (301, 302, 303):
+                stacks[s["bytes"]] = s
+    assert sorted(stacks) == [301, 302, 303], doc["tests"]
+    for nbytes in (301, 302):
+        s = stacks[nbytes]
+        assert s["blocks"] == 1
+        assert [f["function"] for f in s["frames"]] == ["bp_alloc"], s["frames"]
+    names = [f["function"] for f in stacks[303]["frames"]]
+    assert names[:3] == ["inner_make", "outer_make", "main"], names
