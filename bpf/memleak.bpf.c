@@ -74,7 +74,6 @@ struct track_t {
     u32 ppid;
     u64 alloc_bytes;     /* lifetime totals of this image */
     u64 alloc_blocks;
-    u64 free_blocks;
     u64 lost_blocks;     /* live-block map full */
     u64 lost_handoffs;   /* hand-off map full */
     u64 lost_stacks;     /* stack not captured */
@@ -87,7 +86,6 @@ struct proc_t {
     u64 exit_ns;
     u64 alloc_bytes;
     u64 alloc_blocks;
-    u64 free_blocks;
     u64 lost_blocks;
     u64 lost_handoffs;
     u64 lost_stacks;
@@ -159,6 +157,13 @@ BPF_HASH(tracked, u32, struct track_t, MAX_PROCS);
  * one array read instead of a hash lookup. A hint only: a pid past the map
  * (pid_max raised later) falls through to the hash. */
 BPF_ARRAY(pidmap, u64, PIDMAP_WORDS);
+/* One bit per pid, set for the processes a test created (TF_ALLOCS from
+ * birth), only by this program and atomically: their allocator entries and
+ * frees stop at this bit, no hash lookup. (Roots -- the pytest processes --
+ * record only in in-process windows: they take the hash.) A bit may outlive
+ * its process's tracking (a process left running at its test's end): its
+ * returns then find no entry; it is cleared when that process exits. */
+BPF_ARRAY(allocmap, u64, PIDMAP_WORDS);
 BPF_F_TABLE("hash", u64, struct proc_t, procs, MAX_PROCS, BPF_F_NO_PREALLOC);
 BPF_F_TABLE("hash", struct block_key_t, struct block_t, blocks, MAX_BLOCKS, BPF_F_NO_PREALLOC);
 BPF_HASH(handoffs, struct handoff_key_t, struct handoff_t, MAX_HANDOFFS);
@@ -258,6 +263,32 @@ static __always_inline void pidmap_clear(u32 tgid)
         __sync_fetch_and_and(m, ~(1ULL << (tgid & 63)));
 }
 
+static __always_inline u64 *allocmap_word(u32 tgid)
+{
+    u32 w = tgid >> 6;
+    return allocmap.lookup(&w);
+}
+
+static __always_inline int allocmap_test(u32 tgid)
+{
+    u64 *m = allocmap_word(tgid);
+    return m && (*m & (1ULL << (tgid & 63)));
+}
+
+static __always_inline void allocmap_set(u32 tgid)
+{
+    u64 *m = allocmap_word(tgid);
+    if (m)
+        __sync_fetch_and_or(m, 1ULL << (tgid & 63));
+}
+
+static __always_inline void allocmap_clear(u32 tgid)
+{
+    u64 *m = allocmap_word(tgid);
+    if (m && (*m & (1ULL << (tgid & 63))))
+        __sync_fetch_and_and(m, ~(1ULL << (tgid & 63)));
+}
+
 /* A tracked image whose own allocations we record, else NULL (the hash only:
  * for callers that already passed the pid bitmap). */
 static __always_inline struct track_t *allocs_lookup(u32 tgid)
@@ -268,10 +299,13 @@ static __always_inline struct track_t *allocs_lookup(u32 tgid)
     return t;
 }
 
-/* The filter: the pid bitmap, then the hash. */
-static __always_inline struct track_t *allocs_tracked(u32 tgid)
+/* The entry filter: 1 when this process's allocations are recorded. A test's
+ * processes: one bit. Others: the pid bitmap, then (roots) the hash. */
+static __always_inline int records_allocs(u32 tgid)
 {
-    return maybe_tracked(tgid) ? allocs_lookup(tgid) : NULL;
+    if (allocmap_test(tgid))
+        return 1;
+    return maybe_tracked(tgid) && allocs_lookup(tgid);
 }
 
 /* ---- allocator probes ------------------------------------------------- */
@@ -297,8 +331,8 @@ static u64 (*session_is_return)(void) = (void *)KFUNC_SESSION_IS_RETURN;   /* a 
 static __always_inline int gen_entry(u32 fn, u64 a0, u64 a1)
 {
     u64 id = bpf_get_current_pid_tgid();
-    struct track_t *t = allocs_tracked(id >> 32);
-    if (!t)
+    u32 tgid = id >> 32;
+    if (!records_allocs(tgid))
         return 1;
 #ifdef ATTACH_SESSION
     if (COOKIE_HANDOFF(fn)) {
@@ -324,7 +358,9 @@ static __always_inline int gen_entry(u32 fn, u64 a0, u64 a1)
     }
     struct handoff_t h = {.a0 = a0, .a1 = a1, .ts = ts, .live = 1};
     if (handoffs.update(&k, &h) != 0) {
-        __sync_fetch_and_add(&t->lost_handoffs, 1);
+        struct track_t *t = tracked.lookup(&tgid);
+        if (t)
+            __sync_fetch_and_add(&t->lost_handoffs, 1);
         return 1;
     }
     return 0;
@@ -338,8 +374,7 @@ static __always_inline void forget_block(struct track_t *t, u32 tgid, u64 addr, 
     struct block_t *b = blocks.lookup(&k);
     if (!b || b->ts >= before || b->serial != t->serial)
         return;
-    if (blocks.delete(&k) == 0)
-        __sync_fetch_and_add(&t->free_blocks, 1);
+    blocks.delete(&k);
 }
 
 /* Root (pytest) allocations: the interpreter has no frame pointers, so the
@@ -598,17 +633,12 @@ static __always_inline int gen_return(struct pt_regs *ctx, u32 fn)
  * single-stepped instructions (argument registers intact there). */
 static __always_inline int free_body(struct pt_regs *ctx)
 {
-    u64 id = bpf_get_current_pid_tgid();
-    u32 tgid = id >> 32;
-    struct track_t *t = allocs_tracked(tgid);
-    if (!t)
-        return 1;
+    u32 tgid = bpf_get_current_pid_tgid() >> 32;
     u64 addr = PT_REGS_PARM1(ctx);
-    if (!addr)
+    if (!addr || !records_allocs(tgid))
         return 1;
     struct block_key_t k = {.tgid = tgid, .addr = addr};
-    if (blocks.delete(&k) == 0)
-        __sync_fetch_and_add(&t->free_blocks, 1);
+    blocks.delete(&k);
     return 1;
 }
 
@@ -757,6 +787,7 @@ TRACEPOINT_PROBE(task, task_newtask)
         return 0;
     }
     pidmap_set(child);
+    allocmap_set(child);
     u32 zero = 0;
     struct proc_t *p = proc_scratch.lookup(&zero);
     if (!p)
@@ -779,6 +810,7 @@ TRACEPOINT_PROBE(task, task_newtask)
         count(CTR_LOST_PROCS);
         tracked.delete(&child);
         pidmap_clear(child);
+        allocmap_clear(child);
     }
     return 0;
 }
@@ -800,7 +832,6 @@ TRACEPOINT_PROBE(sched, sched_process_exec)
     t->nthreads = 1;
     t->alloc_bytes = 0;
     t->alloc_blocks = 0;
-    t->free_blocks = 0;
     t->lost_blocks = 0;
     t->lost_handoffs = 0;
     t->lost_stacks = 0;
@@ -894,8 +925,10 @@ TRACEPOINT_PROBE(sched, sched_process_exit)
     u64 id = bpf_get_current_pid_tgid();
     u32 tgid = id >> 32;
     struct track_t *t = tracked.lookup(&tgid);
-    if (!t)
+    if (!t) {
+        allocmap_clear(tgid);   /* left running past its test, untracked */
         return 0;
+    }
     /* this thread's hand-off slots */
     for (u32 fn = FN_MALLOC; fn < FN_FREE; fn++) {
         struct handoff_key_t hk = {.tid = (u32)id, .fn = fn};
@@ -929,12 +962,12 @@ TRACEPOINT_PROBE(sched, sched_process_exit)
         p->flags |= PF_EXITED;
         p->alloc_bytes = t->alloc_bytes;
         p->alloc_blocks = t->alloc_blocks;
-        p->free_blocks = t->free_blocks;
         p->lost_blocks = t->lost_blocks;
         p->lost_handoffs = t->lost_handoffs;
         p->lost_stacks = t->lost_stacks;
     }
     tracked.delete(&tgid);
     pidmap_clear(tgid);
+    allocmap_clear(tgid);
     return 0;
 }

@@ -226,7 +226,7 @@ def _tracepoint_has_field(event: str, name: str) -> bool:
     return False
 
 
-COUNTERS = ("alloc_bytes", "alloc_blocks", "free_blocks", "lost_blocks", "lost_handoffs", "lost_stacks")
+COUNTERS = ("alloc_bytes", "alloc_blocks", "lost_blocks", "lost_handoffs", "lost_stacks")
 
 
 def _counters(v) -> dict:

@@ -148,7 +148,7 @@ ENTRY_PROGS = ("alloc_session", "alloc_entry", "malloc_entry")
 OUR_PROGS = (*ENTRY_PROGS, "alloc_return", "malloc_return", "free_entry", "calloc_entry", "realloc_entry")
 
 
-OUR_MAPS = ("tracked", "pidmap", "procs", "blocks", "handoffs", "stacks", "rawcache")
+OUR_MAPS = ("tracked", "pidmap", "allocmap", "procs", "blocks", "handoffs", "stacks", "rawcache")
 
 
 def _bpf_progs(kind="prog", names=OUR_PROGS):
@@ -291,16 +291,25 @@ def test_thread_slots_and_pid_bits_are_released_in_the_kernel(ebpf, load):
         ho = t.bpf[b"handoffs"]
         stale = [int(k.tid) for k in ho.keys() if not os.path.exists(f"/proc/{int(k.tid)}")]
         assert stale == [], f"hand-off slots of threads that exited: {stale[:10]}"
-        pm = t.bpf[b"pidmap"]
-        bits = [w * 64 + b for w, v in ((int(k.value), int(v.value)) for k, v in pm.items()) if v
-                for b in range(64) if v >> b & 1]
-        assert bits == [os.getpid()], bits
+        assert _bits(t, b"pidmap") == [os.getpid()]
+        assert _bits(t, b"allocmap") == []      # the test's processes' bits (the root has none)
+        left = subprocess.Popen(["sleep", "0.3"])   # still running at the test's end
+        assert left.pid in _bits(t, b"allocmap")
         raw = t.end_test(tid)
         procs = [p for p in raw.processes if p["comm"] == "load"]
         assert len(procs) == 52        # `load threads`, `load procs` and its 50 children
         assert all(p["exited"] for p in procs)
+        assert left.pid in _bits(t, b"allocmap")  # untracked, its bit stays until it ends
+        left.wait()
+        assert _bits(t, b"allocmap") == []
     finally:
         t.close()
+
+
+def _bits(t, name):
+    """The pids whose bit is set in a pid bitmap of the tracer's."""
+    return [w * 64 + b for w, v in ((int(k.value), int(v.value)) for k, v in t.bpf[name].items()) if v
+            for b in range(64) if v >> b & 1]
 
 
 def test_xdist_workers_share_the_controllers_program(pytester, run_plugin, load):
