@@ -418,10 +418,11 @@ def variant_source(kind: str) -> Path:
         new, n = re.subn(r"(static\s+__always_inline\s+u64\s+capture_stack\s*\([^)]*\)\s*\{)",
                          r"\1\n    return 0; /* bench: stack capture disabled */", src, count=1)
     elif kind == "ip-stack":
-        if len(re.findall(r"\bbpf_get_stack\s*\(", src)) > 1:
-            raise VariantNA("this BPF source already walks plain IPs first and does the build-id walk only when "
-                            "that stack is new (a cache keyed by the raw stack): in steady state no build-id "
-                            "lookup happens, so the stack-capture row is the raw walk and its cache")
+        if re.search(r"\bwalk_stack\s*\(", src) or len(re.findall(r"\bbpf_get_stack\s*\(", src)) > 1:
+            raise VariantNA("this BPF source walks plain IPs first (its own frame-pointer walk) and does the "
+                            "build-id walk only when that stack is new (a cache keyed by the raw stack): in "
+                            "steady state no build-id lookup happens, so the stack-capture row is the raw "
+                            "walk and its cache")
         # same number of frames as the build-id walk (STACK_DEPTH), 8 bytes each
         new, n = re.subn(r"bpf_get_stack\(\s*ctx\s*,\s*s->frames\s*,\s*sizeof\(s->frames\)\s*,\s*"
                          r"BPF_F_USER_STACK\s*\|\s*BPF_F_USER_BUILD_ID\s*\)",
