@@ -44,6 +44,8 @@
 #define TF_SPAWNER         4   /* ROOT (the xdist controller): every process it
                                   creates is a ROOT (a worker) from birth */
 #define TF_SPAWNED         8   /* ROOT created by a spawner: forgotten at exit */
+#define TF_RING           16   /* single-threaded image: its newest blocks are
+                                  kept in its entry's ring (below) */
 
 #define PF_EXITED          1
 #define PF_TERMINATED      2   /* exit code or fatal signal recorded */
@@ -65,6 +67,16 @@
 #endif
 #define O_CLOEXEC_FLAG 02000000
 
+/* A live block of a single-threaded image, kept in the image's own entry
+ * (addr 0: a free slot). */
+struct ring_ent_t {
+    u64 addr;
+    u64 size;
+    u64 ts;              /* bpf_ktime at record time */
+    u64 stack;
+};
+#define RING 8           /* a power of 2 */
+
 /* Per tgid: the filter every probe hits first. */
 struct track_t {
     u64 serial;          /* unique id of the current process image */
@@ -77,6 +89,15 @@ struct track_t {
     u64 lost_blocks;     /* live-block map full */
     u64 lost_handoffs;   /* hand-off map full */
     u64 lost_stacks;     /* stack not captured */
+    /* TF_RING: the image's RING newest blocks. Most blocks are freed soon
+     * after they are allocated: one freed while still here costs neither an
+     * insert into nor a delete from the (shared, locked) block map. The one
+     * pushed out goes to the block map; at exit the rest do. Only while the
+     * image has one thread (nothing else touches it): its first thread moves
+     * them to the map and turns the ring off. */
+    u32 ring_head;
+    u32 ring_pad;
+    struct ring_ent_t ring[RING];
 };
 
 /* Per process image (keyed by serial): what outlives the process. */
@@ -150,7 +171,8 @@ struct event_t {
     char path[256];
 };
 
-BPF_HASH(tracked, u32, struct track_t, MAX_PROCS);
+BPF_F_TABLE("hash", u32, struct track_t, tracked, MAX_PROCS, BPF_F_NO_PREALLOC);
+BPF_PERCPU_ARRAY(track_scratch, struct track_t, 1);
 /* One bit per pid (PIDMAP_WORDS = pid_max / 64): set for every tgid in
  * `tracked`. Probes of processes that are not tracked -- every other process
  * on the machine, and other sessions' (xdist workers') processes -- stop at
@@ -296,7 +318,41 @@ static __always_inline struct track_t *allocs_lookup(u32 tgid)
     struct track_t *t = tracked.lookup(&tgid);
     if (!t || !(t->flags & TF_ALLOCS))
         return NULL;
+    /* opaque: clang must not fold the test into `mask & pointer`, which the
+     * verifier refuses */
+    asm volatile("" : "+r"(t));
     return t;
+}
+
+/* The slot of `addr` in the image's ring, or -1. */
+static __always_inline int ring_find(struct track_t *t, u64 addr)
+{
+    for (int i = 0; i < RING; i++)
+        if (t->ring[i].addr == addr)
+            return i;
+    return -1;
+}
+
+/* A ring slot's block into the block map. */
+static __always_inline void ring_spill(struct track_t *t, u32 tgid, struct ring_ent_t *e)
+{
+    struct block_key_t k = {.tgid = tgid, .addr = e->addr};
+    struct block_t b = {.size = e->size, .ts = e->ts, .serial = t->serial, .stack = e->stack};
+    if (blocks.update(&k, &b) != 0)
+        __sync_fetch_and_add(&t->lost_blocks, 1);
+    e->addr = 0;
+}
+
+/* Every block in the ring into the block map (the image gains a thread, or
+ * ends); the ring stays off. */
+static __always_inline void ring_flush(struct track_t *t, u32 tgid)
+{
+    if (!(t->flags & TF_RING))
+        return;
+    t->flags &= ~TF_RING;
+    for (int i = 0; i < RING; i++)
+        if (t->ring[i].addr)
+            ring_spill(t, tgid, &t->ring[i]);
 }
 
 /* The entry filter: 1 when this process's allocations are recorded. A test's
@@ -370,6 +426,14 @@ static __always_inline int gen_entry(u32 fn, u64 a0, u64 a1)
  * another thread may already have re-used the address). */
 static __always_inline void forget_block(struct track_t *t, u32 tgid, u64 addr, u64 before)
 {
+    if (t->flags & TF_RING) {
+        int i = ring_find(t, addr);
+        if (i >= 0) {
+            if (t->ring[i & (RING - 1)].ts < before)
+                t->ring[i & (RING - 1)].addr = 0;
+            return;
+        }
+    }
     struct block_key_t k = {.tgid = tgid, .addr = addr};
     struct block_t *b = blocks.lookup(&k);
     if (!b || b->ts >= before || b->serial != t->serial)
@@ -528,18 +592,40 @@ static __always_inline void record_block(struct pt_regs *ctx, struct track_t *t,
                                          u32 tgid, u64 addr, u64 size, u64 since, int may_nest)
 {
     struct block_key_t k = {.tgid = tgid, .addr = addr};
+    int ring = t->flags & TF_RING;
     if (may_nest) {
-        struct block_t *old = blocks.lookup(&k);
-        if (old && old->ts >= since && old->serial == t->serial)
-            return; /* already recorded by a nested allocator call */
+        /* already recorded by a nested allocator call? */
+        if (ring) {
+            int i = ring_find(t, addr);
+            if (i >= 0 && t->ring[i & (RING - 1)].ts >= since)
+                return;
+        } else {
+            struct block_t *old = blocks.lookup(&k);
+            if (old && old->ts >= since && old->serial == t->serial)
+                return;
+        }
     }
-    struct block_t b = {.size = size, .ts = bpf_ktime_get_ns(), .serial = t->serial};
-    b.stack = capture_stack(ctx, t, b.ts);
-    if (t->flags & TF_ROOT)
-        b.ext_ip = scan_extension_frame(ctx, tgid);
-    if (blocks.update(&k, &b) != 0) {
-        __sync_fetch_and_add(&t->lost_blocks, 1);
-        return;
+    u64 now = bpf_ktime_get_ns();
+    u64 stack = capture_stack(ctx, t, now);
+    if (ring) {
+        /* newest in, oldest out to the block map (one thread: plain stores) */
+        u32 i = t->ring_head & (RING - 1);
+        t->ring_head = i + 1;
+        struct ring_ent_t *e = &t->ring[i];
+        if (e->addr)
+            ring_spill(t, tgid, e);
+        e->addr = addr;
+        e->size = size;
+        e->ts = now;
+        e->stack = stack;
+    } else {
+        struct block_t b = {.size = size, .ts = now, .serial = t->serial, .stack = stack};
+        if (t->flags & TF_ROOT)
+            b.ext_ip = scan_extension_frame(ctx, tgid);
+        if (blocks.update(&k, &b) != 0) {
+            __sync_fetch_and_add(&t->lost_blocks, 1);
+            return;
+        }
     }
     __sync_fetch_and_add(&t->alloc_blocks, 1);
     __sync_fetch_and_add(&t->alloc_bytes, size);
@@ -635,8 +721,22 @@ static __always_inline int free_body(struct pt_regs *ctx)
 {
     u32 tgid = bpf_get_current_pid_tgid() >> 32;
     u64 addr = PT_REGS_PARM1(ctx);
-    if (!addr || !records_allocs(tgid))
+    if (!addr)
         return 1;
+    struct track_t *t;
+    if (allocmap_test(tgid))
+        t = tracked.lookup(&tgid);      /* a test's process (or was: then NULL) */
+    else
+        t = maybe_tracked(tgid) ? allocs_lookup(tgid) : NULL;
+    if (!t)
+        return 1;
+    if (t->flags & TF_RING) {
+        int i = ring_find(t, addr);
+        if (i >= 0) {
+            t->ring[i & (RING - 1)].addr = 0;
+            return 1;
+        }
+    }
     struct block_key_t k = {.tgid = tgid, .addr = addr};
     blocks.delete(&k);
     return 1;
@@ -759,16 +859,25 @@ TRACEPOINT_PROBE(task, task_newtask)
     if (!parent)
         return 0;
     if (args->clone_flags & CLONE_THREAD) {
-        if (!(parent->flags & TF_ROOT))
+        if (!(parent->flags & TF_ROOT)) {
+            /* the thread has not run yet: this one is the image's only one */
+            ring_flush(parent, tgid);
             __sync_fetch_and_add(&parent->nthreads, 1);
+        }
         return 0;
     }
     u32 child = args->pid;
+    u32 zero = 0;
+    struct track_t *tp = track_scratch.lookup(&zero);
+    if (!tp)
+        return 0;
+    __builtin_memset(tp, 0, sizeof(*tp));
     if (parent->flags & TF_SPAWNER) {
         /* an xdist worker: a root from its first instruction (the controller
          * serves it this program's maps) */
-        struct track_t r = {.flags = TF_ROOT | TF_SPAWNED, .ppid = tgid};
-        if (tracked.update(&child, &r) != 0)
+        tp->flags = TF_ROOT | TF_SPAWNED;
+        tp->ppid = tgid;
+        if (tracked.update(&child, tp) != 0)
             count(CTR_LOST_PROCS);
         else
             pidmap_set(child);
@@ -776,24 +885,23 @@ TRACEPOINT_PROBE(task, task_newtask)
     }
     if (parent->test_id == 0)
         return 0;           /* root between tests */
-    struct track_t t = {};
-    t.serial = next_serial();
-    t.test_id = parent->test_id;
-    t.flags = TF_ALLOCS;
-    t.nthreads = 1;
-    t.ppid = tgid;
-    if (tracked.update(&child, &t) != 0) {
+    tp->serial = next_serial();
+    tp->test_id = parent->test_id;
+    tp->flags = TF_ALLOCS | TF_RING;
+    tp->nthreads = 1;
+    tp->ppid = tgid;
+    u64 serial = tp->serial;
+    if (tracked.update(&child, tp) != 0) {
         count(CTR_LOST_PROCS);
         return 0;
     }
     pidmap_set(child);
     allocmap_set(child);
-    u32 zero = 0;
     struct proc_t *p = proc_scratch.lookup(&zero);
     if (!p)
         return 0;
     __builtin_memset(p, 0, sizeof(*p));
-    fill_proc(p, &t, child);
+    fill_proc(p, tp, child);
     p->tgid = child;
     /* until exec the child runs the parent's image */
     if (parent->flags & TF_ROOT) {
@@ -806,7 +914,7 @@ TRACEPOINT_PROBE(task, task_newtask)
             bpf_probe_read_kernel(p->exe, sizeof(p->exe), pp->exe);
         }
     }
-    if (procs.update(&t.serial, p) != 0) {
+    if (procs.update(&serial, p) != 0) {
         count(CTR_LOST_PROCS);
         tracked.delete(&child);
         pidmap_clear(child);
@@ -830,6 +938,10 @@ TRACEPOINT_PROBE(sched, sched_process_exec)
     procs.delete(&old);
     t->serial = next_serial();
     t->nthreads = 1;
+    /* the old image's blocks are dropped with it; the new one has one thread */
+    for (int i = 0; i < RING; i++)
+        t->ring[i].addr = 0;
+    t->flags |= TF_RING;
     t->alloc_bytes = 0;
     t->alloc_blocks = 0;
     t->lost_blocks = 0;
@@ -955,6 +1067,7 @@ TRACEPOINT_PROBE(sched, sched_process_exit)
     if (t->nthreads != 0)
         return 0;
 #endif
+    ring_flush(t, tgid);   /* its outstanding blocks, for userspace */
     u64 s = t->serial;
     struct proc_t *p = procs.lookup(&s);
     if (p) {

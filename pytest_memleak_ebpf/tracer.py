@@ -52,7 +52,7 @@ BPF_F_UPROBE_MULTI_RETURN = 1
 _BPF_LINK_CREATE = 28
 _NR_BPF = {"x86_64": 321, "aarch64": 280}
 
-TF_ROOT, TF_ALLOCS, TF_SPAWNER, TF_SPAWNED = 1, 2, 4, 8
+TF_ROOT, TF_ALLOCS, TF_SPAWNER, TF_SPAWNED, TF_RING = 1, 2, 4, 8, 16
 PF_EXITED, PF_TERMINATED = 1, 2
 EV_EXEC, EV_OPEN = 1, 2
 CTR_LOST_PROCS, CTR_LOST_EVENTS, CTR_LOST_STACKS, CTR_NEW_STACKS = 0, 1, 2, 3
@@ -775,7 +775,7 @@ class Tracer:
         new = self._read_counters()[CTR_NEW_STACKS]
         if new - self._stacks_deleted < self._stack_gc_at:
             return
-        keep = sweep.referenced
+        keep = sweep.referenced | self._ring_stacks()
         since = sweep.started_ns
         dropped = 0
 
@@ -856,7 +856,8 @@ class Tracer:
 
     def _untrack_test(self, test_id: int) -> dict[int, dict]:
         """Remove the test's still-running processes from `tracked`; return
-        their live counters by serial."""
+        their live counters by serial. The blocks in their entries' rings go
+        to the block map, with the rest of their blocks."""
         running: dict[int, dict] = {}
         for _ in range(3):
             found = False
@@ -864,11 +865,47 @@ class Tracer:
                 if int(v.flags) & TF_ROOT or int(v.test_id) != test_id:
                     continue
                 found = True
+                v = self._take(self._tracked, k)
+                if v is None:
+                    continue   # it ended meanwhile: the program finished it
                 running[int(v.serial)] = _counters(v)
-                self._delete(self._tracked, k)
+                self._spill_ring(int(k.value), v)
             if not found:
                 break
         return running
+
+    def _take(self, table, key):
+        """Look up and delete in one step (the entry the BPF program last
+        wrote); None when it is gone."""
+        leaf = table.Leaf()
+        if self._bcc.lib.bpf_lookup_and_delete(table.map_fd, ctypes.byref(key), ctypes.byref(leaf)) == 0:
+            return leaf
+        try:   # kernels before 5.14: no lookup-and-delete on hash maps
+            leaf = table[key]
+        except KeyError:
+            return None
+        self._delete(table, key)
+        return leaf
+
+    def _spill_ring(self, tgid: int, v) -> None:
+        """The blocks of an untracked image's ring into the block map."""
+        if not int(v.flags) & TF_RING:
+            return
+        for e in v.ring:
+            if e.addr:
+                key = self._blocks.Key()
+                key.tgid, key.addr = tgid, e.addr
+                leaf = self._blocks.Leaf()
+                leaf.size, leaf.ts, leaf.serial, leaf.stack = e.size, e.ts, v.serial, e.stack
+                try:
+                    self._blocks[key] = leaf
+                except Exception:
+                    v.lost_blocks += 1
+
+    def _ring_stacks(self) -> set[int]:
+        """Stacks of the blocks in tracked images' rings."""
+        return {int(e.stack) for _, v in self._tracked.items() if int(v.flags) & TF_RING
+                for e in v.ring if e.addr and e.stack}
 
     def _select(self, table, pick, *, drain: bool = False):
         """Walk `table` in batches: pick(key, value) returns None to leave an
