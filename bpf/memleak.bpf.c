@@ -9,7 +9,10 @@
 //
 // Accounting contract, per process image (a new image starts at exec):
 //   live blocks  = blocks the process allocated itself since its last exec
-//                  and has not freed; keyed by (tgid, address)
+//                  and has not freed; keyed by (tgid, address) -- except a
+//                  single-threaded image's newest ones, kept in its own
+//                  `tracked` entry until pushed out, or it gains a thread, or
+//                  it ends (track_t.ring)
 //   hand-off     = allocator arguments from entry to return: in a uprobe
 //                  session, malloc's and calloc's in the call's own session
 //                  cookie; else keyed by (thread, function) so nested calls

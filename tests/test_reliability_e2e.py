@@ -49,6 +49,9 @@ int main(int argc, char **argv) {
     } else if (!strcmp(mode, "sleep")) {
         malloc(16);
         sleep(atoi(argv[2]));
+    } else if (!strcmp(mode, "spill")) {    /* 12 blocks of 16 B: 4 pushed out of the ring into the map */
+        for (int i = 0; i < 12; i++) malloc(16);
+        sleep(atoi(argv[2]));
     }
     return 0;
 }
@@ -424,10 +427,11 @@ def test_collecting_a_window_leaves_other_tests_blocks(ebpf, load):
     try:
         t.add_root(os.getpid())
         tid = t.begin_test()
-        p = subprocess.Popen([load, "sleep", "3"])
+        p = subprocess.Popen([load, "spill", "3"])
         deadline = time.time() + 5
-        while time.time() < deadline and not t._blocks.items():
+        while time.time() < deadline and len(t._blocks.items()) < 4:
             time.sleep(0.02)
+        assert len(t._blocks.items()) == 4, "the sleeper's blocks pushed out of its ring are not in the map"
         t.open_window()
         t.close_window()
         t.collect_window()
@@ -435,7 +439,7 @@ def test_collecting_a_window_leaves_other_tests_blocks(ebpf, load):
         p.wait()
         raw = t.end_test(tid)
         (lp,) = [x for x in raw.processes if x["comm"] == "load"]
-        assert sum(b for b, _h, _n in raw.blocks[lp["serial"]]) >= 16
+        assert sum(b for b, _h, _n in raw.blocks[lp["serial"]]) == 12 * 16
         assert lp["signal"] == signal.SIGKILL
     finally:
         t.close()
