@@ -148,3 +148,22 @@ def test_a_damaged_or_unsafe_cache_is_not_used(ebpf, cbuild, tmp_path, monkeypat
         assert not t.cached and _figures(t, prog) == (70, 7, True)
     finally:
         t.close()
+
+
+@pytest.mark.ebpf
+def test_a_kernel_without_the_kfuncs_falls_back_to_uprobe_multi(ebpf, cbuild, monkeypatch):
+    """The session program calls kernel functions; a kernel that lacks one
+    refuses it, and the tracer attaches uprobe_multi links instead, exact."""
+    from pytest_memleak_ebpf.tracer import Tracer
+
+    prog = cbuild("leak7", LEAK7)
+    cookie = next(k for k, v in bpfcache.KFUNCS.items() if v == "bpf_session_cookie")
+    monkeypatch.setitem(bpfcache.KFUNCS, cookie, "bpf_no_such_kfunc")
+    monkeypatch.delenv("PYTEST_MEMLEAK_EBPF_ATTACH", raising=False)
+    t = Tracer()
+    try:
+        assert t.attach_mode == "multi"
+        assert "no kernel function bpf_no_such_kfunc" in t.attach_errors["session"]
+        assert _figures(t, prog) == (70, 7, True)
+    finally:
+        t.close()
