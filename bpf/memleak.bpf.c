@@ -336,11 +336,19 @@ static __always_inline int ring_find(struct track_t *t, u64 addr)
     return -1;
 }
 
-/* A ring slot's block into the block map. */
+/* A ring slot's block into the block map. Its stack is stamped as used now:
+ * userspace's stack collection, which keeps the stacks of the rings it read
+ * and of the blocks its map walk saw, could otherwise miss a block that moved
+ * from one to the other in between. */
 static __always_inline void ring_spill(struct track_t *t, u32 tgid, struct ring_ent_t *e)
 {
     struct block_key_t k = {.tgid = tgid, .addr = e->addr};
     struct block_t b = {.size = e->size, .ts = e->ts, .serial = t->serial, .stack = e->stack};
+    if (b.stack) {
+        struct stack_t *st = stacks.lookup(&b.stack);
+        if (st)
+            st->used = bpf_ktime_get_ns();
+    }
     if (blocks.update(&k, &b) != 0)
         __sync_fetch_and_add(&t->lost_blocks, 1);
     e->addr = 0;
