@@ -467,7 +467,8 @@ class Floor:
         # the session program: like the tracer's for a tracked process, every
         # allocator's return runs, free's is skipped (it has none)
         src += ("static u64 (*cookie)(void *) = (void *)BPF_FUNC_get_attach_cookie;\n"
-                f"int alloc_session(struct pt_regs *ctx) {{ return cookie(ctx) == {T.FN_IDS['free']}; }}\n")
+                f"int alloc_session(struct pt_regs *ctx) {{ return cookie(ctx) == {T.FN_IDS['free']}; }}\n"
+                "int malloc_session(struct pt_regs *ctx) { return 0; }\n")
         bcc = self._bcc = load_bcc()
         t0 = time.monotonic()
         self.bpf = bcc.BPF(text=src.encode())

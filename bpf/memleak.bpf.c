@@ -638,8 +638,13 @@ static __always_inline void record_block(struct pt_regs *ctx, struct track_t *t,
             return;
         }
     }
-    __sync_fetch_and_add(&t->alloc_blocks, 1);
-    __sync_fetch_and_add(&t->alloc_bytes, size);
+    if (ring) {   /* one thread: nothing else writes them */
+        t->alloc_blocks++;
+        t->alloc_bytes += size;
+    } else {
+        __sync_fetch_and_add(&t->alloc_blocks, 1);
+        __sync_fetch_and_add(&t->alloc_bytes, size);
+    }
 }
 
 static __always_inline int gen_return(struct pt_regs *ctx, u32 fn)
@@ -821,15 +826,34 @@ int alloc_return(struct pt_regs *ctx)
 #endif
 
 #ifdef ATTACH_SESSION
-/* uprobe session (6.13+): one link, one program for entry and return. An
+/* uprobe sessions (6.13+): one program for a site's entry and return. An
  * entry returning 1 has the kernel skip this call's return probe: untracked
- * processes (and free) never pay for the return trampoline. */
-int alloc_session(struct pt_regs *ctx)
+ * processes never pay for the return trampoline. Three links: malloc's
+ * session, with a program of its own (its function is a constant: no attach
+ * cookie to read, the dispatch folds away); the other allocators' session,
+ * told apart by the attach cookie; and free's entry (an entry-only
+ * uprobe_multi link: no session to ask about). */
+static __always_inline int session(struct pt_regs *ctx, u32 fn)
 {
-    u32 fn = attach_cookie(ctx);
     if (session_is_return() & 0xff)   /* a bool: only its low byte is defined */
         return return_dispatch(ctx, fn);
     return entry_dispatch(ctx, fn);
+}
+
+int malloc_session(struct pt_regs *ctx)
+{
+    return session(ctx, FN_MALLOC);
+}
+
+int alloc_session(struct pt_regs *ctx)
+{
+    return session(ctx, attach_cookie(ctx));
+}
+
+int free_entry(struct pt_regs *ctx)
+{
+    free_body(ctx);
+    return 0;
 }
 #endif
 

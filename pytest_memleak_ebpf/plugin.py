@@ -314,7 +314,7 @@ def _prepare_in_process(config: pytest.Config, *, restart: bool = False, why: st
     return notes
 
 
-_ATTACH = {"session": "1 uprobe session link", "multi": "2 uprobe_multi links", "perf": "a perf event per probe"}
+_ATTACH = {"session": "3 uprobe session/multi links", "multi": "2 uprobe_multi links", "perf": "a perf event per probe"}
 
 
 def _tracer_lines(tracer, settings) -> list[str]:

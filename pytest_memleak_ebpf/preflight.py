@@ -14,8 +14,9 @@ class EnvironmentProblem(RuntimeError):
 
 TRACEFS_DIRS = ("/sys/kernel/tracing", "/sys/kernel/debug/tracing")
 # How the tracer attaches its allocator probes, best first (tracer.py):
-#   session: one uprobe session link (entry and return in one program; an entry
-#            that needs no return skips it), multi: an entry and a return
+#   session: uprobe session links (entry and return in one program; an entry
+#            that needs no return skips it; free: an entry-only uprobe_multi
+#            link), multi: an entry and a return
 #            uprobe_multi link, perf: BCC's one perf event per probe.
 # The environment variable forces one.
 ATTACH_MODES = ("session", "multi", "perf")

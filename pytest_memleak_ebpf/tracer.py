@@ -320,7 +320,7 @@ class Tracer:
 
     def _attach_allocators(self) -> None:
         """Place and attach the allocator probes the best way the kernel has
-        (preflight.ATTACH_MODES: a uprobe session link, 6.13+; an entry and a
+        (preflight.ATTACH_MODES: uprobe session links, 6.13+; an entry and a
         return uprobe_multi link, 6.6+; a perf-event uprobe per site through
         BCC), or the one PYTEST_MEMLEAK_EBPF_ATTACH forces. Sets self.probes,
         self.attach_mode, self.attach_errors (modes that failed) and
@@ -368,9 +368,18 @@ class Tracer:
                 self._links = []
 
     def _attach_session(self, sites) -> None:
-        prog = self.bpf.load_func(b"alloc_session", self._bcc.BPF.KPROBE, attach_type=BPF_TRACE_UPROBE_SESSION)
-        self._links.append(_uprobe_multi_link(prog.fd, self.libc, [(s[2], FN_IDS[s[0]]) for s in sites], False,
-                                              attach_type=BPF_TRACE_UPROBE_SESSION))
+        """Three links: malloc's session (a program of its own), the other
+        allocators' session (one program, the attach cookie says which), and
+        free's entry-only uprobe_multi link."""
+        kprobe = self._bcc.BPF.KPROBE
+        groups = (("malloc_session", BPF_TRACE_UPROBE_SESSION, [s for s in sites if s[0] == "malloc"]),
+                  ("alloc_session", BPF_TRACE_UPROBE_SESSION, [s for s in sites if s[0] not in ("malloc", "free")]),
+                  ("free_entry", BPF_TRACE_UPROBE_MULTI, [s for s in sites if s[0] == "free"]))
+        for name, attach_type, group in groups:
+            if group:
+                prog = self.bpf.load_func(name.encode(), kprobe, attach_type=attach_type)
+                self._links.append(_uprobe_multi_link(prog.fd, self.libc, [(s[2], FN_IDS[s[0]]) for s in group],
+                                                      False, attach_type=attach_type))
 
     def _attach_multi(self, sites) -> None:
         bcc = self._bcc

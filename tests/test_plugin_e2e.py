@@ -202,7 +202,7 @@ def test_every_attach_mode_counts_exactly(pytester, run_plugin, leaker, monkeypa
     out = result.stdout.str()
     result.assert_outcomes(failed=1)
     assert "leak budget exceeded: 1,332 B in 4 blocks leaked by 1 of 1 process (budget 0 B)" in out
-    how = {"session": "1 uprobe session link", "multi": "2 uprobe_multi links", "perf": "a perf event per probe"}
+    how = {"session": "3 uprobe session/multi links", "multi": "2 uprobe_multi links", "perf": "a perf event per probe"}
     assert re.search(rf"ebpf-leaks: tracer ready: \d+ probes \(\d+ allocator uprobes on \S+libc\.so\.6, "
                      rf"free probed at \+\d+ \('[^']*'\); {re.escape(how[mode])}\)", out), out
     t = doc["tests"][0]

@@ -148,7 +148,8 @@ def test_sessions_are_isolated(pytester, ebpf, load, tmp_path):
 
 # the allocator entry programs of every attach mode (session, multi, perf): one per session
 ENTRY_PROGS = ("alloc_session", "alloc_entry", "malloc_entry")
-OUR_PROGS = (*ENTRY_PROGS, "alloc_return", "malloc_return", "free_entry", "calloc_entry", "realloc_entry")
+OUR_PROGS = (*ENTRY_PROGS, "malloc_session", "alloc_return", "malloc_return", "free_entry", "calloc_entry",
+             "realloc_entry")
 
 
 OUR_MAPS = ("tracked", "pidmap", "allocmap", "procs", "blocks", "handoffs", "stacks", "rawcache")
