@@ -262,30 +262,12 @@ static __always_inline u64 next_serial(void)
     return (bpf_ktime_get_ns() << 8) | (bpf_get_smp_processor_id() & 0xff);
 }
 
+/* The word of a pid bitmap holding `tgid`'s bit, or NULL past the map's end
+ * (BCC allows no map call in a macro: one getter per map). */
 static __always_inline u64 *pidmap_word(u32 tgid)
 {
     u32 w = tgid >> 6;
     return pidmap.lookup(&w);
-}
-
-static __always_inline int maybe_tracked(u32 tgid)
-{
-    u64 *m = pidmap_word(tgid);
-    return !m || (*m & (1ULL << (tgid & 63)));
-}
-
-static __always_inline void pidmap_set(u32 tgid)
-{
-    u64 *m = pidmap_word(tgid);
-    if (m)
-        __sync_fetch_and_or(m, 1ULL << (tgid & 63));
-}
-
-static __always_inline void pidmap_clear(u32 tgid)
-{
-    u64 *m = pidmap_word(tgid);
-    if (m)
-        __sync_fetch_and_and(m, ~(1ULL << (tgid & 63)));
 }
 
 static __always_inline u64 *allocmap_word(u32 tgid)
@@ -294,25 +276,40 @@ static __always_inline u64 *allocmap_word(u32 tgid)
     return allocmap.lookup(&w);
 }
 
+static __always_inline u64 pid_bit(u32 tgid)
+{
+    return 1ULL << (tgid & 63);
+}
+
+static __always_inline void bit_set(u64 *m, u32 tgid)
+{
+    if (m)
+        __sync_fetch_and_or(m, pid_bit(tgid));
+}
+
+static __always_inline void bit_clear(u64 *m, u32 tgid)
+{
+    if (m && (*m & pid_bit(tgid)))
+        __sync_fetch_and_and(m, ~pid_bit(tgid));
+}
+
+/* pidmap is a hint: a pid past it may be tracked (the hash decides) */
+static __always_inline int maybe_tracked(u32 tgid)
+{
+    u64 *m = pidmap_word(tgid);
+    return !m || (*m & pid_bit(tgid));
+}
+
 static __always_inline int allocmap_test(u32 tgid)
 {
     u64 *m = allocmap_word(tgid);
-    return m && (*m & (1ULL << (tgid & 63)));
+    return m && (*m & pid_bit(tgid));
 }
 
-static __always_inline void allocmap_set(u32 tgid)
-{
-    u64 *m = allocmap_word(tgid);
-    if (m)
-        __sync_fetch_and_or(m, 1ULL << (tgid & 63));
-}
-
-static __always_inline void allocmap_clear(u32 tgid)
-{
-    u64 *m = allocmap_word(tgid);
-    if (m && (*m & (1ULL << (tgid & 63))))
-        __sync_fetch_and_and(m, ~(1ULL << (tgid & 63)));
-}
+static __always_inline void pidmap_set(u32 tgid)     { bit_set(pidmap_word(tgid), tgid); }
+static __always_inline void pidmap_clear(u32 tgid)   { bit_clear(pidmap_word(tgid), tgid); }
+static __always_inline void allocmap_set(u32 tgid)   { bit_set(allocmap_word(tgid), tgid); }
+static __always_inline void allocmap_clear(u32 tgid) { bit_clear(allocmap_word(tgid), tgid); }
 
 /* A tracked image whose own allocations we record, else NULL (the hash only:
  * for callers that already passed the pid bitmap). */
@@ -327,13 +324,13 @@ static __always_inline struct track_t *allocs_lookup(u32 tgid)
     return t;
 }
 
-/* The slot of `addr` in the image's ring, or -1. */
-static __always_inline int ring_find(struct track_t *t, u64 addr)
+/* The slot of `addr` in the image's ring, or NULL. */
+static __always_inline struct ring_ent_t *ring_find(struct track_t *t, u64 addr)
 {
     for (int i = 0; i < RING; i++)
         if (t->ring[i].addr == addr)
-            return i;
-    return -1;
+            return &t->ring[i];
+    return NULL;
 }
 
 /* A ring slot's block into the block map. Its stack is stamped as used now:
@@ -366,13 +363,25 @@ static __always_inline void ring_flush(struct track_t *t, u32 tgid)
             ring_spill(t, tgid, &t->ring[i]);
 }
 
+/* Roots (and pids past the bitmaps): the pid bitmap, then the hash. */
+static __always_inline struct track_t *allocs_tracked(u32 tgid)
+{
+    return maybe_tracked(tgid) ? allocs_lookup(tgid) : NULL;
+}
+
 /* The entry filter: 1 when this process's allocations are recorded. A test's
- * processes: one bit. Others: the pid bitmap, then (roots) the hash. */
+ * processes: one bit (no hash lookup). */
 static __always_inline int records_allocs(u32 tgid)
 {
+    return allocmap_test(tgid) || allocs_tracked(tgid);
+}
+
+/* The entry of a process whose allocations are recorded, else NULL. */
+static __always_inline struct track_t *recording(u32 tgid)
+{
     if (allocmap_test(tgid))
-        return 1;
-    return maybe_tracked(tgid) && allocs_lookup(tgid);
+        return tracked.lookup(&tgid);   /* a test's process (or was: then NULL) */
+    return allocs_tracked(tgid);
 }
 
 /* ---- allocator probes ------------------------------------------------- */
@@ -438,10 +447,10 @@ static __always_inline int gen_entry(u32 fn, u64 a0, u64 a1)
 static __always_inline void forget_block(struct track_t *t, u32 tgid, u64 addr, u64 before)
 {
     if (t->flags & TF_RING) {
-        int i = ring_find(t, addr);
-        if (i >= 0) {
-            if (t->ring[i & (RING - 1)].ts < before)
-                t->ring[i & (RING - 1)].addr = 0;
+        struct ring_ent_t *e = ring_find(t, addr);
+        if (e) {
+            if (e->ts < before)
+                e->addr = 0;
             return;
         }
     }
@@ -607,8 +616,8 @@ static __always_inline void record_block(struct pt_regs *ctx, struct track_t *t,
     if (may_nest) {
         /* already recorded by a nested allocator call? */
         if (ring) {
-            int i = ring_find(t, addr);
-            if (i >= 0 && t->ring[i & (RING - 1)].ts >= since)
+            struct ring_ent_t *e = ring_find(t, addr);
+            if (e && e->ts >= since)
                 return;
         } else {
             struct block_t *old = blocks.lookup(&k);
@@ -739,17 +748,13 @@ static __always_inline int free_body(struct pt_regs *ctx)
     u64 addr = PT_REGS_PARM1(ctx);
     if (!addr)
         return 1;
-    struct track_t *t;
-    if (allocmap_test(tgid))
-        t = tracked.lookup(&tgid);      /* a test's process (or was: then NULL) */
-    else
-        t = maybe_tracked(tgid) ? allocs_lookup(tgid) : NULL;
+    struct track_t *t = recording(tgid);
     if (!t)
         return 1;
     if (t->flags & TF_RING) {
-        int i = ring_find(t, addr);
-        if (i >= 0) {
-            t->ring[i & (RING - 1)].addr = 0;
+        struct ring_ent_t *e = ring_find(t, addr);
+        if (e) {
+            e->addr = 0;
             return 1;
         }
     }
