@@ -234,38 +234,41 @@ def kfunc_btf_id(name: str) -> int:
     return _KFUNC_IDS[name]
 
 
+def _each_insn(buf: bytearray):
+    """(byte offset, code, regs, off, imm) of each instruction; an ld_imm64's
+    second half is part of it."""
+    i = 0
+    while i + 8 <= len(buf):
+        code, regs, off, imm = _INSN.unpack_from(buf, i)
+        yield i, code, regs, off, imm
+        i += 16 if code == _LD_IMM64 else 8
+
+
 def link_kfuncs(insns: bytes, kfunc_id=kfunc_btf_id) -> bytes:
     """The instructions with each call of a KFUNCS placeholder made a call
     of its kernel function (at load: a kernel without it refuses only the
     programs that call it)."""
     out = bytearray(insns)
-    i = 0
-    while i + 8 <= len(out):
-        code, regs, _off, imm = _INSN.unpack_from(out, i)
+    for i, code, regs, _off, imm in _each_insn(out):
         if code == _CALL and regs >> 4 == 0 and imm in KFUNCS:
             # src_reg = BPF_PSEUDO_KFUNC_CALL, imm = BTF id, off 0: vmlinux
             _INSN.pack_into(out, i, code, (regs & 0x0F) | _PSEUDO_KFUNC_CALL << 4, 0, kfunc_id(KFUNCS[imm]))
-        i += 16 if code == _LD_IMM64 else 8
     return bytes(out)
 
 
 def _patch(insns: bytes, fds: dict[int, int]) -> bytes:
     """The instructions with each map fd (ld_imm64 of a map) replaced."""
     out = bytearray(insns)
-    i = 0
-    while i + 16 <= len(out):
-        code, regs, off, imm = _INSN.unpack_from(out, i)
-        if code == _LD_IMM64:
-            src = regs >> 4
-            if src in _PSEUDO_MAP:
-                if imm not in fds:
-                    raise ValueError(f"instruction {i // 8} refers to unknown map fd {imm}")
-                _INSN.pack_into(out, i, code, regs, off, fds[imm])
-            elif src:
-                raise ValueError(f"instruction {i // 8}: ld_imm64 of kind {src} is not handled")
-            i += 16
-        else:
-            i += 8
+    for i, code, regs, off, imm in _each_insn(out):
+        if code != _LD_IMM64:
+            continue
+        src = regs >> 4
+        if src in _PSEUDO_MAP:
+            if imm not in fds:
+                raise ValueError(f"instruction {i // 8} refers to unknown map fd {imm}")
+            _INSN.pack_into(out, i, code, regs, off, fds[imm])
+        elif src:
+            raise ValueError(f"instruction {i // 8}: ld_imm64 of kind {src} is not handled")
     return bytes(out)
 
 
