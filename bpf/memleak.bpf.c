@@ -20,7 +20,7 @@
 //   stacks       = user stacks captured at the allocator's return, as
 //                  build-id + file offset frames (resolvable after exit)
 //
-// Parameters substituted by the loader (tracer.py): MAX_BLOCKS, MAX_PROCS,
+// Parameters substituted by the loader (tracer/loading.py): MAX_BLOCKS, MAX_PROCS,
 // MAX_STACKS, MAX_HANDOFFS, STACK_DEPTH, RINGBUF_PAGES, EXE_LEN, and
 // HAVE_GROUP_DEAD when sched_process_exit has the group_dead field; one of
 // ATTACH_SESSION, ATTACH_MULTI, ATTACH_PERF (which allocator programs to build);
@@ -32,35 +32,8 @@
  * compile time. */
 #include <uapi/linux/ptrace.h>
 
-#define FN_MALLOC          1
-#define FN_CALLOC          2
-#define FN_REALLOC         3
-#define FN_REALLOCARRAY    4
-#define FN_POSIX_MEMALIGN  5
-#define FN_MEMALIGN        6   /* also aligned_alloc */
-#define FN_VALLOC          7
-#define FN_PVALLOC         8
-#define FN_FREE            9   /* entry only */
-
-#define TF_ROOT            1   /* the pytest process: children are tracked */
-#define TF_ALLOCS          2   /* record this process's own allocations */
-#define TF_SPAWNER         4   /* ROOT (the xdist controller): every process it
-                                  creates is a ROOT (a worker) from birth */
-#define TF_SPAWNED         8   /* ROOT created by a spawner: forgotten at exit */
-#define TF_RING           16   /* single-threaded image: its newest blocks are
-                                  kept in its entry's ring (below) */
-
-#define PF_EXITED          1
-#define PF_TERMINATED      2   /* exit code or fatal signal recorded */
-
-#define EV_EXEC            1
-#define EV_OPEN            2
-
-#define CTR_LOST_PROCS     0   /* tracked/procs map full: a process went untracked */
-#define CTR_LOST_EVENTS    1   /* ring buffer full: exec/open path not delivered */
-#define CTR_LOST_STACKS    2   /* stack map full */
-#define CTR_NEW_STACKS     3   /* stacks inserted (userspace sizes its clean-ups) */
-#define CTR_NCOUNTERS      4
+/* ids, flags, counter indexes and map value layouts shared with userspace */
+#include "memleak.h"
 
 #ifndef BPF_F_USER_BUILD_ID
 #define BPF_F_USER_BUILD_ID (1ULL << 11)
@@ -69,110 +42,6 @@
 #define CLONE_THREAD 0x00010000
 #endif
 #define O_CLOEXEC_FLAG 02000000
-
-/* A live block of a single-threaded image, kept in the image's own entry
- * (addr 0: a free slot). */
-struct ring_ent_t {
-    u64 addr;
-    u64 size;
-    u64 ts;              /* bpf_ktime at record time */
-    u64 stack;
-};
-#define RING 8           /* a power of 2 */
-
-/* Per tgid: the filter every probe hits first. */
-struct track_t {
-    u64 serial;          /* unique id of the current process image */
-    u32 test_id;         /* ROOT: current test (0 = none); else owning test */
-    u32 flags;           /* TF_* */
-    u32 nthreads;        /* live threads: the image ends when it reaches 0 */
-    u32 ppid;
-    u64 alloc_bytes;     /* lifetime totals of this image */
-    u64 alloc_blocks;
-    u64 lost_blocks;     /* live-block map full */
-    u64 lost_handoffs;   /* hand-off map full */
-    u64 lost_stacks;     /* stack not captured */
-    /* TF_RING: the image's RING newest blocks. Most blocks are freed soon
-     * after they are allocated: one freed while still here costs neither an
-     * insert into nor a delete from the (shared, locked) block map. The one
-     * pushed out goes to the block map; at exit the rest do. Only while the
-     * image has one thread (nothing else touches it): its first thread moves
-     * them to the map and turns the ring off. */
-    u32 ring_head;
-    u32 ring_pad;
-    struct ring_ent_t ring[RING];
-};
-
-/* Per process image (keyed by serial): what outlives the process. */
-struct proc_t {
-    u64 serial;
-    u64 start_ns;
-    u64 exit_ns;
-    u64 alloc_bytes;
-    u64 alloc_blocks;
-    u64 lost_blocks;
-    u64 lost_handoffs;
-    u64 lost_stacks;
-    u32 tgid;
-    u32 ppid;
-    u32 test_id;
-    u32 uid;
-    u32 flags;           /* PF_* */
-    s32 exit_code;
-    s32 signal;
-    u32 execs;           /* number of execs before this image */
-    char comm[16];
-    char exe[EXE_LEN];
-};
-
-struct block_key_t {
-    u32 tgid;
-    u32 pad;
-    u64 addr;
-};
-
-struct block_t {
-    u64 size;
-    u64 ts;              /* bpf_ktime at record time */
-    u64 serial;          /* image that allocated it */
-    u64 stack;           /* hash of the captured stack, 0 = none */
-    u64 ext_ip;          /* root blocks: innermost return address into an
-                            extension module found on the stack, 0 = none */
-};
-
-/* Executable pages of extension modules in the root (pytest) process are
- * set by userspace when an in-process window opens. */
-
-struct handoff_key_t {
-    u32 tid;
-    u32 fn;
-};
-
-/* Entries stay while their thread lives (written in place, `live` while a
- * call is in flight): a lookup and a store per call instead of an insert and
- * a delete. Deleted when the thread exits; userspace sweeps threads gone
- * untracked. */
-struct handoff_t {
-    u64 a0;
-    u64 a1;
-    u64 ts;              /* entry time, for calls that may nest; else 0 */
-    u64 live;
-};
-
-struct stack_t {
-    u32 nframes;
-    u32 pad;
-    u64 used;            /* bpf_ktime of the last block that used it: userspace
-                            deletes only stacks unused since its block walk began */
-    struct bpf_stack_build_id frames[STACK_DEPTH];
-};
-
-struct event_t {
-    u32 type;
-    u32 tgid;
-    u64 serial;
-    char path[256];
-};
 
 BPF_F_TABLE("hash", u32, struct track_t, tracked, MAX_PROCS, BPF_F_NO_PREALLOC);
 BPF_PERCPU_ARRAY(track_scratch, struct track_t, 1);
@@ -195,41 +64,17 @@ BPF_HASH(handoffs, struct handoff_key_t, struct handoff_t, MAX_HANDOFFS);
 BPF_F_TABLE("hash", u64, struct stack_t, stacks, MAX_STACKS, BPF_F_NO_PREALLOC);
 BPF_PERCPU_ARRAY(scratch, struct stack_t, 1);
 
-/* Build-id stacks are costly (a VMA lookup and an ELF note read per frame).
- * A process image's plain-ip stack identifies its build-id stack, so cache
- * (image, hash of the ips) -> build-id stack hash: the build-id walk runs once
- * per distinct call stack of each image. */
-struct rawkey_t {
-    u64 serial;
-    u64 rawhash;
-};
 struct rawbuf_t {
     u64 ip[STACK_DEPTH];
 };
-/* value: the build-id stack's hash and the ips it was made from (userspace
- * learns each module's load bias from them to resolve stacks the kernel
- * could only give as plain ips) */
-struct rawval_t {
-    u64 h;
-    u64 n;
-    u64 ip[STACK_DEPTH];
-};
+/* (image, hash of its plain-ip stack) -> build-id stack (memleak.h: rawkey_t) */
 BPF_TABLE("lru_hash", struct rawkey_t, struct rawval_t, rawcache, MAX_RAWCACHE);
 BPF_PERCPU_ARRAY(rawscratch, struct rawbuf_t, 1);
 BPF_PERCPU_ARRAY(rawval_scratch, struct rawval_t, 1);
 BPF_PERCPU_ARRAY(proc_scratch, struct proc_t, 1);
 BPF_ARRAY(counters, u64, CTR_NCOUNTERS);
-struct ext_t {
-    u64 n;               /* number of extension text pages (0: no scanning) */
-    u64 lo, hi;          /* envelope of all extension text */
-};
 /* per root (each xdist worker has its own address space) */
 BPF_HASH(ext, u32, struct ext_t, MAX_ROOTS);
-struct ext_page_t {
-    u32 tgid;
-    u32 pad;
-    u64 page;
-};
 BPF_HASH(ext_pages, struct ext_page_t, u32, MAX_EXT_PAGES);   /* (root, page number) -> 1 */
 struct scanbuf_t {
     u64 w[SCAN_WORDS];
@@ -259,7 +104,7 @@ static __always_inline u64 mul_or_max(u64 n, u64 sz)
  * (an image is created by one task on one CPU at a time). */
 static __always_inline u64 next_serial(void)
 {
-    return (bpf_ktime_get_ns() << 8) | (bpf_get_smp_processor_id() & 0xff);
+    return (bpf_ktime_get_ns() << SERIAL_CPU_BITS) | (bpf_get_smp_processor_id() & 0xff);
 }
 
 /* The word of a pid bitmap holding `tgid`'s bit, or NULL past the map's end
@@ -388,13 +233,11 @@ static __always_inline struct track_t *recording(u32 tgid)
 
 #ifdef ATTACH_SESSION
 /* Kernel functions (kfuncs) of uprobe sessions. BCC cannot emit kfunc calls:
- * these are calls of placeholder helper ids, which the loader (bpfcache.py,
- * KFUNCS) rewrites into calls of the kernel functions, by their BTF ids. The
+ * these are calls of placeholder helper ids (memleak.h: KFUNC_*), which the
+ * loader (tracer/loading.py) rewrites into calls of the kernel functions, by their BTF ids. The
  * cookie is the kernel's own storage for one call, from its entry to its
  * return: a hand-off that no other call (nested, or of another thread) can
  * touch, without a map. */
-#define KFUNC_SESSION_COOKIE     0x7ffff001
-#define KFUNC_SESSION_IS_RETURN  0x7ffff002
 static u64 *(*session_cookie)(void) = (void *)KFUNC_SESSION_COOKIE;
 static u64 (*session_is_return)(void) = (void *)KFUNC_SESSION_IS_RETURN;   /* a bool */
 #define COOKIE_HANDOFF(fn) ((fn) == FN_MALLOC || (fn) == FN_CALLOC)
@@ -534,11 +377,11 @@ static __always_inline u64 capture_stack(struct pt_regs *ctx, struct track_t *t,
     struct rawbuf_t *rb = rawscratch.lookup(&zero);
     if (rb) {
         rn = walk_stack(ctx, rb->ip);
-        u64 rh = 0xcbf29ce484222325ULL ^ rn;
+        u64 rh = FNV_OFFSET ^ rn;
         for (int i = 0; i < STACK_DEPTH; i++) {
             if (i >= rn)
                 break;
-            rh = (rh ^ rb->ip[i]) * 0x100000001b3ULL;
+            rh = (rh ^ rb->ip[i]) * FNV_PRIME;
         }
         rk.rawhash = rh;
         struct rawval_t *known = rawcache.lookup(&rk);
@@ -568,15 +411,15 @@ static __always_inline u64 capture_stack(struct pt_regs *ctx, struct track_t *t,
     if (rn && n > rn)
         n = rn;
     s->nframes = n;
-    u64 h = 0xcbf29ce484222325ULL ^ n;
+    u64 h = FNV_OFFSET ^ n;
     for (int i = 0; i < STACK_DEPTH; i++) {
         if (i >= n)
             break;
         u64 *w = (u64 *)&s->frames[i];
-        h = (h ^ w[0]) * 0x100000001b3ULL;
-        h = (h ^ w[1]) * 0x100000001b3ULL;
-        h = (h ^ w[2]) * 0x100000001b3ULL;
-        h = (h ^ w[3]) * 0x100000001b3ULL;
+        h = (h ^ w[0]) * FNV_PRIME;
+        h = (h ^ w[1]) * FNV_PRIME;
+        h = (h ^ w[2]) * FNV_PRIME;
+        h = (h ^ w[3]) * FNV_PRIME;
     }
     if (h == 0)
         h = 1;
@@ -594,8 +437,8 @@ static __always_inline u64 capture_stack(struct pt_regs *ctx, struct track_t *t,
     }
     /* The kernel falls back to plain ips for the whole stack when it cannot
      * take the mmap lock (another thread is mapping memory): never cache
-     * such a stack; userspace maps it back through rawcache (tracer.py). */
-    if (rk.rawhash && rb && s->frames[0].status == 1 /* BPF_STACK_BUILD_ID_VALID */) {
+     * such a stack; userspace maps it back through rawcache (tracer/collection.py). */
+    if (rk.rawhash && rb && s->frames[0].status == BUILD_ID_VALID) {
         struct rawval_t *rv = rawval_scratch.lookup(&zero);
         if (rv) {
             rv->h = h;
