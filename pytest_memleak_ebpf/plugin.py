@@ -205,7 +205,7 @@ def pytest_configure(config: pytest.Config) -> None:
         # the controller loads the one tracer and serves it; the workers check
         # their own tests through it, the controller merges their reports
         from .engine import tracer_config
-        from .shared import TracerServer
+        from .tracer.server import TracerServer
 
         tracer = _load(lambda: _new_tracer(tracer_config(settings)))
         tracer.add_spawner(os.getpid())
@@ -243,7 +243,7 @@ def _new_tracer(cfg):
 def _worker_tracer(config: pytest.Config):
     """An xdist worker: the controller's tracer (None: load one here, as for a
     worker on another host, which cannot reach the controller's socket)."""
-    from .shared import SOCKET_KEY, RemoteTracer
+    from .tracer.server import SOCKET_KEY, RemoteTracer
 
     address = getattr(config, "workerinput", {}).get(SOCKET_KEY)
     if not address:
@@ -619,7 +619,7 @@ class XdistController:
 
     @pytest.hookimpl(optionalhook=True)
     def pytest_configure_node(self, node):
-        from .shared import SOCKET_KEY
+        from .tracer.server import SOCKET_KEY
 
         node.workerinput[SOCKET_KEY] = self.server.address
 

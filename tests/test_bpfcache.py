@@ -8,7 +8,7 @@ import subprocess
 
 import pytest
 
-from pytest_memleak_ebpf import bpfcache
+from pytest_memleak_ebpf.tracer import loading
 
 INSN = struct.Struct("<BBhi")
 
@@ -23,7 +23,7 @@ def test_patch_replaces_map_fds_and_nothing_else():
             + insn(0x18, dst=2, src=0, imm=7) + insn(0, imm=3)  # ld_imm64 r2, constant 7 | 3 << 32
             + insn(0x18, dst=3, src=1, imm=9) + insn(0)       # ld_imm64 r3, map fd 9
             + insn(0x95))                                     # exit
-    out = bpfcache._patch(prog, {7: 40, 9: 41})
+    out = loading._patch(prog, {7: 40, 9: 41})
     words = [INSN.unpack_from(out, i) for i in range(0, len(out), 8)]
     assert [w[3] for w in words] == [7, 40, 0, 7, 3, 41, 0, 0]
     assert [w[0] for w in words] == [INSN.unpack_from(prog, i)[0] for i in range(0, len(prog), 8)]
@@ -31,21 +31,21 @@ def test_patch_replaces_map_fds_and_nothing_else():
 
 def test_patch_refuses_an_unknown_map_fd_or_reference():
     with pytest.raises(ValueError, match="unknown map fd 5"):
-        bpfcache._patch(insn(0x18, dst=1, src=1, imm=5) + insn(0), {7: 40})
-    assert bpfcache._patch(insn(0x18, dst=1, src=2, imm=7) + insn(0, imm=8), {7: 40})[4:8] == (40).to_bytes(4, "little")
+        loading._patch(insn(0x18, dst=1, src=1, imm=5) + insn(0), {7: 40})
+    assert loading._patch(insn(0x18, dst=1, src=2, imm=7) + insn(0, imm=8), {7: 40})[4:8] == (40).to_bytes(4, "little")
     with pytest.raises(ValueError, match="kind 3"):   # a BTF id: not ours to patch
-        bpfcache._patch(insn(0x18, dst=1, src=3, imm=7) + insn(0), {7: 40})
+        loading._patch(insn(0x18, dst=1, src=3, imm=7) + insn(0), {7: 40})
 
 
 def test_kfunc_placeholders_become_kernel_function_calls():
     ids = {"bpf_session_cookie": 65573, "bpf_session_is_return": 65575}
-    by_name = {v: k for k, v in bpfcache.KFUNCS.items()}
+    by_name = {v: k for k, v in loading.KFUNCS.items()}
     prog = (insn(0x85, imm=by_name["bpf_session_cookie"])          # call placeholder
             + insn(0x85, imm=1)                                     # call bpf_map_lookup_elem: a helper
             + insn(0x18, dst=1, src=0, imm=by_name["bpf_session_is_return"]) + insn(0x85)  # a constant
             + insn(0x85, imm=by_name["bpf_session_is_return"])
             + insn(0x95))
-    out = bpfcache.link_kfuncs(prog, ids.__getitem__)
+    out = loading.link_kfuncs(prog, ids.__getitem__)
     words = [INSN.unpack_from(out, i) for i in range(0, len(out), 8)]
     # (code, regs, off, imm): src_reg 2 = BPF_PSEUDO_KFUNC_CALL, imm = BTF id
     assert words[0] == (0x85, 2 << 4, 0, 65573)
@@ -59,34 +59,37 @@ def test_kfunc_placeholders_become_kernel_function_calls():
 def test_kfunc_ids_come_from_this_kernels_btf(ebpf):
     out = subprocess.run(["bpftool", "btf", "dump", "file", "/sys/kernel/btf/vmlinux"],
                          capture_output=True, text=True, check=True).stdout
-    for name in bpfcache.KFUNCS.values():
+    for name in loading.KFUNCS.values():
         line = next(l for l in out.splitlines() if f"FUNC '{name}'" in l)
-        assert bpfcache.kfunc_btf_id(name) == int(line.split("]")[0].lstrip("["))
+        assert loading.kfunc_btf_id(name) == int(line.split("]")[0].lstrip("["))
     with pytest.raises(RuntimeError, match="no kernel function bpf_no_such_thing"):
-        bpfcache.kfunc_btf_id("bpf_no_such_thing")
+        loading.kfunc_btf_id("bpf_no_such_thing")
 
 
 def test_cache_dir_and_key(monkeypatch, tmp_path):
-    monkeypatch.setenv(bpfcache.CACHE_ENV, "off")
-    assert bpfcache.cache_dir() is None
-    monkeypatch.setenv(bpfcache.CACHE_ENV, str(tmp_path))
-    assert bpfcache.cache_dir() == tmp_path
-    k = bpfcache.cache_key(b"src", ["-DA=1"], "0.26.0")
-    assert k != bpfcache.cache_key(b"src", ["-DA=2"], "0.26.0")
-    assert k != bpfcache.cache_key(b"src2", ["-DA=1"], "0.26.0")
-    assert k != bpfcache.cache_key(b"src", ["-DA=1"], "0.27.0")
-    assert k == bpfcache.cache_key(b"src", ["-DA=1"], "0.26.0")
+    monkeypatch.setenv(loading.CACHE_ENV, "off")
+    assert loading.cache_dir() is None
+    monkeypatch.setenv(loading.CACHE_ENV, str(tmp_path))
+    assert loading.cache_dir() == tmp_path
+    k = loading.cache_key(b"src", ["-DA=1"], "0.26.0")
+    assert k != loading.cache_key(b"src", ["-DA=2"], "0.26.0")
+    assert k != loading.cache_key(b"src2", ["-DA=1"], "0.26.0")
+    assert k != loading.cache_key(b"src", ["-DA=1"], "0.27.0")
+    assert k == loading.cache_key(b"src", ["-DA=1"], "0.26.0")
+    with_header = loading.cache_key(b"src", ["-DA=1"], "0.26.0", b"#define X 1\n")
+    assert with_header != k   # the header the source includes is part of the key
+    assert with_header != loading.cache_key(b"src", ["-DA=1"], "0.26.0", b"#define X 2\n")
 
 
 def test_only_our_own_unshared_files_are_trusted(tmp_path):
     d = tmp_path / "c"
     d.mkdir(mode=0o700)
-    assert bpfcache._safe(d)
+    assert loading._safe(d)
     os.chmod(d, 0o777)
-    assert not bpfcache._safe(d)
+    assert not loading._safe(d)
     os.chmod(d, 0o720)
-    assert not bpfcache._safe(d)
-    assert not bpfcache._safe(tmp_path / "missing")
+    assert not loading._safe(d)
+    assert not loading._safe(tmp_path / "missing")
 
 
 LEAK7 = r"""
@@ -111,7 +114,7 @@ def test_cached_programs_count_exactly_like_compiled_ones(ebpf, cbuild, tmp_path
     from pytest_memleak_ebpf.tracer import Tracer
 
     prog = cbuild("leak7", LEAK7)
-    monkeypatch.setenv(bpfcache.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setenv(loading.CACHE_ENV, str(tmp_path / "cache"))
     runs = []
     for _ in range(2):
         t = Tracer()
@@ -130,7 +133,7 @@ def test_a_damaged_or_unsafe_cache_is_not_used(ebpf, cbuild, tmp_path, monkeypat
 
     prog = cbuild("leak7", LEAK7)
     cache = tmp_path / "cache"
-    monkeypatch.setenv(bpfcache.CACHE_ENV, str(cache))
+    monkeypatch.setenv(loading.CACHE_ENV, str(cache))
     Tracer().close()                                   # compiles, saves
     (entry,) = cache.glob("*.json")
     entry.write_text(entry.read_text().replace('"functions": {', '"functions": {"x": "!!", ', 1)[:-50])
@@ -157,8 +160,8 @@ def test_a_kernel_without_the_kfuncs_falls_back_to_uprobe_multi(ebpf, cbuild, mo
     from pytest_memleak_ebpf.tracer import Tracer
 
     prog = cbuild("leak7", LEAK7)
-    cookie = next(k for k, v in bpfcache.KFUNCS.items() if v == "bpf_session_cookie")
-    monkeypatch.setitem(bpfcache.KFUNCS, cookie, "bpf_no_such_kfunc")
+    cookie = next(k for k, v in loading.KFUNCS.items() if v == "bpf_session_cookie")
+    monkeypatch.setitem(loading.KFUNCS, cookie, "bpf_no_such_kfunc")
     monkeypatch.delenv("PYTEST_MEMLEAK_EBPF_ATTACH", raising=False)
     t = Tracer()
     try:

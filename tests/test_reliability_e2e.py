@@ -430,9 +430,9 @@ def test_collecting_a_window_leaves_other_tests_blocks(ebpf, load):
         tid = t.begin_test()
         p = subprocess.Popen([load, "spill", "3"])
         deadline = time.time() + 5
-        while time.time() < deadline and len(t._blocks.items()) < 4:
+        while time.time() < deadline and len(t._maps.blocks.items()) < 4:
             time.sleep(0.02)
-        assert len(t._blocks.items()) == 4, "the sleeper's blocks pushed out of its ring are not in the map"
+        assert len(t._maps.blocks.items()) == 4, "the sleeper's blocks pushed out of its ring are not in the map"
         t.open_window()
         t.close_window()
         t.collect_window()

@@ -4,7 +4,7 @@ The controller loads the BPF program once and marks itself a spawner: the
 kernel makes every process it creates (the workers) a root from its first
 instruction. It serves the tracer over an abstract Unix socket; each worker's
 engine drives its own tests through RemoteTracer, which has the per-test
-interface of tracer.Tracer. Every allocation on the machine then runs one BPF
+interface of Tracer (protocol.TracerAPI). Every allocation on the machine then runs one BPF
 program however many workers there are (a program per worker made each
 allocation pay once per worker).
 
@@ -22,7 +22,7 @@ import socket
 import struct
 import threading
 
-from .tracer import ProbeInfo
+from .probes import ProbeInfo
 
 SOCKET_KEY = "ebpf_leaks_tracer"       # workerinput key: the server's address
 _LEN = struct.Struct("<Q")
@@ -62,7 +62,7 @@ def _recv(sock: socket.socket):
 
 
 class TracerServer:
-    """Serves `tracer` (a tracer.Tracer whose process called add_spawner)
+    """Serves `tracer` (a Tracer whose process called add_spawner)
     to the workers, one thread per connection. A worker that disconnects
     (ended, crashed, killed) has its test and roots dropped."""
 
@@ -146,7 +146,7 @@ class TracerServer:
 
 
 class RemoteTracer:
-    """tracer.Tracer's per-test interface, served by the controller. The
+    """Tracer's per-test interface (protocol.TracerAPI), served by the controller. The
     worker is known by its pid: add_root() checks it is this process."""
 
     def __init__(self, address: str):

@@ -1,26 +1,35 @@
-"""Compiled-program cache.
+"""Loading: compile the BPF program with BCC, keep what the compile
+produced in the compiled-program cache, and load its maps and programs
+into the kernel through libbpf (bpf_map_create, bpf_prog_load), linking the
+calls of kernel functions.
 
-BCC compiles the BPF C source with clang every time it loads it (~0.6 s of a
-session's start here). The first session with a given source, set of flags,
-kernel and BCC saves what the compile produced: each function's instructions
-and each map's definition (type, sizes, flags, and BCC's description of its
-key and value types). Later sessions create the maps and load the programs
-straight from that, patching the map file descriptors the instructions refer
-to. Anything unexpected (a damaged or foreign entry, a program the kernel
-refuses) falls back to compiling. A fresh compile is loaded the same way
-(whether or not it can be saved), so every session's programs go through
-one loader.
+The compiled-program cache: BCC compiles the BPF C source with clang every
+time it loads it (~0.6 s of a session's start here). The first session with
+a given source, header (bpf/memleak.h), set of flags, kernel and BCC saves
+what the compile produced: each function's instructions and each map's
+definition (type, sizes, flags, and BCC's description of its key and value
+types). Later sessions create the maps and load the programs straight from
+that, patching the map file descriptors the instructions refer to. Anything
+unexpected (a damaged or foreign entry, a program the kernel refuses) falls
+back to compiling. A fresh compile is loaded the same way (whether or not it
+can be saved), so every session's programs go through one loader.
 
 Kernel functions (kfuncs): BCC cannot emit a kfunc call, so the BPF source
-calls placeholder helper ids (KFUNCS); the loader rewrites each such call
-into a call of the kernel function by its BTF id in this kernel's vmlinux
-BTF (looked up with libbpf, which BCC itself depends on). A program that
-calls a kfunc this kernel lacks is refused with an error naming it.
+calls placeholder helper ids (memleak.h: KFUNC_*, abi.KFUNCS); the loader
+rewrites each such call into a call of the kernel function by its BTF id in
+this kernel's vmlinux BTF (looked up with libbpf, which BCC itself depends
+on). A program that calls a kfunc this kernel lacks is refused with an error
+naming it.
 
 The entries are BPF bytecode that root loads into the kernel: a cache
 directory or entry that is not owned by the current user, or that others may
 write, is never used. PYTEST_MEMLEAK_EBPF_CACHE=off turns the cache off;
 any other value is the directory to use (default: ~/.cache/pytest-memleak-ebpf).
+
+Raw bpf(2) calls: only BPF_LINK_CREATE of uprobe_multi and uprobe session
+links (link_uprobe_multi): libbpf.so.1 has bpf_link_create, but its options
+carry no uprobe_multi fields before libbpf 1.3 (nor uprobe sessions before
+1.5), and Debian 12's is 1.1.
 """
 
 from __future__ import annotations
@@ -34,19 +43,85 @@ import json
 import os
 import struct
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
+
+from . import abi
+from .abi import KFUNCS
+
+
+@dataclass
+class TracerConfig:
+    """The BPF program's map sizes and limits (compile-time parameters)."""
+
+    max_blocks: int = 1 << 20
+    max_procs: int = 1 << 15
+    max_stacks: int = 1 << 15
+    max_handoffs: int = 1 << 14
+    stack_depth: int = 32
+    ringbuf_pages: int = 512
+    exe_len: int = 256
+    max_ext_pages: int = 1 << 16
+    max_rawcache: int = 1 << 16
+    scan_words: int = 128
+    max_roots: int = 1024
+
+
+# The programs the BPF source builds for each attach mode (preflight.ATTACH_MODES)
+MODE_CFLAGS = {"session": ["-DATTACH_SESSION=1"], "multi": ["-DATTACH_MULTI=1"], "perf": ["-DATTACH_PERF=1"]}
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def pid_max() -> int:
+    try:
+        with open("/proc/sys/kernel/pid_max") as f:
+            return min(max(int(f.read()), 64), 1 << 22)   # PID_MAX_LIMIT on 64-bit
+    except (OSError, ValueError):
+        return 1 << 22
+
+
+def _tracepoint_has_field(event: str, name: str) -> bool:
+    for d in ("/sys/kernel/tracing", "/sys/kernel/debug/tracing"):
+        try:
+            with open(f"{d}/events/{event}/format") as f:
+                return any(f" {name};" in line for line in f)
+        except OSError:
+            continue
+    return False
+
+
+def program_cflags(c: TracerConfig, pidmap_words: int) -> list[str]:
+    """The parameters the BPF source is compiled with (all but the attach mode's)."""
+    cflags = [
+        f"-DMAX_BLOCKS={int(c.max_blocks)}",
+        f"-DMAX_PROCS={int(c.max_procs)}",
+        f"-DMAX_STACKS={int(c.max_stacks)}",
+        f"-DMAX_HANDOFFS={int(c.max_handoffs)}",
+        f"-DSTACK_DEPTH={int(c.stack_depth)}",
+        f"-DRINGBUF_PAGES={_pow2(c.ringbuf_pages)}",
+        f"-DEXE_LEN={int(c.exe_len)}",
+        f"-DMAX_EXT_PAGES={int(c.max_ext_pages)}",
+        f"-DMAX_RAWCACHE={int(c.max_rawcache)}",
+        f"-DSCAN_WORDS={int(c.scan_words)}",
+        f"-DPIDMAP_WORDS={pidmap_words}",
+        f"-DMAX_ROOTS={int(c.max_roots)}",
+        "-Wno-macro-redefined",
+    ]
+    if _tracepoint_has_field("sched/sched_process_exit", "group_dead"):
+        cflags.append("-DHAVE_GROUP_DEAD=1")
+    return cflags
 
 CACHE_ENV = "PYTEST_MEMLEAK_EBPF_CACHE"
 FORMAT = 1
-_BPF_MAP_CREATE, _BPF_PROG_LOAD = 0, 5
 _PSEUDO_MAP = (1, 2)   # BPF_PSEUDO_MAP_FD, BPF_PSEUDO_MAP_VALUE: imm is a map fd
 _LD_IMM64 = 0x18
 _CALL = 0x85            # BPF_JMP | BPF_CALL
 _PSEUDO_KFUNC_CALL = 2
 _BTF_KIND_FUNC = 12
 _INSN = struct.Struct("<BBhi")
-# placeholder helper id in the BPF source -> kernel function (bpf/memleak.bpf.c)
-KFUNCS = {0x7FFFF001: "bpf_session_cookie", 0x7FFFF002: "bpf_session_is_return"}
 
 
 def cache_dir() -> Path | None:
@@ -68,20 +143,33 @@ def _safe(path: Path) -> bool:
     return st.st_uid == os.geteuid() and not st.st_mode & 0o022
 
 
-def cache_key(source: bytes, cflags: list[str], bcc_version: str) -> str:
+def cache_key(source: bytes, cflags: list[str], bcc_version: str, header: bytes = b"") -> str:
     u = os.uname()
     h = hashlib.sha256()
     for part in (str(FORMAT), u.release, u.version, u.machine, bcc_version, *cflags):
         h.update(part.encode() + b"\0")
     h.update(source)
+    h.update(b"\0" + header)
     return h.hexdigest()[:32]
 
 
+def bpf_source_path() -> Path:
+    """The BPF C source, shipped inside the package (or the checkout's bpf/)."""
+    return abi.bpf_dir() / abi.SOURCE_NAME
+
+
 def load(bcc, src_path: Path, cflags: list[str]):
-    """(a BCC BPF object for this source and flags, True when it came from the cache)."""
+    """(a BCC BPF object for this source and flags, True when it came from
+    the cache). The source includes bpf/memleak.h (abi.header_path()): it is
+    compiled with that directory on its include path, and the header is part
+    of the cache key."""
     source = Path(src_path).read_bytes()
+    header_file = abi.header_path()
+    header = header_file.read_bytes()
+    cflags = [*cflags, f"-I{header_file.parent}"]
     d = cache_dir()
-    path = d / f"{cache_key(source, cflags, getattr(bcc, '__version__', '?'))}.json" if d else None
+    key = cache_key(source, cflags, getattr(bcc, "__version__", "?"), header)
+    path = d / f"{key}.json" if d else None
     if path is not None and path.is_file() and _safe(d) and _safe(path):
         try:
             bpf = _from_entry(bcc, json.loads(path.read_text()))
@@ -159,49 +247,140 @@ def _entry(bcc, bpf) -> dict:
     return {"format": FORMAT, "license": lib.bpf_module_license(mod).decode(), "maps": maps, "functions": funcs}
 
 
-def _create_map(m: dict) -> int:
-    from .tracer import _bpf_syscall   # (tracer imports this module)
+_LIBBPF = None
 
-    attr = (ctypes.c_uint8 * 128)()
-    for off, v in ((0, m["type"]), (4, m["key_size"]), (8, m["leaf_size"]), (12, m["max_entries"]),
-                   (16, m["flags"])):
-        ctypes.c_uint32.from_buffer(attr, off).value = v
-    name = m["name"].encode()[:15]
-    ctypes.memmove(ctypes.addressof(attr) + 28, name, len(name))
-    return _bpf_syscall(_BPF_MAP_CREATE, attr)
+
+def libbpf():
+    """libbpf.so.1 (BCC depends on it), its calls' types declared."""
+    global _LIBBPF
+    if _LIBBPF is None:
+        try:
+            lib = ctypes.CDLL("libbpf.so.1", use_errno=True)
+        except OSError as e:
+            raise RuntimeError(f"libbpf.so.1 is missing ({e})") from None
+        lib.bpf_map_create.restype = ctypes.c_int
+        lib.bpf_map_create.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_uint32, ctypes.c_uint32,
+                                       ctypes.c_uint32, ctypes.POINTER(MapCreateOpts)]
+        lib.bpf_prog_load.restype = ctypes.c_int
+        lib.bpf_prog_load.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_void_p,
+                                      ctypes.c_size_t, ctypes.POINTER(ProgLoadOpts)]
+        lib.btf__load_vmlinux_btf.restype = ctypes.c_void_p
+        lib.btf__find_by_name_kind.restype = ctypes.c_int
+        lib.btf__find_by_name_kind.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_uint32]
+        lib.btf__free.argtypes = [ctypes.c_void_p]
+        _LIBBPF = lib
+    return _LIBBPF
+
+
+class MapCreateOpts(ctypes.Structure):
+    """libbpf's struct bpf_map_create_opts (libbpf 0.6+; `sz` tells libbpf
+    which fields we know)."""
+
+    _fields_ = [("sz", ctypes.c_size_t), ("btf_fd", ctypes.c_uint32), ("btf_key_type_id", ctypes.c_uint32),
+                ("btf_value_type_id", ctypes.c_uint32), ("btf_vmlinux_value_type_id", ctypes.c_uint32),
+                ("inner_map_fd", ctypes.c_uint32), ("map_flags", ctypes.c_uint32), ("map_extra", ctypes.c_uint64),
+                ("numa_node", ctypes.c_uint32), ("map_ifindex", ctypes.c_uint32)]
+
+
+class ProgLoadOpts(ctypes.Structure):
+    """libbpf's struct bpf_prog_load_opts, up to the verifier log (libbpf 0.6+)."""
+
+    _fields_ = [("sz", ctypes.c_size_t), ("attempts", ctypes.c_int), ("expected_attach_type", ctypes.c_uint32),
+                ("prog_btf_fd", ctypes.c_uint32), ("prog_flags", ctypes.c_uint32), ("prog_ifindex", ctypes.c_uint32),
+                ("kern_version", ctypes.c_uint32), ("attach_btf_id", ctypes.c_uint32),
+                ("attach_prog_fd", ctypes.c_uint32), ("attach_btf_obj_fd", ctypes.c_uint32),
+                ("fd_array", ctypes.c_void_p), ("func_info", ctypes.c_void_p), ("func_info_cnt", ctypes.c_uint32),
+                ("func_info_rec_size", ctypes.c_uint32), ("line_info", ctypes.c_void_p),
+                ("line_info_cnt", ctypes.c_uint32), ("line_info_rec_size", ctypes.c_uint32),
+                ("log_level", ctypes.c_uint32), ("log_size", ctypes.c_uint32), ("log_buf", ctypes.c_void_p)]
+
+
+def _fd_or_raise(ret: int) -> int:
+    """A libbpf call's result: the fd, or OSError (libbpf 1.0+ returns -errno)."""
+    if ret < 0:
+        err = -ret if ret != -1 else (ctypes.get_errno() or errno.EPERM)
+        raise OSError(err, os.strerror(err))
+    return int(ret)
+
+
+def _create_map(m: dict) -> int:
+    opts = MapCreateOpts(sz=ctypes.sizeof(MapCreateOpts), map_flags=m["flags"])
+    return _fd_or_raise(libbpf().bpf_map_create(m["type"], m["name"].encode()[:15], m["key_size"],
+                                                m["leaf_size"], m["max_entries"], ctypes.byref(opts)))
 
 
 def _load_prog(name: bytes, prog_type: int, insns: bytes, license_: bytes, attach_type: int) -> int:
-    from .tracer import _bpf_syscall
-
+    lib = libbpf()
     buf = ctypes.create_string_buffer(insns, len(insns))
-    lic = ctypes.create_string_buffer(license_)
-    attr = (ctypes.c_uint8 * 128)()
-    ctypes.c_uint32.from_buffer(attr, 0).value = prog_type
-    ctypes.c_uint32.from_buffer(attr, 4).value = len(insns) // 8
-    ctypes.c_uint64.from_buffer(attr, 8).value = ctypes.addressof(buf)
-    ctypes.c_uint64.from_buffer(attr, 16).value = ctypes.addressof(lic)
-    n = name[:15]
-    ctypes.memmove(ctypes.addressof(attr) + 48, n, len(n))
+    opts = ProgLoadOpts(sz=ctypes.sizeof(ProgLoadOpts))
     if attach_type >= 0:
-        ctypes.c_uint32.from_buffer(attr, 68).value = attach_type
+        opts.expected_attach_type = attach_type
     try:
-        return _bpf_syscall(_BPF_PROG_LOAD, attr)
+        return _fd_or_raise(lib.bpf_prog_load(prog_type, name[:15], license_, buf, len(insns) // 8,
+                                              ctypes.byref(opts)))
     except OSError as e:
         if e.errno not in (errno.EACCES, errno.EINVAL):
             raise
         # the verifier's reason: load again with its log
         log = ctypes.create_string_buffer(1 << 20)
-        ctypes.c_uint32.from_buffer(attr, 24).value = 1            # log_level
-        ctypes.c_uint32.from_buffer(attr, 28).value = len(log)     # log_size
-        ctypes.c_uint64.from_buffer(attr, 32).value = ctypes.addressof(log)
+        opts.log_level, opts.log_size, opts.log_buf = 1, len(log), ctypes.addressof(log)
         try:
-            return _bpf_syscall(_BPF_PROG_LOAD, attr)
+            return _fd_or_raise(lib.bpf_prog_load(prog_type, name[:15], license_, buf, len(insns) // 8,
+                                                  ctypes.byref(opts)))
         except OSError:
             pass
         tail = log.value.decode(errors="replace").strip().splitlines()[-12:]
         raise OSError(e.errno, f"the kernel refused BPF program {name.decode()}: {e.strerror}"
                       + ("; verifier: " + " | ".join(tail) if tail else "")) from None
+
+
+# -- links: the one raw bpf(2) call (see the module's docstring) --------------
+
+BPF_TRACE_UPROBE_MULTI = 48      # enum bpf_attach_type (Linux 6.6+)
+BPF_TRACE_UPROBE_SESSION = 57    # (Linux 6.13+)
+BPF_F_UPROBE_MULTI_RETURN = 1
+_BPF_LINK_CREATE = 28
+_NR_BPF = {"x86_64": 321, "aarch64": 280}
+
+
+class LinkCreateUprobeMulti(ctypes.Structure):
+    """union bpf_attr's link_create member, uprobe_multi variant (uapi/linux/bpf.h)."""
+
+    _fields_ = [("prog_fd", ctypes.c_uint32), ("target_fd", ctypes.c_uint32), ("attach_type", ctypes.c_uint32),
+                ("flags", ctypes.c_uint32), ("path", ctypes.c_uint64), ("offsets", ctypes.c_uint64),
+                ("ref_ctr_offsets", ctypes.c_uint64), ("cookies", ctypes.c_uint64), ("cnt", ctypes.c_uint32),
+                ("uprobe_flags", ctypes.c_uint32), ("pid", ctypes.c_uint32)]
+
+
+def _bpf_syscall(cmd: int, attr) -> int:
+    """bpf(cmd, attr): the fd it returns; OSError(errno) when the kernel refuses."""
+    nr = _NR_BPF.get(os.uname().machine)
+    if nr is None:
+        raise OSError(errno.ENOSYS, f"no bpf syscall number known for {os.uname().machine}")
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.syscall.restype = ctypes.c_long
+    fd = libc.syscall(ctypes.c_long(nr), ctypes.c_long(cmd), ctypes.byref(attr), ctypes.c_uint(ctypes.sizeof(attr)))
+    if fd < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+    return int(fd)
+
+
+def link_uprobe_multi(prog_fd: int, path: str, sites: list[tuple[int, int]], retprobe: bool,
+                      attach_type: int = BPF_TRACE_UPROBE_MULTI) -> int:
+    """BPF_LINK_CREATE of a uprobe_multi (or session) link: prog_fd on every (file offset,
+    cookie) of `path`. Returns the link fd; OSError when the kernel refuses."""
+    n = len(sites)
+    offsets = (ctypes.c_uint64 * n)(*[o for o, _ in sites])
+    cookies = (ctypes.c_uint64 * n)(*[c for _, c in sites])
+    cpath = ctypes.create_string_buffer(os.fsencode(path))
+    attr = LinkCreateUprobeMulti(prog_fd=prog_fd, attach_type=attach_type, path=ctypes.addressof(cpath),
+                                 offsets=ctypes.addressof(offsets), cookies=ctypes.addressof(cookies), cnt=n,
+                                 uprobe_flags=BPF_F_UPROBE_MULTI_RETURN if retprobe else 0)
+    try:
+        return _bpf_syscall(_BPF_LINK_CREATE, attr)
+    except OSError as e:
+        raise OSError(e.errno, f"uprobe link (attach type {attach_type}) on {path}: {e.strerror}") from None
 
 
 _KFUNC_IDS: dict[str, int] = {}
@@ -211,13 +390,9 @@ def kfunc_btf_id(name: str) -> int:
     """The BTF id of kernel function `name` in this kernel's vmlinux BTF."""
     if name not in _KFUNC_IDS:
         try:
-            lib = ctypes.CDLL("libbpf.so.1", use_errno=True)
-        except OSError as e:
-            raise RuntimeError(f"cannot call kernel function {name}: libbpf.so.1 is missing ({e})") from None
-        lib.btf__load_vmlinux_btf.restype = ctypes.c_void_p
-        lib.btf__find_by_name_kind.restype = ctypes.c_int
-        lib.btf__find_by_name_kind.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_uint32]
-        lib.btf__free.argtypes = [ctypes.c_void_p]
+            lib = libbpf()
+        except RuntimeError as e:
+            raise RuntimeError(f"cannot call kernel function {name}: {e}") from None
         btf = lib.btf__load_vmlinux_btf()
         if not btf:
             raise RuntimeError(f"cannot call kernel function {name}: this kernel's BTF "

@@ -1,0 +1,401 @@
+"""The Tracer: one loaded BPF program (loading.py) with its allocator probes
+(probes.py) and process tracepoints, serving its clients' tests and
+in-process windows (the map walks: collection.py).
+
+It serves clients: the pytest process itself (add_root), or, under xdist, every
+worker of the controller that loaded it (add_spawner, connect; server.py). A
+test's records are taken out selectively, so clients' tests may overlap.
+
+Everything this module returns is made of builtin types; the accounting and
+reporting layers never see BCC or ctypes objects.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..preflight import ATTACH_ENV, ATTACH_MODES
+from . import loading, probes as _probes
+from .abi import CTR_LOST_EVENTS, CTR_LOST_PROCS, TF_ALLOCS, TF_ROOT, TF_SPAWNED, TF_SPAWNER
+from .collection import COUNTERS, Collector, RawTest, absolute_path, counters_of, decode_event, delete, serial_at
+from .loading import TracerConfig
+from .probes import ProbeInfo
+
+# In-process window serials (process image serials are monotonic ns << SERIAL_CPU_BITS)
+WINDOW_SERIAL = 1 << 62
+
+
+@dataclass(eq=False)
+class Client:
+    """A pytest process the tracer serves: the session's own, or an xdist
+    worker (server.py). Its roots' children are tracked during its tests;
+    its tests and in-process windows are its own."""
+
+    roots: list[int]
+    counter_base: list[int]
+    root_flags: int = TF_ROOT
+    test_id: int = 0                     # the current test, 0 between tests
+    in_window: bool = False
+    window_serial: int = 0
+    window_counters: dict | None = None  # a closed window not collected yet
+    ext_pages: set | None = None
+    forked: bool = False                 # a worker the kernel made a root at fork
+
+
+def _quietly(fn) -> None:
+    with contextlib.suppress(Exception):
+        fn()
+
+
+class Tracer:
+    """source: the BPF C source to compile (default: the shipped one)."""
+
+    def __init__(self, config: TracerConfig | None = None, *, libc: str | None = None,
+                 source: Path | None = None):
+        from ..bccloader import load_bcc
+
+        self.config = config or TracerConfig()
+        bcc = self._bcc = load_bcc()
+        self._pidmap_words = (loading.pid_max() + 63) // 64
+        t0 = time.monotonic()
+        c = self.config
+        source = source or loading.bpf_source_path()
+        cflags = loading.program_cflags(c, self._pidmap_words)
+        forced = os.environ.get(ATTACH_ENV) or "auto"
+        modes = ATTACH_MODES if forced == "auto" else (forced,)
+        self.bpf, self.cached = loading.load(bcc, source, [*cflags, *loading.MODE_CFLAGS[modes[0]]])
+        self.libc = libc or _probes.find_libc()
+
+        def programs(mode):   # the BPF source compiles one mode's allocator programs
+            self.bpf.cleanup()
+            self.bpf, self.cached = loading.load(bcc, source, [*cflags, *loading.MODE_CFLAGS[mode]])
+            return self.bpf
+
+        attached = _probes.attach_allocators(self.bpf, self.libc, modes, programs)
+        self.probes: list[ProbeInfo] = attached.probes
+        self.attach_mode = attached.mode
+        self.attach_errors: dict[str, str] = attached.errors
+        self._links: list[int] = attached.links
+        self.tracepoints = sum(1 for _ in self.bpf.tracepoint_fds)
+        self.load_seconds = time.monotonic() - t0
+        self._tracked = self.bpf[b"tracked"]
+        self._maps = Collector({name: self.bpf[name.encode()] for name in
+                                ("tracked", "procs", "blocks", "stacks", "counters", "rawcache", "handoffs")},
+                               bcc.lib, stack_depth=c.stack_depth, max_stacks=c.max_stacks)
+        self._paths: dict[int, list[str]] = {}
+        self._lock = threading.Lock()
+        self._closed = False
+        self._clients: list[Client] = []
+        self._local: Client | None = None   # this process's own (add_root)
+        self._next_test = 0
+        self._next_window = 0
+        self.bpf[b"events"].open_ring_buffer(self._on_event)
+        self._poller = threading.Thread(target=self._poll_loop, name="memleak-ebpf-events", daemon=True)
+        self._poller.start()
+
+    @property
+    def probe_count(self) -> int:
+        return sum(1 + p.return_probe for p in self.probes) + self.tracepoints
+
+    # -- events -----------------------------------------------------------
+
+    def _on_event(self, ctx, data, size) -> None:
+        ev_type, tgid, serial, path = decode_event(data)
+        if not path:
+            return
+        if not path.startswith("/"):
+            path = absolute_path(tgid, path, ev_type)
+        self._paths.setdefault(serial, []).append(path)
+
+    def _poll_loop(self) -> None:
+        while not self._closed:
+            with self._lock:
+                if self._closed:
+                    return
+                # allocate nothing in this process while a window records it
+                if not self.in_window():
+                    try:
+                        self.bpf.ring_buffer_poll(timeout=0)
+                    except Exception:
+                        pass
+            time.sleep(0.02)
+
+    # -- clients: the pytest processes this tracer serves -------------------
+
+    def add_root(self, tgid: int) -> None:
+        """Track processes that `tgid` (this pytest process) creates during
+        tests. Before the first test only: the pid bitmap's word is written
+        here without an atomic operation, safe while no tracked process can
+        be forking."""
+        if self._next_test:
+            raise RuntimeError("add_root() after the first test")
+        if self._local is None:
+            self._local = Client(roots=[], counter_base=self._maps.read_counters())
+            self._clients.append(self._local)
+        self._local.roots.append(tgid)
+        self._set_root(self._local, tgid, 0)
+        self._pidmap_or(tgid)
+
+    def add_spawner(self, tgid: int) -> None:
+        """The xdist controller: every process it creates from now on is a
+        root from its first instruction (the BPF program follows the fork),
+        to be served through connect(). Before the workers start."""
+        self._write_root(tgid, TF_ROOT | TF_SPAWNER)
+        self._pidmap_or(tgid)
+
+    def connect(self, tgid: int) -> Client:
+        """A worker of the spawner: its client state. The kernel made it a
+        root at fork; a process the spawner did not create is added here."""
+        with self._lock:
+            try:
+                flags = int(self._tracked[self._tracked.Key(tgid)].flags)
+            except KeyError:
+                flags = 0
+            c = Client(roots=[tgid], counter_base=self._maps.read_counters(), root_flags=TF_ROOT | TF_SPAWNED,
+                       forked=bool(flags & TF_ROOT))
+            self._set_root(c, tgid, 0)
+            if not c.forked:
+                # not forked by the spawner (another host's worker cannot reach us):
+                # registered above; now its bit, then repair bits of the word a fork may have raced
+                self._pidmap_or(tgid)
+                self._repair_pidmap(tgid >> 6)
+            self._clients.append(c)
+            return c
+
+    def disconnect(self, c: Client) -> None:
+        """A worker went away (ended or died): forget its test, windows and roots."""
+        with self._lock:
+            if c not in self._clients:
+                return
+            self._clients.remove(c)
+            if c.test_id:
+                self._maps.untrack_test(c.test_id)
+            for tgid in c.roots:
+                delete(self._tracked, self._tracked.Key(tgid))   # its bit stays: a hint only
+                delete(self.bpf[b"ext"], self.bpf[b"ext"].Key(tgid))
+            if c.ext_pages:
+                self._set_ext_keys(c, set())
+
+    def _pidmap_or(self, tgid: int) -> None:
+        pm = self.bpf[b"pidmap"]
+        if tgid >> 6 < self._pidmap_words:
+            key = pm.Key(tgid >> 6)
+            pm[key] = pm.Leaf(int(pm[key].value) | (1 << (tgid & 63)))
+
+    def _repair_pidmap(self, word: int) -> None:
+        """Set the bit of every tracked pid in `word` (a fork's atomic update
+        may have landed between our read and write of the word)."""
+        bits = 0
+        for k in list(self._tracked.keys()):
+            if int(k.value) >> 6 == word:
+                bits |= 1 << (int(k.value) & 63)
+        if bits and word < self._pidmap_words:
+            pm = self.bpf[b"pidmap"]
+            key = pm.Key(word)
+            pm[key] = pm.Leaf(int(pm[key].value) | bits)
+
+    def _client(self, c: Client | None) -> Client:
+        if c is not None:
+            return c
+        if self._local is None:
+            raise RuntimeError("no root: call add_root() first")
+        return self._local
+
+    def _set_root(self, c: Client, tgid: int, test_id: int, *, allocs: bool = False, serial: int = 0) -> None:
+        self._write_root(tgid, c.root_flags | (TF_ALLOCS if allocs else 0), test_id, serial)
+
+    def _write_root(self, tgid: int, flags: int, test_id: int = 0, serial: int = 0) -> None:
+        """A root's entry in `tracked`, counters zeroed."""
+        leaf = self._tracked.Leaf()
+        leaf.test_id = test_id
+        leaf.flags = flags
+        leaf.serial = serial
+        self._tracked[self._tracked.Key(tgid)] = leaf
+
+    def _set_root_fields(self, tgid: int, **fields) -> None:
+        """Change some fields of a root's entry, keeping its window counters."""
+        key = self._tracked.Key(tgid)
+        leaf = self._tracked[key]
+        for name, value in fields.items():
+            setattr(leaf, name, value)
+        self._tracked[key] = leaf
+
+    def in_window(self, c: Client | None = None) -> bool:
+        c = c or self._local
+        return c is not None and c.in_window
+
+    def _window_serials(self) -> set[int]:
+        """In-process windows whose blocks must stay: open, or closed and not
+        yet collected."""
+        return {o.window_serial for o in self._clients if o.in_window or o.window_counters is not None}
+
+    # -- in-process windows (a pytest process's own allocations) ------------
+
+    def set_extension_pages(self, ranges: list[tuple[int, int]], c: Client | None = None) -> None:
+        """Executable address ranges of extension modules in the client's
+        process: its allocations whose stack holds a return address into one
+        of them are attributed to an extension (block.ext_ip)."""
+        c = self._client(c)
+        pages = set()
+        for start, end in ranges:
+            pages.update(range(start >> 12, (end + 4095) >> 12))
+        if pages == c.ext_pages:
+            return
+        limit = self.config.max_ext_pages
+        pages = set(sorted(pages)[:limit])
+        with self._lock:
+            self._set_ext_keys(c, pages)
+            ext = self.bpf[b"ext"]
+            leaf = ext.Leaf()
+            leaf.n = len(pages)
+            leaf.lo = min(pages) << 12 if pages else 0
+            leaf.hi = (max(pages) + 1) << 12 if pages else 0
+            for tgid in c.roots:
+                ext[ext.Key(tgid)] = leaf
+        c.ext_pages = pages
+
+    def _set_ext_keys(self, c: Client, pages: set) -> None:
+        table = self.bpf[b"ext_pages"]
+        old = c.ext_pages or set()
+        for tgid in c.roots:
+            for page in old - pages:
+                delete(table, table.Key(tgid, 0, page))
+            for page in pages - old:
+                table[table.Key(tgid, 0, page)] = table.Leaf(1)
+
+    def open_window(self, c: Client | None = None) -> int:
+        """Start recording the root's own allocations; returns the window's serial."""
+        c = self._client(c)
+        with self._lock:
+            self._next_window += 1
+            c.window_serial = WINDOW_SERIAL | self._next_window
+            for tgid in c.roots:
+                self._set_root(c, tgid, c.test_id, allocs=True, serial=c.window_serial)
+            c.in_window = True
+        return c.window_serial
+
+    def close_window(self, c: Client | None = None) -> dict:
+        """Stop recording the root's allocations; returns its lifetime counters."""
+        c = self._client(c)
+        with self._lock:
+            counters = dict.fromkeys(COUNTERS, 0)
+            for tgid in c.roots:
+                try:
+                    for k, n in counters_of(self._tracked[self._tracked.Key(tgid)]).items():
+                        counters[k] += n
+                except KeyError:
+                    pass
+                self._set_root_fields(tgid, flags=c.root_flags)
+            c.window_counters = counters
+            c.in_window = False
+            return counters
+
+    def window_snapshot(self, c: Client | None = None) -> list[tuple[int, int, int]]:
+        """The current window's live root blocks, without removing them.
+        Recording pauses while the maps are read (reading allocates)."""
+        c = self._client(c)
+        with self._lock:
+            for tgid in c.roots:
+                self._set_root_fields(tgid, flags=c.root_flags)
+            try:
+                out = self._maps.window_blocks(c.window_serial)
+            finally:
+                for tgid in c.roots:
+                    self._set_root_fields(tgid, flags=c.root_flags | TF_ALLOCS)
+        return out
+
+    def collect_window(self, c: Client | None = None) -> tuple[list[tuple[int, int, int]], dict | None, dict]:
+        """After close_window() outside a test: the closed window's live blocks,
+        counters and their stacks (used when the window spanned a whole test)."""
+        c = self._client(c)
+        with self._lock:
+            inproc, stacks = self._maps.collect_window(c.window_serial, windows=self._window_serials(),
+                                                       single_client=len(self._clients) <= 1)
+            counters, c.window_counters = c.window_counters, None
+        return inproc, counters, stacks
+
+    # -- per test -------------------------------------------------------
+
+    def begin_test(self, c: Client | None = None) -> int:
+        c = self._client(c)
+        with self._lock:
+            self._next_test += 1
+            c.test_id = self._next_test
+            for tgid in c.roots:
+                self._set_root(c, tgid, c.test_id)
+        return c.test_id
+
+    def running(self, test_id: int | None, c: Client | None = None) -> int:
+        """How many processes of the test are still alive."""
+        if not test_id:
+            return 0
+        with self._lock:
+            return self._maps.running(test_id)
+
+    def end_test(self, test_id: int, c: Client | None = None) -> RawTest:
+        """Stop attributing new processes to the test and collect its records.
+
+        Processes of the test still running are reported as running and
+        stop being tracked, so they never reach another test's figures.
+        Other clients' records (xdist workers sharing this tracer) stay.
+        """
+        c = self._client(c)
+        raw = RawTest()
+        with self._lock:
+            for tgid in c.roots:
+                if c.in_window:   # a window spanning the whole test stays open
+                    self._set_root_fields(tgid, test_id=0)
+                else:
+                    self._set_root(c, tgid, 0)
+            c.test_id = 0
+            try:
+                self.bpf.ring_buffer_consume()
+            except Exception:
+                pass
+            active = {o.test_id for o in self._clients if o.test_id}
+            raw.inproc_counters, c.window_counters = c.window_counters, None
+            window_closed = raw.inproc_counters is not None
+            rec = self._maps.collect_test(
+                test_id, active=active, window_serial=c.window_serial if window_closed else -1,
+                window_allocs=window_closed and raw.inproc_counters.get("alloc_blocks", 0) > 0,
+                windows=self._window_serials(), single_client=len(self._clients) <= 1)
+            procs = rec.processes
+            raw.inproc_blocks = rec.inproc_blocks
+            paths = {s: self._paths.pop(s) for s in list(self._paths) if s in procs}
+            # paths of images nothing will report (exec'd away, ended with their test)
+            t0_serial = serial_at(rec.t0)
+            self._paths = {s: p for s, p in self._paths.items() if s in rec.live or s >= t0_serial}
+            counters = self._maps.read_counters()
+            raw.lost_procs = counters[CTR_LOST_PROCS] - c.counter_base[CTR_LOST_PROCS]
+            raw.lost_events = counters[CTR_LOST_EVENTS] - c.counter_base[CTR_LOST_EVENTS]
+            c.counter_base = counters
+        raw.processes = sorted(procs.values(), key=lambda p: p["serial"])
+        raw.blocks = rec.blocks
+        raw.stacks = rec.stacks
+        raw.paths = paths
+        return raw
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        with self._lock:
+            # Each detach waits for an RCU grace period; done side by side the
+            # waits overlap (6 tracepoints: 0.45 s one after another, 0.25 s at once).
+            jobs = [lambda fd=fd: os.close(fd) for fd in self._links]
+            jobs += [lambda k=k: self.bpf.detach_tracepoint(k) for k in list(self.bpf.tracepoint_fds)]
+            self._links = []
+            threads = [threading.Thread(target=_quietly, args=(job,), daemon=True) for job in jobs]
+            for th in threads:
+                th.start()
+            for th in threads:
+                th.join()
+            try:
+                self.bpf.cleanup()
+            except Exception:
+                pass
