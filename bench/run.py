@@ -440,41 +440,35 @@ def load_tracer(kind: str = "as-is"):
     T = _tracer_mod()
     if kind == "as-is":
         return T.Tracer()
-    path = variant_source(kind)
-    orig = T.bpf_source_path
-    T.bpf_source_path = lambda: path
-    try:
-        return T.Tracer()
-    finally:
-        T.bpf_source_path = orig
+    return T.Tracer(source=variant_source(kind))
 
 
 class Floor:
     """The raw cost of the probes: empty BPF functions (`return 0;`) attached at
-    exactly the tracer's probe sites, by the tracer's own _attach_allocators."""
+    exactly the tracer's probe sites, by the tracer's own probes.attach_allocators."""
 
     def __init__(self):
         from pytest_memleak_ebpf.bccloader import load_bcc
-        T = _tracer_mod()
-        names = {"alloc_entry", "alloc_return"}   # the uprobe_multi pair (cookie per site)
-        for name, (_regs, has_ret) in T.ALLOCATORS.items():
-            prefix = T._BPF_FN.get(name, name)
-            names.add(f"{prefix}_entry")
-            if has_ret:
-                names.add(f"{prefix}_return")
+        from pytest_memleak_ebpf.tracer import abi, probes
+        names = set(probes.MULTI_PROGRAMS)   # the uprobe_multi pair (cookie per site)
+        for site in probes.ALLOCATOR_SITES:
+            names.add(f"{site.program}_entry")
+            if site.has_return:
+                names.add(f"{site.program}_return")
         src = "#include <uapi/linux/ptrace.h>\n" + "".join(
             f"int {n}(struct pt_regs *ctx) {{ return 0; }}\n" for n in sorted(names))
         # the session program: like the tracer's for a tracked process, every
         # allocator's return runs, free's is skipped (it has none)
         src += ("static u64 (*cookie)(void *) = (void *)BPF_FUNC_get_attach_cookie;\n"
-                f"int alloc_session(struct pt_regs *ctx) {{ return cookie(ctx) == {T.FN_IDS['free']}; }}\n"
+                f"int alloc_session(struct pt_regs *ctx) {{ return cookie(ctx) == {abi.FN_FREE}; }}\n"
                 "int malloc_session(struct pt_regs *ctx) { return 0; }\n")
         bcc = self._bcc = load_bcc()
         t0 = time.monotonic()
         self.bpf = bcc.BPF(text=src.encode())
-        self.libc = T.find_libc()
-        self.probes = []
-        T.Tracer._attach_allocators(self)   # the tracer's own placement and attach code
+        self.libc = probes.find_libc()
+        # the tracer's own placement and attach code (one BPF object has every mode's programs)
+        attached = probes.attach_allocators(self.bpf, self.libc)
+        self.probes, self.attach_mode, self._links = attached.probes, attached.mode, attached.links
         self.load_seconds = time.monotonic() - t0
 
     def close(self):
