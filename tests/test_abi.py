@@ -161,3 +161,36 @@ def test_the_header_is_found_in_an_installed_layout(tmp_path):
                          capture_output=True, text=True, check=True, cwd=tmp_path,
                          env={"PYTHONPATH": str(tmp_path / "site"), "PATH": "/usr/bin:/bin"}).stdout.split()
     assert out == [str(dest / "bpf" / "memleak.h"), str(dest / "bpf" / "memleak.bpf.c"), str(abi.FN_FREE)]
+
+
+@pytest.mark.ebpf
+def test_bccs_map_types_are_the_headers(ebpf):
+    """BCC compiles the header into the program: the key and value types it
+    describes for each map have the layouts abi gives Python."""
+    from pytest_memleak_ebpf.tracer import Tracer
+
+    t = Tracer()
+    try:
+        c = t.config
+        params = {"STACK_DEPTH": c.stack_depth, "EXE_LEN": c.exe_len}
+        maps = {b"tracked": (None, "track_t"), b"procs": (None, "proc_t"), b"blocks": ("block_key_t", "block_t"),
+                b"handoffs": ("handoff_key_t", "handoff_t"), b"stacks": (None, "stack_t"),
+                b"rawcache": ("rawkey_t", "rawval_t"), b"ext": (None, "ext_t"), b"ext_pages": ("ext_page_t", None)}
+
+        def layout(cls):
+            out, todo = [], [("", cls, 0)]
+            while todo:
+                prefix, k, base = todo.pop()
+                out.append((prefix, ctypes.sizeof(k)))
+                for name, *_ in getattr(k, "_fields_", ()):
+                    f = getattr(k, name)
+                    out.append((prefix + name, base + f.offset, f.size))
+            return sorted(out)
+
+        for name, (key, leaf) in maps.items():
+            table = t.bpf[name]
+            for ours, theirs in ((key, table.Key), (leaf, table.Leaf)):
+                if ours is not None:
+                    assert layout(abi.HEADER.struct(ours, **params)) == layout(theirs), (name, ours)
+    finally:
+        t.close()
