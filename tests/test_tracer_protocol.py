@@ -113,3 +113,24 @@ def test_a_remote_tracer_is_served_by_the_controllers():
         srv.close()
     assert fake.clients == [os.getpid()]
     assert protocol.TracerAPI is TracerAPI
+
+
+def test_the_tracers_modules_import_one_way():
+    """abi <- loading <- probes; abi <- collection; core uses them all;
+    protocol and server use no more than probes and collection: no cycle."""
+    import ast
+    from pathlib import Path
+
+    pkg = Path(server.__file__).parent
+    order = ["abi", "loading", "probes", "collection", "core", "protocol", "server"]
+    allowed = {"abi": set(), "loading": {"abi"}, "probes": {"abi", "loading"}, "collection": {"abi"},
+               "core": {"abi", "loading", "probes", "collection"}, "protocol": {"collection", "probes"},
+               "server": {"probes"}}
+    assert sorted(p.stem for p in pkg.glob("*.py") if p.stem != "__init__") == sorted(order)
+    for name in order:
+        tree = ast.parse((pkg / f"{name}.py").read_text())
+        used = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.level == 1:
+                used |= {node.module} if node.module else {a.name for a in node.names}
+        assert used == allowed[name], name
