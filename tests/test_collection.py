@@ -259,3 +259,18 @@ def test_a_window_snapshot_leaves_the_blocks():
     inproc, stacks = c.collect_window(WINDOW, windows={WINDOW, WINDOW + 1}, single_client=False)
     assert inproc == [(4, 16, 0x77)] and stacks == {}
     assert [int(v.serial) for v in maps["blocks"].values()] == [WINDOW + 1]
+
+
+def test_open_windows_blocks_stay_whatever_the_time():
+    """Window serials are 1 << 62 | n: after 2^54 ns of uptime image serials
+    pass them, and only the open-window set keeps a window's blocks."""
+    maps, lib = fake_maps()
+    block(maps, 400, 0xE1, size=4, serial=WINDOW, stack=16)
+    block(maps, 401, 0xE2, size=8, serial=WINDOW + 1, stack=17)
+    c = collector(maps, lib)
+    late = 1 << 56
+    sweep = c.sweep_blocks({}, -1, live=set(), t0=late, windows={WINDOW}, single_client=False)
+    assert sweep.referenced == {16}
+    assert [int(v.serial) for v in maps["blocks"].values()] == [WINDOW]
+    c.sweep_blocks({}, -1, live=set(), t0=late, windows=set(), single_client=True)
+    assert len(maps["blocks"]) == 0
