@@ -27,9 +27,9 @@ write, is never used. PYTEST_MEMLEAK_EBPF_CACHE=off turns the cache off;
 any other value is the directory to use (default: ~/.cache/pytest-memleak-ebpf).
 
 Raw bpf(2) calls: only BPF_LINK_CREATE of uprobe_multi and uprobe session
-links (link_uprobe_multi): libbpf.so.1 has bpf_link_create, but its options
-carry no uprobe_multi fields before libbpf 1.3 (nor uprobe sessions before
-1.5), and Debian 12's is 1.1.
+links (link_uprobe_multi). libbpf.so.1 has bpf_link_create, but its options
+carry the uprobe_multi fields only from libbpf 1.3 on, and it passes them for
+uprobe sessions only from 1.6 on; Debian 12's libbpf.so.1 is 1.1.2.
 """
 
 from __future__ import annotations
