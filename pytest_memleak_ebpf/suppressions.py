@@ -43,14 +43,14 @@ reads files (the module's ELF, cached), and only for such frames.
 
 from __future__ import annotations
 
-import bisect
 import fnmatch
 import functools
 import os
 import re
-import struct
 from dataclasses import dataclass, field
 from typing import Iterable, Mapping, Sequence
+
+from .elf import init_functions
 
 __all__ = [
     "Suppression",
@@ -335,102 +335,13 @@ def is_static_initializer(frame: Mapping) -> bool:
     module, off = frame.get("module"), frame.get("address")
     if not module or not isinstance(off, int):
         return False
-    try:
-        st = os.stat(module)
-    except OSError:
-        return False
-    info = _init_functions(module, st.st_ino, st.st_size, st.st_mtime_ns)
+    info = init_functions(module)
     if info is None:
         return False
-    build_id, loads, fde_starts, inits = info
     bid = frame.get("build_id")
-    if bid and build_id and bid.lower() != build_id:
+    if bid and info.build_id and bid.lower() != info.build_id:
         return False
-    vaddr = None
-    for p_offset, p_vaddr, p_filesz in loads:
-        if p_offset <= off < p_offset + p_filesz:
-            vaddr = off - p_offset + p_vaddr
-            break
-    if vaddr is None or not fde_starts:
-        return False
-    i = bisect.bisect_right(fde_starts, vaddr) - 1
-    return i >= 0 and fde_starts[i] in inits
-
-
-@functools.lru_cache(maxsize=64)
-def _init_functions(path: str, ino: int, size: int, mtime_ns: int):
-    """(build id hex, [(p_offset, p_vaddr, p_filesz)] of PT_LOADs, sorted function
-    starts from .eh_frame_hdr, set of .init_array targets) of a 64-bit
-    little-endian ELF file, or None."""
-    try:
-        with open(path, "rb") as f:
-            return _read_init_functions(f, size)
-    except (OSError, ValueError, struct.error, IndexError):
-        return None
-
-
-def _read_init_functions(f, size: int):
-    ehdr = f.read(64)
-    if len(ehdr) < 64 or ehdr[:4] != b"\x7fELF" or ehdr[4] != 2 or ehdr[5] != 1:
-        return None
-    (e_phoff, e_shoff) = struct.unpack_from("<QQ", ehdr, 32)
-    e_phentsize, e_phnum, e_shentsize, e_shnum, e_shstrndx = struct.unpack_from("<HHHHH", ehdr, 54)
-
-    def read(off: int, n: int) -> bytes:
-        if off < 0 or n < 0 or off + n > size:
-            raise ValueError("out of file")
-        f.seek(off)
-        return f.read(n)
-
-    loads = []
-    build_id = None
-    for i in range(e_phnum):
-        p_type, _flags, p_offset, p_vaddr, _paddr, p_filesz, _memsz, _align = struct.unpack(
-            "<IIQQQQQQ", read(e_phoff + i * e_phentsize, 56))
-        if p_type == 1:  # PT_LOAD
-            loads.append((p_offset, p_vaddr, p_filesz))
-        elif p_type == 4 and build_id is None:  # PT_NOTE
-            notes = read(p_offset, min(p_filesz, 4096))
-            pos = 0
-            while pos + 12 <= len(notes):
-                namesz, descsz, ntype = struct.unpack_from("<III", notes, pos)
-                name_end = pos + 12 + ((namesz + 3) & ~3)
-                if ntype == 3 and notes[pos + 12:pos + 12 + namesz].rstrip(b"\0") == b"GNU":
-                    build_id = notes[name_end:name_end + descsz].hex()
-                    break
-                pos = name_end + ((descsz + 3) & ~3)
-    shdrs = []
-    for i in range(e_shnum):
-        shdrs.append(struct.unpack("<IIQQQQIIQQ", read(e_shoff + i * e_shentsize, 64)))
-    strtab = read(shdrs[e_shstrndx][4], shdrs[e_shstrndx][5]) if shdrs else b""
-
-    def name(sh) -> bytes:
-        end = strtab.find(b"\0", sh[0])
-        return strtab[sh[0]:end]
-
-    secs = {name(sh): sh for sh in shdrs}
-    ia = secs.get(b".init_array")
-    hdr = secs.get(b".eh_frame_hdr")
-    if ia is None or hdr is None:
-        return build_id, loads, [], set()
-    ia_addr, ia_off, ia_size = ia[3], ia[4], ia[5]
-    words = struct.unpack(f"<{ia_size // 8}Q", read(ia_off, ia_size - ia_size % 8))
-    inits = {w for w in words if w not in (0, 0xFFFFFFFFFFFFFFFF)}
-    rela = secs.get(b".rela.dyn")
-    if rela is not None and rela[5]:
-        data = read(rela[4], rela[5])
-        for r_offset, r_info, r_addend in struct.iter_unpack("<QQq", data[:len(data) - len(data) % 24]):
-            if ia_addr <= r_offset < ia_addr + ia_size and (r_info & 0xFFFFFFFF) == 8:  # R_X86_64_RELATIVE
-                inits.add(r_addend)
-    # .eh_frame_hdr binary search table: sorted function start addresses
-    h_addr, h_off, h_size = hdr[3], hdr[4], hdr[5]
-    h = read(h_off, h_size)
-    version, ptr_enc, count_enc, table_enc = h[0], h[1], h[2], h[3]
-    if version != 1 or table_enc != 0x3B or count_enc != 0x03 or ptr_enc not in (0x1B, 0x03):
-        return build_id, loads, [], inits
-    (fde_count,) = struct.unpack_from("<I", h, 8)
-    starts = sorted(h_addr + rel for rel, _fde in struct.iter_unpack("<ii", h[12:12 + 8 * fde_count]))
-    return build_id, loads, starts, inits
+    return info.in_initializer(off)
 
 
 # --------------------------------------------------------------------------

@@ -404,13 +404,9 @@ def _real_stacks():
 
 
 def _local_build_id(path):
-    from pytest_memleak_ebpf.suppressions import _init_functions
-    try:
-        st_ = os.stat(path)
-    except OSError:
-        return None
-    info = _init_functions(path, st_.st_ino, st_.st_size, st_.st_mtime_ns)
-    return info[0] if info else None
+    from pytest_memleak_ebpf.elf import init_functions
+    info = init_functions(path)
+    return info.build_id if info else None
 
 
 def test_real_debian12_stacks():
