@@ -56,7 +56,6 @@ __all__ = [
     "Suppression",
     "SuppressionError",
     "SuppressionUse",
-    "ProcessSuppression",
     "SuppressionSummary",
     "DEFAULT_SUPPRESSIONS",
     "STATIC_INITIALIZER",
@@ -483,11 +482,6 @@ DEFAULT_SUPPRESSIONS: tuple[Suppression, ...] = tuple(
 # Applying suppressions to a test's result
 # --------------------------------------------------------------------------
 
-def _amount(bytes_: int = 0, blocks: int = 0):
-    from .accounting import Amount  # late: accounting may import this module
-    return Amount(bytes_, blocks)
-
-
 @dataclass
 class SuppressionUse:
     """One line of "Suppressions used" (LSan's count / bytes / template)."""
@@ -499,22 +493,9 @@ class SuppressionUse:
 
 
 @dataclass
-class ProcessSuppression:
-    pid: int
-    comm: str
-    outstanding: object   # Amount: untouched copy of ProcessLeak.outstanding
-    suppressed: object    # Amount
-    leaked: object        # Amount: outstanding - suppressed
-
-
-@dataclass
 class SuppressionSummary:
     matches: dict[int, Suppression]           # id(StackLeak) -> the suppression that hides it
-    processes: list[ProcessSuppression]       # aligned with result.processes
-    leaked: object                            # Amount, all processes
-    suppressed: object                        # Amount, all processes
     used: list[SuppressionUse]                # largest first (processes and in-process stacks)
-    in_process_suppressed: object = None      # Amount of result.in_process stacks hidden, None without in_process
 
     def suppression_for(self, stack) -> Suppression | None:
         return self.matches.get(id(stack))
@@ -522,44 +503,28 @@ class SuppressionSummary:
     def is_suppressed(self, stack) -> bool:
         return id(stack) in self.matches
 
-    def used_lines(self) -> list[str]:
-        """LSan-like "Suppressions used:" block (empty when nothing was suppressed)."""
-        if not self.used:
-            return []
-        rows = [(f"{u.stacks:,}", f"{u.bytes:,}", f"{u.blocks:,}", u.pattern, u.source) for u in self.used]
-        head = ("stacks", "bytes", "blocks", "pattern", "source")
-        w = [max(len(r[i]) for r in rows + [head]) for i in range(4)]
-        lines = ["Suppressions used:"]
-        for r in [head] + rows:
-            lines.append(f"  {r[0]:>{w[0]}}  {r[1]:>{w[1]}}  {r[2]:>{w[2]}}  {r[3]:<{w[3]}}  {r[4]}")
-        return lines
-
 
 def apply(result, suppressions: Sequence[Suppression]) -> SuppressionSummary:
-    """Which stacks of a TestLeakResult the suppressions hide, and the figures
-    after suppression. Pure: nothing in ``result`` is modified.
+    """Which stacks of a TestLeakResult the suppressions hide, and how much
+    each suppression hid. Pure: nothing in ``result`` is modified (the figures
+    after suppression are verdict.settle's).
 
-    A process's leaked amount is its outstanding amount minus its suppressed
-    stacks (stacks not listed in ``process.stacks``, e.g. beyond a stack limit,
-    are never suppressed). Stacks that were not captured never match.
-    Stacks of ``result.in_process`` (the pytest process's own blocks), when
-    present, are matched too (``matches``, ``used``, ``in_process_suppressed``);
-    what they mean for its budget figure (mode filter, growth) is left to the
-    caller, and they are not in ``leaked``/``suppressed``."""
+    Stacks that were not captured never match. Stacks of
+    ``result.in_process`` (the pytest process's own blocks), when present, are
+    matched too."""
     matcher = _Matcher(suppressions)
     matches: dict[int, Suppression] = {}
     per_use: dict[Suppression, list[int]] = {}
     order: list[Suppression] = []
-    procs = []
-    total_leaked = _amount()
-    total_supp = _amount()
-
-    def note(s) -> Suppression | None:
+    stacks = [s for p in result.processes for s in p.stacks]
+    if getattr(result, "in_process", None) is not None:
+        stacks += result.in_process.stacks
+    for s in stacks:
         if not getattr(s, "captured", True):
-            return None
+            continue
         hit = matcher(s.frames)
         if hit is None:
-            return None
+            continue
         matches[id(s)] = hit
         if hit not in per_use:
             per_use[hit] = [0, 0, 0]
@@ -568,33 +533,9 @@ def apply(result, suppressions: Sequence[Suppression]) -> SuppressionSummary:
         u[0] += 1
         u[1] += s.bytes
         u[2] += s.blocks
-        return hit
-
-    for p in result.processes:
-        supp = _amount()
-        for s in p.stacks:
-            if note(s) is not None:
-                supp.bytes += s.bytes
-                supp.blocks += s.blocks
-        out = p.outstanding
-        leaked = _amount(max(out.bytes - supp.bytes, 0), max(out.blocks - supp.blocks, 0))
-        procs.append(ProcessSuppression(p.pid, p.comm, _amount(out.bytes, out.blocks), supp, leaked))
-        total_leaked.bytes += leaked.bytes
-        total_leaked.blocks += leaked.blocks
-        total_supp.bytes += supp.bytes
-        total_supp.blocks += supp.blocks
-    in_process = getattr(result, "in_process", None)
-    ip_supp = None
-    if in_process is not None:
-        ip_supp = _amount()
-        for s in in_process.stacks:
-            hit = note(s)
-            if hit is not None:
-                ip_supp.bytes += s.bytes
-                ip_supp.blocks += s.blocks
     used = [SuppressionUse(per_use[s][0], per_use[s][1], per_use[s][2], s.pattern, s.source) for s in order]
     used.sort(key=lambda u: (-u.bytes, -u.blocks, -u.stacks))
-    return SuppressionSummary(matches, procs, total_leaked, total_supp, used, ip_supp)
+    return SuppressionSummary(matches, used)
 
 
 # --------------------------------------------------------------------------
@@ -654,6 +595,8 @@ def gen_suppressions(results, summary: SuppressionSummary | None = None) -> str:
     directory), unless it is the process's executable. Stacks with neither get
     a comment only: suppressing libc, libstdc++, main or the whole program
     would hide every leak."""
+    from .report import format_frame
+
     if hasattr(results, "processes"):
         results = [results]
     entries: dict[str, list] = {}   # pattern -> [bytes, blocks, stacks, tests, what]
@@ -675,7 +618,7 @@ def gen_suppressions(results, summary: SuppressionSummary | None = None) -> str:
                 pattern, what = _target(s.frames, exe)
                 if pattern is None:
                     inner = s.frames[0] if s.frames else {}
-                    label = inner.get("function") or f"[unknown] ({inner.get('module') or '?'})"
+                    label = format_frame(dict(inner, module=inner.get("module") or "?"), "label")
                     orphans.append(
                         f"# {s.bytes:,} B in {s.blocks:,} block(s) by {where}: no function outside the "
                         f"C/C++ runtime and the program's entry points to suppress by (innermost: {label})"

@@ -65,26 +65,6 @@ class Frame:
     address: int | None = None
     """The file offset (build-id frames) or the raw ip (unresolved frames)."""
 
-    def format(self) -> str:
-        if self.function is not None:
-            off = self.offset or 0
-            where = self.module if self.module else f"build-id {self.build_id}"
-            text = f"{self.function}+0x{off:x} ({where})"
-        elif self.module is not None:
-            text = f"[unknown] ({self.module}+0x{(self.address or 0):x})"
-        elif self.build_id is not None:
-            text = f"[unknown] (build-id {self.build_id}+0x{(self.address or 0):x})"
-        elif self.address is not None:
-            text = f"0x{self.address:x} [unknown]"
-        else:
-            text = "[unknown]"
-        if self.file and self.line:
-            text += f" at {self.file}:{self.line}"
-        return text
-
-    __str__ = format
-
-
 
 # --------------------------------------------------------------------------
 # Dynamic loader cache
