@@ -194,6 +194,8 @@ def stack_hashes(blocks: Mapping[str, Iterable[tuple]]) -> set[int]:
 
 
 def _amount(blocks: Mapping[str, Iterable[tuple]], kinds=None) -> Amount:
+    """Total of a process's classified records: (size, stack) per block or
+    (bytes, stack, blocks) summed per stack."""
     out = Amount()
     for kind, records in blocks.items():
         if kinds is not None and kind not in kinds:
@@ -201,6 +203,16 @@ def _amount(blocks: Mapping[str, Iterable[tuple]], kinds=None) -> Amount:
         for b in records:
             out.bytes += b[0]
             out.blocks += b[2] if len(b) > 2 else 1
+    return out
+
+
+def _window_amount(blocks: Mapping[str, Iterable[tuple[int, int, int]]]) -> Amount:
+    """Total of a window's classified (size, stack, ext_ip) records: one block each."""
+    out = Amount()
+    for records in blocks.values():
+        for b in records:
+            out.bytes += b[0]
+            out.blocks += 1
     return out
 
 
@@ -213,7 +225,7 @@ def in_process_counted(mode: str, blocks: Mapping[str, Sequence[tuple[int, int, 
 
 def in_process_amount(mode: str, blocks: Mapping[str, Sequence[tuple[int, int, int]]]) -> Amount:
     """What counts in a window now (growth mode's per-repetition snapshots)."""
-    return _amount(in_process_counted(mode, blocks))
+    return _window_amount(in_process_counted(mode, blocks))
 
 
 def in_process_groups(mode: str, blocks: Mapping[str, Sequence[tuple[int, int, int]]],
@@ -228,7 +240,7 @@ def in_process_groups(mode: str, blocks: Mapping[str, Sequence[tuple[int, int, i
     counted figures after each measured repetition; only memory that grew in
     every repetition counts, per repetition."""
     counted = in_process_counted(mode, blocks)
-    amount = _amount(counted)
+    amount = _window_amount(counted)
     if growth is not None:
         reps = growth["per_repetition"]
         prev = {"bytes": 0, "blocks": 0}
@@ -277,7 +289,7 @@ def account_in_process(
                 fl.append(f)
         out.append(StackLeak(amount.bytes, amount.blocks, fl or [dict(NO_STACK_FRAME)], bool(fl), kind=kind))
     return InProcess(
-        mode=mode, outstanding=_amount(blocks), leaked=Amount(), counted=counted,
+        mode=mode, outstanding=_window_amount(blocks), leaked=Amount(), counted=counted,
         allocated=Amount(counters.get("alloc_bytes", 0), counters.get("alloc_blocks", 0)),
         stacks=out, growth=growth,
         lost_blocks=counters.get("lost_blocks", 0), lost_handoffs=counters.get("lost_handoffs", 0),

@@ -13,8 +13,10 @@ Two ways of reading, chosen by how hot the caller is:
 * pyelftools (``ELFFile``) serves the one-time, per-file readers that look
   up a few sections by name: ``function_symbols`` (probe placement, once per
   libc) and ``init_functions`` (only for a frame without a function name in
-  a module without a symbol table). Their record tables (symbols,
-  relocations) are still unpacked with ``struct`` in one pass.
+  a module without a symbol table); their record tables (symbols,
+  relocations) are still unpacked with ``struct`` in one pass. ``dwarf_info``
+  hands symbolize.py's fallback DWARF reader a pyelftools DWARFInfo
+  (bench/elf_lines.py measures why it is only the fallback).
 
 Nothing here raises on a file that is not ELF except where documented
 (``ValueError``); readers that callers use on arbitrary files return None.
@@ -35,7 +37,7 @@ from typing import Dict, List, Sequence, Tuple
 __all__ = [
     "ElfHeader", "Phdr", "Shdr", "read_phdrs", "read_shdrs", "section_data", "read_build_id",
     "norm_build_id", "stat_key", "SymbolTable", "Sections", "load_segments", "debug_load_segments",
-    "debuglink", "FunctionSymbols", "function_symbols", "InitFunctions", "init_functions",
+    "debuglink", "dwarf_info", "FunctionSymbols", "function_symbols", "InitFunctions", "init_functions",
 ]
 
 log = logging.getLogger(__name__)
@@ -454,6 +456,16 @@ def debuglink(path: str) -> str | None:
         return None
     name = os.fsdecode(data.split(b"\0", 1)[0])
     return name or None
+
+
+def dwarf_info(path: str):
+    """pyelftools' DWARFInfo of the file (symbolize.py's fallback DWARF
+    reader); the sections' contents are copied into memory, so the file is
+    closed again. Raises what pyelftools raises on bad input."""
+    from elftools.elf.elffile import ELFFile
+
+    with open(path, "rb") as f:
+        return ELFFile(f).get_dwarf_info(relocate_dwarf_sections=False, follow_links=False)
 
 
 # --------------------------------------------------------------------------

@@ -550,7 +550,7 @@ class LeakChecker:
                       leaked=sum(r.leaked.bytes for r in results), report_seconds=self.engine.report_seconds,
                       json_path=self.engine.settings.json_path, flamegraphs=self.engine.flamegraphs)
         if config.getoption("ebpf_leaks_gen_suppressions"):
-            from .suppressions import gen_suppressions
+            from .report import gen_suppressions
 
             leaking = [r for r in self.engine.results if r.leaked.blocks]
             tr.write_sep("-", "suggested suppressions (review before use)")

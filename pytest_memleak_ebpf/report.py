@@ -1,14 +1,19 @@
-"""Reporting: the failure text (terminal and JUnit body), the end-of-run
-summary and the JSON report (schema version 1)."""
+"""Reporting, the end of the result pipeline: every text the plugin shows —
+the failure's headline (and the incomplete one), the budget, frames (one
+formatter for stacks, flame graph labels and generated suppressions), the
+failure text (terminal and JUnit body), the suppressions used, the generated
+suppressions, the end-of-run summary — and the JSON report (schema version 1)."""
 
 from __future__ import annotations
 
+import re
 import signal as _signal
 from typing import TYPE_CHECKING, Iterable, Mapping
 
 from .accounting import ProcessLeak, StackLeak, TestLeakResult
 from .atomic import write_json_atomic
 from .sizes import format_blocks, format_bytes
+from .suppressions import suppression_target
 
 if TYPE_CHECKING:
     from .marks import Budget
@@ -272,3 +277,65 @@ def write_json_report(config, path: str | None, entries: list, session: dict | N
         write_json_atomic(path, json_report(entries, session=session))
     except OSError as exc:
         config.get_terminal_writer().line(f"ebpf-leaks: could not write the JSON report {path!r}: {exc}", red=True)
+
+
+def gen_suppressions(results, summary=None) -> str:
+    """Ready-to-paste ``leak:`` entries for each leaking, unsuppressed stack of a
+    TestLeakResult (or of several), largest first, one entry per distinct
+    pattern, each after a comment giving bytes/blocks and the test(s).
+
+    The entry names the innermost frame with a function name that is not in
+    the C/C++ runtime (libc, ld.so, libstdc++, libgcc_s) or the Python
+    interpreter (python3.X, libpython) and is not an entry
+    point (main, start_thread, ...): an exact ``^function$``. Without one, the
+    innermost unnamed frame's module, as ``/basename$`` (that file in any
+    directory), unless it is the process's executable. Stacks with neither get
+    a comment only: suppressing libc, libstdc++, main or the whole program
+    would hide every leak (suppressions.suppression_target chooses).
+    `summary` (suppressions.apply): stacks it hides are left out."""
+    if hasattr(results, "processes"):
+        results = [results]
+    entries: dict[str, list] = {}   # pattern -> [bytes, blocks, stacks, tests, what]
+    orphans: list[str] = []
+    matched = summary.matches if summary is not None else {}
+    for r in results:
+        owners = [(p, f"pid {p.pid} ({p.comm})", p.exe) for p in r.processes]
+        in_process = getattr(r, "in_process", None)
+        if in_process is not None:
+            owners.append((in_process, "the pytest process (in-process)", None))
+        for p, who, exe in owners:
+            for s in p.stacks:
+                if id(s) in matched or not (s.blocks or s.bytes):
+                    continue
+                where = f"{who} in {r.nodeid}"
+                if not getattr(s, "captured", True):
+                    orphans.append(f"# {s.bytes:,} B in {s.blocks:,} block(s) by {where}: stack not captured")
+                    continue
+                pattern, what = suppression_target(s.frames, exe)
+                if pattern is None:
+                    inner = s.frames[0] if s.frames else {}
+                    label = format_frame(dict(inner, module=inner.get("module") or "?"), "label")
+                    orphans.append(
+                        f"# {s.bytes:,} B in {s.blocks:,} block(s) by {where}: no function outside the "
+                        f"C/C++ runtime and the program's entry points to suppress by (innermost: {label})"
+                    )
+                    continue
+                e = entries.setdefault(pattern, [0, 0, 0, [], what])
+                e[0] += s.bytes
+                e[1] += s.blocks
+                e[2] += 1
+                if r.nodeid not in e[3]:
+                    e[3].append(r.nodeid)
+    lines: list[str] = []
+
+    def one_line(text: str) -> str:  # a comment must not spill onto the next line
+        return re.sub(r"[\x00-\x1f\x7f]", " ", text)
+
+    for pattern, (nbytes, nblocks, nstacks, tests, what) in sorted(
+            entries.items(), key=lambda kv: (-kv[1][0], -kv[1][1], kv[0])):
+        t = tests[0] + (f" and {len(tests) - 1} more test(s)" if len(tests) > 1 else "")
+        stacks = f" from {nstacks} stacks" if nstacks > 1 else ""
+        lines.append(one_line(f"# {nbytes:,} B in {nblocks:,} block(s){stacks} leaked in {t}; {what}"))
+        lines.append(f"leak:{pattern}")
+    lines.extend(one_line(o) for o in orphans)
+    return "\n".join(lines) + ("\n" if lines else "")

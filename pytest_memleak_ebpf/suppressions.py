@@ -64,7 +64,7 @@ __all__ = [
     "load_suppression_files",
     "match",
     "apply",
-    "gen_suppressions",
+    "suppression_target",
     "pattern_matches",
     "is_static_initializer",
 ]
@@ -563,7 +563,7 @@ _ENTRY_POINTS = frozenset({
 })
 
 
-def _target(frames: Sequence[Mapping], exe: str | None) -> tuple[str | None, str]:
+def suppression_target(frames: Sequence[Mapping], exe: str | None) -> tuple[str | None, str]:
     """(pattern, what) to suppress a stack by; pattern None when there is no
     frame outside the C/C++ runtime to name (or only the program's entry
     points, or only the executable itself as a module)."""
@@ -580,66 +580,3 @@ def _target(frames: Sequence[Mapping], exe: str | None) -> tuple[str | None, str
             if _pattern_problem(pattern) is None:
                 return pattern, f"any stack through module {mod} (it has no function names)"
     return None, ""
-
-
-def gen_suppressions(results, summary: SuppressionSummary | None = None) -> str:
-    """Ready-to-paste ``leak:`` entries for each leaking, unsuppressed stack of a
-    TestLeakResult (or of several), largest first, one entry per distinct
-    pattern, each after a comment giving bytes/blocks and the test(s).
-
-    The entry names the innermost frame with a function name that is not in
-    the C/C++ runtime (libc, ld.so, libstdc++, libgcc_s) or the Python
-    interpreter (python3.X, libpython) and is not an entry
-    point (main, start_thread, ...): an exact ``^function$``. Without one, the
-    innermost unnamed frame's module, as ``/basename$`` (that file in any
-    directory), unless it is the process's executable. Stacks with neither get
-    a comment only: suppressing libc, libstdc++, main or the whole program
-    would hide every leak."""
-    from .report import format_frame
-
-    if hasattr(results, "processes"):
-        results = [results]
-    entries: dict[str, list] = {}   # pattern -> [bytes, blocks, stacks, tests, what]
-    orphans: list[str] = []
-    matched = summary.matches if summary is not None else {}
-    for r in results:
-        owners = [(p, f"pid {p.pid} ({p.comm})", p.exe) for p in r.processes]
-        in_process = getattr(r, "in_process", None)
-        if in_process is not None:
-            owners.append((in_process, "the pytest process (in-process)", None))
-        for p, who, exe in owners:
-            for s in p.stacks:
-                if id(s) in matched or not (s.blocks or s.bytes):
-                    continue
-                where = f"{who} in {r.nodeid}"
-                if not getattr(s, "captured", True):
-                    orphans.append(f"# {s.bytes:,} B in {s.blocks:,} block(s) by {where}: stack not captured")
-                    continue
-                pattern, what = _target(s.frames, exe)
-                if pattern is None:
-                    inner = s.frames[0] if s.frames else {}
-                    label = format_frame(dict(inner, module=inner.get("module") or "?"), "label")
-                    orphans.append(
-                        f"# {s.bytes:,} B in {s.blocks:,} block(s) by {where}: no function outside the "
-                        f"C/C++ runtime and the program's entry points to suppress by (innermost: {label})"
-                    )
-                    continue
-                e = entries.setdefault(pattern, [0, 0, 0, [], what])
-                e[0] += s.bytes
-                e[1] += s.blocks
-                e[2] += 1
-                if r.nodeid not in e[3]:
-                    e[3].append(r.nodeid)
-    lines: list[str] = []
-
-    def one_line(text: str) -> str:  # a comment must not spill onto the next line
-        return re.sub(r"[\x00-\x1f\x7f]", " ", text)
-
-    for pattern, (nbytes, nblocks, nstacks, tests, what) in sorted(
-            entries.items(), key=lambda kv: (-kv[1][0], -kv[1][1], kv[0])):
-        t = tests[0] + (f" and {len(tests) - 1} more test(s)" if len(tests) > 1 else "")
-        stacks = f" from {nstacks} stacks" if nstacks > 1 else ""
-        lines.append(one_line(f"# {nbytes:,} B in {nblocks:,} block(s){stacks} leaked in {t}; {what}"))
-        lines.append(f"leak:{pattern}")
-    lines.extend(one_line(o) for o in orphans)
-    return "\n".join(lines) + ("\n" if lines else "")

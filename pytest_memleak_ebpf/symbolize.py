@@ -37,8 +37,8 @@ import threading
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
-from .elf import (SHT_DYNSYM, SHT_SYMTAB, Sections, SymbolTable, debug_load_segments, debuglink, load_segments,
-                  norm_build_id, read_build_id, stat_key)
+from .elf import (SHT_DYNSYM, SHT_SYMTAB, Sections, SymbolTable, debug_load_segments, debuglink, dwarf_info,
+                  load_segments, norm_build_id, read_build_id, stat_key)
 
 __all__ = ["Frame", "Symbolizer", "read_build_id", "ld_cache_paths"]
 
@@ -899,12 +899,7 @@ class _DwarfLines:
     def _pyelftools_table(self, cu_off: int) -> _LineTable | None:
         try:
             if self._pyelf is None:
-                from elftools.elf.elffile import ELFFile
-
-                with open(self.path, "rb") as f:
-                    # Section contents are copied into memory streams here.
-                    self._pyelf = ELFFile(f).get_dwarf_info(relocate_dwarf_sections=False,
-                                                            follow_links=False)
+                self._pyelf = dwarf_info(self.path)
             di = self._pyelf
             cu = di.get_CU_at(cu_off)
             lp = di.line_program_for_CU(cu)

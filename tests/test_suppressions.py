@@ -14,7 +14,7 @@ from hypothesis import given, settings, strategies as st
 from pytest_memleak_ebpf import accounting
 from pytest_memleak_ebpf.accounting import Amount, ProcessLeak, StackLeak
 from pytest_memleak_ebpf.marks import Budget
-from pytest_memleak_ebpf.report import suppressions_table
+from pytest_memleak_ebpf.report import gen_suppressions, suppressions_table
 from pytest_memleak_ebpf.suppressions import (
     DEFAULT_SUPPRESSIONS,
     STATIC_INITIALIZER,
@@ -22,7 +22,6 @@ from pytest_memleak_ebpf.suppressions import (
     SuppressionError,
     apply,
     from_patterns,
-    gen_suppressions,
     is_static_initializer,
     load_suppression_files,
     match,
