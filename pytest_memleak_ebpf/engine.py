@@ -2,8 +2,11 @@
 frame resolver, runs each test's records through the result pipeline and
 keeps the results and JSON entries. plugin.py only wires it to pytest's hooks.
 
-The pipeline, one way (each stage in its own module, each pure except the
-resolver, which reads files):
+The pipeline, one way (each stage in its own module; the resolver is the
+stage that reads files — /proc/self/maps, build ids, symbols, DWARF — and
+the others do no I/O, except the suppressions' `<static initializer>`
+pattern, which asks elf.py for a module's constructors when a frame has no
+function name):
 
   tracer.RawTest
     -> classify.classify          a kind per live block (today "unclassified")

@@ -19,7 +19,11 @@ time a report is rendered, so everything here works from files on disk:
   located through ``.debug_aranges`` (or, for CUs it does not describe, a
   one-time index of the CUs' address ranges).  A small built-in DWARF reader
   does this (pyelftools, used as the fallback, is 10-100x slower on large
-  libraries; see the notes above ``_uleb``).
+  libraries; see the notes above ``_uleb`` and bench/elf_lines.py, which
+  measures both on libc's and libpython's line tables).
+
+ELF itself (headers, build ids, symbol tables, sections) is read by elf.py;
+resolved frames are cached once per session by resolve.Resolver.
 
 Nothing in here raises on missing or corrupt files: frames degrade to
 ``function+offset`` without a line, or to ``[unknown]``.
