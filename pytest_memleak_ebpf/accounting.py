@@ -1,19 +1,32 @@
-"""Accounting: from a test's raw tracer records to per-process and per-stack
-leak figures and a budget verdict. Pure Python, builtin types in and out."""
+"""Accounting: a test's classified blocks and resolved frames in, per-process
+and per-stack figures out. Pure: no callbacks, no I/O (apart from the user
+name of a uid), builtin types and the dataclasses below.
+
+Where it sits in the result pipeline (engine.LeakEngine.finish):
+
+  tracer.RawTest -> classify.classify (a kind per block) -> resolve.Resolver
+  (frames, once) -> accounting (figures and stacks) -> suppressions.apply
+  (which stacks are hidden) -> verdict.settle (leaked, totals, over_budget,
+  incomplete) -> report (every text) / flamegraph / JSON
+
+What accounting does not do: suppressions, totals, budgets and messages
+are the verdict's (`leaked` stays zero here until verdict.settle)."""
 
 from __future__ import annotations
 
 import pwd
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Iterable, Mapping, Sequence
 
-from .marks import Budget
-from .sizes import format_blocks, format_bytes
+from .classify import LEAK_KINDS
 
-# (status, build_id hex | None, offset or ip) -> frame dict
-FrameResolver = Callable[[int, "str | None", int], dict]
+if TYPE_CHECKING:
+    from .marks import Budget
 
+# frames of a stack the tracer could not capture
 NO_STACK_FRAME = {"function": None, "offset": None, "module": None, "file": None, "line": None}
+
+Frames = Mapping[int, Sequence[dict]]     # stack hash -> resolved frames (innermost first)
 
 
 @dataclass
@@ -30,6 +43,11 @@ class StackLeak:
     captured: bool = True
     suppressed: bool = False
     suppression: str | None = None     # the matching pattern
+    kind: str = LEAK_KINDS[0]          # classify's kind of these blocks (not in JSON v1)
+
+    def to_json(self) -> dict:
+        return {"bytes": self.bytes, "blocks": self.blocks, "frames": self.frames, "captured": self.captured,
+                "suppressed": self.suppressed, "suppression": self.suppression}
 
 
 @dataclass
@@ -44,23 +62,24 @@ class ProcessLeak:
     signal: int | None
     running_at_test_end: bool
     outstanding: Amount
-    leaked: Amount
+    leaked: Amount                    # set by verdict.settle: outstanding minus suppressed stacks
     allocated: Amount
     stacks: list[StackLeak]
     lost_blocks: int = 0
     lost_handoffs: int = 0
     lost_stacks: int = 0
+    counted: Amount = field(default_factory=Amount)  # blocks of leak kinds, before suppressions
 
     def to_json(self) -> dict:
-        d = asdict(self)
-        for k in ("lost_blocks", "lost_handoffs", "lost_stacks"):
-            d.pop(k)
-        d["tracking"] = {
-            "lost_blocks": self.lost_blocks,
-            "lost_handoffs": self.lost_handoffs,
-            "lost_stacks": self.lost_stacks,
+        return {
+            "pid": self.pid, "ppid": self.ppid, "comm": self.comm, "exe": self.exe, "uid": self.uid,
+            "user": self.user, "exit_code": self.exit_code, "signal": self.signal,
+            "running_at_test_end": self.running_at_test_end, "outstanding": asdict(self.outstanding),
+            "leaked": asdict(self.leaked), "allocated": asdict(self.allocated),
+            "stacks": [s.to_json() for s in self.stacks],
+            "tracking": {"lost_blocks": self.lost_blocks, "lost_handoffs": self.lost_handoffs,
+                         "lost_stacks": self.lost_stacks},
         }
-        return d
 
 
 @dataclass
@@ -69,13 +88,14 @@ class InProcess:
 
     mode: str                      # "extensions" | "all"
     outstanding: Amount            # every block of the window still live at its end (raw)
-    leaked: Amount                 # what the budget counts (mode filter; growth per repetition)
+    leaked: Amount                 # what the budget counts (set by verdict.settle)
     allocated: Amount              # lifetime totals during the window
     stacks: list[StackLeak]
     growth: dict | None = None     # {"warmup", "repeat", "per_repetition": [...], "growing"}
     lost_blocks: int = 0
     lost_handoffs: int = 0
     lost_stacks: int = 0
+    counted: Amount = field(default_factory=Amount)  # mode filter (growth: per repetition), before suppressions
 
     def to_json(self) -> dict:
         return {
@@ -83,7 +103,7 @@ class InProcess:
             "outstanding": asdict(self.outstanding),
             "leaked": asdict(self.leaked),
             "allocated": asdict(self.allocated),
-            "stacks": [asdict(s) for s in self.stacks],
+            "stacks": [s.to_json() for s in self.stacks],
             "growth": self.growth,
         }
 
@@ -99,30 +119,20 @@ class TestLeakResult:
     warnings: list[str] = field(default_factory=list)     # figures exact, detail missing
     in_process: InProcess | None = None
     suppressions_used: list[dict] = field(default_factory=list)
+    lost_processes: int = 0        # processes the process map had no room for
+    lost_events: int = 0           # exec/open events lost (ring buffer full)
+    verdict_warnings: int = 0      # how many of `warnings` (the first ones) verdict.settle wrote
 
     @property
     def leaking_processes(self) -> list[ProcessLeak]:
         return [p for p in self.processes if p.leaked.blocks or p.leaked.bytes]
 
-    def headline(self) -> str:
-        """The failure's first line, self-contained."""
-        n_leaking = len(self.leaking_processes)
-        procs = f"{n_leaking} of {len(self.processes)} process{'es' if len(self.processes) != 1 else ''}"
-        ip = self.in_process
-        if ip is not None and (ip.leaked.bytes or ip.leaked.blocks):
-            per = " per repetition" if ip.growth else ""
-            where = f"in-process ({format_bytes(ip.leaked.bytes)}{per})"
-            if n_leaking:
-                where += f" and by {procs}"
-            return (f"leak budget exceeded: {format_bytes(self.leaked.bytes)} in {format_blocks(self.leaked.blocks)} "
-                    f"leaked {where} ({self.budget.describe()})")
-        return (
-            f"leak budget exceeded: {format_bytes(self.leaked.bytes)} in {format_blocks(self.leaked.blocks)} "
-            f"leaked by {procs} ({self.budget.describe()})"
-        )
-
-    def incomplete_headline(self) -> str:
-        return "leak tracking incomplete: " + "; ".join(self.incomplete)
+    def stacks(self) -> list[StackLeak]:
+        """Every stack: the processes' in order, then the in-process ones."""
+        out = [s for p in self.processes for s in p.stacks]
+        if self.in_process is not None:
+            out += self.in_process.stacks
+        return out
 
     def to_json(self, outcome: str) -> dict:
         return {
@@ -148,55 +158,89 @@ def _user(uid: int) -> str | None:
         return None
 
 
+def _stack(amount: Amount, raw_frames: Sequence[dict] | None, kind: str) -> StackLeak:
+    if raw_frames:
+        return StackLeak(amount.bytes, amount.blocks, [dict(f) for f in raw_frames], True, kind=kind)
+    return StackLeak(amount.bytes, amount.blocks, [dict(NO_STACK_FRAME)], False, kind=kind)
+
+
 def aggregate_stacks(
-    blocks: Iterable[tuple],
-    stacks: Mapping[int, Sequence[tuple[int, str | None, int]]],
-    resolve: FrameResolver,
+    blocks: Mapping[str, Iterable[tuple]],
+    frames: Frames,
     *,
     limit: int | None = None,
 ) -> list[StackLeak]:
-    """Group blocks per stack, largest first. Items are (size, stack-hash)
-    for one block or (bytes, stack-hash, blocks) already summed per stack."""
-    per: dict[int, Amount] = {}
-    for item in blocks:
-        a = per.setdefault(item[1], Amount())
-        a.bytes += item[0]
-        a.blocks += item[2] if len(item) > 2 else 1
+    """Group a process's classified blocks ({kind: records}) per (kind,
+    stack), largest first. Records are (size, stack-hash) for one block or
+    (bytes, stack-hash, blocks) already summed per stack; `frames` holds the
+    resolved frames of each stack hash (a hash it lacks, or 0: not captured)."""
+    per: dict[tuple[int, str], Amount] = {}
+    for kind, records in blocks.items():
+        for item in records:
+            a = per.get((item[1], kind))
+            if a is None:
+                a = per[(item[1], kind)] = Amount()
+            a.bytes += item[0]
+            a.blocks += item[2] if len(item) > 2 else 1
     order = sorted(per.items(), key=lambda kv: (-kv[1].bytes, -kv[1].blocks, kv[0]))
     if limit is not None:
         order = order[:limit]
-    out = []
-    for h, amount in order:
-        raw = stacks.get(h) if h else None
-        if raw:
-            frames = [resolve(status, bid, off) for status, bid, off in raw]
-            out.append(StackLeak(amount.bytes, amount.blocks, frames, True))
-        else:
-            out.append(StackLeak(amount.bytes, amount.blocks, [dict(NO_STACK_FRAME)], False))
+    return [_stack(amount, frames.get(h) if h else None, kind) for (h, kind), amount in order]
+
+
+def stack_hashes(blocks: Mapping[str, Iterable[tuple]]) -> set[int]:
+    """The stack hashes of classified blocks (what the resolver must resolve)."""
+    return {item[1] for records in blocks.values() for item in records if item[1]}
+
+
+def _amount(blocks: Mapping[str, Iterable[tuple]], kinds=None) -> Amount:
+    """Total of a process's classified records: (size, stack) per block or
+    (bytes, stack, blocks) summed per stack."""
+    out = Amount()
+    for kind, records in blocks.items():
+        if kinds is not None and kind not in kinds:
+            continue
+        for b in records:
+            out.bytes += b[0]
+            out.blocks += b[2] if len(b) > 2 else 1
     return out
 
 
-def account_in_process(
-    mode: str,
-    blocks: Sequence[tuple[int, int, int]],
-    stacks: Mapping[int, Sequence[tuple[int, str | None, int]]],
-    resolve: FrameResolver,
-    resolve_ext: Callable[[int], dict],
-    counters: Mapping[str, int] | None,
-    *,
-    growth: dict | None = None,
-) -> InProcess:
-    """In-process figures from the window's live (size, stack, ext_ip) blocks.
+def _window_amount(blocks: Mapping[str, Iterable[tuple[int, int, int]]]) -> Amount:
+    """Total of a window's classified (size, stack, ext_ip) records: one block each."""
+    out = Amount()
+    for records in blocks.values():
+        for b in records:
+            out.bytes += b[0]
+            out.blocks += 1
+    return out
+
+
+def in_process_counted(mode: str, blocks: Mapping[str, Sequence[tuple[int, int, int]]]) -> dict[str, list]:
+    """The window's blocks that count ({kind: records}): leak kinds only and,
+    in mode "extensions", only blocks with an extension return address on
+    their stack (ext_ip); mode "all" counts every block."""
+    return {k: [b for b in recs if mode == "all" or b[2]] for k, recs in blocks.items() if k in LEAK_KINDS}
+
+
+def in_process_amount(mode: str, blocks: Mapping[str, Sequence[tuple[int, int, int]]]) -> Amount:
+    """What counts in a window now (growth mode's per-repetition snapshots)."""
+    return _window_amount(in_process_counted(mode, blocks))
+
+
+def in_process_groups(mode: str, blocks: Mapping[str, Sequence[tuple[int, int, int]]],
+                      growth: dict | None) -> tuple[Amount, dict | None, list[tuple[int, int, str, Amount]]]:
+    """The counted figure of an in-process window, the growth verdict, and
+    the groups of blocks the report shows, largest first: (stack hash,
+    extension return address or 0, kind, amount).
 
     mode "extensions": only blocks with a return address into an extension
-    module on their stack count; "all": every block counts. In growth mode
-    `growth["per_repetition"]` holds the counted figures after each measured
-    repetition; only memory that grew in every repetition is leaked, reported
-    per repetition."""
-    counters = counters or {}
-    counted = [b for b in blocks if mode == "all" or b[2]]
-    outstanding = Amount(sum(b[0] for b in blocks), len(blocks))
-    leaked = Amount(sum(b[0] for b in counted), len(counted))
+    module on their stack (ext_ip) count; "all": every block counts. Only
+    leak kinds count. In growth mode `growth["per_repetition"]` holds the
+    counted figures after each measured repetition; only memory that grew in
+    every repetition counts, per repetition."""
+    counted = in_process_counted(mode, blocks)
+    amount = _window_amount(counted)
     if growth is not None:
         reps = growth["per_repetition"]
         prev = {"bytes": 0, "blocks": 0}
@@ -207,25 +251,45 @@ def account_in_process(
         growing = bool(deltas) and all(d["blocks"] > 0 or d["bytes"] > 0 for d in deltas)
         growth = dict(growth, deltas=deltas, growing=growing)
         m = max(len(reps), 1)
-        leaked = Amount(leaked.bytes // m, leaked.blocks // m) if growing else Amount()
-    # stacks: per (stack, extension return address)
-    per: dict[tuple[int, int], Amount] = {}
-    for size, h, ext in (counted if (leaked.blocks or leaked.bytes) else ()):
-        a = per.setdefault((h, ext), Amount())
-        a.bytes += size
-        a.blocks += 1
+        amount = Amount(amount.bytes // m, amount.blocks // m) if growing else Amount()
+    per: dict[tuple[int, int, str], Amount] = {}
+    if amount.blocks or amount.bytes:
+        for kind, records in counted.items():
+            for size, h, ext in records:
+                a = per.get((h, ext, kind))
+                if a is None:
+                    a = per[(h, ext, kind)] = Amount()
+                a.bytes += size
+                a.blocks += 1
+    groups = [(h, ext, kind, a) for (h, ext, kind), a in
+              sorted(per.items(), key=lambda kv: (-kv[1].bytes, -kv[1].blocks, kv[0]))]
+    return amount, growth, groups
+
+
+def account_in_process(
+    mode: str,
+    blocks: Mapping[str, Sequence[tuple[int, int, int]]],
+    counted: Amount,
+    growth: dict | None,
+    groups: Sequence[tuple[Amount, str, Sequence[dict], dict | None]],
+    counters: Mapping[str, int] | None,
+) -> InProcess:
+    """In-process figures of a window: its classified live (size, stack,
+    ext_ip) blocks, what counted and the growth verdict (in_process_groups),
+    and each shown group as (amount, kind, resolved stack frames, resolved
+    frame of the extension return address found on the stack or None)."""
+    counters = counters or {}
     out = []
-    for (h, ext), amount in sorted(per.items(), key=lambda kv: (-kv[1].bytes, -kv[1].blocks, kv[0])):
-        raw = stacks.get(h) if h else None
-        frames = [resolve(st, bid, off) for st, bid, off in raw] if raw else []
-        if ext:
-            f = dict(resolve_ext(ext), scanned=True)
+    for amount, kind, frames, ext_frame in groups:
+        fl = [dict(f) for f in frames]
+        if ext_frame is not None:
+            f = dict(ext_frame, scanned=True)
             if not any(fr.get("function") and fr.get("function") == f.get("function")
-                       and fr.get("module") == f.get("module") for fr in frames):
-                frames.append(f)
-        out.append(StackLeak(amount.bytes, amount.blocks, frames or [dict(NO_STACK_FRAME)], bool(frames)))
+                       and fr.get("module") == f.get("module") for fr in fl):
+                fl.append(f)
+        out.append(StackLeak(amount.bytes, amount.blocks, fl or [dict(NO_STACK_FRAME)], bool(fl), kind=kind))
     return InProcess(
-        mode=mode, outstanding=outstanding, leaked=leaked,
+        mode=mode, outstanding=_window_amount(blocks), leaked=Amount(), counted=counted,
         allocated=Amount(counters.get("alloc_bytes", 0), counters.get("alloc_blocks", 0)),
         stacks=out, growth=growth,
         lost_blocks=counters.get("lost_blocks", 0), lost_handoffs=counters.get("lost_handoffs", 0),
@@ -237,9 +301,8 @@ def account(
     nodeid: str,
     budget: Budget,
     processes: Sequence[dict],
-    blocks: Mapping[int, Sequence[tuple[int, int]]],
-    stacks: Mapping[int, Sequence[tuple[int, str | None, int]]],
-    resolve: FrameResolver,
+    blocks: Mapping[int, Mapping[str, Sequence[tuple]]],
+    frames: Frames,
     *,
     exe_paths: Mapping[int, str] | None = None,
     lost_procs: int = 0,
@@ -247,20 +310,15 @@ def account(
     max_stacks_per_process: int | None = None,
     in_process: InProcess | None = None,
 ) -> TestLeakResult:
-    """The test's verdict from the tracer's records (see tracer.RawTest)."""
-    result = TestLeakResult(nodeid=nodeid, budget=budget, in_process=in_process)
-    if in_process is not None:
-        result.leaked.bytes += in_process.leaked.bytes
-        result.leaked.blocks += in_process.leaked.blocks
-        if in_process.lost_blocks or in_process.lost_handoffs:
-            result.incomplete.append(
-                f"{in_process.lost_blocks + in_process.lost_handoffs:,} allocations of the pytest process "
-                "were not recorded (a map was full: raise --ebpf-leaks-max-blocks)")
+    """The test's figures from the tracer's process records (tracer.RawTest
+    .processes), their classified blocks (serial -> {kind: records}) and
+    the resolved frames of their stacks."""
+    result = TestLeakResult(nodeid=nodeid, budget=budget, in_process=in_process,
+                            lost_processes=lost_procs, lost_events=lost_events)
     exe_paths = exe_paths or {}
     for p in processes:
-        bl = blocks.get(p["serial"], ())
-        out = Amount(sum(b[0] for b in bl), sum(b[2] if len(b) > 2 else 1 for b in bl))
-        proc = ProcessLeak(
+        bl = blocks.get(p["serial"], {})
+        result.processes.append(ProcessLeak(
             pid=p["pid"],
             ppid=p["ppid"],
             comm=p["comm"],
@@ -270,75 +328,13 @@ def account(
             exit_code=p.get("exit_code"),
             signal=p.get("signal"),
             running_at_test_end=bool(p.get("running_at_test_end")),
-            outstanding=out,
-            leaked=Amount(out.bytes, out.blocks),
+            outstanding=_amount(bl),
+            counted=_amount(bl, LEAK_KINDS),
+            leaked=Amount(),
             allocated=Amount(p.get("alloc_bytes", 0), p.get("alloc_blocks", 0)),
-            stacks=aggregate_stacks(bl, stacks, resolve, limit=max_stacks_per_process),
+            stacks=aggregate_stacks(bl, frames, limit=max_stacks_per_process),
             lost_blocks=p.get("lost_blocks", 0),
             lost_handoffs=p.get("lost_handoffs", 0),
             lost_stacks=p.get("lost_stacks", 0),
-        )
-        result.processes.append(proc)
-        result.leaked.bytes += proc.leaked.bytes
-        result.leaked.blocks += proc.leaked.blocks
-        if proc.lost_blocks:
-            result.incomplete.append(
-                f"{proc.lost_blocks:,} allocations of pid {proc.pid} ({proc.comm}) were not recorded: "
-                "the live-block map was full (raise --ebpf-leaks-max-blocks)"
-            )
-        if proc.lost_handoffs:
-            result.incomplete.append(
-                f"{proc.lost_handoffs:,} allocator calls of pid {proc.pid} ({proc.comm}) were not recorded: "
-                "the hand-off map was full (too many threads inside the allocator at once)"
-            )
-        if proc.lost_stacks:
-            result.warnings.append(
-                f"{proc.lost_stacks:,} stacks of pid {proc.pid} ({proc.comm}) were not captured "
-                "(stack map full: raise --ebpf-leaks-max-stacks); byte counts are still exact"
-            )
-    if lost_procs:
-        result.incomplete.append(
-            f"{lost_procs:,} processes could not be tracked: the process map was full "
-            "(raise --ebpf-leaks-max-processes)"
-        )
-    if lost_events:
-        result.warnings.append(
-            f"{lost_events:,} exec/open events were lost (ring buffer full): some frames may not be symbolized"
-        )
-    result.over_budget = budget.exceeded_by(result.leaked.bytes, result.leaked.blocks)
-    return result
-
-
-def apply_suppressions(result: TestLeakResult, suppressions: Sequence) -> TestLeakResult:
-    """Mark suppressed stacks; `leaked` (process, in-process, total) then
-    excludes them while `outstanding` stays raw. Re-evaluates the budget."""
-    from .suppressions import apply
-
-    summary = apply(result, suppressions or ())
-    stacks = [s for p in result.processes for s in p.stacks]
-    if result.in_process is not None:
-        stacks += result.in_process.stacks
-    for s in stacks:
-        hit = summary.suppression_for(s)
-        if hit is not None:
-            s.suppressed = True
-            s.suppression = hit.pattern
-    total = Amount()
-    for p, ps in zip(result.processes, summary.processes):
-        p.leaked = Amount(ps.leaked.bytes, ps.leaked.blocks)
-        total.bytes += p.leaked.bytes
-        total.blocks += p.leaked.blocks
-    ip = result.in_process
-    if ip is not None:
-        if summary.in_process_suppressed is not None and not ip.growth:
-            ip.leaked = Amount(max(ip.leaked.bytes - summary.in_process_suppressed.bytes, 0),
-                               max(ip.leaked.blocks - summary.in_process_suppressed.blocks, 0))
-        total.bytes += ip.leaked.bytes
-        total.blocks += ip.leaked.blocks
-    result.leaked = total
-    result.suppressions_used = [
-        {"pattern": u.pattern, "source": u.source, "stacks": u.stacks, "bytes": u.bytes, "blocks": u.blocks}
-        for u in summary.used
-    ]
-    result.over_budget = result.budget.exceeded_by(total.bytes, total.blocks)
+        ))
     return result

@@ -1,6 +1,20 @@
 """The leak-checking engine of one pytest session: owns the tracer and the
-symbolizer, turns each test's records into a TestLeakResult and keeps the
-JSON entries. plugin.py only wires it to pytest's hooks."""
+frame resolver, runs each test's records through the result pipeline and
+keeps the results and JSON entries. plugin.py only wires it to pytest's hooks.
+
+The pipeline, one way (each stage in its own module; the resolver is the
+stage that reads files — /proc/self/maps, build ids, symbols, DWARF — and
+the others do no I/O, except the suppressions' `<static initializer>`
+pattern, which asks elf.py for a module's constructors when a frame has no
+function name):
+
+  tracer.RawTest
+    -> classify.classify          a kind per live block (today "unclassified")
+    -> resolve.Resolver           frames, once, through the session's one cache
+    -> accounting                 per-process / in-process figures and stacks
+    -> suppressions.apply         which stacks are hidden (defaults, files, marker)
+    -> verdict.settle             leaked, totals, over_budget, incomplete
+    -> report / flamegraph / JSON rendering"""
 
 from __future__ import annotations
 
@@ -8,8 +22,12 @@ import os
 import time
 from dataclasses import dataclass
 
-from .accounting import TestLeakResult, account, account_in_process, apply_suppressions
+from .accounting import (InProcess, TestLeakResult, account, account_in_process, in_process_amount,
+                         in_process_groups, stack_hashes)
+from .classify import classify, classify_blocks
 from .marks import Budget
+from .suppressions import apply as match_suppressions
+from .verdict import settle
 
 
 @dataclass
@@ -44,7 +62,7 @@ class LeakEngine:
     def __init__(self, settings: Settings, tracer=None):
         """tracer: the xdist controller's (shared.RemoteTracer); by default
         this process loads its own."""
-        from .symbolize import Symbolizer
+        from .resolve import Resolver
 
         self.settings = settings
         if tracer is None:
@@ -52,9 +70,7 @@ class LeakEngine:
 
             tracer = Tracer(tracer_config(settings))
         self.tracer = tracer
-        self.symbolizer = Symbolizer()
-        self._frame_cache: dict[tuple, dict] = {}
-        self._maps: list[tuple[int, int, int, str]] | None = None
+        self.resolver = Resolver()
         self._growth: dict | None = None
         self._empty_window = False
         self.tracer.add_root(os.getpid())
@@ -63,6 +79,12 @@ class LeakEngine:
         self.results: list[TestLeakResult] = []
         self._current: int | None = None
         self.report_seconds = 0.0
+
+    @property
+    def window_empty(self) -> bool:
+        """An in-process window is open (or awaits its result) with nothing
+        traced: no extension module was loaded when it opened."""
+        return self._empty_window
 
     # -- per test ---------------------------------------------------------
 
@@ -78,33 +100,31 @@ class LeakEngine:
         t0 = time.monotonic()
         exe_paths = {}
         for serial, paths in raw.paths.items():
-            for p in paths:
-                self.symbolizer.add_candidate(p)
+            self.resolver.add_paths(paths)
             if paths:
                 exe_paths[serial] = paths[0]
+        classified = classify(raw.blocks, raw.inproc_blocks)
         in_process = None
         if self._empty_window:
             self._empty_window = False
-            in_process = account_in_process(self.settings.in_process, [], {}, self._resolve, self._resolve_ext, {},
-                                            growth=self._growth)
+            in_process = self._in_process({}, {}, {}, self._growth)
         elif raw.inproc_counters is not None:
-            in_process = account_in_process(
-                self.settings.in_process, raw.inproc_blocks, raw.stacks, self._resolve,
-                self._resolve_ext, raw.inproc_counters, growth=self._growth,
-            )
+            in_process = self._in_process(classified.in_process, raw.stacks, raw.inproc_counters, self._growth)
         self._growth = None
+        hashes: set[int] = set()
+        for blocks in classified.processes.values():
+            hashes |= stack_hashes(blocks)
+        frames = self.resolver.stacks(raw.stacks, hashes)
         result = account(
-            nodeid, budget, raw.processes, raw.blocks, raw.stacks, self._resolve,
+            nodeid, budget, raw.processes, classified.processes, frames,
             exe_paths=exe_paths, lost_procs=raw.lost_procs, lost_events=raw.lost_events,
             in_process=in_process,
         )
-        apply_suppressions(result, self._suppressions(budget))
+        settle(result, match_suppressions(result, self._suppressions(budget)))
         if self.settings.flamegraph_dir and (result.over_budget or result.incomplete):
             from .flamegraph import write_flamegraphs
 
-            skip = {id(st) for p in result.processes for st in p.stacks if st.suppressed}
-            if result.in_process is not None:
-                skip |= {id(st) for st in result.in_process.stacks if st.suppressed}
+            skip = {id(st) for st in result.stacks() if st.suppressed}
             try:
                 self.flamegraphs.append(write_flamegraphs(result, self.settings.flamegraph_dir, skip=skip))
             except OSError as exc:
@@ -112,6 +132,17 @@ class LeakEngine:
         self.report_seconds += time.monotonic() - t0
         self.results.append(result)
         return result
+
+    def _in_process(self, blocks, stacks, counters, growth) -> InProcess:
+        """The window's figures: what counts and which groups of blocks are
+        shown (accounting), their frames resolved in that order, then the
+        InProcess (accounting)."""
+        counted, growth, groups = in_process_groups(self.settings.in_process, blocks, growth)
+        resolved = []
+        for h, ext, kind, amount in groups:
+            frames = self.resolver.stack(stacks.get(h) if h else None)
+            resolved.append((amount, kind, frames, self.resolver.extension_frame(ext) if ext else None))
+        return account_in_process(self.settings.in_process, blocks, counted, growth, resolved, counters)
 
     # -- in-process windows -------------------------------------------------
 
@@ -151,39 +182,17 @@ class LeakEngine:
 
             gc.collect()
         self.tracer.close_window()
-        self._maps = None  # read lazily: only leaking stacks need it
+        self.resolver.forget_maps()  # read lazily: only leaking stacks need it
 
     def snapshot(self) -> dict:
         """Counted in-process figures now (growth mode, inside a window)."""
         if self._empty_window:
             return {"bytes": 0, "blocks": 0}
-        blocks = self.tracer.window_snapshot()
-        mode = self.settings.in_process
-        counted = [b for b in blocks if mode == "all" or b[2]]
-        return {"bytes": sum(b[0] for b in counted), "blocks": len(counted)}
+        a = in_process_amount(self.settings.in_process, classify_blocks(self.tracer.window_snapshot()))
+        return {"bytes": a.bytes, "blocks": a.blocks}
 
     def set_growth(self, warmup: int, repeat: int, per_repetition: list[dict]) -> None:
         self._growth = {"warmup": warmup, "repeat": repeat, "per_repetition": per_repetition}
-
-    def _resolve_ext(self, ip: int) -> dict:
-        from .inprocess import locate
-        from .symbolize import read_build_id
-
-        if self._maps is None:
-            from .inprocess import read_maps
-
-            self._maps = read_maps()
-        hit = locate(self._maps, ip)
-        if hit is None:
-            return {"function": None, "offset": None, "module": None, "file": None, "line": None,
-                    "build_id": None, "address": ip}
-        path, file_offset = hit
-        bid = read_build_id(path)
-        if bid is None:
-            return {"function": None, "offset": file_offset, "module": path, "file": None, "line": None,
-                    "build_id": None, "address": ip}
-        self.symbolizer.add_candidate(path)
-        return self._resolve(1, bid.hex(), file_offset)
 
     def finish_in_process(self, result: TestLeakResult, budget) -> TestLeakResult:
         """Scope "test": the window that spanned setup, call and teardown ends
@@ -193,53 +202,26 @@ class LeakEngine:
         if counters is None:   # the window was empty (no extension module)
             blocks, stacks = [], {}
         t0 = time.monotonic()
-        result.in_process = account_in_process(self.settings.in_process, blocks, stacks, self._resolve,
-                                               self._resolve_ext, counters)
-        apply_suppressions(result, self._suppressions(budget))
+        result.in_process = self._in_process(classify_blocks(blocks), stacks, counters, None)
+        settle(result, match_suppressions(result, self._suppressions(budget)))
         self.report_seconds += time.monotonic() - t0
         return result
 
-    def _suppressions(self, budget) -> list:
+    def _suppressions(self, budget: Budget) -> list:
         """The session's suppressions plus the test's marker's own."""
-        sups = list(self.settings.suppressions)
-        if budget.suppress:
-            from .suppressions import from_patterns
-
-            sups += from_patterns(budget.suppress, source="marker")
-        return sups
+        return list(self.settings.suppressions) + list(budget.suppressions)
 
     def abandon(self) -> None:
+        """Stop tracking the current test without reporting (interrupted)."""
         self._empty_window = False
         if self.tracer.in_window():
             self.tracer.close_window()
-        """Stop tracking the current test without reporting (interrupted)."""
         if self._current is not None:
             test_id, self._current = self._current, None
             try:
                 self.tracer.end_test(test_id)
             except Exception:
                 pass
-
-    def _resolve(self, status: int, build_id: str | None, off: int) -> dict:
-        key = (status, build_id, off)
-        f = self._frame_cache.get(key)
-        if f is None:
-            if build_id is not None:
-                fr = self.symbolizer.resolve(bytes.fromhex(build_id), off)
-            else:
-                fr = self.symbolizer.resolve_raw_ip(off)
-            f = {
-                "function": fr.function,
-                "offset": fr.offset,
-                "module": fr.module,
-                "file": fr.file,
-                "line": fr.line,
-                "build_id": build_id,
-                "address": off,
-            }
-            if f["function"] is not None or f["module"] is not None:
-                self._frame_cache[key] = f  # unknown frames may resolve once more modules are seen
-        return dict(f)
 
     # -- session ------------------------------------------------------------
 

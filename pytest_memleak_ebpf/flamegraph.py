@@ -21,6 +21,9 @@ import re
 from typing import Collection, Mapping, Sequence
 from xml.sax.saxutils import escape as _xml_escape
 
+from .atomic import write_text_atomic
+from .report import format_frame
+
 __all__ = ["folded", "frame_label", "parse_folded", "svg", "write_flamegraphs", "safe_file_stem"]
 
 WEIGHTS = ("bytes", "blocks")
@@ -40,14 +43,9 @@ def _clean(label: str) -> str:
 
 
 def frame_label(frame: Mapping) -> str:
-    """``function``, else ``[unknown] (module)``, else ``[unknown]``."""
-    fn = frame.get("function")
-    if fn:
-        return _clean(fn)
-    module = frame.get("module")
-    if module:
-        return _clean(f"[unknown] ({module})")
-    return "[unknown]"
+    """report.format_frame's "label" form (``function``, else ``[unknown]
+    (module)``, else ``[unknown]``), made safe for a folded line."""
+    return _clean(format_frame(frame, "label"))
 
 
 def folded(result, *, weight: str = "bytes", skip: Collection[int] = ()) -> str:
@@ -225,12 +223,6 @@ def safe_file_stem(nodeid: str, max_len: int = 120) -> str:
     return f"{stem or 'test'}-{digest}"
 
 
-def _write_atomic(path: str, text: str) -> None:
-    from .report import write_text_atomic
-
-    write_text_atomic(path, text)
-
-
 def write_flamegraphs(result, outdir: str | os.PathLike, *, weight: str = "bytes",
                       skip: Collection[int] = ()) -> tuple[str, str]:
     """Write ``<stem>.folded`` and ``<stem>.svg`` for a TestLeakResult into
@@ -241,6 +233,6 @@ def write_flamegraphs(result, outdir: str | os.PathLike, *, weight: str = "bytes
     text = folded(result, weight=weight, skip=skip)
     folded_path = os.path.join(outdir, stem + ".folded")
     svg_path = os.path.join(outdir, stem + ".svg")
-    _write_atomic(folded_path, text)
-    _write_atomic(svg_path, svg(text, title=f"Leaked {weight}: {result.nodeid}", unit=weight))
+    write_text_atomic(folded_path, text)
+    write_text_atomic(svg_path, svg(text, title=f"Leaked {weight}: {result.nodeid}", unit=weight))
     return folded_path, svg_path

@@ -8,37 +8,13 @@ import os
 import sys
 import sysconfig
 
+from .procmaps import read_maps
+
 SYSTEM_DIRS = ("/lib/", "/lib64/", "/usr/lib/", "/usr/lib64/", "/usr/local/lib/")
-
-
-def read_maps(path: str = "/proc/self/maps") -> list[tuple[int, int, int, str]]:
-    """Executable file mappings: (start, end, file offset, path)."""
-    out = []
-    try:
-        with open(path) as f:
-            for line in f:
-                parts = line.split(maxsplit=5)
-                if len(parts) < 6 or "x" not in parts[1]:
-                    continue
-                p = parts[5].strip()
-                if not p.startswith("/") or p.endswith("(deleted)"):
-                    continue
-                start, end = (int(x, 16) for x in parts[0].split("-"))
-                out.append((start, end, int(parts[2], 16), p))
-    except OSError:
-        pass
-    return out
 
 
 def mapped_modules() -> frozenset:
     return frozenset(os.path.realpath(p) for _, _, _, p in read_maps())
-
-
-def locate(maps, ip: int) -> tuple[str, int] | None:
-    for start, end, off, path in maps:
-        if start <= ip < end:
-            return path, ip - start + off
-    return None
 
 
 def is_extension(path: str, own: frozenset = frozenset()) -> bool:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
-from .sizes import SizeError, format_blocks, format_bytes, parse_count, parse_size
+from .sizes import SizeError, parse_count, parse_size
 
 MARKER = "leak_budget"
 MARKER_HELP = (
@@ -34,6 +34,7 @@ class Budget:
     warmup: int | None = None  # growth mode: runs before measuring
     repeat: int | None = None  # growth mode: measured runs (None: growth mode off)
     suppress: tuple = ()       # marker's own LSan-style suppressions ("leak:pattern" or "pattern")
+    suppressions: tuple = ()   # the same, parsed (suppressions.Suppression, source "marker")
 
     @property
     def growth(self) -> bool:
@@ -47,16 +48,6 @@ class Budget:
         if self.blocks is not None and leaked_blocks > self.blocks:
             return True
         return False
-
-    def describe(self) -> str:
-        if not self.checked:
-            return "budget off"
-        parts = []
-        if self.bytes is not None:
-            parts.append(format_bytes(self.bytes))
-        if self.blocks is not None:
-            parts.append(format_blocks(self.blocks))
-        return "budget " + (", ".join(parts) if parts else "none")
 
 
 def budget_from_marker(args: Sequence[Any], kwargs: Mapping[str, Any], default: Budget) -> Budget:
@@ -78,7 +69,8 @@ def budget_from_marker(args: Sequence[Any], kwargs: Mapping[str, Any], default: 
             blocks = parse_count(kwargs["blocks"])
         except SizeError as exc:
             raise MarkerError(f"leak_budget(blocks={kwargs['blocks']!r}): {exc}") from None
-    g = {"warmup": warmup, "repeat": repeat, "suppress": _suppress(kwargs.get("suppress"))}
+    suppress, parsed = _suppress(kwargs.get("suppress"))
+    g = {"warmup": warmup, "repeat": repeat, "suppress": suppress, "suppressions": parsed}
     if not args:
         return Budget(bytes=None, blocks=blocks, checked=True, source="marker", **g)
     limit = args[0]
@@ -93,9 +85,10 @@ def budget_from_marker(args: Sequence[Any], kwargs: Mapping[str, Any], default: 
     return Budget(bytes=nbytes, blocks=blocks, checked=True, source="marker", **g)
 
 
-def _suppress(value: Any) -> tuple:
+def _suppress(value: Any) -> tuple[tuple, tuple]:
+    """The marker's patterns and their parsed Suppression objects."""
     if value is None:
-        return ()
+        return (), ()
     if isinstance(value, str):
         value = [value]
     if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
@@ -103,10 +96,10 @@ def _suppress(value: Any) -> tuple:
     from .suppressions import SuppressionError, from_patterns
 
     try:
-        from_patterns(value)
+        parsed = from_patterns(value, source="marker")
     except SuppressionError as exc:
         raise MarkerError(f"leak_budget(suppress={value!r}): {exc}") from None
-    return tuple(value)
+    return tuple(value), tuple(parsed)
 
 
 def _growth(kwargs: Mapping[str, Any], default: Budget) -> tuple[int | None, int | None]:

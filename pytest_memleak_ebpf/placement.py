@@ -95,14 +95,14 @@ from __future__ import annotations
 
 import os
 import re
-import struct
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 from capstone import CS_ARCH_X86, CS_MODE_64, Cs, CsError
 from capstone import x86_const as X86
-from elftools.elf.elffile import ELFFile
+
+from . import elf
 
 __all__ = [
     "Placement",
@@ -543,22 +543,10 @@ def _moved(insn, off: int, address: int, body: bytes, body_complete: bool,
 # ELF side
 # --------------------------------------------------------------------------
 
-_STT_FUNC = 2
-_STT_GNU_IFUNC = 10
-_PT_LOAD = 1
-_PF_X = 1
-
-
-@dataclass
-class _ElfInfo:
-    # name -> list of (value, size, bind, hidden_version, symtab_kind)
-    symbols: Dict[str, List[Tuple[int, int, int, bool, int]]]
-    loads: List[Tuple[int, int, int, int]]  # (vaddr, filesz, offset, flags)
-    ifuncs: Dict[str, int] = field(default_factory=dict)
-
+_PF_X = elf.PF_X
 
 _cache_lock = threading.Lock()
-_elf_cache: Dict[str, Tuple[tuple, _ElfInfo]] = {}
+_elf_cache: Dict[str, Tuple[tuple, elf.FunctionSymbols]] = {}
 _placement_cache: Dict[tuple, Placement] = {}
 
 
@@ -566,66 +554,6 @@ def clear_cache() -> None:
     with _cache_lock:
         _elf_cache.clear()
         _placement_cache.clear()
-
-
-def _read_symtab(elf, sec, versym, kind: int, wanted, symbols, ifuncs) -> None:
-    strtab = elf.get_section(sec["sh_link"]).data()
-    data = sec.data()
-    ent = sec["sh_entsize"] or 24
-    n = len(data) // ent
-    vs = None
-    if versym is not None:
-        vdata = versym.data()
-        if len(vdata) >= 2 * n:
-            vs = struct.unpack_from(f"<{n}H", vdata)
-    for i, (st_name, st_info, _other, shndx, value, size) in enumerate(
-        struct.iter_unpack("<IBBHQQ", data[: n * 24] if ent == 24 else b"")
-    ):
-        if shndx == 0 or value == 0:  # undefined / absent
-            continue
-        typ = st_info & 0xF
-        if typ not in (_STT_FUNC, _STT_GNU_IFUNC):
-            continue
-        end = strtab.find(b"\0", st_name)
-        name = strtab[st_name:end].decode("utf-8", "replace")
-        base = name.split("@", 1)[0]  # .symtab may spell versions inline
-        if base not in wanted:
-            continue
-        if typ == _STT_GNU_IFUNC:
-            ifuncs[base] = value
-            continue
-        hidden = bool(vs[i] & 0x8000) if vs is not None else ("@" in name and "@@" not in name)
-        symbols.setdefault(base, []).append((value, size, st_info >> 4, hidden, kind))
-
-
-def _load_elf(path: str, wanted: frozenset, f=None) -> _ElfInfo:
-    if f is None:
-        with open(path, "rb") as fh:
-            return _load_elf(path, wanted, fh)
-    elf = ELFFile(f)
-    if elf.elfclass != 64 or not elf.little_endian or elf["e_machine"] != "EM_X86_64":
-        raise ValueError(f"{path}: not an x86-64 ELF64 object")
-    # Program headers read directly: elf.iter_segments() would also build
-    # the PT_DYNAMIC segment and parse the hash tables (~10 ms for libc).
-    loads = []
-    phoff, phentsize = elf["e_phoff"], elf["e_phentsize"] or 56
-    for i in range(elf.num_segments()):
-        f.seek(phoff + i * phentsize)
-        p_type, p_flags, p_offset, p_vaddr, _paddr, p_filesz, _memsz, _align = \
-            struct.unpack("<IIQQQQQQ", f.read(56))
-        if p_type == _PT_LOAD:
-            loads.append((p_vaddr, p_filesz, p_offset, p_flags))
-    symbols: Dict[str, List[Tuple[int, int, int, bool, int]]] = {}
-    ifuncs: Dict[str, int] = {}
-    dynsym = elf.get_section_by_name(".dynsym")
-    versym = elf.get_section_by_name(".gnu.version")
-    if dynsym is not None:
-        _read_symtab(elf, dynsym, versym, 0, wanted, symbols, ifuncs)
-    missing = wanted - symbols.keys() - ifuncs.keys()
-    symtab = elf.get_section_by_name(".symtab") if missing else None
-    if symtab is not None:
-        _read_symtab(elf, symtab, None, 1, missing, symbols, ifuncs)
-    return _ElfInfo(symbols, loads, ifuncs)
 
 
 def _file_offset(loads, vaddr: int) -> Optional[Tuple[int, int]]:
@@ -680,7 +608,7 @@ def _place_probes(f, path, functions, max_insns, preserve_stack) -> Dict[str, Sy
             info = cached[1]
     if info is None:
         all_names = wanted | prev_names
-        info = _load_elf(path, all_names, f)
+        info = elf.function_symbols(f, path, all_names)
         with _cache_lock:
             _elf_cache[path] = ((fkey, all_names), info)
 

@@ -319,13 +319,15 @@ _ATTACH = {"session": "3 uprobe session/multi links", "multi": "2 uprobe_multi l
 
 def _tracer_lines(tracer, settings) -> list[str]:
     """The header's tracer lines: probes, where free is probed, how attached."""
+    from .report import budget_text
+
     free = next((p for p in tracer.probes if p.function == "free"), None)
     placed = f", free probed at +{free.offset} ('{free.instruction}')" if free else ""
     lines = [
         f"ebpf-leaks: tracer ready: {tracer.probe_count} probes ({len(tracer.probes)} allocator uprobes on "
         f"{tracer.libc}{placed}; {_ATTACH.get(tracer.attach_mode, tracer.attach_mode)}), loaded in "
         f"{tracer.load_seconds:.2f} s{' (compiled programs from the cache)' if tracer.cached else ''}; "
-        f"default budget {settings.default_budget.describe()[7:]}"
+        f"default budget {budget_text(settings.default_budget)[7:]}"
     ]
     for mode, why in tracer.attach_errors.items():
         lines.append(f"ebpf-leaks: {_ATTACH[mode]} unavailable here ({why}); using the next best "
@@ -440,7 +442,7 @@ class LeakChecker:
     def pytest_runtest_makereport(self, item: pytest.Item, call: pytest.CallInfo):
         outcome = yield
         report: pytest.TestReport = outcome.get_result()
-        if call.when == "teardown" and (self.engine.tracer.in_window() or self.engine._empty_window):
+        if call.when == "teardown" and (self.engine.tracer.in_window() or self.engine.window_empty):
             self._finish_whole_test_window(item, report)
             return
         if not self.engine.active():
@@ -456,7 +458,7 @@ class LeakChecker:
     def _finish_whole_test_window(self, item: pytest.Item, report: pytest.TestReport) -> None:
         """Scope "test": in-process figures arrive at teardown; a leak then
         fails the test at teardown (pytest shows it as an error)."""
-        from .report import failure_text
+        from .report import failure_text, headline
 
         budget = item.stash.get(budget_key, self.engine.settings.default_budget)
         result = item.stash.get(result_key, None)
@@ -472,10 +474,10 @@ class LeakChecker:
         if result.over_budget and not was_over and report.outcome == "passed":
             text = failure_text(result)
             report.outcome = "failed"
-            report.longrepr = LeakRepr(item, result.headline(), text)
+            report.longrepr = LeakRepr(item, headline(result), text)
 
     def _apply(self, item: pytest.Item, report: pytest.TestReport, result) -> None:
-        from .report import failure_text
+        from .report import failure_text, headline, incomplete_headline, within_budget_headline
 
         ip = result.in_process
         props = [
@@ -490,17 +492,15 @@ class LeakChecker:
         incomplete_fails = bool(result.incomplete) and self.engine.settings.on_incomplete == "error"
         if not (result.over_budget or incomplete_fails):
             if result.incomplete:
-                item.warn(pytest.PytestWarning(f"{item.nodeid}: {result.incomplete_headline()}"))
+                item.warn(pytest.PytestWarning(f"{item.nodeid}: {incomplete_headline(result)}"))
             if result.leaked.blocks and report.outcome != "skipped":
-                report.sections.append(("ebpf-leaks", failure_text(
-                    result, headline=f"leaked {result.leaked.bytes:,} B in {result.leaked.blocks:,} blocks "
-                                     f"(within {result.budget.describe()})")))
+                report.sections.append(("ebpf-leaks", failure_text(result, headline=within_budget_headline(result))))
             return
-        headline = result.headline() if result.over_budget else result.incomplete_headline()
-        text = failure_text(result, headline=headline)
+        first = headline(result) if result.over_budget else incomplete_headline(result)
+        text = failure_text(result, headline=first)
         if report.outcome == "passed" and report.when == "call":
             report.outcome = "failed"
-            report.longrepr = LeakRepr(item, headline, text)
+            report.longrepr = LeakRepr(item, first, text)
         elif report.failed and hasattr(report.longrepr, "addsection"):
             report.longrepr.addsection("ebpf leak report", text)
         else:
@@ -550,7 +550,7 @@ class LeakChecker:
                       leaked=sum(r.leaked.bytes for r in results), report_seconds=self.engine.report_seconds,
                       json_path=self.engine.settings.json_path, flamegraphs=self.engine.flamegraphs)
         if config.getoption("ebpf_leaks_gen_suppressions"):
-            from .suppressions import gen_suppressions
+            from .report import gen_suppressions
 
             leaking = [r for r in self.engine.results if r.leaked.blocks]
             tr.write_sep("-", "suggested suppressions (review before use)")

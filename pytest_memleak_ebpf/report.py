@@ -1,37 +1,139 @@
-"""Reporting: the failure text (terminal and JUnit body), the end-of-run
-summary and the JSON report (schema version 1)."""
+"""Reporting, the end of the result pipeline: every text the plugin shows —
+the failure's headline (and the incomplete one), the budget, frames (one
+formatter for stacks, flame graph labels and generated suppressions), the
+failure text (terminal and JUnit body), the suppressions used, the generated
+suppressions, the end-of-run summary — and the JSON report (schema version 1)."""
 
 from __future__ import annotations
 
-import json
-import os
+import re
 import signal as _signal
-import tempfile
-from typing import Iterable
+from typing import TYPE_CHECKING, Iterable, Mapping
 
 from .accounting import ProcessLeak, StackLeak, TestLeakResult
+from .atomic import write_json_atomic
 from .sizes import format_blocks, format_bytes
+from .suppressions import suppression_target
+
+if TYPE_CHECKING:
+    from .marks import Budget
 
 JSON_VERSION = 1
 
 
-def format_frame(f: dict) -> str:
-    module = f.get("module")
-    fn = f.get("function")
+FRAME_STYLES = ("stack", "label", "symbol")
+
+
+def format_frame(f, style: str = "stack") -> str:
+    """The one frame formatter; `f` is a frame dict (resolve.frame_dict) or
+    a symbolize.Frame.
+
+    "stack" (terminal and JUnit stacks): ``function+0xoff (module) at file:line``,
+    ``[unknown] (module)``, ``0xip [unknown]`` or ``[stack not captured]``;
+    "label" (flame graph frames, gen-suppressions' innermost frame): the
+    function, else ``[unknown] (module)``, else ``[unknown]``;
+    "symbol" (the symbolizer's own view): build-id and file-offset details
+    for frames it could not place in a module."""
+    get = f.get if isinstance(f, Mapping) else (lambda k, _f=f: getattr(_f, k, None))
+    fn, module, off, addr = get("function"), get("module"), get("offset"), get("address")
+    if style == "label":
+        if fn:
+            return fn
+        return f"[unknown] ({module})" if module else "[unknown]"
+    if style == "symbol":
+        bid = get("build_id")
+        if fn is not None:
+            s = f"{fn}+0x{(off or 0):x} ({module if module else f'build-id {bid}'})"
+        elif module is not None:
+            s = f"[unknown] ({module}+0x{(addr or 0):x})"
+        elif bid is not None:
+            s = f"[unknown] (build-id {bid}+0x{(addr or 0):x})"
+        elif addr is not None:
+            s = f"0x{addr:x} [unknown]"
+        else:
+            s = "[unknown]"
+        if get("file") and get("line"):
+            s += f" at {get('file')}:{get('line')}"
+        return s
+    if style != "stack":
+        raise ValueError(f"frame style must be one of {FRAME_STYLES}, got {style!r}")
     if fn:
-        off = f.get("offset")
         s = f"{fn}+{off:#x}" if off is not None else fn
         s += f" ({module})" if module else ""
     elif module:
-        off = f.get("offset")
         s = f"[unknown] ({module}+{off:#x})" if off is not None else f"[unknown] ({module})"
-    elif f.get("address") is not None:
-        s = f"{f['address']:#x} [unknown]"
+    elif addr is not None:
+        s = f"{addr:#x} [unknown]"
     else:
         s = "[stack not captured]"
-    if f.get("file"):
-        s += f" at {f['file']}" + (f":{f['line']}" if f.get("line") else "")
+    if get("file"):
+        s += f" at {get('file')}" + (f":{get('line')}" if get("line") else "")
     return s
+
+
+def budget_text(budget: Budget) -> str:
+    """``budget 1,024 B``, ``budget 1,024 B, 3 blocks``, ``budget none`` or ``budget off``."""
+    if not budget.checked:
+        return "budget off"
+    parts = []
+    if budget.bytes is not None:
+        parts.append(format_bytes(budget.bytes))
+    if budget.blocks is not None:
+        parts.append(format_blocks(budget.blocks))
+    return "budget " + (", ".join(parts) if parts else "none")
+
+
+def headline(result: TestLeakResult) -> str:
+    """The failure's first line, self-contained."""
+    n_leaking = len(result.leaking_processes)
+    procs = f"{n_leaking} of {len(result.processes)} process{'es' if len(result.processes) != 1 else ''}"
+    amount = f"{format_bytes(result.leaked.bytes)} in {format_blocks(result.leaked.blocks)}"
+    ip = result.in_process
+    if ip is not None and (ip.leaked.bytes or ip.leaked.blocks):
+        per = " per repetition" if ip.growth else ""
+        where = f"in-process ({format_bytes(ip.leaked.bytes)}{per})"
+        if n_leaking:
+            where += f" and by {procs}"
+        return f"leak budget exceeded: {amount} leaked {where} ({budget_text(result.budget)})"
+    return f"leak budget exceeded: {amount} leaked by {procs} ({budget_text(result.budget)})"
+
+
+_headline = headline   # failure_text's keyword argument `headline` hides the function
+
+
+def incomplete_headline(result: TestLeakResult) -> str:
+    return "leak tracking incomplete: " + "; ".join(result.incomplete)
+
+
+def within_budget_headline(result: TestLeakResult) -> str:
+    """The first line of the report section of a test that leaked within its budget."""
+    return (f"leaked {result.leaked.bytes:,} B in {result.leaked.blocks:,} blocks "
+            f"(within {budget_text(result.budget)})")
+
+
+def suppressions_used_lines(result: TestLeakResult) -> list[str]:
+    """The failure text's "Suppressions used:" block (empty when nothing was suppressed)."""
+    if not result.suppressions_used:
+        return []
+    lines = ["Suppressions used:"]
+    for u in result.suppressions_used:
+        lines.append(f"  {u['stacks']:>5,} stacks {format_bytes(u['bytes']):>12} in {format_blocks(u['blocks'])}: "
+                     f"leak:{u['pattern']} ({u['source']})")
+    return lines
+
+
+def suppressions_table(used) -> list[str]:
+    """LSan-like "Suppressions used:" table of suppressions.SuppressionUse rows
+    (empty when nothing was suppressed)."""
+    if not used:
+        return []
+    rows = [(f"{u.stacks:,}", f"{u.bytes:,}", f"{u.blocks:,}", u.pattern, u.source) for u in used]
+    head = ("stacks", "bytes", "blocks", "pattern", "source")
+    w = [max(len(r[i]) for r in rows + [head]) for i in range(4)]
+    lines = ["Suppressions used:"]
+    for r in [head] + rows:
+        lines.append(f"  {r[0]:>{w[0]}}  {r[1]:>{w[1]}}  {r[2]:>{w[2]}}  {r[3]:<{w[3]}}  {r[4]}")
+    return lines
 
 
 def _status(p: ProcessLeak) -> str:
@@ -112,18 +214,16 @@ def in_process_lines(result: TestLeakResult) -> list[str]:
 
 
 def failure_text(result: TestLeakResult, *, headline: str | None = None) -> str:
-    lines = [headline or result.headline(), ""]
+    lines = [headline or _headline(result), ""]
     if result.processes:
         lines += process_table(result)
     lines += in_process_lines(result)
     if result.leaked.blocks:
         lines += ["", "Top leaking stacks (largest first):"]
         lines += top_stacks(result)
-    if result.suppressions_used:
-        lines += ["", "Suppressions used:"]
-        for u in result.suppressions_used:
-            lines.append(f"  {u['stacks']:>5,} stacks {format_bytes(u['bytes']):>12} in {format_blocks(u['blocks'])}: "
-                         f"leak:{u['pattern']} ({u['source']})")
+    used = suppressions_used_lines(result)
+    if used:
+        lines += [""] + used
     for w in result.incomplete:
         lines.append(f"INCOMPLETE: {w}")
     for w in result.warnings:
@@ -137,12 +237,12 @@ def summary_lines(results: Iterable[TestLeakResult]) -> list[tuple[str, str]]:
     lines = []
     for r in results:
         if r.over_budget:
-            lines.append(("fail", f"{r.nodeid}: {r.headline()}"))
+            lines.append(("fail", f"{r.nodeid}: {headline(r)}"))
         elif r.incomplete:
-            lines.append(("fail", f"{r.nodeid}: {r.incomplete_headline()}"))
+            lines.append(("fail", f"{r.nodeid}: {incomplete_headline(r)}"))
         elif r.leaked.blocks:
             lines.append(("note", f"{r.nodeid}: leaked {format_bytes(r.leaked.bytes)} in "
-                                  f"{format_blocks(r.leaked.blocks)} " + (f"(within {r.budget.describe()})" if r.budget.checked else "(budget off)")))
+                                  f"{format_blocks(r.leaked.blocks)} " + (f"(within {budget_text(r.budget)})" if r.budget.checked else "(budget off)")))
     return lines
 
 
@@ -151,26 +251,6 @@ def json_report(entries: Iterable[dict], *, session: dict | None = None) -> dict
     if session:
         doc["session"] = session
     return doc
-
-
-def write_text_atomic(path: str, text: str) -> None:
-    """Write `text` to `path` atomically (temp file in the same directory + rename)."""
-    directory = os.path.dirname(os.path.abspath(path)) or "."
-    fd, tmp = tempfile.mkstemp(prefix=".ebpf-leaks-", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-
-
-def write_json_atomic(path: str, doc: dict) -> None:
-    write_text_atomic(path, json.dumps(doc, indent=2) + "\n")
 
 
 def write_summary(tr, lines: list, *, checked: int, leaked: int, report_seconds: float | None = None,
@@ -197,3 +277,65 @@ def write_json_report(config, path: str | None, entries: list, session: dict | N
         write_json_atomic(path, json_report(entries, session=session))
     except OSError as exc:
         config.get_terminal_writer().line(f"ebpf-leaks: could not write the JSON report {path!r}: {exc}", red=True)
+
+
+def gen_suppressions(results, summary=None) -> str:
+    """Ready-to-paste ``leak:`` entries for each leaking, unsuppressed stack of a
+    TestLeakResult (or of several), largest first, one entry per distinct
+    pattern, each after a comment giving bytes/blocks and the test(s).
+
+    The entry names the innermost frame with a function name that is not in
+    the C/C++ runtime (libc, ld.so, libstdc++, libgcc_s) or the Python
+    interpreter (python3.X, libpython) and is not an entry
+    point (main, start_thread, ...): an exact ``^function$``. Without one, the
+    innermost unnamed frame's module, as ``/basename$`` (that file in any
+    directory), unless it is the process's executable. Stacks with neither get
+    a comment only: suppressing libc, libstdc++, main or the whole program
+    would hide every leak (suppressions.suppression_target chooses).
+    `summary` (suppressions.apply): stacks it hides are left out."""
+    if hasattr(results, "processes"):
+        results = [results]
+    entries: dict[str, list] = {}   # pattern -> [bytes, blocks, stacks, tests, what]
+    orphans: list[str] = []
+    matched = summary.matches if summary is not None else {}
+    for r in results:
+        owners = [(p, f"pid {p.pid} ({p.comm})", p.exe) for p in r.processes]
+        in_process = getattr(r, "in_process", None)
+        if in_process is not None:
+            owners.append((in_process, "the pytest process (in-process)", None))
+        for p, who, exe in owners:
+            for s in p.stacks:
+                if id(s) in matched or not (s.blocks or s.bytes):
+                    continue
+                where = f"{who} in {r.nodeid}"
+                if not getattr(s, "captured", True):
+                    orphans.append(f"# {s.bytes:,} B in {s.blocks:,} block(s) by {where}: stack not captured")
+                    continue
+                pattern, what = suppression_target(s.frames, exe)
+                if pattern is None:
+                    inner = s.frames[0] if s.frames else {}
+                    label = format_frame(dict(inner, module=inner.get("module") or "?"), "label")
+                    orphans.append(
+                        f"# {s.bytes:,} B in {s.blocks:,} block(s) by {where}: no function outside the "
+                        f"C/C++ runtime and the program's entry points to suppress by (innermost: {label})"
+                    )
+                    continue
+                e = entries.setdefault(pattern, [0, 0, 0, [], what])
+                e[0] += s.bytes
+                e[1] += s.blocks
+                e[2] += 1
+                if r.nodeid not in e[3]:
+                    e[3].append(r.nodeid)
+    lines: list[str] = []
+
+    def one_line(text: str) -> str:  # a comment must not spill onto the next line
+        return re.sub(r"[\x00-\x1f\x7f]", " ", text)
+
+    for pattern, (nbytes, nblocks, nstacks, tests, what) in sorted(
+            entries.items(), key=lambda kv: (-kv[1][0], -kv[1][1], kv[0])):
+        t = tests[0] + (f" and {len(tests) - 1} more test(s)" if len(tests) > 1 else "")
+        stacks = f" from {nstacks} stacks" if nstacks > 1 else ""
+        lines.append(one_line(f"# {nbytes:,} B in {nblocks:,} block(s){stacks} leaked in {t}; {what}"))
+        lines.append(f"leak:{pattern}")
+    lines.extend(one_line(o) for o in orphans)
+    return "\n".join(lines) + ("\n" if lines else "")

@@ -43,20 +43,19 @@ reads files (the module's ELF, cached), and only for such frames.
 
 from __future__ import annotations
 
-import bisect
 import fnmatch
 import functools
 import os
 import re
-import struct
 from dataclasses import dataclass, field
 from typing import Iterable, Mapping, Sequence
+
+from .elf import init_functions
 
 __all__ = [
     "Suppression",
     "SuppressionError",
     "SuppressionUse",
-    "ProcessSuppression",
     "SuppressionSummary",
     "DEFAULT_SUPPRESSIONS",
     "STATIC_INITIALIZER",
@@ -65,7 +64,7 @@ __all__ = [
     "load_suppression_files",
     "match",
     "apply",
-    "gen_suppressions",
+    "suppression_target",
     "pattern_matches",
     "is_static_initializer",
 ]
@@ -335,102 +334,13 @@ def is_static_initializer(frame: Mapping) -> bool:
     module, off = frame.get("module"), frame.get("address")
     if not module or not isinstance(off, int):
         return False
-    try:
-        st = os.stat(module)
-    except OSError:
-        return False
-    info = _init_functions(module, st.st_ino, st.st_size, st.st_mtime_ns)
+    info = init_functions(module)
     if info is None:
         return False
-    build_id, loads, fde_starts, inits = info
     bid = frame.get("build_id")
-    if bid and build_id and bid.lower() != build_id:
+    if bid and info.build_id and bid.lower() != info.build_id:
         return False
-    vaddr = None
-    for p_offset, p_vaddr, p_filesz in loads:
-        if p_offset <= off < p_offset + p_filesz:
-            vaddr = off - p_offset + p_vaddr
-            break
-    if vaddr is None or not fde_starts:
-        return False
-    i = bisect.bisect_right(fde_starts, vaddr) - 1
-    return i >= 0 and fde_starts[i] in inits
-
-
-@functools.lru_cache(maxsize=64)
-def _init_functions(path: str, ino: int, size: int, mtime_ns: int):
-    """(build id hex, [(p_offset, p_vaddr, p_filesz)] of PT_LOADs, sorted function
-    starts from .eh_frame_hdr, set of .init_array targets) of a 64-bit
-    little-endian ELF file, or None."""
-    try:
-        with open(path, "rb") as f:
-            return _read_init_functions(f, size)
-    except (OSError, ValueError, struct.error, IndexError):
-        return None
-
-
-def _read_init_functions(f, size: int):
-    ehdr = f.read(64)
-    if len(ehdr) < 64 or ehdr[:4] != b"\x7fELF" or ehdr[4] != 2 or ehdr[5] != 1:
-        return None
-    (e_phoff, e_shoff) = struct.unpack_from("<QQ", ehdr, 32)
-    e_phentsize, e_phnum, e_shentsize, e_shnum, e_shstrndx = struct.unpack_from("<HHHHH", ehdr, 54)
-
-    def read(off: int, n: int) -> bytes:
-        if off < 0 or n < 0 or off + n > size:
-            raise ValueError("out of file")
-        f.seek(off)
-        return f.read(n)
-
-    loads = []
-    build_id = None
-    for i in range(e_phnum):
-        p_type, _flags, p_offset, p_vaddr, _paddr, p_filesz, _memsz, _align = struct.unpack(
-            "<IIQQQQQQ", read(e_phoff + i * e_phentsize, 56))
-        if p_type == 1:  # PT_LOAD
-            loads.append((p_offset, p_vaddr, p_filesz))
-        elif p_type == 4 and build_id is None:  # PT_NOTE
-            notes = read(p_offset, min(p_filesz, 4096))
-            pos = 0
-            while pos + 12 <= len(notes):
-                namesz, descsz, ntype = struct.unpack_from("<III", notes, pos)
-                name_end = pos + 12 + ((namesz + 3) & ~3)
-                if ntype == 3 and notes[pos + 12:pos + 12 + namesz].rstrip(b"\0") == b"GNU":
-                    build_id = notes[name_end:name_end + descsz].hex()
-                    break
-                pos = name_end + ((descsz + 3) & ~3)
-    shdrs = []
-    for i in range(e_shnum):
-        shdrs.append(struct.unpack("<IIQQQQIIQQ", read(e_shoff + i * e_shentsize, 64)))
-    strtab = read(shdrs[e_shstrndx][4], shdrs[e_shstrndx][5]) if shdrs else b""
-
-    def name(sh) -> bytes:
-        end = strtab.find(b"\0", sh[0])
-        return strtab[sh[0]:end]
-
-    secs = {name(sh): sh for sh in shdrs}
-    ia = secs.get(b".init_array")
-    hdr = secs.get(b".eh_frame_hdr")
-    if ia is None or hdr is None:
-        return build_id, loads, [], set()
-    ia_addr, ia_off, ia_size = ia[3], ia[4], ia[5]
-    words = struct.unpack(f"<{ia_size // 8}Q", read(ia_off, ia_size - ia_size % 8))
-    inits = {w for w in words if w not in (0, 0xFFFFFFFFFFFFFFFF)}
-    rela = secs.get(b".rela.dyn")
-    if rela is not None and rela[5]:
-        data = read(rela[4], rela[5])
-        for r_offset, r_info, r_addend in struct.iter_unpack("<QQq", data[:len(data) - len(data) % 24]):
-            if ia_addr <= r_offset < ia_addr + ia_size and (r_info & 0xFFFFFFFF) == 8:  # R_X86_64_RELATIVE
-                inits.add(r_addend)
-    # .eh_frame_hdr binary search table: sorted function start addresses
-    h_addr, h_off, h_size = hdr[3], hdr[4], hdr[5]
-    h = read(h_off, h_size)
-    version, ptr_enc, count_enc, table_enc = h[0], h[1], h[2], h[3]
-    if version != 1 or table_enc != 0x3B or count_enc != 0x03 or ptr_enc not in (0x1B, 0x03):
-        return build_id, loads, [], inits
-    (fde_count,) = struct.unpack_from("<I", h, 8)
-    starts = sorted(h_addr + rel for rel, _fde in struct.iter_unpack("<ii", h[12:12 + 8 * fde_count]))
-    return build_id, loads, starts, inits
+    return info.in_initializer(off)
 
 
 # --------------------------------------------------------------------------
@@ -572,11 +482,6 @@ DEFAULT_SUPPRESSIONS: tuple[Suppression, ...] = tuple(
 # Applying suppressions to a test's result
 # --------------------------------------------------------------------------
 
-def _amount(bytes_: int = 0, blocks: int = 0):
-    from .accounting import Amount  # late: accounting may import this module
-    return Amount(bytes_, blocks)
-
-
 @dataclass
 class SuppressionUse:
     """One line of "Suppressions used" (LSan's count / bytes / template)."""
@@ -588,22 +493,9 @@ class SuppressionUse:
 
 
 @dataclass
-class ProcessSuppression:
-    pid: int
-    comm: str
-    outstanding: object   # Amount: untouched copy of ProcessLeak.outstanding
-    suppressed: object    # Amount
-    leaked: object        # Amount: outstanding - suppressed
-
-
-@dataclass
 class SuppressionSummary:
     matches: dict[int, Suppression]           # id(StackLeak) -> the suppression that hides it
-    processes: list[ProcessSuppression]       # aligned with result.processes
-    leaked: object                            # Amount, all processes
-    suppressed: object                        # Amount, all processes
     used: list[SuppressionUse]                # largest first (processes and in-process stacks)
-    in_process_suppressed: object = None      # Amount of result.in_process stacks hidden, None without in_process
 
     def suppression_for(self, stack) -> Suppression | None:
         return self.matches.get(id(stack))
@@ -611,44 +503,28 @@ class SuppressionSummary:
     def is_suppressed(self, stack) -> bool:
         return id(stack) in self.matches
 
-    def used_lines(self) -> list[str]:
-        """LSan-like "Suppressions used:" block (empty when nothing was suppressed)."""
-        if not self.used:
-            return []
-        rows = [(f"{u.stacks:,}", f"{u.bytes:,}", f"{u.blocks:,}", u.pattern, u.source) for u in self.used]
-        head = ("stacks", "bytes", "blocks", "pattern", "source")
-        w = [max(len(r[i]) for r in rows + [head]) for i in range(4)]
-        lines = ["Suppressions used:"]
-        for r in [head] + rows:
-            lines.append(f"  {r[0]:>{w[0]}}  {r[1]:>{w[1]}}  {r[2]:>{w[2]}}  {r[3]:<{w[3]}}  {r[4]}")
-        return lines
-
 
 def apply(result, suppressions: Sequence[Suppression]) -> SuppressionSummary:
-    """Which stacks of a TestLeakResult the suppressions hide, and the figures
-    after suppression. Pure: nothing in ``result`` is modified.
+    """Which stacks of a TestLeakResult the suppressions hide, and how much
+    each suppression hid. Pure: nothing in ``result`` is modified (the figures
+    after suppression are verdict.settle's).
 
-    A process's leaked amount is its outstanding amount minus its suppressed
-    stacks (stacks not listed in ``process.stacks``, e.g. beyond a stack limit,
-    are never suppressed). Stacks that were not captured never match.
-    Stacks of ``result.in_process`` (the pytest process's own blocks), when
-    present, are matched too (``matches``, ``used``, ``in_process_suppressed``);
-    what they mean for its budget figure (mode filter, growth) is left to the
-    caller, and they are not in ``leaked``/``suppressed``."""
+    Stacks that were not captured never match. Stacks of
+    ``result.in_process`` (the pytest process's own blocks), when present, are
+    matched too."""
     matcher = _Matcher(suppressions)
     matches: dict[int, Suppression] = {}
     per_use: dict[Suppression, list[int]] = {}
     order: list[Suppression] = []
-    procs = []
-    total_leaked = _amount()
-    total_supp = _amount()
-
-    def note(s) -> Suppression | None:
+    stacks = [s for p in result.processes for s in p.stacks]
+    if getattr(result, "in_process", None) is not None:
+        stacks += result.in_process.stacks
+    for s in stacks:
         if not getattr(s, "captured", True):
-            return None
+            continue
         hit = matcher(s.frames)
         if hit is None:
-            return None
+            continue
         matches[id(s)] = hit
         if hit not in per_use:
             per_use[hit] = [0, 0, 0]
@@ -657,33 +533,9 @@ def apply(result, suppressions: Sequence[Suppression]) -> SuppressionSummary:
         u[0] += 1
         u[1] += s.bytes
         u[2] += s.blocks
-        return hit
-
-    for p in result.processes:
-        supp = _amount()
-        for s in p.stacks:
-            if note(s) is not None:
-                supp.bytes += s.bytes
-                supp.blocks += s.blocks
-        out = p.outstanding
-        leaked = _amount(max(out.bytes - supp.bytes, 0), max(out.blocks - supp.blocks, 0))
-        procs.append(ProcessSuppression(p.pid, p.comm, _amount(out.bytes, out.blocks), supp, leaked))
-        total_leaked.bytes += leaked.bytes
-        total_leaked.blocks += leaked.blocks
-        total_supp.bytes += supp.bytes
-        total_supp.blocks += supp.blocks
-    in_process = getattr(result, "in_process", None)
-    ip_supp = None
-    if in_process is not None:
-        ip_supp = _amount()
-        for s in in_process.stacks:
-            hit = note(s)
-            if hit is not None:
-                ip_supp.bytes += s.bytes
-                ip_supp.blocks += s.blocks
     used = [SuppressionUse(per_use[s][0], per_use[s][1], per_use[s][2], s.pattern, s.source) for s in order]
     used.sort(key=lambda u: (-u.bytes, -u.blocks, -u.stacks))
-    return SuppressionSummary(matches, procs, total_leaked, total_supp, used, ip_supp)
+    return SuppressionSummary(matches, used)
 
 
 # --------------------------------------------------------------------------
@@ -711,7 +563,7 @@ _ENTRY_POINTS = frozenset({
 })
 
 
-def _target(frames: Sequence[Mapping], exe: str | None) -> tuple[str | None, str]:
+def suppression_target(frames: Sequence[Mapping], exe: str | None) -> tuple[str | None, str]:
     """(pattern, what) to suppress a stack by; pattern None when there is no
     frame outside the C/C++ runtime to name (or only the program's entry
     points, or only the executable itself as a module)."""
@@ -728,64 +580,3 @@ def _target(frames: Sequence[Mapping], exe: str | None) -> tuple[str | None, str
             if _pattern_problem(pattern) is None:
                 return pattern, f"any stack through module {mod} (it has no function names)"
     return None, ""
-
-
-def gen_suppressions(results, summary: SuppressionSummary | None = None) -> str:
-    """Ready-to-paste ``leak:`` entries for each leaking, unsuppressed stack of a
-    TestLeakResult (or of several), largest first, one entry per distinct
-    pattern, each after a comment giving bytes/blocks and the test(s).
-
-    The entry names the innermost frame with a function name that is not in
-    the C/C++ runtime (libc, ld.so, libstdc++, libgcc_s) or the Python
-    interpreter (python3.X, libpython) and is not an entry
-    point (main, start_thread, ...): an exact ``^function$``. Without one, the
-    innermost unnamed frame's module, as ``/basename$`` (that file in any
-    directory), unless it is the process's executable. Stacks with neither get
-    a comment only: suppressing libc, libstdc++, main or the whole program
-    would hide every leak."""
-    if hasattr(results, "processes"):
-        results = [results]
-    entries: dict[str, list] = {}   # pattern -> [bytes, blocks, stacks, tests, what]
-    orphans: list[str] = []
-    matched = summary.matches if summary is not None else {}
-    for r in results:
-        owners = [(p, f"pid {p.pid} ({p.comm})", p.exe) for p in r.processes]
-        in_process = getattr(r, "in_process", None)
-        if in_process is not None:
-            owners.append((in_process, "the pytest process (in-process)", None))
-        for p, who, exe in owners:
-            for s in p.stacks:
-                if id(s) in matched or not (s.blocks or s.bytes):
-                    continue
-                where = f"{who} in {r.nodeid}"
-                if not getattr(s, "captured", True):
-                    orphans.append(f"# {s.bytes:,} B in {s.blocks:,} block(s) by {where}: stack not captured")
-                    continue
-                pattern, what = _target(s.frames, exe)
-                if pattern is None:
-                    inner = s.frames[0] if s.frames else {}
-                    label = inner.get("function") or f"[unknown] ({inner.get('module') or '?'})"
-                    orphans.append(
-                        f"# {s.bytes:,} B in {s.blocks:,} block(s) by {where}: no function outside the "
-                        f"C/C++ runtime and the program's entry points to suppress by (innermost: {label})"
-                    )
-                    continue
-                e = entries.setdefault(pattern, [0, 0, 0, [], what])
-                e[0] += s.bytes
-                e[1] += s.blocks
-                e[2] += 1
-                if r.nodeid not in e[3]:
-                    e[3].append(r.nodeid)
-    lines: list[str] = []
-
-    def one_line(text: str) -> str:  # a comment must not spill onto the next line
-        return re.sub(r"[\x00-\x1f\x7f]", " ", text)
-
-    for pattern, (nbytes, nblocks, nstacks, tests, what) in sorted(
-            entries.items(), key=lambda kv: (-kv[1][0], -kv[1][1], kv[0])):
-        t = tests[0] + (f" and {len(tests) - 1} more test(s)" if len(tests) > 1 else "")
-        stacks = f" from {nstacks} stacks" if nstacks > 1 else ""
-        lines.append(one_line(f"# {nbytes:,} B in {nblocks:,} block(s){stacks} leaked in {t}; {what}"))
-        lines.append(f"leak:{pattern}")
-    lines.extend(one_line(o) for o in orphans)
-    return "\n".join(lines) + ("\n" if lines else "")

@@ -19,7 +19,11 @@ time a report is rendered, so everything here works from files on disk:
   located through ``.debug_aranges`` (or, for CUs it does not describe, a
   one-time index of the CUs' address ranges).  A small built-in DWARF reader
   does this (pyelftools, used as the fallback, is 10-100x slower on large
-  libraries; see the notes above ``_uleb``).
+  libraries; see the notes above ``_uleb`` and bench/elf_lines.py, which
+  measures both on libc's and libpython's line tables).
+
+ELF itself (headers, build ids, symbol tables, sections) is read by elf.py;
+resolved frames are cached once per session by resolve.Resolver.
 
 Nothing in here raises on missing or corrupt files: frames degrade to
 ``function+offset`` without a line, or to ``[unknown]``.
@@ -34,9 +38,11 @@ import shutil
 import struct
 import subprocess
 import threading
-import zlib
 from dataclasses import dataclass
 from typing import Iterable, Sequence
+
+from .elf import (SHT_DYNSYM, SHT_SYMTAB, Sections, SymbolTable, debug_load_segments, debuglink, dwarf_info,
+                  load_segments, norm_build_id, read_build_id, stat_key)
 
 __all__ = ["Frame", "Symbolizer", "read_build_id", "ld_cache_paths"]
 
@@ -62,246 +68,6 @@ class Frame:
     """Build id (hex) for build-id frames."""
     address: int | None = None
     """The file offset (build-id frames) or the raw ip (unresolved frames)."""
-
-    def format(self) -> str:
-        if self.function is not None:
-            off = self.offset or 0
-            where = self.module if self.module else f"build-id {self.build_id}"
-            text = f"{self.function}+0x{off:x} ({where})"
-        elif self.module is not None:
-            text = f"[unknown] ({self.module}+0x{(self.address or 0):x})"
-        elif self.build_id is not None:
-            text = f"[unknown] (build-id {self.build_id}+0x{(self.address or 0):x})"
-        elif self.address is not None:
-            text = f"0x{self.address:x} [unknown]"
-        else:
-            text = "[unknown]"
-        if self.file and self.line:
-            text += f" at {self.file}:{self.line}"
-        return text
-
-    __str__ = format
-
-
-# --------------------------------------------------------------------------
-# Minimal, fast ELF reading (header, program headers, notes, sections)
-# --------------------------------------------------------------------------
-
-_ELF_MAGIC = b"\x7fELF"
-PT_LOAD = 1
-PT_NOTE = 4
-SHT_SYMTAB = 2
-SHT_NOTE = 7
-SHT_NOBITS = 8
-SHT_DYNSYM = 11
-SHF_COMPRESSED = 0x800
-NT_GNU_BUILD_ID = 3
-STT_FUNC = 2
-STT_GNU_IFUNC = 10
-STB_LOCAL, STB_GLOBAL, STB_WEAK = 0, 1, 2
-
-_HEAD_READ = 4096  # header + phdrs + build-id note almost always fit in here
-
-
-class _ElfHeader:
-    __slots__ = ("is64", "endian", "e_type", "phoff", "phentsize", "phnum",
-                 "shoff", "shentsize", "shnum", "shstrndx")
-
-    def __init__(self, buf: bytes):
-        if len(buf) < 52 or buf[:4] != _ELF_MAGIC:
-            raise ValueError("not an ELF file")
-        ei_class, ei_data = buf[4], buf[5]
-        if ei_class not in (1, 2) or ei_data not in (1, 2):
-            raise ValueError("bad ELF ident")
-        self.is64 = ei_class == 2
-        self.endian = "<" if ei_data == 1 else ">"
-        e = self.endian
-        if self.is64:
-            if len(buf) < 64:
-                raise ValueError("truncated ELF header")
-            (self.e_type,) = struct.unpack_from(e + "H", buf, 0x10)
-            self.phoff, self.shoff = struct.unpack_from(e + "QQ", buf, 0x20)
-            (self.phentsize, self.phnum, self.shentsize, self.shnum,
-             self.shstrndx) = struct.unpack_from(e + "HHHHH", buf, 0x36)
-        else:
-            (self.e_type,) = struct.unpack_from(e + "H", buf, 0x10)
-            self.phoff, self.shoff = struct.unpack_from(e + "II", buf, 0x1C)
-            (self.phentsize, self.phnum, self.shentsize, self.shnum,
-             self.shstrndx) = struct.unpack_from(e + "HHHHH", buf, 0x2A)
-
-
-class _Phdr:
-    __slots__ = ("type", "flags", "offset", "vaddr", "filesz", "memsz", "align")
-
-    def __init__(self, type_, flags, offset, vaddr, filesz, memsz, align):
-        self.type, self.flags, self.offset, self.vaddr = type_, flags, offset, vaddr
-        self.filesz, self.memsz, self.align = filesz, memsz, align
-
-
-class _Shdr:
-    __slots__ = ("name_off", "name", "type", "flags", "addr", "offset", "size",
-                 "link", "info", "addralign", "entsize")
-
-    def __init__(self, name_off, type_, flags, addr, offset, size, link, info,
-                 addralign, entsize):
-        self.name_off, self.type, self.flags, self.addr = name_off, type_, flags, addr
-        self.offset, self.size, self.link, self.info = offset, size, link, info
-        self.addralign, self.entsize = addralign, entsize
-        self.name = ""
-
-
-def _pread(f, offset: int, size: int, head: bytes = b"") -> bytes:
-    """Read ``size`` bytes at ``offset``, served from ``head`` when possible."""
-    if offset + size <= len(head):
-        return head[offset:offset + size]
-    f.seek(offset)
-    data = f.read(size)
-    if len(data) != size:
-        raise ValueError("truncated ELF file")
-    return data
-
-
-def _read_phdrs(f, h: _ElfHeader, head: bytes = b"") -> list[_Phdr]:
-    if h.phnum == 0 or h.phoff == 0:
-        return []
-    if h.phnum > 4096 or h.phentsize < (56 if h.is64 else 32):
-        raise ValueError("bad program header table")
-    raw = _pread(f, h.phoff, h.phnum * h.phentsize, head)
-    out = []
-    e = h.endian
-    for i in range(h.phnum):
-        base = i * h.phentsize
-        if h.is64:
-            t, fl, off, va, _pa, fsz, msz, al = struct.unpack_from(e + "IIQQQQQQ", raw, base)
-        else:
-            t, off, va, _pa, fsz, msz, fl, al = struct.unpack_from(e + "IIIIIIII", raw, base)
-        out.append(_Phdr(t, fl, off, va, fsz, msz, al))
-    return out
-
-
-def _read_shdrs(f, h: _ElfHeader, file_size: int) -> list[_Shdr]:
-    if h.shnum == 0 or h.shoff == 0:
-        return []
-    if h.shnum > 65535 or h.shentsize < (64 if h.is64 else 40):
-        raise ValueError("bad section header table")
-    if h.shoff + h.shnum * h.shentsize > file_size:
-        raise ValueError("section header table past end of file")
-    raw = _pread(f, h.shoff, h.shnum * h.shentsize)
-    e = h.endian
-    out = []
-    for i in range(h.shnum):
-        base = i * h.shentsize
-        if h.is64:
-            vals = struct.unpack_from(e + "IIQQQQIIQQ", raw, base)
-        else:
-            vals = struct.unpack_from(e + "IIIIIIIIII", raw, base)
-        out.append(_Shdr(*vals))
-    if 0 < h.shstrndx < len(out):
-        strsec = out[h.shstrndx]
-        if strsec.type != SHT_NOBITS and strsec.offset + strsec.size <= file_size:
-            names = _pread(f, strsec.offset, strsec.size)
-            for s in out:
-                end = names.find(b"\0", s.name_off)
-                if end >= 0:
-                    s.name = names[s.name_off:end].decode("utf-8", "replace")
-    return out
-
-
-def _section_data(f, h: _ElfHeader, s: _Shdr, file_size: int) -> bytes:
-    if s.type == SHT_NOBITS or s.offset + s.size > file_size:
-        raise ValueError(f"section {s.name!r} has no data in this file")
-    data = _pread(f, s.offset, s.size)
-    if s.flags & SHF_COMPRESSED:
-        e = h.endian
-        if h.is64:
-            ch_type, _res, ch_size, _al = struct.unpack_from(e + "IIQQ", data, 0)
-            hdr = 24
-        else:
-            ch_type, ch_size, _al = struct.unpack_from(e + "III", data, 0)
-            hdr = 12
-        if ch_type != 1:  # ELFCOMPRESS_ZLIB; zstd is not in the stdlib
-            raise ValueError(f"unsupported section compression {ch_type}")
-        data = zlib.decompress(data[hdr:])
-        if len(data) != ch_size:
-            raise ValueError("bad compressed section")
-    return data
-
-
-def _parse_build_id_notes(data: bytes, endian: str, align: int) -> bytes | None:
-    pos, n = 0, len(data)
-    align = 8 if align == 8 else 4
-    while pos + 12 <= n:
-        namesz, descsz, ntype = struct.unpack_from(endian + "III", data, pos)
-        pos += 12
-        name_end = pos + namesz
-        desc_start = (name_end + align - 1) & ~(align - 1)
-        desc_end = desc_start + descsz
-        if desc_end > n:
-            return None
-        if ntype == NT_GNU_BUILD_ID and data[pos:name_end] == b"GNU\0" and descsz:
-            return bytes(data[desc_start:desc_end])
-        pos = (desc_end + align - 1) & ~(align - 1)
-    return None
-
-
-def _build_id_from_open_file(f, file_size: int) -> bytes | None:
-    head = f.read(_HEAD_READ)
-    h = _ElfHeader(head)
-    for ph in _read_phdrs(f, h, head):
-        if ph.type == PT_NOTE and ph.filesz and ph.offset + ph.filesz <= file_size \
-                and ph.filesz < (1 << 20):
-            bid = _parse_build_id_notes(_pread(f, ph.offset, ph.filesz, head),
-                                        h.endian, ph.align)
-            if bid:
-                return bid
-    # No usable PT_NOTE (separate debug files, relocatable objects): sections.
-    for s in _read_shdrs(f, h, file_size):
-        if s.type == SHT_NOTE and s.size and s.size < (1 << 20) \
-                and s.offset + s.size <= file_size:
-            bid = _parse_build_id_notes(_pread(f, s.offset, s.size),
-                                        h.endian, s.addralign)
-            if bid:
-                return bid
-    return None
-
-
-_bid_cache: dict[tuple, bytes | None] = {}
-_bid_cache_lock = threading.Lock()
-
-
-def _stat_key(st: os.stat_result) -> tuple:
-    return (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
-
-
-def read_build_id(path: str) -> bytes | None:
-    """GNU build id of the ELF at ``path`` (None if none or unreadable).
-
-    Only the ELF header, the program headers and the PT_NOTE segments are
-    read; results are cached by (st_dev, st_ino, st_mtime_ns, st_size).
-    """
-    try:
-        with open(path, "rb", buffering=0) as f:
-            st = os.fstat(f.fileno())
-            key = _stat_key(st)
-            with _bid_cache_lock:
-                if key in _bid_cache:
-                    return _bid_cache[key]
-            try:
-                bid = _build_id_from_open_file(f, st.st_size)
-            except (ValueError, struct.error):
-                bid = None
-    except OSError:
-        return None
-    with _bid_cache_lock:
-        if len(_bid_cache) > 65536:
-            _bid_cache.clear()
-        _bid_cache[key] = bid
-    return bid
-
-
-def _norm_bid(bid: bytes) -> bytes:
-    """Kernel build ids are 20 bytes, zero padded; normalise ours the same way."""
-    return bid + b"\0" * (20 - len(bid)) if len(bid) < 20 else bid
 
 
 # --------------------------------------------------------------------------
@@ -386,7 +152,7 @@ def _ld_cache_build_ids(cache_file: str = _LD_CACHE_FILE) -> dict[bytes, str]:
     Computed once per content of ld.so.cache (keyed by its stat)."""
     global _ld_scan
     try:
-        key: tuple | None = _stat_key(os.stat(cache_file))
+        key: tuple | None = stat_key(os.stat(cache_file))
     except OSError:
         key = None
     with _ld_scan_lock:
@@ -396,123 +162,9 @@ def _ld_cache_build_ids(cache_file: str = _LD_CACHE_FILE) -> dict[bytes, str]:
         for p in ld_cache_paths(cache_file):
             bid = read_build_id(p)
             if bid:
-                mapping.setdefault(_norm_bid(bid), p)
+                mapping.setdefault(norm_build_id(bid), p)
         _ld_scan = (key, mapping)
         return mapping
-
-
-# --------------------------------------------------------------------------
-# Symbol tables
-# --------------------------------------------------------------------------
-
-
-def _name_rank(name: str, binding: int) -> tuple:
-    """Sort key choosing the display name among aliases at one address:
-    global/weak before local, unversioned before ``name@VER``, fewer leading
-    underscores, GLOBAL before WEAK, shorter, then alphabetical."""
-    nonlocal_ = 0 if binding in (STB_GLOBAL, STB_WEAK) else 1
-    underscores = len(name) - len(name.lstrip("_"))
-    return (nonlocal_, "@" in name, underscores, 0 if binding == STB_GLOBAL else 1,
-            len(name), name)
-
-
-class _SymbolTable:
-    """Function symbols as sorted parallel arrays; lookups are a bisect."""
-
-    _BACKTRACK = 8  # nested/overlapping symbols: look a few entries back
-
-    def __init__(self, starts, ends, names, strtab: bytes, source: str):
-        self.starts: list[int] = starts
-        self.ends: list[int] = ends
-        self._names: list = names  # int (offset into strtab) or str
-        self._strtab = strtab
-        self.source = source
-
-    def __len__(self):
-        return len(self.starts)
-
-    def _name(self, i: int) -> str:
-        n = self._names[i]
-        if isinstance(n, int):
-            stop = self._strtab.find(b"\0", n)
-            n = self._strtab[n:stop if stop >= 0 else len(self._strtab)].decode("utf-8", "replace")
-            n = n.split("@", 1)[0] or n
-            self._names[i] = n
-        return n
-
-    def lookup(self, vaddr: int) -> tuple[str, int] | None:
-        i = bisect.bisect_right(self.starts, vaddr) - 1
-        stop = max(i - self._BACKTRACK, -1)
-        while i > stop:
-            if vaddr < self.ends[i]:
-                return self._name(i), self.starts[i]
-            i -= 1
-        return None
-
-    @classmethod
-    def from_file(cls, path: str, types: Sequence[int]) -> _SymbolTable | None:
-        with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            h = _ElfHeader(f.read(64))
-            shdrs = _read_shdrs(f, h, size)
-            for want in types:
-                for s in shdrs:
-                    if s.type != want or not s.size or not (0 < s.link < len(shdrs)):
-                        continue
-                    try:
-                        syms = _section_data(f, h, s, size)
-                        strtab = _section_data(f, h, shdrs[s.link], size)
-                    except (ValueError, zlib.error, struct.error):
-                        continue
-                    tab = cls._build(syms, strtab, h, f"{path}:{s.name}")
-                    if tab is not None and len(tab):
-                        return tab
-        return None
-
-    @classmethod
-    def _build(cls, syms: bytes, strtab: bytes, h: _ElfHeader, source: str):
-        if h.is64:
-            fmt, esz = h.endian + "IBBHQQ", 24
-            rows = struct.iter_unpack(fmt, memoryview(syms)[:len(syms) - len(syms) % esz])
-            funcs = [(value, value + size, info >> 4, name)
-                     for name, info, _other, shndx, value, size in rows
-                     if size and shndx and ((info & 0xF) == STT_FUNC or (info & 0xF) == STT_GNU_IFUNC)]
-        else:
-            fmt, esz = h.endian + "IIIBBH", 16
-            rows = struct.iter_unpack(fmt, memoryview(syms)[:len(syms) - len(syms) % esz])
-            funcs = [(value, value + size, info >> 4, name)
-                     for name, value, size, info, _other, shndx in rows
-                     if size and shndx and ((info & 0xF) == STT_FUNC or (info & 0xF) == STT_GNU_IFUNC)]
-        if not funcs:
-            return None
-        funcs.sort()
-        starts: list[int] = []
-        ends: list[int] = []
-        names: list = []
-
-        def decode(off: int) -> str:
-            stop = strtab.find(b"\0", off)
-            return strtab[off:stop if stop >= 0 else len(strtab)].decode("utf-8", "replace")
-
-        i, n = 0, len(funcs)
-        while i < n:
-            start = funcs[i][0]
-            j = i + 1
-            while j < n and funcs[j][0] == start:
-                j += 1
-            if j - i == 1:
-                starts.append(start)
-                ends.append(funcs[i][1])
-                names.append(funcs[i][3])
-            else:
-                group = funcs[i:j]
-                best = min(group, key=lambda g: _name_rank(decode(g[3]), g[2]))
-                nm = decode(best[3])
-                starts.append(start)
-                ends.append(max(g[1] for g in group))
-                names.append(nm.split("@", 1)[0] or nm)
-            i = j
-        return cls(starts, ends, names, strtab, source)
 
 
 # --------------------------------------------------------------------------
@@ -786,7 +438,7 @@ class _CU:
 class _RawDwarf:
     """Just enough of a DWARF 2-5 reader for line lookups (see module notes)."""
 
-    def __init__(self, sections: _Sections):
+    def __init__(self, sections: Sections):
         self._s = sections
         self.little = sections.little
         self.order = "little" if sections.little else "big"
@@ -1168,45 +820,13 @@ class _RawDwarf:
         return _LineTable(seqs, names, dir_of, dirs, comp_dir, version >= 5)
 
 
-class _Sections:
-    """Lazily read (and decompressed) sections of one ELF file."""
-
-    def __init__(self, path: str):
-        self.path = path
-        with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            self._h = _ElfHeader(f.read(64))
-            self._shdrs = {s.name: s for s in _read_shdrs(f, self._h, size)
-                           if s.type != SHT_NOBITS}
-        self._size = size
-        self.little = self._h.endian == "<"
-        self._data: dict[str, bytes | None] = {}
-
-    def has(self, name: str) -> bool:
-        return name in self._shdrs and self._shdrs[name].size > 0
-
-    def get(self, name: str) -> bytes | None:
-        if name in self._data:
-            return self._data[name]
-        data = None
-        s = self._shdrs.get(name)
-        if s is not None and s.size:
-            try:
-                with open(self.path, "rb") as f:
-                    data = _section_data(f, self._h, s, self._size)
-            except (OSError, ValueError, zlib.error, struct.error) as exc:
-                log.debug("cannot read %s of %s: %s", name, self.path, exc)
-                data = None
-        self._data[name] = data
-        return data
-
 
 class _DwarfLines:
     """file:line lookups for one ELF with DWARF (.debug_info + .debug_line)."""
 
     def __init__(self, path: str):
         self.path = path
-        self._s = _Sections(path)
+        self._s = Sections(path)
         if not (self._s.has(".debug_line") and self._s.has(".debug_info")):
             raise ValueError("no DWARF line info")
         self._raw = _RawDwarf(self._s)
@@ -1283,12 +903,7 @@ class _DwarfLines:
     def _pyelftools_table(self, cu_off: int) -> _LineTable | None:
         try:
             if self._pyelf is None:
-                from elftools.elf.elffile import ELFFile
-
-                with open(self.path, "rb") as f:
-                    # Section contents are copied into memory streams here.
-                    self._pyelf = ELFFile(f).get_dwarf_info(relocate_dwarf_sections=False,
-                                                            follow_links=False)
+                self._pyelf = dwarf_info(self.path)
             di = self._pyelf
             cu = di.get_CU_at(cu_off)
             lp = di.line_program_for_CU(cu)
@@ -1336,7 +951,7 @@ class _Module:
         self.debug_path = debug_path
         self._want_lines = want_lines
         self._loads: list[tuple[int, int, int, int]] | None = None  # (off, filesz, vaddr, memsz)
-        self._symbols: _SymbolTable | None | bool = False  # False: not loaded yet
+        self._symbols: SymbolTable | None | bool = False  # False: not loaded yet
         self._lines: _DwarfLines | None | bool = False
 
     # file offset -> vaddr ----------------------------------------------------
@@ -1346,27 +961,12 @@ class _Module:
         loads: list[tuple[int, int, int, int]] = []
         if self.path is not None:
             try:
-                with open(self.path, "rb") as f:
-                    head = f.read(_HEAD_READ)
-                    h = _ElfHeader(head)
-                    loads = [(p.offset, p.filesz, p.vaddr, p.memsz)
-                             for p in _read_phdrs(f, h, head) if p.type == PT_LOAD]
+                loads = load_segments(self.path)
             except (OSError, ValueError, struct.error) as exc:
                 log.debug("cannot read program headers of %s: %s", self.path, exc)
         elif self.debug_path is not None:
-            # A separate debug file keeps the program headers with the right
-            # vaddrs but NOBITS offsets; assume the usual linker layout where
-            # offset == vaddr - first PT_LOAD vaddr (exact for -z separate-code
-            # text segments, which is where code lives).
             try:
-                with open(self.debug_path, "rb") as f:
-                    head = f.read(_HEAD_READ)
-                    h = _ElfHeader(head)
-                    ph = sorted((p for p in _read_phdrs(f, h, head) if p.type == PT_LOAD),
-                                key=lambda p: p.vaddr)
-                if ph:
-                    base = ph[0].vaddr - ph[0].vaddr % max(ph[0].align, 1)
-                    loads = [(p.vaddr - base, p.memsz, p.vaddr, p.memsz) for p in ph]
+                loads = debug_load_segments(self.debug_path)
             except (OSError, ValueError, struct.error) as exc:
                 log.debug("cannot read program headers of %s: %s", self.debug_path, exc)
         self._loads = loads
@@ -1386,7 +986,7 @@ class _Module:
         return None
 
     # symbols -------------------------------------------------------------------
-    def symbols(self) -> _SymbolTable | None:
+    def symbols(self) -> SymbolTable | None:
         if self._symbols is not False:
             return self._symbols  # type: ignore[return-value]
         tab = None
@@ -1397,7 +997,7 @@ class _Module:
             sources.append((self.path, (SHT_SYMTAB, SHT_DYNSYM)))
         for p, types in sources:
             try:
-                tab = _SymbolTable.from_file(p, types)
+                tab = SymbolTable.from_file(p, types)
             except (OSError, ValueError, struct.error) as exc:
                 log.debug("cannot read symbols of %s: %s", p, exc)
                 tab = None
@@ -1472,8 +1072,9 @@ _MISSING = object()
 class Symbolizer:
     """Resolve build-id frames from files on disk.
 
-    One instance is meant to live for a whole session: ELF symbol tables,
-    DWARF line tables and resolved frames are cached per build id.
+    One instance is meant to live for a whole session: module files, ELF
+    symbol tables and DWARF line tables are cached per build id. Resolved
+    frames are not: resolve.Resolver keeps the session's one frame cache.
     """
 
     def __init__(self, *, debug_dirs: Sequence[str] = ("/usr/lib/debug",),
@@ -1489,7 +1090,6 @@ class Symbolizer:
         self._candidates_seen: set[str] = set()
         self._by_bid: dict[bytes, str] = {}
         self._modules: dict[bytes, _Module | None] = {}
-        self._memo: dict[tuple[bytes, int, bool], Frame] = {}
 
     # registration ------------------------------------------------------------
     def add_candidate(self, path: str) -> None:
@@ -1506,7 +1106,7 @@ class Symbolizer:
         for p in pending:
             bid = read_build_id(p)
             if bid:
-                self._by_bid.setdefault(_norm_bid(bid), p)
+                self._by_bid.setdefault(norm_build_id(bid), p)
 
     def _find_module_path(self, key: bytes) -> str | None:
         p = self._by_bid.get(key)
@@ -1541,17 +1141,7 @@ class Symbolizer:
         return None
 
     def _find_debuglink(self, module_path: str, real_bid: bytes | None) -> str | None:
-        try:
-            with open(module_path, "rb") as f:
-                size = os.fstat(f.fileno()).st_size
-                h = _ElfHeader(f.read(64))
-                link = next((s for s in _read_shdrs(f, h, size) if s.name == ".gnu_debuglink"), None)
-                if link is None:
-                    return None
-                data = _section_data(f, h, link, size)
-        except (OSError, ValueError, struct.error, zlib.error):
-            return None
-        name = os.fsdecode(data.split(b"\0", 1)[0])
+        name = debuglink(module_path)
         if not name or "/" in name:
             return None
         mdir = os.path.dirname(os.path.realpath(module_path))
@@ -1588,27 +1178,18 @@ class Symbolizer:
         try:
             if isinstance(build_id, str):
                 build_id = bytes.fromhex(build_id)
-            key = _norm_bid(bytes(build_id))
+            key = norm_build_id(bytes(build_id))
             file_offset = int(file_offset)
         except (ValueError, TypeError):
             return Frame(None, None, None, build_id=str(build_id),
                          address=file_offset if isinstance(file_offset, int) else None)
         bid_hex = bytes(build_id).hex()
-        memo_key = (key, file_offset, bool(is_return_address))
         with self._lock:
-            fr = self._memo.get(memo_key)
-            if fr is not None:
-                return fr
             try:
-                fr = self._resolve(key, bid_hex, file_offset, is_return_address)
+                return self._resolve(key, bid_hex, file_offset, is_return_address)
             except Exception as exc:  # never let a report die on symbolization
                 log.debug("resolving %s+0x%x failed: %s", bid_hex, file_offset, exc)
-                fr = Frame(None, None, None, build_id=bid_hex, address=file_offset)
-            if fr.module is not None:  # unknown modules may be registered later
-                if len(self._memo) > 200_000:
-                    self._memo.clear()
-                self._memo[memo_key] = fr
-            return fr
+                return Frame(None, None, None, build_id=bid_hex, address=file_offset)
 
     def _resolve(self, key: bytes, bid_hex: str, file_offset: int,
                  is_return_address: bool) -> Frame:

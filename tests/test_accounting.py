@@ -2,9 +2,12 @@
 
 import json
 
-from pytest_memleak_ebpf.accounting import account
+from pytest_memleak_ebpf import accounting
+from pytest_memleak_ebpf.atomic import write_json_atomic
+from pytest_memleak_ebpf.classify import classify
 from pytest_memleak_ebpf.marks import Budget
-from pytest_memleak_ebpf.report import failure_text, format_frame, json_report, write_json_atomic
+from pytest_memleak_ebpf.report import failure_text, format_frame, headline, incomplete_headline, json_report
+from pytest_memleak_ebpf.verdict import settle
 
 
 def proc(serial, pid, **kw):
@@ -19,16 +22,23 @@ def resolve(status, bid, off):
     return {"function": f"fn_{off:x}", "offset": 4, "module": "/m.so", "file": None, "line": None}
 
 
+def account(nodeid, budget, processes, blocks, stacks, resolve, **kw):
+    """The pipeline without the tracer: classify, resolve (a fake), account, verdict."""
+    frames = {h: [resolve(*f) for f in raw] for h, raw in stacks.items() if raw}
+    r = accounting.account(nodeid, budget, processes, classify(blocks).processes, frames, **kw)
+    return settle(r)
+
+
 def test_headline_and_totals_are_exact():
     procs = [proc(1, 10), proc(2, 11), proc(3, 12)]
     blocks = {2: [(4321, 77)]}
     stacks = {77: [(1, "ab" * 20, 0x1234), (1, "ab" * 20, 0x99)]}
     r = account("t.py::test", Budget(0, None), procs, blocks, stacks, resolve)
     assert r.over_budget
-    assert r.headline() == "leak budget exceeded: 4,321 B in 1 block leaked by 1 of 3 processes (budget 0 B)"
+    assert headline(r) == "leak budget exceeded: 4,321 B in 1 block leaked by 1 of 3 processes (budget 0 B)"
     assert [p.leaked.bytes for p in r.processes] == [0, 4321, 0]
     text = failure_text(r)
-    assert text.splitlines()[0] == r.headline()
+    assert text.splitlines()[0] == headline(r)
     assert "fn_1234+0x4 (/m.so)" in text
 
 
@@ -52,7 +62,7 @@ def test_blocks_budget_and_off():
 def test_incomplete_tracking_is_reported():
     r = account("t", Budget(0, None), [proc(1, 5, lost_blocks=3)], {}, {}, resolve, lost_procs=2)
     assert len(r.incomplete) == 2 and "max-blocks" in r.incomplete[0]
-    assert r.incomplete_headline().startswith("leak tracking incomplete:")
+    assert incomplete_headline(r).startswith("leak tracking incomplete:")
 
 
 def test_json_schema_v1(tmp_path):

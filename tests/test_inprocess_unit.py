@@ -4,7 +4,8 @@ import os
 import sys
 import sysconfig
 
-from pytest_memleak_ebpf.inprocess import is_extension, locate, read_maps
+from pytest_memleak_ebpf.inprocess import is_extension
+from pytest_memleak_ebpf.procmaps import locate, read_maps
 
 
 def test_interpreter_stdlib_and_system_libraries_are_not_extensions(tmp_path):

@@ -14,6 +14,7 @@ from capstone import CS_ARCH_X86, CS_MODE_64, Cs
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from pytest_memleak_ebpf import elf
 from pytest_memleak_ebpf import placement as P
 from pytest_memleak_ebpf.placement import (
     Placement,
@@ -482,7 +483,8 @@ def test_aliases_use_the_union_of_arg_regs(built):
 
 @needs_gcc
 def test_symbol_versions_are_read(built):
-    info = P._load_elf(str(built["prologues"]), frozenset({"pl_ver"}))
+    with open(built["prologues"], "rb") as f:
+        info = elf.function_symbols(f, str(built["prologues"]), frozenset({"pl_ver"}))
     cands = info.symbols["pl_ver"]
     assert sorted(c[3] for c in cands) == [False, True]  # one @@default, one hidden @
     default = next(c for c in cands if not c[3])

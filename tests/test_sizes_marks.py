@@ -6,6 +6,7 @@ import pytest
 from hypothesis import given, strategies as st
 
 from pytest_memleak_ebpf.marks import Budget, MarkerError, budget_from_marker
+from pytest_memleak_ebpf.report import budget_text
 from pytest_memleak_ebpf.sizes import SizeError, format_bytes, parse_count, parse_size
 
 DEFAULT = Budget(bytes=0, blocks=None, source="option")
@@ -110,7 +111,7 @@ def test_marker_parser_total(args, kwargs):
 def test_budget_verdicts():
     b = Budget(bytes=100, blocks=None)
     assert not b.exceeded_by(100, 50) and b.exceeded_by(101, 1)
-    assert Budget(0, None).describe() == "budget 0 B"
+    assert budget_text(Budget(0, None)) == "budget 0 B"
 
 
 @given(st.one_of(st.text(max_size=12), st.floats(allow_nan=True, allow_infinity=True), st.integers(),

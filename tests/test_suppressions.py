@@ -14,6 +14,7 @@ from hypothesis import given, settings, strategies as st
 from pytest_memleak_ebpf import accounting
 from pytest_memleak_ebpf.accounting import Amount, ProcessLeak, StackLeak
 from pytest_memleak_ebpf.marks import Budget
+from pytest_memleak_ebpf.report import gen_suppressions, suppressions_table
 from pytest_memleak_ebpf.suppressions import (
     DEFAULT_SUPPRESSIONS,
     STATIC_INITIALIZER,
@@ -21,13 +22,13 @@ from pytest_memleak_ebpf.suppressions import (
     SuppressionError,
     apply,
     from_patterns,
-    gen_suppressions,
     is_static_initializer,
     load_suppression_files,
     match,
     parse_suppressions,
     pattern_matches,
 )
+from pytest_memleak_ebpf.verdict import decide
 
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "suppressions")
 LIBC = "/usr/lib/x86_64-linux-gnu/libc.so.6"
@@ -50,7 +51,7 @@ def process(pid, stacks, comm=None, exe=None):
     return ProcessLeak(pid=pid, ppid=1, comm=comm or f"p{pid}", exe=exe, uid=0, user="root", exit_code=0,
                        signal=None, running_at_test_end=False, outstanding=out,
                        leaked=Amount(out.bytes, out.blocks), allocated=Amount(out.bytes * 2, out.blocks * 2),
-                       stacks=stacks)
+                       stacks=stacks, counted=Amount(out.bytes, out.blocks))
 
 
 def result(nodeid, *processes):
@@ -404,13 +405,9 @@ def _real_stacks():
 
 
 def _local_build_id(path):
-    from pytest_memleak_ebpf.suppressions import _init_functions
-    try:
-        st_ = os.stat(path)
-    except OSError:
-        return None
-    info = _init_functions(path, st_.st_ino, st_.st_size, st_.st_mtime_ns)
-    return info[0] if info else None
+    from pytest_memleak_ebpf.elf import init_functions
+    info = init_functions(path)
+    return info.build_id if info else None
 
 
 def test_real_debian12_stacks():
@@ -527,6 +524,7 @@ def test_apply_marks_stacks_and_computes_leaked():
     before = copy.deepcopy(r)
     supp = [Suppression("kv_index_entry_new", "my.supp:1")]
     summary = apply(r, list(DEFAULT_SUPPRESSIONS) + supp)
+    v = decide(r, summary)
     assert r == before                                    # pure: nothing modified, outstanding untouched
     s = r.processes[0].stacks
     assert summary.suppression_for(s[0]).pattern == "^_IO_file_doallocate"
@@ -534,18 +532,18 @@ def test_apply_marks_stacks_and_computes_leaked():
     assert summary.is_suppressed(s[2]) and summary.is_suppressed(s[3])
     assert not summary.is_suppressed(s[4])                # an uncaptured stack never matches
     assert len(summary.matches) == 5
-    p1, p2, p3 = summary.processes
-    assert (p1.pid, p1.outstanding, p1.suppressed, p1.leaked) == (
+    p1, p2, p3 = v.processes
+    assert (r.processes[0].pid, p1.counted, p1.suppressed, p1.leaked) == (
         100, Amount(5103, 26), Amount(5096, 25), Amount(7, 1))
-    assert (p2.outstanding, p2.suppressed, p2.leaked) == (Amount(4096, 1), Amount(4096, 1), Amount(0, 0))
-    assert (p3.outstanding, p3.suppressed, p3.leaked) == (Amount(0, 0), Amount(0, 0), Amount(0, 0))
-    assert summary.leaked == Amount(7, 1) and summary.suppressed == Amount(9192, 26)
+    assert (p2.counted, p2.suppressed, p2.leaked) == (Amount(4096, 1), Amount(4096, 1), Amount(0, 0))
+    assert (p3.counted, p3.suppressed, p3.leaked) == (Amount(0, 0), Amount(0, 0), Amount(0, 0))
+    assert v.leaked == Amount(7, 1) and v.suppressed == Amount(9192, 26)
     assert [(u.stacks, u.bytes, u.blocks, u.pattern, u.source) for u in summary.used] == [
         (2, 8192, 2, "^_IO_file_doallocate", "default"),
         (1, 840, 21, "kv_index_entry_new", "my.supp:1"),
         (2, 160, 3, "^_nl_", "default"),
     ]
-    assert summary.used_lines() == [
+    assert suppressions_table(summary.used) == [
         "Suppressions used:",
         "  stacks  bytes  blocks  pattern               source",
         "       2  8,192       2  ^_IO_file_doallocate  default",
@@ -557,9 +555,10 @@ def test_apply_marks_stacks_and_computes_leaked():
 def test_apply_without_suppressions():
     r = _sample_result()
     summary = apply(r, [])
-    assert summary.matches == {} and summary.used == [] and summary.used_lines() == []
-    assert summary.leaked == r.leaked and summary.suppressed == Amount(0, 0)
-    assert [p.leaked for p in summary.processes] == [p.outstanding for p in r.processes]
+    v = decide(r, summary)
+    assert summary.matches == {} and summary.used == [] and suppressions_table(summary.used) == []
+    assert v.leaked == r.leaked and v.suppressed == Amount(0, 0)
+    assert [p.leaked for p in v.processes] == [p.outstanding for p in r.processes]
 
 
 # --------------------------------------------------------------------------
@@ -640,14 +639,15 @@ def test_in_process_stacks_are_matched_and_get_entries():
                  leak(5, 1, [fr("strdup", LIBC), fr("PyObject_Call", "/usr/lib/libpython3.11.so.1.0")])]
     r = _sample_result()
     r.in_process = InProcess(mode="extensions", outstanding=Amount(4157, 6), leaked=Amount(4157, 6),
-                             allocated=Amount(9000, 9), stacks=ip_stacks)
+                             allocated=Amount(9000, 9), stacks=ip_stacks, counted=Amount(4157, 6))
     summary = apply(r, DEFAULT_SUPPRESSIONS)
+    v = decide(r, summary)
     assert summary.is_suppressed(ip_stacks[0]) and not summary.is_suppressed(ip_stacks[1])
-    assert summary.in_process_suppressed == Amount(4096, 1)
-    assert summary.suppressed == Amount(4096 + 160 + 4096, 5)        # processes only
+    assert v.in_process.suppressed == Amount(4096, 1)
+    assert v.suppressed == Amount(4096 + 160 + 4096, 5)        # processes only
     assert summary.used[0].stacks == 3 and summary.used[0].bytes == 3 * 4096
     text = gen_suppressions(r, summary)
     assert "leak:^kvext_parse$" in text and "leak:/kvext.cpython-311-x86_64-linux-gnu.so$" in text
     assert "_PyEval" not in text and "PyObject_Call" not in text        # the interpreter is never an entry
     assert "# 5 B in 1 block(s) by the pytest process (in-process) in tests/test_kv.py::test_dump[a/b]: " in text
-    assert apply(_sample_result(), DEFAULT_SUPPRESSIONS).in_process_suppressed is None
+    assert decide(_sample_result(), apply(_sample_result(), DEFAULT_SUPPRESSIONS)).in_process is None

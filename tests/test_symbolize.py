@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from pytest_memleak_ebpf import symbolize
+from pytest_memleak_ebpf.report import format_frame
 from pytest_memleak_ebpf.symbolize import Frame, Symbolizer, ld_cache_paths, read_build_id
 
 DATA = Path(__file__).parent / "data" / "symbolize"
@@ -235,7 +236,7 @@ def test_executable_function_offset_module_and_line(built):
         expected = addr2line(built.prog, [vaddr])[0]
         assert expected is not None
         assert same_file(fr.file, expected[0]) and fr.line == expected[1]
-    text = frame_for(sym, built.prog, start + 4, ret=False).format()
+    text = format_frame(frame_for(sym, built.prog, start + 4, ret=False), "symbol")
     assert text.startswith(f"make_entry+0x4 ({built.prog}) at ")
     assert text.endswith(f"prog.c:{addr2line(built.prog, [start + 4])[0][1]}")
 
@@ -463,7 +464,7 @@ def test_stripped_module_uses_dynsym(split, built):
     s_start, _ = funcs["kv_dup"]
     fr = frame_for(sym, lib, s_start + 2, ret=False)
     assert fr.function is None and fr.module == str(lib)
-    assert fr.format() == f"[unknown] ({lib}+0x{vaddr_to_offset(lib, s_start + 2):x})"
+    assert format_frame(fr, "symbol") == f"[unknown] ({lib}+0x{vaddr_to_offset(lib, s_start + 2):x})"
 
 
 @needs_tools
@@ -516,7 +517,7 @@ def test_only_the_debug_file_is_known(split, built, tmp_path):
     fr = frame_for(sym, built.lib, start + 5, ret=False)
     assert (fr.function, fr.offset, fr.module) == ("kv_index_build", 5, None)
     assert fr.line == addr2line(built.lib, [start + 5])[0][1]
-    assert fr.format().startswith(f"kv_index_build+0x5 (build-id {bid})")
+    assert format_frame(fr, "symbol").startswith(f"kv_index_build+0x5 (build-id {bid})")
 
 
 # --------------------------------------------------------------------------
@@ -678,13 +679,13 @@ def test_unknown_build_id():
     fr = sym.resolve(b"\x42" * 20, 0x1234)
     assert fr == Frame(function=None, offset=None, module=None, build_id="42" * 20,
                        address=0x1234)
-    assert "[unknown]" in fr.format() and "0x1234" in fr.format()
+    assert "[unknown]" in format_frame(fr, "symbol") and "0x1234" in format_frame(fr, "symbol")
 
 
 def test_raw_ip():
     fr = Symbolizer().resolve_raw_ip(0x7F1234567890)
     assert (fr.function, fr.module, fr.build_id, fr.address) == (None, None, None, 0x7F1234567890)
-    assert fr.format() == "0x7f1234567890 [unknown]"
+    assert format_frame(fr, "symbol") == "0x7f1234567890 [unknown]"
 
 
 def test_garbage_inputs_never_raise(tmp_path):
@@ -698,7 +699,7 @@ def test_garbage_inputs_never_raise(tmp_path):
         for off in (0, 1, -5, 1 << 70):
             fr = sym.resolve(bid, off)
             assert fr.function is None
-    assert sym.resolve(b"\x01" * 20, 10).format()
+    assert format_frame(sym.resolve(b"\x01" * 20, 10), "symbol")
 
 
 @needs_tools

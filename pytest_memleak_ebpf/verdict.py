@@ -1,0 +1,130 @@
+"""The verdict: what a test leaked after suppressions, whether that is over
+its budget, and whether its figures are complete. The one place these are
+computed, for the processes a test launched and for the pytest process's
+own window (also when that window spans the whole test: in-process scope
+"test" settles the same result again once the window has closed)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .accounting import Amount, TestLeakResult
+
+
+@dataclass
+class Figures:
+    """One owner's figures: what counted, what suppressions hid, what is left."""
+    counted: Amount
+    suppressed: Amount
+    leaked: Amount
+
+
+@dataclass
+class Verdict:
+    processes: list[Figures]                   # aligned with result.processes
+    in_process: Figures | None
+    leaked: Amount                             # processes + in-process
+    suppressed: Amount                         # processes only
+    over_budget: bool
+    incomplete: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+
+def _minus(a: Amount, b: Amount) -> Amount:
+    return Amount(max(a.bytes - b.bytes, 0), max(a.blocks - b.blocks, 0))
+
+
+def decide(result: TestLeakResult, summary=None) -> Verdict:
+    """The verdict on `result` given which of its stacks `summary`
+    (suppressions.apply) hides; pure. A process's leaked figure is what
+    counted minus its suppressed stacks (stacks beyond a stack limit are never
+    suppressed); the in-process figure likewise, except in growth mode, whose
+    per-repetition figure suppressions do not change."""
+    hidden = summary.matches if summary is not None else {}
+    procs = []
+    total = Amount()
+    total_supp = Amount()
+    for p in result.processes:
+        supp = Amount()
+        for s in p.stacks:
+            if id(s) in hidden:
+                supp.bytes += s.bytes
+                supp.blocks += s.blocks
+        f = Figures(Amount(p.counted.bytes, p.counted.blocks), supp, _minus(p.counted, supp))
+        procs.append(f)
+        total.bytes += f.leaked.bytes
+        total.blocks += f.leaked.blocks
+        total_supp.bytes += supp.bytes
+        total_supp.blocks += supp.blocks
+    ipf = None
+    ip = result.in_process
+    if ip is not None:
+        supp = Amount()
+        for s in ip.stacks:
+            if id(s) in hidden:
+                supp.bytes += s.bytes
+                supp.blocks += s.blocks
+        leaked = Amount(ip.counted.bytes, ip.counted.blocks) if ip.growth else _minus(ip.counted, supp)
+        ipf = Figures(Amount(ip.counted.bytes, ip.counted.blocks), supp, leaked)
+        total.bytes += leaked.bytes
+        total.blocks += leaked.blocks
+    return Verdict(procs, ipf, total, total_supp, result.budget.exceeded_by(total.bytes, total.blocks),
+                   _incomplete(result), _warnings(result))
+
+
+def _incomplete(result: TestLeakResult) -> list[str]:
+    out = []
+    ip = result.in_process
+    if ip is not None and (ip.lost_blocks or ip.lost_handoffs):
+        out.append(f"{ip.lost_blocks + ip.lost_handoffs:,} allocations of the pytest process "
+                   "were not recorded (a map was full: raise --ebpf-leaks-max-blocks)")
+    for p in result.processes:
+        if p.lost_blocks:
+            out.append(f"{p.lost_blocks:,} allocations of pid {p.pid} ({p.comm}) were not recorded: "
+                       "the live-block map was full (raise --ebpf-leaks-max-blocks)")
+        if p.lost_handoffs:
+            out.append(f"{p.lost_handoffs:,} allocator calls of pid {p.pid} ({p.comm}) were not recorded: "
+                       "the hand-off map was full (too many threads inside the allocator at once)")
+    if result.lost_processes:
+        out.append(f"{result.lost_processes:,} processes could not be tracked: the process map was full "
+                   "(raise --ebpf-leaks-max-processes)")
+    return out
+
+
+def _warnings(result: TestLeakResult) -> list[str]:
+    out = []
+    for p in result.processes:
+        if p.lost_stacks:
+            out.append(f"{p.lost_stacks:,} stacks of pid {p.pid} ({p.comm}) were not captured "
+                       "(stack map full: raise --ebpf-leaks-max-stacks); byte counts are still exact")
+    if result.lost_events:
+        out.append(f"{result.lost_events:,} exec/open events were lost (ring buffer full): "
+                   "some frames may not be symbolized")
+    return out
+
+
+def settle(result: TestLeakResult, summary=None) -> TestLeakResult:
+    """Decide and write the verdict into `result`: stacks' suppressed flags,
+    each owner's leaked figure, the total, over_budget, incomplete, the
+    suppressions used, and the verdict's warnings (warnings added to the
+    result by others since a previous settle stay, after them)."""
+    v = decide(result, summary)
+    hidden = summary.matches if summary is not None else {}
+    for s in result.stacks():
+        hit = hidden.get(id(s))
+        s.suppressed = hit is not None
+        s.suppression = hit.pattern if hit is not None else None
+    for p, f in zip(result.processes, v.processes):
+        p.leaked = f.leaked
+    if result.in_process is not None:
+        result.in_process.leaked = v.in_process.leaked
+    result.leaked = v.leaked
+    result.over_budget = v.over_budget
+    result.incomplete = v.incomplete
+    result.warnings = v.warnings + result.warnings[result.verdict_warnings:]
+    result.verdict_warnings = len(v.warnings)
+    result.suppressions_used = [
+        {"pattern": u.pattern, "source": u.source, "stacks": u.stacks, "bytes": u.bytes, "blocks": u.blocks}
+        for u in (summary.used if summary is not None else ())
+    ]
+    return result
