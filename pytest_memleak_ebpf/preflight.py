@@ -110,13 +110,18 @@ def check_privileges() -> None:
     if "CAP_SYS_ADMIN" in caps or caps.issuperset(LOAD_CAPS):
         return
     missing = [c for c in LOAD_CAPS if c not in caps]
-    who = "root without them" if os.geteuid() == 0 else f"uid {os.geteuid()}"
+    if os.geteuid() == 0:
+        who, fix = "root without them", (
+            "Start it with them: a container, e.g. with Docker's or Podman's `--cap-add BPF --cap-add PERFMON`; "
+            "the README's \"Running without full root\" says what each step needs")
+    else:
+        who, fix = f"uid {os.geteuid()}", (
+            "Run pytest as root with the virtualenv's interpreter, e.g. `sudo \"$(which python)\" -m pytest "
+            f"--ebpf-leaks` or `sudo -E env PATH=$PATH pytest --ebpf-leaks`, or grant the capabilities, {HOW_TO_GRANT}")
     raise EnvironmentProblem(
         "--ebpf-leaks needs to load eBPF programs and attach uprobes, which requires root or the "
-        f"capabilities CAP_BPF and CAP_PERFMON, and this process ({who}) lacks {_and(missing)}. Run pytest "
-        "as root with the virtualenv's interpreter, e.g. `sudo \"$(which python)\" -m pytest --ebpf-leaks` "
-        "or `sudo -E env PATH=$PATH pytest --ebpf-leaks`, or grant the capabilities, "
-        f"{HOW_TO_GRANT}. Run without --ebpf-leaks to skip leak checking."
+        f"capabilities CAP_BPF and CAP_PERFMON, and this process ({who}) lacks {_and(missing)}. {fix}. "
+        "Run without --ebpf-leaks to skip leak checking."
     )
 
 
