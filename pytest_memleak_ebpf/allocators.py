@@ -1276,7 +1276,8 @@ def _dynamic(l: _Loaded, msym: _Sym, scope: List[_Loaded], interp: _Interp, r: _
     covered = "malloc" in names and "free" in names
     reason = None if covered else "its " + " and ".join(
         n for n in ("malloc", "free") if n not in names) + " cannot be probed (" + "; ".join(notes) + ")"
-    return Allocator(kind, fs.realpath(l.path), covered, reason, tuple(sites), fs.host(l.path), interp.path,
+    real = fs.realpath(l.path)
+    return Allocator(kind, real, covered, reason, tuple(sites), fs.host(real), interp.path,
                      tuple(x.path for x in scope), tuple(deduped), tuple(r.notes + notes))
 
 
