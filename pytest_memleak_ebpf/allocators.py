@@ -499,6 +499,13 @@ class _Obj:
         return self._defs  # type: ignore[return-value]
 
     def imports(self) -> set:
+        """Names this object references without defining them."""
+        if self._defs is None and self._prepare():
+            n = self._nsyms()
+            raw = self.map[self._symtab_off:self._symtab_off + 24 * n]
+            self._undef = {self._str(st_name) for st_name, _i, _o, shndx, _v, _s
+                           in struct.iter_unpack("<IBBHQQ", raw) if shndx == _SHN_UNDEF and st_name}
+            return self._undef
         self._load_dynsym()
         return self._undef
 
@@ -958,13 +965,12 @@ class _Resolver:
 
     def _ld_cache(self) -> List[CacheEntry]:
         if self._cache_entries is None:
-            data = self.fs.read(_LD_CACHE)
             self._cache_entries = []
-            if data is not None:
-                try:
-                    self._cache_entries = parse_ld_so_cache(data)
-                except (ValueError, struct.error) as exc:
-                    self.notes.append(f"{_LD_CACHE} ignored: {exc}")
+            got = _parsed(self.fs, _LD_CACHE, parse_ld_so_cache)
+            if isinstance(got, Exception):
+                self.notes.append(f"{_LD_CACHE} ignored: {got}")
+            elif got is not None:
+                self._cache_entries = got
         return self._cache_entries
 
     def _glibc_load(self, name: str, loader: _Loaded, interp: _Interp, preload: bool) -> Optional[_Loaded]:
@@ -1104,6 +1110,44 @@ class _Resolver:
             self.scope.append(il)
 
 
+_parsed_lock = threading.Lock()
+_parsed_cache: Dict[Tuple[str, str], Tuple[tuple, object]] = {}
+
+
+def _parsed(fs: "_Fs", path: str, parse):
+    """``parse(bytes)`` of the file at process path ``path``, kept per file
+    identity for the whole process (ld.so.cache, an interpreter's facts).
+    None when the file is absent; the exception when parse raised
+    ValueError."""
+    host = fs.host(path)
+    st = fs._note(host)
+    if st is None:
+        return None
+    key = (host, parse.__name__)
+    with _parsed_lock:
+        hit = _parsed_cache.get(key)
+    if hit is not None and hit[0] == _stat_key(st):
+        return hit[1]
+    try:
+        with open(host, "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    try:
+        val: object = parse(data)
+    except (ValueError, struct.error, IndexError) as exc:
+        val = ValueError(str(exc))
+    with _parsed_lock:
+        _parsed_cache[key] = (_stat_key(st), val)
+    return val
+
+
+def clear_caches() -> None:
+    """Forget the process-wide parses (ld.so.cache, interpreters)."""
+    with _parsed_lock:
+        _parsed_cache.clear()
+
+
 def _interp_kind(path: str) -> str:
     return "musl" if "ld-musl" in os.path.basename(path) else "glibc"
 
@@ -1148,8 +1192,8 @@ def _resolve(executable, env, cwd, root, uid, gid, secure) -> Tuple[Allocator, D
         return Allocator("other", None, False, f"its interpreter {exe.interp} cannot be read",
                          interpreter=exe.interp), fs.tried
     if ikind == "glibc":
-        data = fs.read(exe.interp) or b""
-        interp.system_dirs, legacy = _glibc_interp_facts(data)
+        facts = _parsed(fs, exe.interp, _glibc_interp_facts)
+        interp.system_dirs, legacy = facts if isinstance(facts, tuple) else (_FALLBACK_SYSTEM_DIRS, True)
         r.dst_lib = os.path.basename(interp.system_dirs[0])     # DL_DST_LIB: notdir(slibdir)
         interp.subdirs = tuple(f"glibc-hwcaps/{s}" for s in glibc_hwcaps_subdirs()) + \
             (_LEGACY_SUBDIRS if legacy else ()) + ("",)
