@@ -508,3 +508,30 @@ def test_other_root_follows_links_inside_it(outdir, tmp_path):
     assert (a.kind, a.module) == ("glibc", "/usr/lib/x86_64-linux-gnu/libc.so.6")
     assert a.host_path == str(rootfs / "usr/lib/x86_64-linux-gnu/libc.so.6")
     assert a.interpreter == "/lib64/ld-linux-x86-64.so.2"
+
+
+def test_sysv_hash_only_objects(foo, tmp_path):
+    """Objects with only a SysV .hash (which, unlike .gnu.hash, lists the
+    undefined symbols too): the program's undefined malloc is no definition."""
+    root, d = foo
+    lib = tmp_path / "sysv"
+    lib.mkdir()
+    B.cc(str(lib), "libfoo.so", "libfoo.c", "-shared", "-fPIC", "-DFOO_ID=4", "-DFOO_MALLOC",
+         "-Wl,--hash-style=sysv")
+    exe = B.cc(str(tmp_path), "usefoo-sysv", "usefoo.c", f"-L{lib}", "-lfoo", f"-Wl,-rpath,{lib}",
+               "-Wl,--hash-style=sysv")
+    a = A.resolve_allocator(exe, {})
+    assert a.module == str(lib / "libfoo.so") and a.kind == "other" and a.covered
+    assert {s.name for s in a.sites} == {"malloc", "calloc", "realloc", "free"}
+    assert subprocess.run([exe]).returncode == 4
+    # a non-PIE program taking malloc's address: its undefined malloc has a
+    # value (the canonical PLT entry) and is still no definition
+    src = tmp_path / "addr.c"
+    src.write_text("#include <stdlib.h>\nvoid *(*volatile f)(size_t);\n"
+                   "int main(void) { f = malloc; free(f(1)); return 0; }\n")
+    prog = str(tmp_path / "addr-sysv")
+    subprocess.run(["gcc", "-fno-pic", "-no-pie", "-o", prog, str(src), "-Wl,--hash-style=sysv"], check=True)
+    with open(prog, "rb") as f:
+        m = ELFFile(f).get_section_by_name(".dynsym").get_symbol_by_name("malloc")[0]
+        assert m["st_shndx"] == "SHN_UNDEF" and m["st_value"] != 0
+    assert A.resolve_allocator(prog, {}).kind == "glibc"
