@@ -535,3 +535,25 @@ def test_sysv_hash_only_objects(foo, tmp_path):
         m = ELFFile(f).get_section_by_name(".dynsym").get_symbol_by_name("malloc")[0]
         assert m["st_shndx"] == "SHN_UNDEF" and m["st_value"] != 0
     assert A.resolve_allocator(prog, {}).kind == "glibc"
+
+
+# ----------------------------------------------------------------------------
+# the sites, with real uprobes
+# ----------------------------------------------------------------------------
+
+@pytest.mark.ebpf
+def test_sites_count_the_fixtures_calls(ebpf, outdir):
+    """A counting uprobe at every resolved site, for every configuration:
+    the hits from the fixture's main() are exactly its calls
+    (tests/fixtures/alloc/verify_sites.py)."""
+    for cfg in ALL:
+        need(*cfg.packages)
+    r = subprocess.run([sys.executable, os.path.join(HERE, "fixtures", "alloc", "verify_sites.py"), outdir],
+                       capture_output=True, text=True, env={**os.environ, "PYTHONPATH": os.path.dirname(HERE)})
+    lines = [ln for ln in r.stdout.splitlines() if ln.strip()]
+    assert r.returncode == 0, r.stdout + r.stderr[-3000:]
+    assert len(lines) == len(ALL)
+    covered = [ln for ln in lines if " sites " in ln]
+    assert len(covered) == sum(1 for c in ALL if c.covered and not (c.compiler == "g++" and c.kind in
+                                                                    ("glibc", "static-glibc")))
+    assert all(" OK " in ln for ln in covered), r.stdout
