@@ -17,8 +17,8 @@ wins.  It replays the loader's search, without running anything:
   the object needing it and of each object that loaded that one up to the
   executable, then the executable's ``DT_RPATH`` -- all of this only when the
   needing object has no ``DT_RUNPATH``, and an object with a ``DT_RUNPATH``
-  has no ``DT_RPATH`` at all; then ``LD_LIBRARY_PATH`` (not in a secure
-  process; an empty element is the cwd); then the needing object's own
+  has no ``DT_RPATH`` at all; then ``LD_LIBRARY_PATH`` (split at ``:`` and
+  ``;``; not in a secure process); then the needing object's own
   ``DT_RUNPATH``; then ``/etc/ld.so.cache`` (not for secure preloads); then
   the interpreter's system directories (read from the interpreter file, as
   ``ld.so --help`` prints them) unless the needing object has
@@ -28,9 +28,11 @@ wins.  It replays the loader's search, without running anything:
   ``ld.so.cache`` lookup follows ``search_cache`` (named-hwcaps entries by
   priority, legacy hwcap entries skipped).  ``$ORIGIN``/``${ORIGIN}`` expand
   to the directory of the object (the executable's real path for the
-  executable); in a secure process an expanded directory is kept only when it
-  is a system directory.  A file of another ELF class or machine is skipped
-  and the search goes on.
+  executable), ``$PLATFORM`` to ``x86_64`` and ``$LIB`` to the last
+  component of the first system directory (glibc's ``DL_DST_LIB``); in a
+  secure process an expanded directory is kept only when it is a system
+  directory.  In every path list an empty element is the cwd.  A file of
+  another ELF class or machine is skipped and the search goes on.
 * **musl** (``PT_INTERP`` is ``ld-musl-*``; musl ``ldso/dynlink.c``): names
   ``libc.*``, ``libpthread.*``, ``librt.*``, ``libm.*``, ``libdl.*``,
   ``libutil.*``, ``libxnet.*`` and the interpreter's own path are the
@@ -49,7 +51,16 @@ wins.  It replays the loader's search, without running anything:
 
 The allocator is the first object of that scope whose dynamic symbol table
 *defines* ``malloc`` (``STB_GLOBAL``/``STB_WEAK``/``STB_GNU_UNIQUE``, not
-undefined, not a hidden symbol version).
+undefined -- even with the value of a canonical PLT entry --, not a hidden
+symbol version).
+
+Not modelled (documented limits): the version a reference asks for (a
+program's ``malloc@GLIBC_2.2.5`` binds to an unversioned ``malloc`` of an
+interposer, as here, but would not to a ``malloc`` with another version
+node); ``LD_AUDIT``, ``GLIBC_TUNABLES=glibc.cpu.hwcaps`` and
+``LD_HWCAP_MASK``; the legacy hwcaps subdirectories are glibc 2.36's x86-64
+list (``avx512_1`` omitted); the loader run as a command
+(``ld.so --preload ... prog``); allocators a program ``dlopen``\ s later.
 
 How the kind is told (first rule that matches):
 

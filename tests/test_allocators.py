@@ -6,7 +6,6 @@ cache parser).  No root needed, no eBPF."""
 import os
 import re
 import shutil
-import stat
 import subprocess
 import sys
 
@@ -401,16 +400,20 @@ def ldconfig_p(cache=None):
     return rows
 
 
+def check_flags_and_hwcaps(entries, rows):
+    for e, (_n, _p, desc) in zip(entries, rows):
+        assert ("x86-64" in desc) == (e.flags == 0x0303), desc
+        m = re.search(r'hwcap: "([^"]+)"', desc)
+        assert e.hwcaps_subdir == (m.group(1) if m else None), desc
+
+
 def test_ld_so_cache_equals_ldconfig_p():
     with open("/etc/ld.so.cache", "rb") as f:
         entries = A.parse_ld_so_cache(f.read())
     rows = ldconfig_p()
     assert [(e.name, e.path) for e in entries] == [(n, p) for n, p, _ in rows]
     assert len(entries) > 10
-    for e, (_n, _p, desc) in zip(entries, rows):
-        assert ("x86-64" in desc) == (e.flags == 0x0303), desc
-        assert (e.hwcaps_subdir is not None) == ("hwcap:" in desc and "glibc-hwcaps" in desc) or \
-            e.hwcaps_subdir is None
+    check_flags_and_hwcaps(entries, rows)
     # the lookup the loader does gives what ldconfig lists first for a name
     firsts = {}
     for n, p, desc in rows:
@@ -434,7 +437,9 @@ def test_ld_so_cache_hwcaps_entries(tmp_path):
     cache = tmp_path / "ld.so.cache"
     subprocess.run(["ldconfig", "-X", "-f", str(conf), "-C", str(cache)], check=True)
     entries = A.parse_ld_so_cache(cache.read_bytes())
-    assert [(e.name, e.path) for e in entries] == [(n, p) for n, p, _ in ldconfig_p(str(cache))]
+    rows = ldconfig_p(str(cache))
+    assert [(e.name, e.path) for e in entries] == [(n, p) for n, p, _ in rows]
+    check_flags_and_hwcaps(entries, rows)
     subs = {e.hwcaps_subdir for e in entries if e.name == "libhw.so.1"}
     assert subs == {None, *levels}
     supported = A.glibc_hwcaps_subdirs()
