@@ -60,7 +60,7 @@ interposer, as here, but would not to a ``malloc`` with another version
 node); ``LD_AUDIT``, ``GLIBC_TUNABLES=glibc.cpu.hwcaps`` and
 ``LD_HWCAP_MASK``; the legacy hwcaps subdirectories are glibc 2.36's x86-64
 list (``avx512_1`` omitted); the loader run as a command
-(``ld.so --preload ... prog``); allocators a program ``dlopen``\ s later.
+(``ld.so --preload ... prog``); allocators a program dlopens later.
 
 How the kind is told (first rule that matches):
 
