@@ -1377,6 +1377,57 @@ def _static(exe: _Obj, path: str, host: str) -> Allocator:
 
 
 # --------------------------------------------------------------------------
+# a live process (e.g. one stopped at exec)
+# --------------------------------------------------------------------------
+
+_AT_NULL, _AT_SECURE = 0, 23
+
+
+def process_inputs(pid: int, exe: Optional[str] = None) -> dict:
+    """The inputs of :func:`resolve_allocator` for process ``pid`` as it is
+    now (meant for a process stopped right after its exec, before its
+    loader runs): its executable, environment (``/proc/PID/environ``), cwd,
+    root (``"/"`` when it is this process's root, else ``/proc/PID/root``) and
+    AT_SECURE (from ``/proc/PID/auxv``).  ``exe``: the path it exec'd as it
+    sees it (needed when its root is not ours); default ``/proc/PID/exe``'s
+    target.  OSError when the process is gone or not readable."""
+    proc = f"/proc/{pid}"
+    rst, ours = os.stat(f"{proc}/root"), os.stat("/")
+    same_root = (rst.st_dev, rst.st_ino) == (ours.st_dev, ours.st_ino)
+    if exe is None:
+        if not same_root:
+            raise ValueError(f"process {pid} has another root: pass the path it exec'd")
+        exe = os.readlink(f"{proc}/exe")
+    with open(f"{proc}/environ", "rb") as f:
+        raw = f.read()
+    env = {}
+    for item in raw.split(b"\0"):
+        k, sep, v = item.partition(b"=")
+        if sep:
+            env.setdefault(k.decode("utf-8", "surrogateescape"), v.decode("utf-8", "surrogateescape"))
+    with open(f"{proc}/auxv", "rb") as f:
+        aux = f.read()
+    secure = False
+    for typ, val in struct.iter_unpack("<QQ", aux[:len(aux) // 16 * 16]):
+        if typ == _AT_NULL:
+            break
+        if typ == _AT_SECURE:
+            secure = bool(val)
+    cwd = os.readlink(f"{proc}/cwd")
+    return {"executable": exe, "env": env, "cwd": cwd, "root": "/" if same_root else f"{proc}/root",
+            "secure": secure}
+
+
+def resolve_process(pid: int, cache: Optional["AllocatorCache"] = None, exe: Optional[str] = None) -> Allocator:
+    """:func:`resolve_allocator` (through ``cache`` when given) for process
+    ``pid``, from :func:`process_inputs`."""
+    args = process_inputs(pid, exe)
+    if cache is not None:
+        return cache.resolve(**args)
+    return resolve_allocator(**args)
+
+
+# --------------------------------------------------------------------------
 # cache
 # --------------------------------------------------------------------------
 

@@ -8,6 +8,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 
 import pytest
 from elftools.elf.elffile import ELFFile
@@ -562,3 +563,31 @@ def test_sites_count_the_fixtures_calls(ebpf, outdir):
     assert len(covered) == sum(1 for c in ALL if c.covered and not (c.compiler == "g++" and c.kind in
                                                                     ("glibc", "static-glibc")))
     assert all(" OK " in ln for ln in covered), r.stdout
+
+
+# ----------------------------------------------------------------------------
+# a live process
+# ----------------------------------------------------------------------------
+
+def test_resolve_process_reads_its_environment(tmp_path):
+    need("libjemalloc-dev")
+    env = {"PATH": "/usr/bin:/bin", "LD_PRELOAD": B.JEMALLOC}
+    p = subprocess.Popen(["/bin/sleep", "30"], env=env, cwd=str(tmp_path))
+    try:
+        for _ in range(500):                  # until the exec is complete
+            with open(f"/proc/{p.pid}/environ", "rb") as f:
+                if os.readlink(f"/proc/{p.pid}/exe").endswith("sleep") and f.read():
+                    break
+            time.sleep(0.01)
+        args = A.process_inputs(p.pid)
+        assert args == {"executable": os.path.realpath("/bin/sleep"), "env": env, "cwd": str(tmp_path),
+                        "root": "/", "secure": False}
+        cache = A.AllocatorCache()
+        a = A.resolve_process(p.pid, cache)
+        assert (a.kind, a.module) == ("jemalloc", B.JEMALLOC)
+        assert A.resolve_process(p.pid, cache) is a and cache.hits == 1
+    finally:
+        p.kill()
+        p.wait()
+    with pytest.raises(OSError):
+        A.process_inputs(p.pid)
