@@ -1016,8 +1016,8 @@ class _Resolver:
             text = re.sub(rb"#[^\n]*", b" ", pre_data).decode("utf-8", "surrogateescape")
             file_preloads = [n for n in re.split(r"[: \t\n]", text) if n]
         order: List[_Loaded] = [main]
-        for n in preloads + file_preloads:
-            l = self._glibc_load(n, main, interp, preload=n in preloads)
+        for n in preloads + file_preloads:         # both with __RTLD_SECURE (rtld.c do_preload)
+            l = self._glibc_load(n, main, interp, preload=True)
             if l is not None and l not in order:
                 order.append(l)
         self._bfs(order, lambda n, p: self._glibc_load(n, p, interp, False), il)

@@ -591,3 +591,24 @@ def test_resolve_process_reads_its_environment(tmp_path):
         p.wait()
     with pytest.raises(OSError):
         A.process_inputs(p.pid)
+
+
+def test_ld_so_preload_file_after_ld_preload(outdir, tmp_path):
+    """/etc/ld.so.preload (of the process's root) is loaded after LD_PRELOAD."""
+    need("libjemalloc-dev", "libgoogle-perftools-dev")
+    rootfs = tmp_path / "rootfs"
+    lib = rootfs / "usr/lib/x86_64-linux-gnu"
+    lib.mkdir(parents=True)
+    (rootfs / "lib64").mkdir()
+    (rootfs / "etc").mkdir()
+    shutil.copy(os.path.realpath("/lib64/ld-linux-x86-64.so.2"), rootfs / "lib64/ld-linux-x86-64.so.2")
+    for f in (B.LIBC, B.JEMALLOC, B.TCMALLOC):
+        shutil.copy(f, lib / os.path.basename(f))
+    shutil.copy(built(B.C_CONFIGS[0], outdir), rootfs / "prog")
+    (rootfs / "etc/ld.so.preload").write_text("# emergencies only\n/usr/lib/x86_64-linux-gnu/libjemalloc.so.2\n")
+    a = A.resolve_allocator("/prog", {}, root=str(rootfs))
+    assert (a.kind, a.module) == ("jemalloc", "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2")
+    tc = "/usr/lib/x86_64-linux-gnu/" + os.path.basename(B.TCMALLOC)
+    a = A.resolve_allocator("/prog", {"LD_PRELOAD": tc}, root=str(rootfs))
+    assert (a.kind, a.module) == ("tcmalloc", tc)
+    assert a.scope[:3] == ("/prog", tc, "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2")
