@@ -1191,6 +1191,11 @@ def _resolve(executable, env, cwd, root, uid, gid, secure) -> Tuple[Allocator, D
     if secure is None:
         secure = _is_secure(st, os.getuid() if uid is None else uid, os.getgid() if gid is None else gid, host)
     main_path = fs.absolute(executable)
+    if exe.interp is None and exe.has_dynamic and (
+            (exe.soname or "").startswith("ld-linux")           # glibc's ld.so
+            or exe.dynamic_def("__dls3") is not None):          # musl's loader-and-libc
+        return Allocator("other", None, False, "the dynamic loader run as a command (ld.so PROGRAM ...): "
+                         "the allocator is the one of the program it loads", interpreter=main_path), fs.tried
     if exe.interp is None:
         return _static(exe, main_path, host), fs.tried
     r = _Resolver(fs, env, secure)

@@ -612,3 +612,12 @@ def test_ld_so_preload_file_after_ld_preload(outdir, tmp_path):
     a = A.resolve_allocator("/prog", {"LD_PRELOAD": tc}, root=str(rootfs))
     assert (a.kind, a.module) == ("tcmalloc", tc)
     assert a.scope[:3] == ("/prog", tc, "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2")
+
+
+@pytest.mark.parametrize("loader", ["/lib64/ld-linux-x86-64.so.2", "/lib/ld-musl-x86_64.so.1"])
+def test_loader_run_as_a_command_is_named(loader):
+    if loader.endswith("so.1"):
+        need("musl-tools")
+    a = A.resolve_allocator(loader, {})
+    assert (a.kind, a.module, a.covered) == ("other", None, False)
+    assert a.reason.startswith("the dynamic loader run as a command")
