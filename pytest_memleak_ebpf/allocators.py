@@ -1299,6 +1299,20 @@ def _build_sites(obj: _Obj, lookup, names_roles: List[Tuple[str, str, tuple, Opt
     return sites, deduped, notes
 
 
+def _fold_aliases(sites: List[Site], deduped: List[Tuple[str, str]], names: Sequence[str], lookup) -> None:
+    """Names not probed for themselves that share a site's address become its
+    aliases (and are reported in ``deduped``)."""
+    at = {s.address: i for i, s in enumerate(sites)}
+    for n in names:
+        sym = lookup(n)
+        if sym is None or sym.value not in at:
+            continue
+        i = at[sym.value]
+        s = sites[i]
+        sites[i] = Site(s.name, s.role, s.args, s.family, s.address, s.file_offset, s.aliases + (n,))
+        deduped.append((n, s.name))
+
+
 def _dynamic(l: _Loaded, msym: _Sym, scope: List[_Loaded], interp: _Interp, r: _Resolver, fs: _Fs) -> Allocator:
     obj = l.obj
     has = obj.dynamic_def
@@ -1328,10 +1342,8 @@ def _dynamic(l: _Loaded, msym: _Sym, scope: List[_Loaded], interp: _Interp, r: _
             if x is not l:
                 imported |= x.obj.imports()
     extra = [(n, *_ALIASES[n]) for n in defined if n in imported]
-    quiet = [(n, *_ALIASES[n]) for n in defined if n not in imported]
-    sites, deduped, notes = _build_sites(obj, has, fam + ops + extra + quiet)
-    quiet_names = {q[0] for q in quiet}
-    sites = [s for s in sites if s.name not in quiet_names]
+    sites, deduped, notes = _build_sites(obj, has, fam + ops + extra)
+    _fold_aliases(sites, deduped, [n for n in defined if n not in imported], has)
     names = {s.name for s in sites}
     covered = "malloc" in names and "free" in names
     reason = None if covered else "its " + " and ".join(
@@ -1369,12 +1381,9 @@ def _static(exe: _Obj, path: str, host: str) -> Allocator:
         else:
             kind = "other"
     fam = [(n, FAMILY[n][0], FAMILY[n][1], n) for n in FAMILY]
-    quiet = [(n, *_ALIASES[n]) for n in sorted(_ALIASES) if n in tab] + \
-        [(n, "alloc", (("size", 0),), "malloc") for n in ("__libc_malloc", "__libc_calloc", "__libc_free")
-         if n in tab]
-    sites, deduped, notes = _build_sites(exe, lookup, fam + quiet)
-    quiet_names = {q[0] for q in quiet}
-    sites = [s for s in sites if s.name not in quiet_names]
+    sites, deduped, notes = _build_sites(exe, lookup, fam)
+    _fold_aliases(sites, deduped, [n for n in _ALIASES if n in tab] +
+                  [n for n in ("__libc_malloc", "__libc_calloc", "__libc_free") if n in tab], lookup)
     names = {s.name for s in sites}
     covered = "malloc" in names and "free" in names
     reason = None if covered else "its malloc/free cannot be probed (" + "; ".join(notes) + ")"
