@@ -235,7 +235,7 @@ class Allocator:
 
 
 class ResolveError(Exception):
-    """The executable itself cannot be read as an x86-64 ELF file."""
+    """The executable itself cannot be read as an ELF file."""
 
 
 # --------------------------------------------------------------------------
@@ -1171,7 +1171,8 @@ def resolve_allocator(executable: str, env: Optional[Mapping[str, str]] = None, 
     is found from here, e.g. ``/proc/PID/root``).  ``secure``: AT_SECURE
     (default: from the file's set-user/group-ID bits against ``uid``/``gid``
     and file capabilities).  Raises :class:`ResolveError` when the executable
-    cannot be read as an x86-64 ELF file."""
+    cannot be read as an ELF file; an ELF file of another class or machine is
+    an answer (not covered)."""
     return _resolve(executable, env, cwd, root, uid, gid, secure)[0]
 
 
@@ -1187,7 +1188,8 @@ def _resolve(executable, env, cwd, root, uid, gid, secure) -> Tuple[Allocator, D
     except (OSError, ValueError, struct.error) as exc:
         raise ResolveError(f"{executable}: cannot be read as an ELF file: {exc}") from None
     if not exe.ok:
-        raise ResolveError(f"{executable}: not an x86-64 ELF64 file")
+        return Allocator("other", None, False, "not an x86-64 ELF64 program (another class or machine): "
+                         "not probed"), fs.tried
     if secure is None:
         secure = _is_secure(st, os.getuid() if uid is None else uid, os.getgid() if gid is None else gid, host)
     main_path = fs.absolute(executable)

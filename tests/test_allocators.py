@@ -621,3 +621,13 @@ def test_loader_run_as_a_command_is_named(loader):
     a = A.resolve_allocator(loader, {})
     assert (a.kind, a.module, a.covered) == ("other", None, False)
     assert a.reason.startswith("the dynamic loader run as a command")
+
+
+def test_other_machine_is_flagged(outdir, tmp_path):
+    exe = tmp_path / "arm64"
+    data = bytearray(open(built(B.C_CONFIGS[0], outdir), "rb").read())
+    data[18:20] = (183).to_bytes(2, "little")            # e_machine = EM_AARCH64
+    exe.write_bytes(bytes(data))
+    a = A.resolve_allocator(str(exe), {})
+    assert (a.kind, a.module, a.covered) == ("other", None, False)
+    assert a.reason.startswith("not an x86-64 ELF64 program")
