@@ -33,6 +33,7 @@ import threading
 import zlib
 from dataclasses import dataclass, field
 from typing import Dict, List, Sequence, Tuple
+from elftools.elf.constants import P_FLAGS
 
 __all__ = [
     "ElfHeader", "Phdr", "Shdr", "read_phdrs", "read_shdrs", "section_data", "read_build_id",
@@ -472,7 +473,7 @@ def dwarf_info(path: str):
 # Named function symbols (probe placement), with pyelftools
 # --------------------------------------------------------------------------
 
-PF_X = 1
+SEGMENT_EXECUTABLE = P_FLAGS.PF_X   # p_flags bit of an executable PT_LOAD segment
 
 
 @dataclass

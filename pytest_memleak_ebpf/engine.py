@@ -60,7 +60,7 @@ def tracer_config(settings: Settings):
 
 class LeakEngine:
     def __init__(self, settings: Settings, tracer=None):
-        """tracer: the xdist controller's (shared.RemoteTracer); by default
+        """tracer: the xdist controller's (tracer.server.RemoteTracer); by default
         this process loads its own."""
         from .resolve import Resolver
 

@@ -543,7 +543,7 @@ def _moved(insn, off: int, address: int, body: bytes, body_complete: bool,
 # ELF side
 # --------------------------------------------------------------------------
 
-_PF_X = elf.PF_X
+_PF_X = elf.SEGMENT_EXECUTABLE
 
 _cache_lock = threading.Lock()
 _elf_cache: Dict[str, Tuple[tuple, elf.FunctionSymbols]] = {}

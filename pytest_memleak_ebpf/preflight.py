@@ -13,7 +13,7 @@ class EnvironmentProblem(RuntimeError):
 
 
 TRACEFS_DIRS = ("/sys/kernel/tracing", "/sys/kernel/debug/tracing")
-# How the tracer attaches its allocator probes, best first (tracer.py):
+# How the tracer attaches its allocator probes, best first (tracer/probes.py):
 #   session: uprobe session links (entry and return in one program; an entry
 #            that needs no return skips it; free: an entry-only uprobe_multi
 #            link), multi: an entry and a return

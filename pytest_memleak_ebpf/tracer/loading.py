@@ -42,10 +42,10 @@ import hashlib
 import json
 import os
 import struct
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..atomic import write_json_atomic
 from . import abi
 from .abi import KFUNCS
 
@@ -200,15 +200,7 @@ def _save(path: Path, entry: dict) -> None:
     for stale in old[:max(0, len(old) - KEEP + 1)]:
         with contextlib.suppress(OSError):
             stale.unlink()
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".json")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(entry, f)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    write_json_atomic(path, entry, indent=None, prefix=".tmp-", suffix=".json")
 
 
 def _lib(bcc):

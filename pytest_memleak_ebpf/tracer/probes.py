@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 from .. import placement as _placement
 from ..preflight import ATTACH_MODES
+from ..procmaps import read_maps
 from . import abi
 from .loading import BPF_TRACE_UPROBE_MULTI, BPF_TRACE_UPROBE_SESSION, link_uprobe_multi
 
@@ -82,11 +83,9 @@ class Attached:
 
 def find_libc() -> str:
     """The libc this process maps (the one dynamically linked programs load)."""
-    with open("/proc/self/maps") as f:
-        for line in f:
-            parts = line.split()
-            if len(parts) >= 6 and os.path.basename(parts[5]).startswith("libc.so"):
-                return os.path.realpath(parts[5])
+    for m in read_maps(executable=False):
+        if os.path.basename(m.path).startswith("libc.so"):
+            return os.path.realpath(m.path)
     for cand in ("/lib/x86_64-linux-gnu/libc.so.6", "/lib64/libc.so.6", "/usr/lib64/libc.so.6"):
         if os.path.exists(cand):
             return os.path.realpath(cand)
