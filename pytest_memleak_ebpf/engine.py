@@ -115,6 +115,10 @@ class LeakEngine:
 
     # -- in-process windows -------------------------------------------------
 
+    @property
+    def window_empty(self) -> bool:
+        return self._empty_window
+
     def _extension_ranges(self) -> list:
         """Extension code ranges; /proc/self/maps is re-read only when the set
         of imported modules changed (or every 50 windows, for ctypes loads)."""

@@ -1,0 +1,247 @@
+"""The plugin's command-line and ini options, each value validated where it
+is parsed: command-line values by their argparse ``type=`` (a bad value is
+pytest's usage error naming the option and the value), ini values when read
+(a UsageError naming the ini key and the value). A command-line option left
+unset (None) falls back to its ini key."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from typing import Any, Callable
+
+import pytest
+
+from .marks import MAX_REPETITIONS, Budget
+from .sizes import SizeError, parse_count, parse_seconds, parse_size
+
+INCOMPLETE_CHOICES = ("error", "warn")
+IN_PROCESS_CHOICES = ("extensions", "all", "off")
+SCOPE_CHOICES = ("call", "test")
+MIN_CAPACITY, MAX_CAPACITY = 16, 1 << 26
+DEFAULT_MAX_BLOCKS = 1 << 20
+DEFAULT_MAX_STACKS = 1 << 15
+DEFAULT_MAX_PROCESSES = 1 << 15
+DEFAULT_WARMUP, DEFAULT_REPEAT = 1, 3
+
+
+class OptionValueError(ValueError):
+    """A bad option value; the message names the value (the caller adds the option)."""
+
+
+# -- parsing: text -> value, raising ValueError (SizeError, OptionValueError) --
+
+def capacity(text: str) -> int:
+    n = parse_count(text)
+    if n < MIN_CAPACITY or n > MAX_CAPACITY:
+        raise OptionValueError(f"{text!r} is out of range ({MIN_CAPACITY} to {MAX_CAPACITY})")
+    return n
+
+
+def choice(*choices: str) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        if text not in choices:
+            raise OptionValueError(f"{text!r} is not one of {', '.join(choices)}")
+        return text
+
+    parse.__name__ = "choice"
+    return parse
+
+
+def warmup(text: str) -> int:
+    n = parse_count(text)
+    if n > MAX_REPETITIONS:
+        raise OptionValueError(f"{text!r} is out of range")
+    return n
+
+
+def repeat(text: str) -> int:
+    n = parse_count(text)
+    if not 1 <= n <= MAX_REPETITIONS:
+        raise OptionValueError(f"{text!r} is out of range")
+    return n
+
+
+def json_path(text: str) -> str:
+    d = os.path.dirname(os.path.abspath(text))
+    if not os.path.isdir(d) or not os.access(d, os.W_OK):
+        raise OptionValueError(f"cannot write {text!r} (directory {d!r} is missing or not writable)")
+    return text
+
+
+def flamegraph_dir(text: str) -> str:
+    if os.path.exists(text) and not os.path.isdir(text):
+        raise OptionValueError(f"{text!r} exists and is not a directory")
+    return text
+
+
+def suppression_file(text: str) -> str:
+    load_suppressions([text])
+    return text
+
+
+def load_suppressions(paths) -> list:
+    """The Suppressions in `paths` (SuppressionError, a ValueError, names the file and line)."""
+    from .suppressions import load_suppression_files
+
+    return list(load_suppression_files(paths))
+
+
+def _cli(parse: Callable[[str], Any], empty: Any = None) -> Callable[[str], Any]:
+    """argparse ``type=`` for `parse`: its ValueError becomes argparse's usage
+    error (argparse names the option). An empty value is `empty` (the default)."""
+    def convert(text: str) -> Any:
+        if text == "":
+            return empty
+        try:
+            return parse(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    convert.__name__ = parse.__name__
+    return convert
+
+
+# -- registration --------------------------------------------------------
+
+def add_options(parser: pytest.Parser) -> None:
+    group = parser.getgroup("ebpf-leaks", "leak checking with eBPF (pytest-memleak-ebpf)")
+    group.addoption("--ebpf-leaks", action="store_true", default=None,
+                    help="check the processes each test launches for leaked malloc-family memory (needs root)")
+    group.addoption("--ebpf-leaks-budget", metavar="SIZE", default=None, type=_cli(parse_size, 0),
+                    help="leak budget of tests without a leak_budget marker, e.g. 0, 4096, '4 KiB' (default 0)")
+    group.addoption("--ebpf-leaks-json", metavar="PATH", default=None, type=_cli(json_path, ""),
+                    help="write a JSON leak report (schema version 1) to PATH")
+    group.addoption("--ebpf-leaks-max-blocks", metavar="N", default=None,
+                    type=_cli(capacity, DEFAULT_MAX_BLOCKS),
+                    help="capacity of the live-block map (default 1048576)")
+    group.addoption("--ebpf-leaks-max-stacks", metavar="N", default=None,
+                    type=_cli(capacity, DEFAULT_MAX_STACKS),
+                    help="capacity of the stack map (default 32768)")
+    group.addoption("--ebpf-leaks-max-processes", metavar="N", default=None,
+                    type=_cli(capacity, DEFAULT_MAX_PROCESSES),
+                    help="how many processes can be tracked at once (default 32768)")
+    group.addoption("--ebpf-leaks-on-incomplete", metavar="error|warn", default=None,
+                    type=_cli(choice(*INCOMPLETE_CHOICES), "error"),
+                    help="when tracking was incomplete (a map filled up): fail the test (error, default) or warn")
+    group.addoption("--ebpf-leaks-in-process", metavar="extensions|all|off", default=None,
+                    type=_cli(choice(*IN_PROCESS_CHOICES), "extensions"),
+                    help="check the pytest process's own allocations during each test's call: only those whose "
+                         "stack passes through an extension module (extensions, default), all, or off")
+    group.addoption("--ebpf-leaks-suppressions", metavar="FILE", action="append", default=None,
+                    type=_cli(suppression_file, ""),
+                    help="LSan-style suppression file (leak:<pattern> lines); may be given several times")
+    group.addoption("--ebpf-leaks-no-default-suppressions", action="store_true", default=None,
+                    help="do not suppress the memory glibc, ld.so and libstdc++ keep on purpose until exit")
+    group.addoption("--ebpf-leaks-gen-suppressions", action="store_true", default=None,
+                    help="print ready-to-paste suppressions for every leaking stack at the end of the run")
+    group.addoption("--ebpf-leaks-flamegraph", metavar="DIR", default=None, type=_cli(flamegraph_dir, ""),
+                    help="write folded stacks and an SVG flame graph of leaked bytes per failing test into DIR")
+    group.addoption("--ebpf-leaks-wait", metavar="SECONDS", default=None, type=_cli(parse_seconds, 0.0),
+                    help="at the end of a test, wait up to SECONDS for the processes it launched to exit")
+    group.addoption("--ebpf-leaks-in-process-scope", metavar="call|test", default=None,
+                    type=_cli(choice(*SCOPE_CHOICES), "call"),
+                    help="in-process window: the test call (default), or the whole test with setup and teardown "
+                         "(in-process leaks then fail the test at teardown)")
+    group.addoption("--ebpf-leaks-warmup", metavar="N", default=None, type=_cli(warmup),
+                    help="growth mode for all tests: run the test body N times before measuring")
+    group.addoption("--ebpf-leaks-repeat", metavar="M", default=None, type=_cli(repeat),
+                    help="growth mode for all tests: measure M repetitions, count only what keeps growing")
+    parser.addini("ebpf_leaks", type="bool", default=False, help="enable --ebpf-leaks")
+    parser.addini("ebpf_leaks_budget", default="0", help="default leak budget (size)")
+    parser.addini("ebpf_leaks_json", default="", help="JSON leak report path")
+    parser.addini("ebpf_leaks_max_blocks", default="", help="live-block map capacity")
+    parser.addini("ebpf_leaks_max_stacks", default="", help="stack map capacity")
+    parser.addini("ebpf_leaks_max_processes", default="", help="process map capacity")
+    parser.addini("ebpf_leaks_on_incomplete", default="error", help="error|warn")
+    parser.addini("ebpf_leaks_in_process", default="extensions", help="extensions|all|off")
+    parser.addini("ebpf_leaks_suppressions", type="paths", default=[], help="suppression files")
+    parser.addini("ebpf_leaks_default_suppressions", type="bool", default=True,
+                  help="suppress memory glibc/ld.so/libstdc++ keep until exit (default true)")
+    parser.addini("ebpf_leaks_flamegraph", default="", help="flame graph directory")
+    parser.addini("ebpf_leaks_wait", default="", help="seconds to wait for a test's processes to exit")
+    parser.addini("ebpf_leaks_in_process_scope", default="call", help="call|test")
+    parser.addini("ebpf_leaks_warmup", default="", help="growth mode warmup runs")
+    parser.addini("ebpf_leaks_repeat", default="", help="growth mode measured runs")
+
+
+# -- reading -------------------------------------------------------------
+
+def _ini(config: pytest.Config, key: str) -> Any:
+    """config.getini(key); a bool key's bad value is a UsageError naming it."""
+    try:
+        return config.getini(key)
+    except ValueError as exc:  # pytest's bool ini: "invalid truth value 'maybe'"
+        raise pytest.UsageError(f"ini option {key}: {exc}") from None
+
+
+def _value(config: pytest.Config, key: str, parse: Callable[[str], Any], default: Any) -> Any:
+    """Option `key` (e.g. "ebpf_leaks_budget"): the command line's parsed value,
+    else the ini value parsed here, else `default`."""
+    value = config.getoption(key)
+    if value is not None:
+        return value
+    text = _ini(config, key)
+    if text == "":
+        return default
+    try:
+        return parse(text)
+    except ValueError as exc:
+        raise pytest.UsageError(f"ini option {key}: {exc}") from None
+
+
+def enabled(config: pytest.Config) -> bool:
+    value = config.getoption("ebpf_leaks")
+    if value is not None:
+        return bool(value)
+    return bool(_ini(config, "ebpf_leaks"))
+
+
+def _growth(config: pytest.Config) -> dict:
+    """{"warmup": N, "repeat": M} when either option is set (the other takes its default), else {}."""
+    w = _value(config, "ebpf_leaks_warmup", warmup, None)
+    r = _value(config, "ebpf_leaks_repeat", repeat, None)
+    if w is None and r is None:
+        return {}
+    return {"warmup": DEFAULT_WARMUP if w is None else w, "repeat": DEFAULT_REPEAT if r is None else r}
+
+
+def _suppressions(config: pytest.Config) -> list:
+    from .suppressions import DEFAULT_SUPPRESSIONS, SuppressionError
+
+    files, where = config.getoption("ebpf_leaks_suppressions"), "--ebpf-leaks-suppressions"
+    if not files:
+        files, where = [str(p) for p in _ini(config, "ebpf_leaks_suppressions")], "ini option ebpf_leaks_suppressions"
+    try:
+        sups = load_suppressions(files)
+    except SuppressionError as exc:
+        raise pytest.UsageError(f"{where}: {exc}") from None
+    no_defaults = config.getoption("ebpf_leaks_no_default_suppressions")
+    if no_defaults is None:
+        no_defaults = not _ini(config, "ebpf_leaks_default_suppressions")
+    return sups if no_defaults else list(DEFAULT_SUPPRESSIONS) + sups
+
+
+def read_settings(config: pytest.Config):
+    """The session's engine Settings from the command line and the ini file."""
+    from .engine import Settings
+
+    growth = _growth(config)
+    return Settings(
+        default_budget=Budget(bytes=_value(config, "ebpf_leaks_budget", parse_size, 0), blocks=None,
+                              checked=True, source="option",
+                              warmup=growth.get("warmup"), repeat=growth.get("repeat")),
+        in_process=_value(config, "ebpf_leaks_in_process", choice(*IN_PROCESS_CHOICES), "extensions"),
+        in_process_scope=_value(config, "ebpf_leaks_in_process_scope", choice(*SCOPE_CHOICES), "call"),
+        suppressions=tuple(_suppressions(config)),
+        wait=_value(config, "ebpf_leaks_wait", parse_seconds, 0.0),
+        flamegraph_dir=_value(config, "ebpf_leaks_flamegraph", flamegraph_dir, "") or None,
+        json_path=_value(config, "ebpf_leaks_json", json_path, "") or None,
+        max_blocks=_value(config, "ebpf_leaks_max_blocks", capacity, DEFAULT_MAX_BLOCKS),
+        max_stacks=_value(config, "ebpf_leaks_max_stacks", capacity, DEFAULT_MAX_STACKS),
+        max_processes=_value(config, "ebpf_leaks_max_processes", capacity, DEFAULT_MAX_PROCESSES),
+        on_incomplete=_value(config, "ebpf_leaks_on_incomplete", choice(*INCOMPLETE_CHOICES), "error"),
+    )
+
+
+__all__ = ["OptionValueError", "SizeError", "add_options", "enabled", "read_settings"]
