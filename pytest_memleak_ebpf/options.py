@@ -171,7 +171,7 @@ def _ini(config: pytest.Config, key: str) -> Any:
     """config.getini(key); a bool key's bad value is a UsageError naming it."""
     try:
         return config.getini(key)
-    except ValueError as exc:  # pytest's bool ini: "invalid truth value 'maybe'"
+    except (pytest.UsageError, ValueError) as exc:  # a bool's "invalid truth value 'maybe'"
         raise pytest.UsageError(f"ini option {key}: {exc}") from None
 
 
