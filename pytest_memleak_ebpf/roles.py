@@ -99,19 +99,6 @@ def _controller_tracer(config: pytest.Config):
         return None
 
 
-def _serve(tracer):
-    """The controller's server of `tracer` to its workers."""
-    from .shared import TracerServer
-
-    return TracerServer(tracer)
-
-
-def _socket_key() -> str:
-    from .shared import SOCKET_KEY
-
-    return SOCKET_KEY
-
-
 # -- the header ----------------------------------------------------------------
 
 _ATTACH = {"session": "3 uprobe session/multi links", "multi": "2 uprobe_multi links", "perf": "a perf event per probe"}
@@ -410,9 +397,11 @@ class DistController:
 
     @classmethod
     def start(cls, config: pytest.Config, settings) -> "DistController":
+        from .shared import TracerServer
+
         tracer = _load(lambda: _new_tracer(settings))
         tracer.add_spawner(os.getpid())
-        server = _serve(tracer)
+        server = TracerServer(tracer)
         # workers cannot restart themselves (and the controller does not collect):
         # the header says how to make Python objects visible
         notes = reexec.in_process_notes() if settings.in_process != "off" else []
@@ -434,7 +423,9 @@ class DistController:
 
     @pytest.hookimpl(optionalhook=True)
     def pytest_configure_node(self, node):
-        node.workerinput[_socket_key()] = self.server.address
+        from .shared import SOCKET_KEY
+
+        node.workerinput[SOCKET_KEY] = self.server.address
 
     @pytest.hookimpl(optionalhook=True)
     def pytest_testnodedown(self, node, error):
