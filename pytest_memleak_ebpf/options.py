@@ -13,7 +13,7 @@ from typing import Any, Callable
 import pytest
 
 from .marks import MAX_REPETITIONS, Budget
-from .sizes import SizeError, parse_count, parse_seconds, parse_size
+from .sizes import parse_count, parse_seconds, parse_size
 
 INCOMPLETE_CHOICES = ("error", "warn")
 IN_PROCESS_CHOICES = ("extensions", "all", "off")
@@ -87,12 +87,34 @@ def load_suppressions(paths) -> list:
     return list(load_suppression_files(paths))
 
 
-def _cli(parse: Callable[[str], Any], empty: Any = None) -> Callable[[str], Any]:
-    """argparse ``type=`` for `parse`: its ValueError becomes argparse's usage
-    error (argparse names the option). An empty value is `empty` (the default)."""
+# each valued option (its dest, and its ini key): how its text is parsed, and
+# its value when unset (also what an empty value on the command line means).
+# ebpf_leaks_suppressions is a list: each file given is checked; its ini key is pytest's "paths".
+PARSERS: dict[str, tuple[Callable[[str], Any], Any]] = {
+    "ebpf_leaks_budget": (parse_size, 0),
+    "ebpf_leaks_json": (json_path, ""),
+    "ebpf_leaks_max_blocks": (capacity, DEFAULT_MAX_BLOCKS),
+    "ebpf_leaks_max_stacks": (capacity, DEFAULT_MAX_STACKS),
+    "ebpf_leaks_max_processes": (capacity, DEFAULT_MAX_PROCESSES),
+    "ebpf_leaks_on_incomplete": (choice(*INCOMPLETE_CHOICES), "error"),
+    "ebpf_leaks_in_process": (choice(*IN_PROCESS_CHOICES), "extensions"),
+    "ebpf_leaks_in_process_scope": (choice(*SCOPE_CHOICES), "call"),
+    "ebpf_leaks_flamegraph": (flamegraph_dir, ""),
+    "ebpf_leaks_wait": (parse_seconds, 0.0),
+    "ebpf_leaks_warmup": (warmup, None),
+    "ebpf_leaks_repeat": (repeat, None),
+    "ebpf_leaks_suppressions": (suppression_file, ""),
+}
+
+
+def _cli(key: str) -> Callable[[str], Any]:
+    """argparse ``type=`` of option `key`: a ValueError of its parser becomes
+    argparse's usage error (argparse names the option)."""
+    parse, default = PARSERS[key]
+
     def convert(text: str) -> Any:
         if text == "":
-            return empty
+            return default
         try:
             return parse(text)
         except ValueError as exc:
@@ -104,49 +126,47 @@ def _cli(parse: Callable[[str], Any], empty: Any = None) -> Callable[[str], Any]
 
 # -- registration --------------------------------------------------------
 
+def _valued(group, flag: str, metavar: str, **kwargs) -> None:
+    """A command-line option taking a value, parsed by PARSERS[its dest]."""
+    group.addoption(flag, metavar=metavar, default=None, type=_cli(flag[2:].replace("-", "_")), **kwargs)
+
+
 def add_options(parser: pytest.Parser) -> None:
     group = parser.getgroup("ebpf-leaks", "leak checking with eBPF (pytest-memleak-ebpf)")
     group.addoption("--ebpf-leaks", action="store_true", default=None,
                     help="check the processes each test launches for leaked malloc-family memory (needs root)")
-    group.addoption("--ebpf-leaks-budget", metavar="SIZE", default=None, type=_cli(parse_size, 0),
-                    help="leak budget of tests without a leak_budget marker, e.g. 0, 4096, '4 KiB' (default 0)")
-    group.addoption("--ebpf-leaks-json", metavar="PATH", default=None, type=_cli(json_path, ""),
-                    help="write a JSON leak report (schema version 1) to PATH")
-    group.addoption("--ebpf-leaks-max-blocks", metavar="N", default=None,
-                    type=_cli(capacity, DEFAULT_MAX_BLOCKS),
-                    help="capacity of the live-block map (default 1048576)")
-    group.addoption("--ebpf-leaks-max-stacks", metavar="N", default=None,
-                    type=_cli(capacity, DEFAULT_MAX_STACKS),
-                    help="capacity of the stack map (default 32768)")
-    group.addoption("--ebpf-leaks-max-processes", metavar="N", default=None,
-                    type=_cli(capacity, DEFAULT_MAX_PROCESSES),
-                    help="how many processes can be tracked at once (default 32768)")
-    group.addoption("--ebpf-leaks-on-incomplete", metavar="error|warn", default=None,
-                    type=_cli(choice(*INCOMPLETE_CHOICES), "error"),
-                    help="when tracking was incomplete (a map filled up): fail the test (error, default) or warn")
-    group.addoption("--ebpf-leaks-in-process", metavar="extensions|all|off", default=None,
-                    type=_cli(choice(*IN_PROCESS_CHOICES), "extensions"),
-                    help="check the pytest process's own allocations during each test's call: only those whose "
-                         "stack passes through an extension module (extensions, default), all, or off")
-    group.addoption("--ebpf-leaks-suppressions", metavar="FILE", action="append", default=None,
-                    type=_cli(suppression_file, ""),
-                    help="LSan-style suppression file (leak:<pattern> lines); may be given several times")
+    _valued(group, "--ebpf-leaks-budget", "SIZE",
+            help="leak budget of tests without a leak_budget marker, e.g. 0, 4096, '4 KiB' (default 0)")
+    _valued(group, "--ebpf-leaks-json", "PATH",
+            help="write a JSON leak report (schema version 1) to PATH")
+    _valued(group, "--ebpf-leaks-max-blocks", "N",
+            help="capacity of the live-block map (default 1048576)")
+    _valued(group, "--ebpf-leaks-max-stacks", "N",
+            help="capacity of the stack map (default 32768)")
+    _valued(group, "--ebpf-leaks-max-processes", "N",
+            help="how many processes can be tracked at once (default 32768)")
+    _valued(group, "--ebpf-leaks-on-incomplete", "error|warn",
+            help="when tracking was incomplete (a map filled up): fail the test (error, default) or warn")
+    _valued(group, "--ebpf-leaks-in-process", "extensions|all|off",
+            help="check the pytest process's own allocations during each test's call: only those whose "
+                 "stack passes through an extension module (extensions, default), all, or off")
+    _valued(group, "--ebpf-leaks-suppressions", "FILE", action="append",
+            help="LSan-style suppression file (leak:<pattern> lines); may be given several times")
     group.addoption("--ebpf-leaks-no-default-suppressions", action="store_true", default=None,
                     help="do not suppress the memory glibc, ld.so and libstdc++ keep on purpose until exit")
     group.addoption("--ebpf-leaks-gen-suppressions", action="store_true", default=None,
                     help="print ready-to-paste suppressions for every leaking stack at the end of the run")
-    group.addoption("--ebpf-leaks-flamegraph", metavar="DIR", default=None, type=_cli(flamegraph_dir, ""),
-                    help="write folded stacks and an SVG flame graph of leaked bytes per failing test into DIR")
-    group.addoption("--ebpf-leaks-wait", metavar="SECONDS", default=None, type=_cli(parse_seconds, 0.0),
-                    help="at the end of a test, wait up to SECONDS for the processes it launched to exit")
-    group.addoption("--ebpf-leaks-in-process-scope", metavar="call|test", default=None,
-                    type=_cli(choice(*SCOPE_CHOICES), "call"),
-                    help="in-process window: the test call (default), or the whole test with setup and teardown "
-                         "(in-process leaks then fail the test at teardown)")
-    group.addoption("--ebpf-leaks-warmup", metavar="N", default=None, type=_cli(warmup),
-                    help="growth mode for all tests: run the test body N times before measuring")
-    group.addoption("--ebpf-leaks-repeat", metavar="M", default=None, type=_cli(repeat),
-                    help="growth mode for all tests: measure M repetitions, count only what keeps growing")
+    _valued(group, "--ebpf-leaks-flamegraph", "DIR",
+            help="write folded stacks and an SVG flame graph of leaked bytes per failing test into DIR")
+    _valued(group, "--ebpf-leaks-wait", "SECONDS",
+            help="at the end of a test, wait up to SECONDS for the processes it launched to exit")
+    _valued(group, "--ebpf-leaks-in-process-scope", "call|test",
+            help="in-process window: the test call (default), or the whole test with setup and teardown "
+                 "(in-process leaks then fail the test at teardown)")
+    _valued(group, "--ebpf-leaks-warmup", "N",
+            help="growth mode for all tests: run the test body N times before measuring")
+    _valued(group, "--ebpf-leaks-repeat", "M",
+            help="growth mode for all tests: measure M repetitions, count only what keeps growing")
     parser.addini("ebpf_leaks", type="bool", default=False, help="enable --ebpf-leaks")
     parser.addini("ebpf_leaks_budget", default="0", help="default leak budget (size)")
     parser.addini("ebpf_leaks_json", default="", help="JSON leak report path")
@@ -175,12 +195,13 @@ def _ini(config: pytest.Config, key: str) -> Any:
         raise pytest.UsageError(f"ini option {key}: {exc}") from None
 
 
-def _value(config: pytest.Config, key: str, parse: Callable[[str], Any], default: Any) -> Any:
+def _value(config: pytest.Config, key: str) -> Any:
     """Option `key` (e.g. "ebpf_leaks_budget"): the command line's parsed value,
-    else the ini value parsed here, else `default`."""
+    else the ini value parsed here, else its default."""
     value = config.getoption(key)
     if value is not None:
         return value
+    parse, default = PARSERS[key]
     text = _ini(config, key)
     if text == "":
         return default
@@ -199,8 +220,8 @@ def enabled(config: pytest.Config) -> bool:
 
 def _growth(config: pytest.Config) -> dict:
     """{"warmup": N, "repeat": M} when either option is set (the other takes its default), else {}."""
-    w = _value(config, "ebpf_leaks_warmup", warmup, None)
-    r = _value(config, "ebpf_leaks_repeat", repeat, None)
+    w = _value(config, "ebpf_leaks_warmup")
+    r = _value(config, "ebpf_leaks_repeat")
     if w is None and r is None:
         return {}
     return {"warmup": DEFAULT_WARMUP if w is None else w, "repeat": DEFAULT_REPEAT if r is None else r}
@@ -228,20 +249,18 @@ def read_settings(config: pytest.Config):
 
     growth = _growth(config)
     return Settings(
-        default_budget=Budget(bytes=_value(config, "ebpf_leaks_budget", parse_size, 0), blocks=None,
+        default_budget=Budget(bytes=_value(config, "ebpf_leaks_budget"), blocks=None,
                               checked=True, source="option",
                               warmup=growth.get("warmup"), repeat=growth.get("repeat")),
-        in_process=_value(config, "ebpf_leaks_in_process", choice(*IN_PROCESS_CHOICES), "extensions"),
-        in_process_scope=_value(config, "ebpf_leaks_in_process_scope", choice(*SCOPE_CHOICES), "call"),
+        in_process=_value(config, "ebpf_leaks_in_process"),
+        in_process_scope=_value(config, "ebpf_leaks_in_process_scope"),
         suppressions=tuple(_suppressions(config)),
-        wait=_value(config, "ebpf_leaks_wait", parse_seconds, 0.0),
-        flamegraph_dir=_value(config, "ebpf_leaks_flamegraph", flamegraph_dir, "") or None,
-        json_path=_value(config, "ebpf_leaks_json", json_path, "") or None,
-        max_blocks=_value(config, "ebpf_leaks_max_blocks", capacity, DEFAULT_MAX_BLOCKS),
-        max_stacks=_value(config, "ebpf_leaks_max_stacks", capacity, DEFAULT_MAX_STACKS),
-        max_processes=_value(config, "ebpf_leaks_max_processes", capacity, DEFAULT_MAX_PROCESSES),
-        on_incomplete=_value(config, "ebpf_leaks_on_incomplete", choice(*INCOMPLETE_CHOICES), "error"),
+        wait=_value(config, "ebpf_leaks_wait"),
+        flamegraph_dir=_value(config, "ebpf_leaks_flamegraph") or None,
+        json_path=_value(config, "ebpf_leaks_json") or None,
+        max_blocks=_value(config, "ebpf_leaks_max_blocks"),
+        max_stacks=_value(config, "ebpf_leaks_max_stacks"),
+        max_processes=_value(config, "ebpf_leaks_max_processes"),
+        on_incomplete=_value(config, "ebpf_leaks_on_incomplete"),
     )
 
-
-__all__ = ["OptionValueError", "SizeError", "add_options", "enabled", "read_settings"]

@@ -192,9 +192,9 @@ def test_empty_command_line_values_are_the_defaults(pytester):
 
 
 def test_type_functions_raise_argparse_errors_naming_the_value():
-    convert = options._cli(options.capacity, 1 << 20)
+    convert = options._cli("ebpf_leaks_max_blocks")
     assert convert("16") == 16 and convert("") == 1 << 20
     with pytest.raises(argparse.ArgumentTypeError, match=r"^'8' is out of range \(16 to 67108864\)$"):
         convert("8")
     with pytest.raises(argparse.ArgumentTypeError, match=r"^'x' is not one of call, test$"):
-        options._cli(options.choice("call", "test"))("x")
+        options._cli("ebpf_leaks_in_process_scope")("x")
