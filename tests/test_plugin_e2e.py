@@ -164,18 +164,6 @@ def test_bad_marker_is_a_clear_error_and_others_still_run(pytester, run_plugin):
     assert "Traceback" not in out
 
 
-def test_bad_option_is_a_usage_error(pytester, ebpf):
-    pytester.makepyfile(test_x="def test_x(): pass")
-    result = pytester.runpytest_subprocess("--ebpf-leaks", "--ebpf-leaks-budget=lots")
-    assert result.ret == pytest.ExitCode.USAGE_ERROR
-    err = result.stderr.str()
-    assert "--ebpf-leaks-budget: 'lots' is not a size" in err and "Traceback" not in err
-    pytester.makeini("[pytest]\nebpf_leaks_budget = -3\n")
-    result = pytester.runpytest_subprocess("--ebpf-leaks")
-    assert result.ret == pytest.ExitCode.USAGE_ERROR
-    assert "ini option ebpf_leaks_budget: '-3'" in result.stderr.str()
-
-
 def test_ini_enables_and_sets_budget(pytester, ebpf, leaker):
     pytester.makeini("[pytest]\nebpf_leaks = true\nebpf_leaks_budget = 100 B\n")
     pytester.makepyfile(test_x=f"""
