@@ -47,7 +47,9 @@ apt_update() { if [ $updated = 0 ]; then log "apt-get update"; run apt-get updat
 # a real package (not only a virtual one) that apt can install
 apt_has() { apt_update; apt-cache show "$1" 2>/dev/null | grep "^Package: $1\$" >/dev/null; }
 
-for p in python3-bpfcc python3-venv valgrind gcc g++ make libc6-dev libc6-dbg sqlite3 xz-utils jq gdb procps; do
+# the allocators and libc the allocator tests build their fixtures with
+for p in python3-bpfcc python3-venv valgrind gcc g++ make libc6-dev libc6-dbg sqlite3 xz-utils jq gdb procps \
+         libjemalloc-dev libgoogle-perftools-dev libmimalloc-dev musl-tools; do
     have_pkg "$p" || need+=("$p")
 done
 

@@ -12,7 +12,8 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "scripts" / "setup-system.sh"
 COMMON = ["python3-bpfcc", "python3-venv", "valgrind", "gcc", "g++", "make", "libc6-dev", "libc6-dbg", "sqlite3",
-          "xz-utils", "jq", "gdb", "procps"]
+          "xz-utils", "jq", "gdb", "procps", "libjemalloc-dev", "libgoogle-perftools-dev", "libmimalloc-dev",
+          "musl-tools"]
 OS_RELEASE = {
     ("debian", "12"): 'PRETTY_NAME="Debian GNU/Linux 12 (bookworm)"\nNAME="Debian GNU/Linux"\nVERSION_ID="12"\n'
                       'VERSION_CODENAME=bookworm\nID=debian\n',
