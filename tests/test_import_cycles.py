@@ -104,6 +104,36 @@ def test_package_has_no_import_cycle():
     assert cycles(graph) == []
 
 
+# Layers (README "Architecture"): what a module must never reach up to.
+_TOP = {"plugin", "roles", "options", "growth", "reexec"}
+_PIPELINE = {"classify", "accounting", "verdict", "suppressions", "report", "flamegraph"}
+_IO = {"tracer", "engine", "resolve", "symbolize", "inprocess"}
+FORBIDDEN = {
+    **{m: _TOP | _IO for m in _PIPELINE},
+    "engine": _TOP,
+    "tracer": _TOP | _PIPELINE | {"engine", "resolve"},
+}
+
+
+def layer_violations(graph: dict[str, set[str]], pkg: str = "pytest_memleak_ebpf") -> list[tuple[str, str]]:
+    def top(name: str) -> str:
+        return name[len(pkg) + 1:].split(".")[0] if name != pkg else ""
+
+    return sorted((a, b) for a, targets in graph.items() for b in targets
+                  if top(b) in FORBIDDEN.get(top(a), ()) and top(a) != top(b))
+
+
+def test_no_layer_reaches_up():
+    assert layer_violations(import_graph(PKG)) == []
+
+
+def test_layer_check_sees_a_violation():
+    graph = {"pytest_memleak_ebpf.accounting": {"pytest_memleak_ebpf.tracer.core"},
+             "pytest_memleak_ebpf.tracer.core": {"pytest_memleak_ebpf.tracer.abi"},
+             "pytest_memleak_ebpf.tracer.abi": set()}
+    assert layer_violations(graph) == [("pytest_memleak_ebpf.accounting", "pytest_memleak_ebpf.tracer.core")]
+
+
 def _write(root: Path, files: dict[str, str]) -> None:
     for rel, text in files.items():
         p = root / rel
