@@ -924,29 +924,26 @@ class _Resolver:
         secure_pre = preload and self.secure
         main = self.scope[0]
 
-        def trusted(dirs: List[str]) -> List[str]:
-            if not self.secure:
-                return dirs
-            return [d for d in dirs if d in interp.system_dirs]
+        def search(spec: str, origin_of: _Loaded):
+            """One DT_RPATH/DT_RUNPATH list (a secure process keeps only the
+            system directories of a list that uses $ substitutions)."""
+            dirs = self._path_list(spec, self._origin(origin_of), True)
+            if "$" in spec and self.secure:
+                dirs = [d for d in dirs if d in interp.system_dirs]
+            return self._try_dirs(name, dirs, subdirs, secure_pre)
 
         if loader.obj.runpath is None:
             did_main = False
             l: Optional[_Loaded] = loader
             while l is not None:
                 if l.obj.rpath is not None:
-                    dirs = self._path_list(l.obj.rpath, self._origin(l), True)
-                    if "$" in l.obj.rpath:
-                        dirs = trusted(dirs)
-                    hit = self._try_dirs(name, dirs, subdirs, secure_pre)
+                    hit = search(l.obj.rpath, l)
                     if hit:
                         return hit
                     did_main |= l is main
                 l = l.loader
             if not did_main and main.obj.rpath is not None:
-                dirs = self._path_list(main.obj.rpath, self._origin(main), True)
-                if "$" in main.obj.rpath:
-                    dirs = trusted(dirs)
-                hit = self._try_dirs(name, dirs, subdirs, secure_pre)
+                hit = search(main.obj.rpath, main)
                 if hit:
                     return hit
         llp = self.env.get("LD_LIBRARY_PATH")
@@ -956,10 +953,7 @@ class _Resolver:
             if hit:
                 return hit
         if loader.obj.runpath is not None:
-            dirs = self._path_list(loader.obj.runpath, self._origin(loader), True)
-            if "$" in loader.obj.runpath:
-                dirs = trusted(dirs)
-            hit = self._try_dirs(name, dirs, subdirs, secure_pre)
+            hit = search(loader.obj.runpath, loader)
             if hit:
                 return hit
         nodeflib = bool(loader.obj.flags_1 & _DF_1_NODEFLIB)
