@@ -1,0 +1,148 @@
+"""Run a program twice for the leak-kinds tests: once stopped at exit and
+scanned by :mod:`pytest_memleak_ebpf.kinds` (blocks from the LD_PRELOAD
+recorder, tests/fixtures/kinds/recorder.c), once under valgrind memcheck;
+return both LEAK SUMMARYs.  No pytest dependency."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import signal
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from pytest_memleak_ebpf.kinds import roots as kroots
+
+HERE = Path(__file__).resolve().parent
+FIXTURES = HERE / "fixtures" / "kinds"
+KINDS = ("definite", "indirect", "possible", "reachable")
+VALGRIND_OPTS = ["--leak-check=full", "--show-leak-kinds=all", "--run-libc-freeres=no",
+                 "--run-cxx-freeres=no", "--child-silent-after-fork=yes"]
+
+
+def build(out_dir: Path) -> Dict[str, Path]:
+    """Compile the recorder and the fixtures into out_dir (idempotent)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    jobs = {
+        "recorder.so": ["gcc", "-O2", "-shared", "-fPIC", "-o", None, str(FIXTURES / "recorder.c"), "-ldl"],
+        "cases": ["gcc", "-O0", "-g", "-pthread", "-o", None, str(FIXTURES / "cases.c")],
+        "cases_cxx": ["g++", "-O0", "-g", "-D_GLIBCXX_USE_CXX11_ABI=0", "-o", None,
+                      str(FIXTURES / "cases_cxx.cpp")],
+    }
+    built = {}
+    for name, cmd in jobs.items():
+        dst = out_dir / name
+        src = Path(cmd[-1] if not cmd[-1].startswith("-") else cmd[-2])
+        if not dst.exists() or dst.stat().st_mtime < src.stat().st_mtime:
+            tmp = out_dir / f".{name}.{os.getpid()}"
+            subprocess.run([str(tmp) if c is None else c for c in cmd], check=True)
+            os.replace(tmp, dst)
+        built[name] = dst
+    return built
+
+
+@dataclasses.dataclass
+class Summary:
+    kinds: Dict[str, Tuple[int, int]]  # kind -> (bytes, blocks)
+    heuristics: Dict[str, Tuple[int, int]]
+
+    def __str__(self):
+        return ", ".join(f"{k} {b}B/{n}" for k, (b, n) in self.kinds.items())
+
+
+_VG_LINE = re.compile(r"==\d+==\s+(definitely lost|indirectly lost|possibly lost|still reachable):"
+                      r" ([\d,]+) bytes in ([\d,]+) blocks")
+_VG_HEUR = re.compile(r"==\d+==\s+(stdstring|length64|newarray|multipleinheritance): ([\d,]+) bytes in ([\d,]+) blocks")
+_VG_NAMES = {"definitely lost": "definite", "indirectly lost": "indirect",
+             "possibly lost": "possible", "still reachable": "reachable"}
+
+
+def parse_valgrind(text: str) -> Summary:
+    kinds = {k: (0, 0) for k in KINDS}
+    heur = {}
+    if "All heap blocks were freed" in text:
+        return Summary(kinds, heur)
+    if "LEAK SUMMARY" not in text:
+        raise RuntimeError(f"no LEAK SUMMARY in valgrind output:\n{text[-3000:]}")
+    tail = text[text.index("LEAK SUMMARY"):]
+    for m in _VG_LINE.finditer(tail):
+        kinds[_VG_NAMES[m.group(1)]] = (int(m.group(2).replace(",", "")), int(m.group(3).replace(",", "")))
+    for m in _VG_HEUR.finditer(tail):
+        heur[m.group(1)] = (int(m.group(2).replace(",", "")), int(m.group(3).replace(",", "")))
+    return Summary(kinds, heur)
+
+
+def run_valgrind(argv: Sequence[str], env=None, timeout=300) -> Summary:
+    with tempfile.TemporaryDirectory() as d:
+        log = Path(d) / "vg.log"
+        subprocess.run(["valgrind", *VALGRIND_OPTS, f"--log-file={log}", *argv], env=env,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL,
+                       timeout=timeout)
+        return parse_valgrind(log.read_text())
+
+
+def read_recorder_table(pid: int, addr: int, length: int) -> Tuple[np.ndarray, np.ndarray]:
+    from pytest_memleak_ebpf.kinds.memory import ProcessMemory
+
+    with ProcessMemory(pid) as mem:
+        w = mem.read_words(addr, length)
+    if w.size < 4 or int(w[0]) != 0x4B494E44535245:
+        raise RuntimeError(f"recorder table not found at {addr:#x} in pid {pid}")
+    pairs = w[4:4 + 2 * int(w[1])].reshape(-1, 2)
+    live = pairs[:, 0] > 1
+    starts, sizes = pairs[live, 0].copy(), pairs[live, 1].copy()
+    if starts.size != int(w[2]):
+        raise RuntimeError(f"recorder table holds {starts.size} blocks, its count says {int(w[2])}")
+    return starts, sizes
+
+
+@dataclasses.dataclass
+class Scanned:
+    summary: Summary
+    scan: kroots.Scan
+    starts: np.ndarray
+    sizes: np.ndarray
+    table: Tuple[int, int]
+    returncode: int
+
+
+def run_scanned(argv: Sequence[str], recorder: Path, env=None, timeout=60, inspect=None) -> Scanned:
+    """Run argv with the recorder, wait for its stop at exit, scan it, resume it.
+    ``inspect(pid, scanned_so_far)`` may look at the stopped process."""
+    with tempfile.TemporaryDirectory() as d:
+        info = Path(d) / "info"
+        e = dict(os.environ if env is None else env)
+        e.update(LD_PRELOAD=str(recorder), KINDS_RECORDER_INFO=str(info), KINDS_STOP="1")
+        proc = subprocess.Popen(list(argv), env=e, stdin=subprocess.DEVNULL,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            deadline = time.monotonic() + timeout
+            while True:
+                pid, status = os.waitpid(proc.pid, os.WUNTRACED | os.WNOHANG)
+                if pid and os.WIFSTOPPED(status):
+                    break
+                if pid:
+                    raise RuntimeError(f"{argv[0]} ended (status {status:#x}) without stopping at exit")
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{argv[0]} did not stop within {timeout}s")
+                time.sleep(0.005)
+            addr, length = (int(x, 16) for x in info.read_text().split())
+            starts, sizes = read_recorder_table(proc.pid, addr, length)
+            scan = kroots.scan_process(proc.pid, starts, sizes, exclude=[(addr, addr + length)])
+            if inspect is not None:
+                inspect(proc.pid, scan)
+        finally:
+            os.kill(proc.pid, signal.SIGCONT)
+            try:
+                rc = proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                rc = proc.wait()
+        c = scan.classification
+        return Scanned(Summary(c.summary(), c.heuristic_summary()), scan, starts, sizes, (addr, addr + length), rc)
