@@ -58,7 +58,7 @@ class Summary:
 
 _VG_LINE = re.compile(r"==\d+==\s+(definitely lost|indirectly lost|possibly lost|still reachable):"
                       r" ([\d,]+) bytes in ([\d,]+) blocks")
-_VG_HEUR = re.compile(r"==\d+==\s+(stdstring|length64|newarray|multipleinheritance): ([\d,]+) bytes in ([\d,]+) blocks")
+_VG_HEUR = re.compile(r"==\d+==\s+(stdstring|length64|newarray|multipleinheritance)\s*: ([\d,]+) bytes in ([\d,]+) blocks")
 _VG_NAMES = {"definitely lost": "definite", "indirectly lost": "indirect",
              "possibly lost": "possible", "still reachable": "reachable"}
 
