@@ -33,12 +33,15 @@ Range = Tuple[int, int]
 
 
 def _is_device(m: Mapping) -> bool:
-    if not m.path.startswith("/dev/") or m.path == "/dev/zero":
+    """A mapping of a character or block device (memcheck skips those, but
+    scans /dev/zero mappings; POSIX shared memory lives in /dev/shm)."""
+    path = m.path[:-len(" (deleted)")] if m.path.endswith(" (deleted)") else m.path
+    if not path.startswith("/dev/") or path == "/dev/zero" or path.startswith("/dev/shm/"):
         return False
     try:
-        mode = os.stat(m.path).st_mode
+        mode = os.stat(path).st_mode
     except OSError:
-        return not m.path.startswith("/dev/shm/")
+        return True
     return stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
 
 
@@ -99,7 +102,7 @@ class VtableCheck:
         scan_max = min(ptr + 20 * 8, seg.end - 1 - 8)
         if scan_max < ptr:
             return False
-        data = self.read(ptr, scan_max - ptr + 8)
+        data = self.read(ptr, ((scan_max - ptr) // 8 + 1) * 8)
         n = 0
         for k in range(len(data) // 8):
             fn = int.from_bytes(data[8 * k:8 * k + 8], "little")
