@@ -19,6 +19,7 @@ import ctypes
 import dataclasses
 import errno
 import os
+import time
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -221,12 +222,26 @@ def _wait_trap(tid: int):
             continue
 
 
-def thread_registers(pid: int) -> Dict[int, Dict[str, int]]:
+def thread_state(pid: int, tid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/task/{tid}/stat") as f:
+            s = f.read()
+    except FileNotFoundError:
+        return ""
+    return s[s.rindex(")") + 2]
+
+
+def thread_registers(pid: int, settle: float = 1.0) -> Dict[int, Dict[str, int]]:
     """``{tid: {register: value}}`` of every thread of a stopped process.
 
     Each thread is seized, interrupted, read and detached in turn; a thread
-    that vanished meanwhile is left out."""
+    that vanished meanwhile is left out.  Threads that were group-stopped go
+    back into the group-stop when detached: the kernel does that on their way
+    out of the ptrace-stop, in kernel mode (state ``R`` for a moment, no user
+    code runs); this waits up to ``settle`` seconds until they show ``T``
+    again, so callers see the process as they left it."""
     out: Dict[int, Dict[str, int]] = {}
+    was_stopped = [t for t in thread_ids(pid) if thread_state(pid, t) == "T"]
     for tid in thread_ids(pid):
         try:
             _pt(PTRACE_SEIZE, tid, None, None)
@@ -245,6 +260,10 @@ def thread_registers(pid: int) -> Dict[int, Dict[str, int]]:
                 _pt(PTRACE_DETACH, tid, None, None)
             except PtraceError:
                 pass
+    deadline = time.monotonic() + settle
+    for tid in was_stopped:
+        while thread_state(pid, tid) not in ("T", "", "Z", "X") and time.monotonic() < deadline:
+            time.sleep(0.0005)
     return out
 
 
