@@ -90,7 +90,8 @@ CASES = ["list", "tree", "cycle", "interior", "mmap_tls", "thread", "freed", "bi
 def test_heap_walk_tells_live_chunks_from_free_ones(built):
     """The walk's live chunks are exactly the recorder's live blocks (plus
     glibc's tcache structs, which malloc allocates for itself), with the usable
-    size of each; mmapped blocks are found by their header."""
+    size of each; mmapped blocks are found by their header, and also without
+    the block list by looking for mmapped chunks in anonymous mappings."""
     seen = {}
 
     def inspect(pid, scan):
@@ -105,6 +106,7 @@ def test_heap_walk_tells_live_chunks_from_free_ones(built):
             c = scan.classification
             seen["rec"] = dict(zip(c.starts.tolist(), c.sizes.tolist()))
             seen["mmapped"] = {s: heap.mmapped_extent(mem.read, s) for s in seen["rec"]}
+            seen["found"] = heap.mmapped_chunks(maps, mem.read)
 
     r = harness.run_scanned([str(built["cases"]), *CASES], built["recorder.so"], inspect=inspect)
     assert r.returncode == 0
@@ -119,6 +121,10 @@ def test_heap_walk_tells_live_chunks_from_free_ones(built):
     for s in set(rec) - mmapped:
         assert heap.request2chunk(rec[s]) - 8 == live[s] or \
             (live[s] >= rec[s] and rec[s] in (216, 224, 256))  # memalign'd: split chunks
+    found = {u: (n, lo, hi) for u, n, lo, hi in seen["found"]}
+    assert set(found) == mmapped
+    for u in mmapped:
+        assert found[u][1:] == seen["mmapped"][u] and found[u][0] >= rec[u]
     assert [a.is_main for a in seen["arenas"]] == [True, False]
     assert seen["arenas"][0].address == seen["main_arena"]
     assert seen["free"], "the fixture frees blocks: some chunks are free"

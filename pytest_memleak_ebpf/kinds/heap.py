@@ -297,3 +297,35 @@ def allocator_ranges(maps: Sequence[Mapping], read: ReadFn, main_arena: Optional
                     h = lo & ~(HEAP_MAX_SIZE - 1)
                     out.append((h, h + HEAP_MAX_SIZE))
     return out
+
+
+def mmapped_chunks(maps: Sequence[Mapping], read: ReadFn,
+                   exclude: Sequence[Tuple[int, int]] = ()) -> List[Tuple[int, int, int, int]]:
+    """Chunks glibc served with mmap, found without a block list: in every
+    private anonymous rw mapping (the kernel may merge neighbours into one
+    line of maps), a page that starts a chunk whose size word has IS_MMAPPED,
+    a page-multiple size that fits, and a prev_size (the memalign offset)
+    below a page.  Returns ``(user pointer, usable size, map lo, map hi)``.
+    ``exclude``: ranges not to look into (e.g. arena heaps)."""
+    out = []
+    for m in maps:
+        if not (m.readable and m.writable and m.path == "" and m.perms.endswith("p")):
+            continue
+        if any(lo <= m.start < hi for lo, hi in exclude):
+            continue
+        a = m.start
+        while a + 4096 <= m.end:
+            hdr = _words(read, a, 16)
+            if hdr.size < 2:
+                a += 4096
+                continue
+            prev, size = int(hdr[0]), int(hdr[1])
+            total = (size & ~SIZE_BITS) + prev
+            if (size & SIZE_BITS) == IS_MMAPPED and prev < 4096 and prev % 16 == 0 \
+                    and total % 4096 == 0 and 0 < total <= m.end - a:
+                user = a + prev + 16
+                out.append((user, (size & ~SIZE_BITS) - 16, a, a + total))
+                a += total
+            else:
+                a += 4096
+    return out
