@@ -87,6 +87,41 @@ def run_valgrind(argv: Sequence[str], env=None, timeout=300) -> Summary:
         return parse_valgrind(log.read_text())
 
 
+_VG_ENV: Optional[Dict[str, str]] = None
+
+
+def valgrind_client_env() -> Dict[str, str]:
+    """The variables valgrind adds to (or changes in) its client's environment
+    (Debian's: GLIBCXX_FORCE_NEW, GLIBCPP_FORCE_NEW, LD_LIBRARY_PATH,
+    LD_PRELOAD of its preload objects), found once by running env under it."""
+    global _VG_ENV
+    if _VG_ENV is None:
+        base = dict(os.environ)
+        out = subprocess.run(["valgrind", "-q", "/usr/bin/env", "-0"], capture_output=True, check=True).stdout
+        seen = dict(kv.split("=", 1) for kv in out.decode().split("\0") if "=" in kv)
+        _VG_ENV = {k: v for k, v in seen.items() if base.get(k) != v and k != "_"}
+    return dict(_VG_ENV)
+
+
+def native_env(recorder: Path) -> Dict[str, str]:
+    """The environment for the recorded run: valgrind's client environment,
+    with LD_PRELOAD naming the recorder through a path padded (with "./")
+    to the length of valgrind's value, so the program sees environment
+    strings of the same sizes in both runs (programs copy their environment
+    into the heap: perl's %ENV, git, make)."""
+    env = dict(os.environ)
+    vg = valgrind_client_env()
+    env.update(vg)
+    path = str(recorder)
+    want = len(vg.get("LD_PRELOAD", path))
+    if want > len(path):
+        head, tail = os.path.split(path)
+        pad = want - len(path)
+        path = head + "/" * (pad % 2) + "/." * (pad // 2) + "/" + tail
+    env["LD_PRELOAD"] = path
+    return env
+
+
 def read_recorder_table(pid: int, addr: int, length: int) -> Tuple[np.ndarray, np.ndarray]:
     from pytest_memleak_ebpf.kinds.memory import ProcessMemory
 
@@ -114,11 +149,15 @@ class Scanned:
 
 def run_scanned(argv: Sequence[str], recorder: Path, env=None, timeout=60, inspect=None) -> Scanned:
     """Run argv with the recorder, wait for its stop at exit, scan it, resume it.
+    ``env``: the whole environment, LD_PRELOAD included (default: ours plus
+    the recorder; :func:`native_env` gives valgrind's).
     ``inspect(pid, scanned_so_far)`` may look at the stopped process."""
     with tempfile.TemporaryDirectory() as d:
         info = Path(d) / "info"
-        e = dict(os.environ if env is None else env)
-        e.update(LD_PRELOAD=str(recorder), KINDS_RECORDER_INFO=str(info), KINDS_STOP="1")
+        e = dict(os.environ) if env is None else dict(env)
+        if env is None:
+            e["LD_PRELOAD"] = str(recorder)
+        e.update(KINDS_RECORDER_INFO=str(info), KINDS_STOP="1")
         proc = subprocess.Popen(list(argv), env=e, stdin=subprocess.DEVNULL,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:

@@ -57,7 +57,7 @@ def built(tmp_path_factory):
 
 def _both(built, prog, args):
     argv = [str(built[prog]), *args]
-    ours = harness.run_scanned(argv, built["recorder.so"])
+    ours = harness.run_scanned(argv, built["recorder.so"], env=harness.native_env(built["recorder.so"]))
     assert ours.returncode == 0
     theirs = harness.run_valgrind(argv)
     return ours, theirs
