@@ -79,12 +79,21 @@ def parse_valgrind(text: str) -> Summary:
 
 
 def run_valgrind(argv: Sequence[str], env=None, timeout=300) -> Summary:
+    """LEAK SUMMARY of argv under memcheck.  The environment also holds the
+    recorder's variables, with values of the same lengths as in
+    :func:`run_scanned` (the program sees the same environment sizes)."""
     with tempfile.TemporaryDirectory() as d:
         log = Path(d) / "vg.log"
+        env = dict(os.environ if env is None else env)
+        env.update(KINDS_RECORDER_INFO=str(Path(d) / "info"), KINDS_STOP="1")
         subprocess.run(["valgrind", *VALGRIND_OPTS, f"--log-file={log}", *argv], env=env,
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL,
                        timeout=timeout)
-        return parse_valgrind(log.read_text())
+        text = log.read_text()
+        if "signal 5 (SIGTRAP)" in text:
+            raise RuntimeError("the program died of SIGTRAP under valgrind: uprobes in libc "
+                               "(an eBPF tracer running?); run under flock /tmp/ebpf.lock")
+        return parse_valgrind(text)
 
 
 _VG_ENV: Optional[Dict[str, str]] = None
@@ -97,7 +106,10 @@ def valgrind_client_env() -> Dict[str, str]:
     global _VG_ENV
     if _VG_ENV is None:
         base = dict(os.environ)
-        out = subprocess.run(["valgrind", "-q", "/usr/bin/env", "-0"], capture_output=True, check=True).stdout
+        # env= explicitly: the C environment can hold variables os.environ
+        # lacks (some library's setenv), and the other runs pass os.environ
+        out = subprocess.run(["valgrind", "-q", "/usr/bin/env", "-0"], env=base, capture_output=True,
+                             check=True).stdout
         seen = dict(kv.split("=", 1) for kv in out.decode().split("\0") if "=" in kv)
         _VG_ENV = {k: v for k, v in seen.items() if base.get(k) != v and k != "_"}
     return dict(_VG_ENV)
