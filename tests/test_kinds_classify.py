@@ -354,3 +354,21 @@ def _reference(m):
     names = {U: DEFINITE, I: INDIRECT, P: POSSIBLE, R: REACHABLE}
     order = {s: k for k, s in enumerate(starts)}
     return [names[state[order[s]]] for s, _ in m.blocks]
+
+
+def test_long_chains_reachable_then_possible():
+    """Long chains (marked in plain Python once the frontier stays narrow):
+    a 100-node list from a root with an interior pointer to node 60, so the
+    rest is possibly lost; and a lost 100-node list."""
+    m = Mem()
+    nodes = [m.alloc(32) for _ in range(100)]
+    for i, (a, b) in enumerate(zip(nodes, nodes[1:])):
+        m.put(a, b + (8 if i == 59 else 0))
+    lost = [m.alloc(48) for _ in range(100)]
+    for a, b in zip(lost, lost[1:]):
+        m.put(a, b)
+    m.roots = [nodes[0]]
+    c = m.run()
+    assert kinds(c) == [REACHABLE] * 60 + [POSSIBLE] * 40 + [DEFINITE] + [INDIRECT] * 99
+    assert kinds(m.run(heuristics=())) == kinds(c)
+    assert kinds(c) == _reference(m)

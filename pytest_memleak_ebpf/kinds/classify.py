@@ -55,6 +55,9 @@ HEURISTICS = ("stdstring", "length64", "newarray", "multipleinheritance")
 DEFAULT_HEURISTICS = frozenset(HEURISTICS)
 
 _UNREACHED = -1
+# marking goes on in plain Python once the frontier stayed this narrow for
+# this many levels (a long chain: one numpy round per level would cost more)
+_NARROW, _NARROW_LEVELS = 256, 32
 _WORD = np.uint64(8)
 
 Region = Tuple[int, np.ndarray]
@@ -266,13 +269,50 @@ class _Graph:
     """Pointer edges between blocks in CSR form (by source block)."""
 
     def __init__(self, n, src, tgt, strong, is_start, heur):
-        order = np.argsort(src, kind="stable")
+        if src.size < 2 or bool((src[1:] >= src[:-1]).all()):
+            order = slice(None)  # block words come out in address order already
+        else:
+            order = np.argsort(src, kind="stable")
         self.tgt = tgt[order]
         self.strong = strong[order]
         self.is_start = is_start[order]
         self.heur = heur[order]
+        self._lists = None
         self.indptr = np.zeros(n + 1, dtype=np.int64)
         np.cumsum(np.bincount(src, minlength=n), out=self.indptr[1:])
+
+    def walk(self, start: np.ndarray, state: np.ndarray, mark: int, strong_only: bool):
+        """Depth-first marking from ``start`` (already marked ``mark``) in
+        plain Python: for narrow frontiers (long chains, e.g. linked lists)
+        one numpy round per level costs far more than a list walk.
+        REACHABLE marks over strong edges any block not yet reachable;
+        POSSIBLE marks, over any edge, blocks still unreached."""
+        if self._lists is None:
+            self._lists = (self.indptr.tolist(), self.tgt.tolist(), self.strong.tolist())
+        indptr, tgt, strong = self._lists
+        st = state.tolist()
+        stack = start.tolist()
+        changed = []
+        if strong_only:
+            while stack:
+                b = stack.pop()
+                for k in range(indptr[b], indptr[b + 1]):
+                    t = tgt[k]
+                    if strong[k] and st[t] != mark:
+                        st[t] = mark
+                        changed.append(t)
+                        stack.append(t)
+        else:
+            while stack:
+                b = stack.pop()
+                for k in range(indptr[b], indptr[b + 1]):
+                    t = tgt[k]
+                    if st[t] == _UNREACHED:
+                        st[t] = mark
+                        changed.append(t)
+                        stack.append(t)
+        if changed:
+            state[np.array(changed, dtype=np.int64)] = mark
 
     def out_edges(self, nodes: np.ndarray):
         """Indices into tgt/strong of every edge leaving ``nodes``."""
@@ -331,7 +371,12 @@ def classify(starts, sizes, roots: Iterable[Region], heap: Sequence[Region], *,
     scratch = np.zeros(n, dtype=np.int64)
     frontier = _dedup(rt[rstrong], scratch)
     state[frontier] = REACHABLE
+    narrow = 0
     while frontier.size:
+        narrow = narrow + 1 if frontier.size < _NARROW else 0
+        if narrow > _NARROW_LEVELS:
+            graph.walk(frontier, state, REACHABLE, strong_only=True)
+            break
         e = graph.out_edges(frontier)
         e = e[graph.strong[e]]
         t = graph.tgt[e]
@@ -344,8 +389,13 @@ def classify(starts, sizes, roots: Iterable[Region], heap: Sequence[Region], *,
     reach = np.nonzero(state == REACHABLE)[0]
     t = graph.tgt[graph.out_edges(reach)]
     frontier = _dedup(np.concatenate([frontier, t[state[t] == _UNREACHED]]), scratch)
+    narrow = 0
     while frontier.size:
         state[frontier] = POSSIBLE
+        narrow = narrow + 1 if frontier.size < _NARROW else 0
+        if narrow > _NARROW_LEVELS:
+            graph.walk(frontier, state, POSSIBLE, strong_only=False)
+            break
         t = graph.tgt[graph.out_edges(frontier)]
         frontier = _dedup(t[state[t] == _UNREACHED], scratch)
 
@@ -400,5 +450,6 @@ def classify(starts, sizes, roots: Iterable[Region], heap: Sequence[Region], *,
     kinds[blocks.order] = state
     hout = np.zeros(n, dtype=np.int8)
     hout[blocks.order] = np.where(state == REACHABLE, heur_of, 0)
-    return Classification(starts=blocks.starts[np.argsort(blocks.order)], sizes=blocks.sizes[np.argsort(blocks.order)],
-                          kinds=kinds, heuristic=hout)
+    inv = np.empty(n, dtype=np.int64)
+    inv[blocks.order] = np.arange(n, dtype=np.int64)
+    return Classification(starts=blocks.starts[inv], sizes=blocks.sizes[inv], kinds=kinds, heuristic=hout)

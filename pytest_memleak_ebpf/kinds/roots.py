@@ -144,8 +144,10 @@ def scan_process(pid: int, starts, sizes, *, exclude: Iterable[Range] = (),
         except Exception:  # noqa: BLE001 - a process without glibc malloc
             main_arena = None
         holes = list(exclude) + glibc_heap.allocator_ranges(maps, mem.read, main_arena)
-        heap_holes = [e for e in (glibc_heap.mmapped_extent(mem.read, int(s)) for s in starts) if e]
-        holes += heap_holes
+        # blocks outside the arenas' heaps are mmapped chunks (their headers say)
+        arena_mem = sorted(r for r in holes if r[1] > r[0])
+        outside = _outside(starts, arena_mem)
+        holes += [e for e in (glibc_heap.mmapped_extent(mem.read, int(s)) for s in starts[outside]) if e]
         roots = root_ranges(maps, [r["rsp"] for r in registers.values()], holes)
         datas = mem.read_many([(lo, hi - lo) for lo, hi in roots])
         root_words = [(lo, np.frombuffer(d[:len(d) // 8 * 8], dtype=np.uint64)) for (lo, _), d in zip(roots, datas)]
@@ -161,19 +163,31 @@ def scan_process(pid: int, starts, sizes, *, exclude: Iterable[Range] = (),
     return Scan(result, roots, registers, main_arena, sum(hi - lo for lo, hi in roots))
 
 
+def _outside(starts: np.ndarray, ranges: List[Range]) -> np.ndarray:
+    """Mask of the addresses in none of the (sorted, disjoint enough) ranges."""
+    if not ranges:
+        return np.ones(starts.size, dtype=bool)
+    lo = np.array([a for a, _ in ranges], dtype=np.uint64)
+    hi = np.array([b for _, b in ranges], dtype=np.uint64)
+    i = np.searchsorted(lo, starts, side="right").astype(np.int64) - 1
+    ok = i >= 0
+    i = np.where(ok, i, 0)
+    return ~(ok & (starts < hi[i]))
+
+
 def _block_segments(starts: np.ndarray, sizes: np.ndarray, maps: Sequence[Mapping],
                     gap: int = 1 << 16) -> List[Range]:
     """Cover the (sorted) blocks with few read ranges: blocks of one mapping
     closer than ``gap`` share one."""
-    out: List[Range] = []
+    if starts.size == 0:
+        return []
+    lo = (starts & ~np.uint64(7)).astype(np.int64)
+    hi = ((starts + sizes + np.uint64(7)) & ~np.uint64(7)).astype(np.int64)
     mstarts = np.array([m.start for m in maps], dtype=np.uint64)
-    which = (np.searchsorted(mstarts, starts, side="right") - 1).tolist() if starts.size else []
-    last_map = None
-    for s, n, mi in zip(starts.tolist(), sizes.tolist(), which):
-        lo, hi = s & ~7, (s + n + 7) & ~7
-        if out and mi == last_map and lo - out[-1][1] <= gap:
-            out[-1] = (out[-1][0], max(out[-1][1], hi))
-        else:
-            out.append((lo, hi))
-        last_map = mi
-    return out
+    which = np.searchsorted(mstarts, starts, side="right").astype(np.int64) - 1
+    reach = np.maximum.accumulate(hi)
+    new = np.ones(lo.size, dtype=bool)
+    new[1:] = (which[1:] != which[:-1]) | (lo[1:] - reach[:-1] > gap)
+    first = np.nonzero(new)[0]
+    last = np.append(first[1:], lo.size) - 1
+    return list(zip(lo[first].tolist(), reach[last].tolist()))
