@@ -130,3 +130,23 @@ def test_heap_walk_tells_live_chunks_from_free_ones(built):
     assert seen["free"], "the fixture frees blocks: some chunks are free"
     free_users = {c + 16 for c, _ in seen["free"]}
     assert not free_users & set(live)
+
+
+def test_registers_of_a_running_process_and_it_keeps_running():
+    """PTRACE_INTERRUPT stops a running (sleeping) thread for the read; the
+    detach lets it run on (it is not left stopped)."""
+    proc = subprocess.Popen(["sleep", "30"])
+    try:
+        deadline = time.monotonic() + 5
+        while memory.process_state(proc.pid) != "S" and time.monotonic() < deadline:
+            time.sleep(0.01)
+        regs = memory.thread_registers(proc.pid)
+        assert list(regs) == [proc.pid]
+        stack = next(m for m in memory.read_maps(proc.pid) if m.path == "[stack]")
+        assert stack.start <= regs[proc.pid]["rsp"] < stack.end
+        time.sleep(0.05)
+        assert memory.process_state(proc.pid) == "S"
+        assert proc.poll() is None
+    finally:
+        proc.kill()
+        proc.wait()

@@ -221,8 +221,8 @@ def _heuristic(blocks: _Blocks, contents: _Contents, tgt, values, heuristics, is
     if "stdstring" in heuristics:
         v1, w1 = contents.word_at(tgt, 8)
         # capacity word at +8 with 24 + capacity + 1 == size, length at +0 <= capacity
+        # (memcheck's SizeT arithmetic wraps around; so does numpy's uint64)
         hit = (off == np.uint64(24)) & v1 & v0 & (w1 + np.uint64(25) == size) & (w0 <= w1)
-        hit &= w1 < size  # no wrap-around of w1 + 25
         res[(res == 0) & hit] = 1
     if "length64" in heuristics:
         hit = (off == _WORD) & v0 & (w0 > 0) & (size >= _WORD) & (size - _WORD == w0)
@@ -349,8 +349,8 @@ def classify(starts, sizes, roots: Iterable[Region], heap: Sequence[Region], *,
     root_words = [_as_words(w) for _, w in roots]
     regs = np.array([int(r) & 0xFFFFFFFFFFFFFFFF for r in registers], dtype=np.uint64)
     all_root = np.concatenate(root_words + [regs]) if (root_words or regs.size) else np.zeros(0, np.uint64)
-    _, rt, rstart = blocks.lookup(all_root)
-    rvals = all_root[_] if _.size else np.zeros(0, dtype=np.uint64)
+    rpos, rt, rstart = blocks.lookup(all_root)
+    rvals = all_root[rpos]
     rheur = np.zeros(rt.size, dtype=np.int8)
     inter = ~rstart
     rheur[inter] = _heuristic(blocks, contents, rt[inter], rvals[inter], heuristics, is_vtable)
