@@ -78,6 +78,25 @@ def parse_valgrind(text: str) -> Summary:
     return Summary(kinds, heur)
 
 
+def run_valgrind_tree(argv: Sequence[str], env=None, timeout=300) -> Dict[int, Summary]:
+    """Like :func:`run_valgrind`, following forked children: ``{pid: summary}``
+    of every process that printed a leak summary (the root's pid first)."""
+    with tempfile.TemporaryDirectory() as d:
+        env = dict(os.environ if env is None else env)
+        env.update(KINDS_RECORDER_INFO=str(Path(d) / "info"), KINDS_STOP="1")
+        opts = [o for o in VALGRIND_OPTS if not o.startswith("--child-silent-after-fork")]
+        proc = subprocess.Popen(["valgrind", *opts, "--child-silent-after-fork=no",
+                                 f"--log-file={d}/vg.%p", *argv], env=env, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+        proc.wait(timeout=timeout)
+        out = {}
+        for log in sorted(Path(d).glob("vg.*"), key=lambda p: int(p.name[3:]) != proc.pid):
+            text = log.read_text()
+            if "LEAK SUMMARY" in text or "All heap blocks were freed" in text:
+                out[int(log.name[3:])] = parse_valgrind(text)
+        return out
+
+
 def run_valgrind(argv: Sequence[str], env=None, timeout=300) -> Summary:
     """LEAK SUMMARY of argv under memcheck.  The environment also holds the
     recorder's variables, with values of the same lengths as in
@@ -157,6 +176,66 @@ class Scanned:
     sizes: np.ndarray
     table: Tuple[int, int]
     returncode: int
+
+
+def _stopped_children(pid: int) -> List[int]:
+    out = []
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/stat") as f:
+                st = f.read()
+        except OSError:
+            continue
+        fields = st[st.rindex(")") + 2:].split()
+        if fields[0] == "T" and int(fields[1]) == pid:
+            out.append(int(d))
+    return out
+
+
+def run_scanned_tree(argv: Sequence[str], recorder: Path, env=None, timeout=60) -> Tuple[Scanned, Dict[int, Scanned]]:
+    """Like :func:`run_scanned`, for a program that forks (without exec)
+    children that inherit the recorder (its table and its stop at exit):
+    every child stopped at exit is scanned and continued, then the root.
+    Returns (root, {child pid: scanned})."""
+    children: Dict[int, Scanned] = {}
+    with tempfile.TemporaryDirectory() as d:
+        info = Path(d) / "info"
+        e = dict(os.environ) if env is None else dict(env)
+        if env is None:
+            e["LD_PRELOAD"] = str(recorder)
+        e.update(KINDS_RECORDER_INFO=str(info), KINDS_STOP="1")
+        proc = subprocess.Popen(list(argv), env=e, stdin=subprocess.DEVNULL,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            deadline = time.monotonic() + timeout
+            while True:
+                for child in _stopped_children(proc.pid):
+                    children[child] = _scan_one(child, info, 0)
+                    os.kill(child, signal.SIGCONT)
+                pid, status = os.waitpid(proc.pid, os.WUNTRACED | os.WNOHANG)
+                if pid and os.WIFSTOPPED(status):
+                    break
+                if pid:
+                    raise RuntimeError(f"{argv[0]} ended (status {status:#x}) without stopping at exit")
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{argv[0]} did not stop within {timeout}s")
+                time.sleep(0.005)
+            root = _scan_one(proc.pid, info, 0)
+        finally:
+            os.kill(proc.pid, signal.SIGCONT)
+            rc = proc.wait(timeout=timeout)
+        root.returncode = rc
+        return root, children
+
+
+def _scan_one(pid: int, info: Path, rc: int) -> Scanned:
+    addr, length = (int(x, 16) for x in info.read_text().split())
+    starts, sizes = read_recorder_table(pid, addr, length)
+    scan = kroots.scan_process(pid, starts, sizes, exclude=[(addr, addr + length)])
+    c = scan.classification
+    return Scanned(Summary(c.summary(), c.heuristic_summary()), scan, starts, sizes, (addr, addr + length), rc)
 
 
 def run_scanned(argv: Sequence[str], recorder: Path, env=None, timeout=60, inspect=None) -> Scanned:

@@ -105,3 +105,20 @@ def test_without_the_chunk_header_rule_the_hazard_case_disagrees(built, monkeypa
     monkeypatch.setattr(kroots, "scan_process", lambda *a, **k: real(*a, hazard=False, **k))
     ours = harness.run_scanned([str(built["cases"]), "hazard"], built["recorder.so"])
     assert _kinds(ours.summary) == ((96, 4), Z, (24, 1), (6200, 7))
+
+
+def test_forked_child_matches_valgrind(built):
+    """fork without exec: the child's summary holds the blocks it inherited
+    (valgrind's view, and ours when the child is scanned with the inherited
+    recorder table) plus its own."""
+    argv = [str(built["cases"]), "fork"]
+    root, children = harness.run_scanned_tree(argv, built["recorder.so"],
+                                              env=harness.native_env(built["recorder.so"]))
+    assert root.returncode == 0
+    vg = harness.run_valgrind_tree(argv)
+    assert len(vg) == 2 and len(children) == 1
+    vg_root, vg_child = list(vg.values())
+    assert _kinds(vg_root) == ((200, 1), Z, Z, (192, 1))
+    assert _kinds(vg_child) == ((408, 2), Z, Z, (192, 1))
+    assert _kinds(root.summary) == _kinds(vg_root)
+    assert _kinds(next(iter(children.values())).summary) == _kinds(vg_child)
