@@ -1,0 +1,455 @@
+"""Classify heap blocks the way valgrind memcheck 3.19 does (mc_leakcheck.c).
+
+Pure computation, no I/O.  Inputs:
+
+* the live blocks: ``starts`` and ``sizes`` (requested sizes, in bytes);
+* the root regions: ``(address, words)`` pairs, ``words`` a numpy uint64 array
+  of the aligned 8-byte words starting at ``address`` (8-aligned), plus the
+  registers of every thread (``registers``: any iterable of ints);
+* the blocks' contents: ``heap``, ``(address, words)`` segments that hold the
+  blocks (a block's words are the aligned words inside ``[start, start+size)``;
+  a block that no segment covers has no readable content).
+
+Rules, as memcheck's (read ``lc_push_without_clique_if_a_chunk_ptr``,
+``heuristic_reachedness``, ``lc_process_markstack`` and the clique loop of
+``MC_(detect_memory_leaks)``):
+
+* a word points to block ``b`` when ``start <= word < start + max(size, 1)``
+  (a 0-byte block counts as 1 byte); a word equal to ``start`` is a start
+  pointer, anything else an interior pointer;
+* an interior pointer that one of the enabled heuristics accepts counts as a
+  start pointer;
+* **reachable**: reached by a start pointer from a root, a register, or a
+  reachable block; **possibly lost**: reached by any pointer from a root, a
+  register, a reachable or a possibly lost block, and not reachable (so a block
+  reached only through an interior pointer, or through a possibly lost block,
+  is possibly lost);
+* the rest are lost.  In address order, each lost block still unreached leads
+  a clique: every unreached block it reaches (start or interior pointer,
+  transitively) is **indirectly lost**, including earlier leaders; the leaders
+  left are **definitely lost**.
+
+glibc hazard (``hazard_offsets``): glibc's bins, ``top``, ``last_remainder``
+and the fd/bk words of free chunks are raw pointers to a chunk's header, which
+lies 16 bytes before the chunk's user memory, i.e. in the last word of the
+previous block when that block's request used it.  memcheck never sees these
+words: its own allocator has redzones, the client's free memory is
+unaddressable and a fresh block's words are undefined until written.  A word
+equal to ``start + hazard_offsets[b]`` (glibc: the block's chunk size - 16) is
+therefore not a pointer to ``b`` here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Dict, Iterable, Optional, Sequence, Tuple
+
+import numpy as np
+
+DEFINITE, INDIRECT, POSSIBLE, REACHABLE = 0, 1, 2, 3
+KIND_NAMES = ("definite", "indirect", "possible", "reachable")
+
+#: memcheck's heuristic names, in the order it tries them.
+HEURISTICS = ("stdstring", "length64", "newarray", "multipleinheritance")
+#: memcheck's default ``--leak-check-heuristics`` (all four).
+DEFAULT_HEURISTICS = frozenset(HEURISTICS)
+
+_UNREACHED = -1
+# marking goes on in plain Python once the frontier stayed this narrow for
+# this many levels (a long chain: one numpy round per level would cost more)
+_NARROW, _NARROW_LEVELS = 256, 32
+_WORD = np.uint64(8)
+
+Region = Tuple[int, np.ndarray]
+
+
+@dataclasses.dataclass
+class Classification:
+    """The verdict for every block, in the order the blocks were given."""
+
+    starts: np.ndarray  # uint64
+    sizes: np.ndarray  # uint64
+    kinds: np.ndarray  # int8: DEFINITE, INDIRECT, POSSIBLE or REACHABLE
+    #: per block, the heuristic (1 + index in HEURISTICS) that made it
+    #: reachable and no start pointer did; 0 if none.
+    heuristic: np.ndarray
+
+    def summary(self) -> Dict[str, Tuple[int, int]]:
+        """``{kind name: (bytes, blocks)}`` for the four kinds."""
+        out = {}
+        for k, name in enumerate(KIND_NAMES):
+            sel = self.kinds == k
+            out[name] = (int(self.sizes[sel].sum()), int(sel.sum()))
+        return out
+
+    def heuristic_summary(self) -> Dict[str, Tuple[int, int]]:
+        """``{heuristic: (bytes, blocks)}`` of reachable blocks that only a
+        heuristic made reachable (memcheck's "of which reachable via
+        heuristic")."""
+        out = {}
+        for h, name in enumerate(HEURISTICS, start=1):
+            sel = (self.heuristic == h) & (self.kinds == REACHABLE)
+            if sel.any():
+                out[name] = (int(self.sizes[sel].sum()), int(sel.sum()))
+        return out
+
+
+def _as_words(words) -> np.ndarray:
+    arr = np.asarray(words)
+    if arr.dtype != np.uint64:
+        arr = arr.astype(np.uint64)
+    return arr.reshape(-1)
+
+
+class _Blocks:
+    """Blocks sorted by address, and lookup of words against them."""
+
+    def __init__(self, starts, sizes, hazard_offsets):
+        starts = np.asarray(starts, dtype=np.uint64).reshape(-1)
+        sizes = np.asarray(sizes, dtype=np.uint64).reshape(-1)
+        if starts.shape != sizes.shape:
+            raise ValueError(f"starts ({starts.size}) and sizes ({sizes.size}) differ in length")
+        self.order = np.argsort(starts, kind="stable")
+        self.starts = starts[self.order]
+        self.sizes = sizes[self.order]
+        self.n = int(self.starts.size)
+        self.ends = self.starts + np.maximum(self.sizes, np.uint64(1))
+        if self.n > 1 and bool((self.ends[:-1] > self.starts[1:]).any()):
+            i = int(np.nonzero(self.ends[:-1] > self.starts[1:])[0][0])
+            raise ValueError(
+                f"blocks overlap: {int(self.starts[i]):#x}+{int(self.sizes[i])} and "
+                f"{int(self.starts[i + 1]):#x}+{int(self.sizes[i + 1])}")
+        if hazard_offsets is None:
+            self.hazard = None
+        else:
+            hz = np.asarray(hazard_offsets, dtype=np.int64).reshape(-1)
+            if hz.shape != starts.shape:
+                raise ValueError("hazard_offsets must have one entry per block")
+            hz = hz[self.order]
+            # -1: none; an offset at/after the end can never match anyway
+            self.hazard = np.where(hz >= 0, self.starts + hz.astype(np.uint64), np.uint64(0))
+        self.lo = self.starts[0] if self.n else np.uint64(0)
+        self.hi = self.ends.max() if self.n else np.uint64(0)
+
+    def lookup(self, values: np.ndarray):
+        """For each value: (positions kept, block index, is start pointer)."""
+        if self.n == 0 or values.size == 0:
+            e = np.zeros(0, dtype=np.int64)
+            return e, e, np.zeros(0, dtype=bool)
+        cand = np.nonzero((values >= self.lo) & (values < self.hi))[0]
+        v = values[cand]
+        idx = np.searchsorted(self.starts, v, side="right").astype(np.int64) - 1
+        ok = idx >= 0
+        idx_c = np.where(ok, idx, 0)
+        ok &= v < self.ends[idx_c]
+        if self.hazard is not None:
+            ok &= ~((v == self.hazard[idx_c]) & (self.hazard[idx_c] != 0))
+        cand, idx, v = cand[ok], idx_c[ok], v[ok]
+        return cand, idx, v == self.starts[idx]
+
+
+class _Contents:
+    """Block words located in the heap segments."""
+
+    def __init__(self, blocks: _Blocks, heap: Sequence[Region]):
+        segs = sorted(((int(a), _as_words(w)) for a, w in heap), key=lambda s: s[0])
+        for a, _ in segs:
+            if a % 8:
+                raise ValueError(f"heap segment at {a:#x} is not 8-byte aligned")
+        self.seg_starts = np.array([a for a, _ in segs], dtype=np.uint64)
+        self.seg_ends = np.array([a + 8 * w.size for a, w in segs], dtype=np.uint64)
+        offs = np.zeros(len(segs) + 1, dtype=np.int64)
+        if segs:
+            offs[1:] = np.cumsum([w.size for _, w in segs])
+        self.words = np.concatenate([w for _, w in segs]) if segs else np.zeros(0, dtype=np.uint64)
+        n = blocks.n
+        # word range [wlo, whi) of each block in self.words; empty if not covered
+        first = (blocks.starts + np.uint64(7)) & ~np.uint64(7)
+        last = (blocks.starts + blocks.sizes) & ~np.uint64(7)
+        last = np.maximum(last, first)
+        si = np.searchsorted(self.seg_starts, blocks.starts, side="right").astype(np.int64) - 1
+        covered = si >= 0
+        si_c = np.where(covered, si, 0)
+        if segs:
+            covered &= last <= self.seg_ends[si_c]
+            covered &= blocks.starts >= self.seg_starts[si_c]
+            base = offs[si_c] + ((first - self.seg_starts[si_c]) // _WORD).astype(np.int64)
+        else:
+            covered &= False
+            base = np.zeros(n, dtype=np.int64)
+        count = ((last - first) // _WORD).astype(np.int64)
+        self.wlo = np.where(covered, base, 0)
+        self.whi = np.where(covered, base + count, 0)
+        self.covered = covered
+        self.blocks = blocks
+
+    def word_at(self, b: np.ndarray, offset: int):
+        """Word at start+offset of blocks b (aligned starts): (valid, value)."""
+        bl = self.blocks
+        valid = self.covered[b] & (bl.starts[b] % _WORD == 0) & (bl.sizes[b] >= np.uint64(offset + 8))
+        pos = self.wlo[b] + offset // 8
+        pos = np.where(valid, pos, 0)
+        vals = self.words[pos] if self.words.size else np.zeros(b.size, dtype=np.uint64)
+        return valid, np.where(valid, vals, np.uint64(0))
+
+    def edges(self):
+        """Every pointer from a block's words: (source block, target, is_start, value)."""
+        bl = self.blocks
+        cand, tgt, is_start = bl.lookup(self.words)
+        if cand.size == 0:
+            e = np.zeros(0, dtype=np.int64)
+            return e, e, np.zeros(0, dtype=bool), np.zeros(0, dtype=np.uint64)
+        # owner block of each word position (block word ranges are disjoint, sorted)
+        live = np.nonzero(self.whi > self.wlo)[0]
+        owner_i = np.searchsorted(self.wlo[live], cand, side="right").astype(np.int64) - 1
+        ok = owner_i >= 0
+        owner_i = np.where(ok, owner_i, 0)
+        src = live[owner_i] if live.size else owner_i
+        ok &= cand < self.whi[src] if live.size else False
+        return src[ok], tgt[ok], is_start[ok], self.words[cand[ok]]
+
+
+def _heuristic(blocks: _Blocks, contents: _Contents, tgt, values, heuristics, is_vtable):
+    """For interior pointers ``values`` to blocks ``tgt``: the heuristic that
+    accepts each (1-based index into HEURISTICS), 0 for none."""
+    res = np.zeros(tgt.size, dtype=np.int8)
+    if tgt.size == 0 or not heuristics:
+        return res
+    off = values - blocks.starts[tgt]
+    size = blocks.sizes[tgt]
+    v0, w0 = contents.word_at(tgt, 0)
+    if "stdstring" in heuristics:
+        v1, w1 = contents.word_at(tgt, 8)
+        # capacity word at +8 with 24 + capacity + 1 == size, length at +0 <= capacity
+        # (memcheck's SizeT arithmetic wraps around; so does numpy's uint64)
+        hit = (off == np.uint64(24)) & v1 & v0 & (w1 + np.uint64(25) == size) & (w0 <= w1)
+        res[(res == 0) & hit] = 1
+    if "length64" in heuristics:
+        hit = (off == _WORD) & v0 & (w0 > 0) & (size >= _WORD) & (size - _WORD == w0)
+        res[(res == 0) & hit] = 2
+    if "newarray" in heuristics:
+        n = np.where(w0 > 0, w0, np.uint64(1))
+        hit = (off == _WORD) & v0 & (w0 > 0) & (size >= _WORD) & ((size - _WORD) % n == 0)
+        res[(res == 0) & hit] = 3
+    if "multipleinheritance" in heuristics and is_vtable is not None:
+        todo = np.nonzero((res == 0) & (values % _WORD == 0))[0]
+        if todo.size:
+            t = tgt[todo]
+            o = off[todo]
+            # the word at ptr must lie inside the block
+            inside = contents.covered[t] & (o + _WORD <= blocks.sizes[t])
+            pos = np.where(inside, contents.wlo[t] + (o // _WORD).astype(np.int64), 0)
+            inner = np.where(inside, contents.words[pos] if contents.words.size else 0, 0).astype(np.uint64)
+            first_ok, first = v0[todo], w0[todo]
+            page = np.uint64(4096)
+            maybe = (inside & first_ok & (inner % _WORD == 0) & (inner >= page)
+                     & (first % _WORD == 0) & (first >= page))
+            if maybe.any():
+                vals = np.unique(np.concatenate([inner[maybe], first[maybe]]))
+                vt = np.asarray(is_vtable(vals), dtype=bool)
+                ok_in = np.zeros(todo.size, dtype=bool)
+                ok_first = np.zeros(todo.size, dtype=bool)
+                ok_in[maybe] = vt[np.searchsorted(vals, inner[maybe])]
+                ok_first[maybe] = vt[np.searchsorted(vals, first[maybe])]
+                hit = maybe & ok_in & ok_first
+                res[todo[hit]] = 4
+    return res
+
+
+def _dedup(values: np.ndarray, scratch: np.ndarray) -> np.ndarray:
+    """``values`` (indices < len(scratch)) without repeats, in O(len(values))."""
+    if values.size < 2:
+        return values
+    pos = np.arange(values.size, dtype=np.int64)
+    scratch[values] = pos
+    return values[scratch[values] == pos]
+
+
+class _Graph:
+    """Pointer edges between blocks in CSR form (by source block)."""
+
+    def __init__(self, n, src, tgt, strong, is_start, heur):
+        if src.size < 2 or bool((src[1:] >= src[:-1]).all()):
+            order = slice(None)  # block words come out in address order already
+        else:
+            order = np.argsort(src, kind="stable")
+        self.tgt = tgt[order]
+        self.strong = strong[order]
+        self.is_start = is_start[order]
+        self.heur = heur[order]
+        self._lists = None
+        self.indptr = np.zeros(n + 1, dtype=np.int64)
+        np.cumsum(np.bincount(src, minlength=n), out=self.indptr[1:])
+
+    def walk(self, start: np.ndarray, state: np.ndarray, mark: int, strong_only: bool):
+        """Depth-first marking from ``start`` (already marked ``mark``) in
+        plain Python: for narrow frontiers (long chains, e.g. linked lists)
+        one numpy round per level costs far more than a list walk.
+        REACHABLE marks over strong edges any block not yet reachable;
+        POSSIBLE marks, over any edge, blocks still unreached."""
+        if self._lists is None:
+            self._lists = (self.indptr.tolist(), self.tgt.tolist(), self.strong.tolist())
+        indptr, tgt, strong = self._lists
+        st = state.tolist()
+        stack = start.tolist()
+        changed = []
+        if strong_only:
+            while stack:
+                b = stack.pop()
+                for k in range(indptr[b], indptr[b + 1]):
+                    t = tgt[k]
+                    if strong[k] and st[t] != mark:
+                        st[t] = mark
+                        changed.append(t)
+                        stack.append(t)
+        else:
+            while stack:
+                b = stack.pop()
+                for k in range(indptr[b], indptr[b + 1]):
+                    t = tgt[k]
+                    if st[t] == _UNREACHED:
+                        st[t] = mark
+                        changed.append(t)
+                        stack.append(t)
+        if changed:
+            state[np.array(changed, dtype=np.int64)] = mark
+
+    def out_edges(self, nodes: np.ndarray):
+        """Indices into tgt/strong of every edge leaving ``nodes``."""
+        lo = self.indptr[nodes]
+        cnt = self.indptr[nodes + 1] - lo
+        total = int(cnt.sum())
+        if total == 0:
+            return np.zeros(0, dtype=np.int64)
+        rep = np.repeat(lo - np.concatenate(([0], np.cumsum(cnt)[:-1])), cnt)
+        return rep + np.arange(total, dtype=np.int64)
+
+
+def classify(starts, sizes, roots: Iterable[Region], heap: Sequence[Region], *,
+             registers: Iterable[int] = (),
+             heuristics=DEFAULT_HEURISTICS,
+             is_vtable: Optional[Callable[[np.ndarray], np.ndarray]] = None,
+             hazard_offsets=None) -> Classification:
+    """Classify every block; see the module docstring.
+
+    ``is_vtable(values)`` -> bool array: memcheck's "looks like a vtable" test
+    (needed by the multipleinheritance heuristic; without it that heuristic
+    never accepts).  ``hazard_offsets``: per block, an offset from its start
+    that is never taken as a pointer to it (-1 for none).
+    """
+    heuristics = frozenset(heuristics)
+    unknown = heuristics - DEFAULT_HEURISTICS
+    if unknown:
+        raise ValueError(f"unknown leak-check heuristic(s): {', '.join(sorted(unknown))}")
+    blocks = _Blocks(starts, sizes, hazard_offsets)
+    n = blocks.n
+    contents = _Contents(blocks, heap)
+
+    # --- pointers from the root set (memory roots and registers)
+    root_words = [_as_words(w) for _, w in roots]
+    regs = np.array([int(r) & 0xFFFFFFFFFFFFFFFF for r in registers], dtype=np.uint64)
+    all_root = np.concatenate(root_words + [regs]) if (root_words or regs.size) else np.zeros(0, np.uint64)
+    rpos, rt, rstart = blocks.lookup(all_root)
+    rvals = all_root[rpos]
+    rheur = np.zeros(rt.size, dtype=np.int8)
+    inter = ~rstart
+    rheur[inter] = _heuristic(blocks, contents, rt[inter], rvals[inter], heuristics, is_vtable)
+    rstrong = rstart | (rheur > 0)
+
+    # --- pointers between blocks
+    src, tgt, is_start, vals = contents.edges()
+    heur = np.zeros(tgt.size, dtype=np.int8)
+    inter = ~is_start
+    heur[inter] = _heuristic(blocks, contents, tgt[inter], vals[inter], heuristics, is_vtable)
+    strong = is_start | (heur > 0)
+    graph = _Graph(n, src, tgt, strong, is_start, heur)
+
+    state = np.full(n, _UNREACHED, dtype=np.int8)
+    heur_of = np.zeros(n, dtype=np.int8)  # a heuristic that made a block reachable
+
+    # reachable: closure over strong pointers from roots and reachable blocks
+    scratch = np.zeros(n, dtype=np.int64)
+    frontier = _dedup(rt[rstrong], scratch)
+    state[frontier] = REACHABLE
+    narrow = 0
+    while frontier.size:
+        narrow = narrow + 1 if frontier.size < _NARROW else 0
+        if narrow > _NARROW_LEVELS:
+            graph.walk(frontier, state, REACHABLE, strong_only=True)
+            break
+        e = graph.out_edges(frontier)
+        e = e[graph.strong[e]]
+        t = graph.tgt[e]
+        new = _dedup(t[state[t] != REACHABLE], scratch)
+        state[new] = REACHABLE
+        frontier = new
+
+    # possibly lost: any pointer from roots, reachable or possible blocks
+    frontier = rt[state[rt] == _UNREACHED]
+    reach = np.nonzero(state == REACHABLE)[0]
+    t = graph.tgt[graph.out_edges(reach)]
+    frontier = _dedup(np.concatenate([frontier, t[state[t] == _UNREACHED]]), scratch)
+    narrow = 0
+    while frontier.size:
+        state[frontier] = POSSIBLE
+        narrow = narrow + 1 if frontier.size < _NARROW else 0
+        if narrow > _NARROW_LEVELS:
+            graph.walk(frontier, state, POSSIBLE, strong_only=False)
+            break
+        t = graph.tgt[graph.out_edges(frontier)]
+        frontier = _dedup(t[state[t] == _UNREACHED], scratch)
+
+    # "reachable via heuristic": reachable, and no start pointer from the
+    # roots, a reachable or a possibly lost block reaches it (memcheck clears
+    # the heuristic of a reachable block when a start pointer reaches it)
+    reach = np.nonzero(state == REACHABLE)[0]
+    e_reach = graph.out_edges(reach)
+    if (rheur > 0).any() or (graph.heur[e_reach] > 0).any():
+        started = np.zeros(n, dtype=bool)
+        started[rt[rstart]] = True
+        e = graph.out_edges(np.nonzero(state != _UNREACHED)[0])
+        started[graph.tgt[e[graph.is_start[e]]]] = True
+        # the first heuristic (in memcheck's order) accepting a pointer from
+        # the root set or a reachable block
+        tg = np.concatenate([rt, graph.tgt[e_reach]])
+        hh = np.concatenate([rheur, graph.heur[e_reach]])
+        for h in range(len(HEURISTICS), 0, -1):
+            heur_of[tg[hh == h]] = h
+        heur_of[started | (state != REACHABLE)] = 0
+
+    # clique pass over the unreached blocks, in address order.  Only blocks
+    # with a pointer to another unreached block can mark anything: the others,
+    # as leaders, scan nothing new, so the loop visits just the former.
+    lost = state == _UNREACHED
+    if lost.any():
+        e = graph.out_edges(np.nonzero(lost)[0])
+        srcs = np.repeat(np.arange(n), np.diff(graph.indptr))[e]
+        keep = lost[graph.tgt[e]] & (graph.tgt[e] != srcs)
+        srcs, tgts = srcs[keep], graph.tgt[e][keep]
+        if srcs.size:
+            sub = _Graph(n, srcs, tgts, np.ones(srcs.size, bool), np.ones(srcs.size, bool),
+                         np.zeros(srcs.size, np.int8))
+            indptr = sub.indptr.tolist()
+            gt = sub.tgt.tolist()
+            st = bytearray(lost.tobytes())  # 1: unreached
+            for leader in np.unique(srcs).tolist():
+                if not st[leader]:
+                    continue
+                stack = [leader]
+                while stack:
+                    b = stack.pop()
+                    for t in gt[indptr[b]:indptr[b + 1]]:
+                        if st[t] and t != leader:
+                            st[t] = 0
+                            stack.append(t)
+            indirect = lost & ~np.frombuffer(bytes(st), dtype=bool)
+            state[indirect] = INDIRECT
+        state[state == _UNREACHED] = DEFINITE
+
+    kinds = np.empty(n, dtype=np.int8)
+    kinds[blocks.order] = state
+    hout = np.zeros(n, dtype=np.int8)
+    hout[blocks.order] = np.where(state == REACHABLE, heur_of, 0)
+    inv = np.empty(n, dtype=np.int64)
+    inv[blocks.order] = np.arange(n, dtype=np.int64)
+    return Classification(starts=blocks.starts[inv], sizes=blocks.sizes[inv], kinds=kinds, heuristic=hout)

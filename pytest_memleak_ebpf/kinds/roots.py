@@ -1,0 +1,193 @@
+"""The root set, as memcheck takes it (``scan_memory_root_set`` and
+``VG_(apply_to_GP_regs)`` in mc_leakcheck.c / m_machine.c), and a whole scan
+of a stopped process.
+
+Roots: every readable and writable mapping (data, bss, stacks, TLS,
+anonymous and shared mappings) except
+
+* allocator memory: glibc's ``[heap]``, the heaps of non-main arenas,
+  ``main_arena`` itself, mmapped chunks (see :mod:`.heap`), and any range the
+  caller names (e.g. a test recorder's own table);
+* device mappings (character/block devices), except ``/dev/zero``;
+* each thread's stack below ``sp - 128`` (the amd64 red zone is scanned).
+
+Plus the 16 general-purpose registers of every thread.  Only aligned 8-byte
+words are read.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import stat
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from . import heap as glibc_heap
+from .classify import Classification, classify
+from .memory import GP_REGS, Mapping, ProcessMemory, read_maps, thread_registers
+
+RED_ZONE = 128
+Range = Tuple[int, int]
+
+
+def _is_device(m: Mapping) -> bool:
+    """A mapping of a character or block device (memcheck skips those, but
+    scans /dev/zero mappings; POSIX shared memory lives in /dev/shm)."""
+    path = m.path[:-len(" (deleted)")] if m.path.endswith(" (deleted)") else m.path
+    if not path.startswith("/dev/") or path == "/dev/zero" or path.startswith("/dev/shm/"):
+        return False
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return True
+    return stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
+
+
+def subtract(ranges: Iterable[Range], holes: Iterable[Range]) -> List[Range]:
+    """``ranges`` minus ``holes`` (half-open intervals)."""
+    holes = sorted((lo, hi) for lo, hi in holes if hi > lo)
+    out = []
+    for lo, hi in sorted(ranges):
+        cur = lo
+        for hlo, hhi in holes:
+            if hhi <= cur or hlo >= hi:
+                continue
+            if hlo > cur:
+                out.append((cur, hlo))
+            cur = max(cur, hhi)
+            if cur >= hi:
+                break
+        if cur < hi:
+            out.append((cur, hi))
+    return out
+
+
+def root_ranges(maps: Sequence[Mapping], stack_pointers: Iterable[int],
+                exclude: Iterable[Range] = ()) -> List[Range]:
+    """The address ranges scanned as roots (8-aligned)."""
+    base = [(m.start, m.end) for m in maps
+            if m.readable and m.writable and not _is_device(m)]
+    holes = list(exclude)
+    for sp in stack_pointers:
+        for m in maps:
+            if m.start <= sp < m.end:
+                holes.append((m.start, max(m.start, (sp - RED_ZONE) & ~7)))
+                break
+    return [(lo + (-lo) % 8, hi & ~7) for lo, hi in subtract(base, holes) if (hi & ~7) > lo + (-lo) % 8]
+
+
+class VtableCheck:
+    """memcheck's ``aligned_ptr_above_page0_is_vtable_addr``: the value points
+    into a readable file mapping, and among the (up to 21) words from there,
+    stopping one word before the mapping's end, at least two non-null ones
+    come before any that does not point into an executable file mapping."""
+
+    def __init__(self, maps: Sequence[Mapping], read):
+        self.maps = sorted(maps, key=lambda m: m.start)
+        self.starts = np.array([m.start for m in self.maps], dtype=np.uint64)
+        self.read = read
+
+    def _find(self, addr: int) -> Optional[Mapping]:
+        i = int(np.searchsorted(self.starts, np.uint64(addr), side="right")) - 1
+        if i >= 0 and addr < self.maps[i].end:
+            return self.maps[i]
+        return None
+
+    def one(self, ptr: int) -> bool:
+        seg = self._find(ptr)
+        if seg is None or not seg.file_backed or not seg.readable:
+            return False
+        scan_max = min(ptr + 20 * 8, seg.end - 1 - 8)
+        if scan_max < ptr:
+            return False
+        data = self.read(ptr, ((scan_max - ptr) // 8 + 1) * 8)
+        n = 0
+        for k in range(len(data) // 8):
+            fn = int.from_bytes(data[8 * k:8 * k + 8], "little")
+            if fn == 0:
+                continue
+            s = self._find(fn)
+            if s is None or not s.file_backed or not s.executable:
+                return False
+            n += 1
+            if n == 2:
+                return True
+        return False
+
+    def __call__(self, values: np.ndarray) -> np.ndarray:
+        return np.array([self.one(int(v)) for v in values], dtype=bool)
+
+
+@dataclasses.dataclass
+class Scan:
+    classification: Classification
+    roots: List[Range]
+    registers: Dict[int, Dict[str, int]]
+    main_arena: Optional[int]
+    root_bytes: int
+
+
+def scan_process(pid: int, starts, sizes, *, exclude: Iterable[Range] = (),
+                 registers: Optional[Dict[int, Dict[str, int]]] = None,
+                 hazard: bool = True) -> Scan:
+    """Classify the blocks ``starts``/``sizes`` of the stopped process ``pid``."""
+    starts = np.asarray(starts, dtype=np.uint64)
+    sizes = np.asarray(sizes, dtype=np.uint64)
+    maps = read_maps(pid)
+    with ProcessMemory(pid) as mem:
+        if registers is None:
+            registers = thread_registers(pid)
+        try:
+            main_arena = glibc_heap.find_main_arena(maps, mem.read)
+        except Exception:  # noqa: BLE001 - a process without glibc malloc
+            main_arena = None
+        holes = list(exclude) + glibc_heap.allocator_ranges(maps, mem.read, main_arena)
+        # blocks outside the arenas' heaps are mmapped chunks (their headers say)
+        arena_mem = sorted(r for r in holes if r[1] > r[0])
+        outside = _outside(starts, arena_mem)
+        holes += [e for e in (glibc_heap.mmapped_extent(mem.read, int(s)) for s in starts[outside]) if e]
+        roots = root_ranges(maps, [r["rsp"] for r in registers.values()], holes)
+        datas = mem.read_many([(lo, hi - lo) for lo, hi in roots])
+        root_words = [(lo, np.frombuffer(d[:len(d) // 8 * 8], dtype=np.uint64)) for (lo, _), d in zip(roots, datas)]
+        # block contents: the allocator's memory, read in big pieces
+        order = np.argsort(starts)
+        segs = _block_segments(starts[order], sizes[order], maps)
+        seg_data = mem.read_many([(lo, hi - lo) for lo, hi in segs])
+        heap_words = [(lo, np.frombuffer(d[:len(d) // 8 * 8], dtype=np.uint64)) for (lo, _), d in zip(segs, seg_data)]
+        regs = [r[name] for r in registers.values() for name in GP_REGS]
+        result = classify(starts, sizes, root_words, heap_words, registers=regs,
+                          is_vtable=VtableCheck(maps, mem.read),
+                          hazard_offsets=glibc_heap.hazard_offsets(sizes) if hazard else None)
+    return Scan(result, roots, registers, main_arena, sum(hi - lo for lo, hi in roots))
+
+
+def _outside(starts: np.ndarray, ranges: List[Range]) -> np.ndarray:
+    """Mask of the addresses in none of the (sorted, disjoint enough) ranges."""
+    if not ranges:
+        return np.ones(starts.size, dtype=bool)
+    lo = np.array([a for a, _ in ranges], dtype=np.uint64)
+    hi = np.array([b for _, b in ranges], dtype=np.uint64)
+    i = np.searchsorted(lo, starts, side="right").astype(np.int64) - 1
+    ok = i >= 0
+    i = np.where(ok, i, 0)
+    return ~(ok & (starts < hi[i]))
+
+
+def _block_segments(starts: np.ndarray, sizes: np.ndarray, maps: Sequence[Mapping],
+                    gap: int = 1 << 16) -> List[Range]:
+    """Cover the (sorted) blocks with few read ranges: blocks of one mapping
+    closer than ``gap`` share one."""
+    if starts.size == 0:
+        return []
+    lo = (starts & ~np.uint64(7)).astype(np.int64)
+    hi = ((starts + sizes + np.uint64(7)) & ~np.uint64(7)).astype(np.int64)
+    mstarts = np.array([m.start for m in maps], dtype=np.uint64)
+    which = np.searchsorted(mstarts, starts, side="right").astype(np.int64) - 1
+    reach = np.maximum.accumulate(hi)
+    new = np.ones(lo.size, dtype=bool)
+    new[1:] = (which[1:] != which[:-1]) | (lo[1:] - reach[:-1] > gap)
+    first = np.nonzero(new)[0]
+    last = np.append(first[1:], lo.size) - 1
+    return list(zip(lo[first].tolist(), reach[last].tolist()))
