@@ -194,10 +194,14 @@ def _stopped_children(pid: int) -> List[int]:
     return out
 
 
-def run_scanned_tree(argv: Sequence[str], recorder: Path, env=None, timeout=60) -> Tuple[Scanned, Dict[int, Scanned]]:
-    """Like :func:`run_scanned`, for a program that forks (without exec)
-    children that inherit the recorder (its table and its stop at exit):
-    every child stopped at exit is scanned and continued, then the root.
+def run_scanned_tree(argv: Sequence[str], recorder: Path, env=None, timeout=60,
+                     inspect=None) -> Tuple[Scanned, Dict[int, Scanned]]:
+    """Run argv with the recorder, wait for its stop at exit, scan it, resume
+    it. Children it forks without exec inherit the recorder (its table and its
+    stop at exit): each one stopped at exit is scanned and continued first.
+    ``env``: the whole environment, LD_PRELOAD included (default: ours plus
+    the recorder; :func:`native_env` gives valgrind's).
+    ``inspect(pid, scan)`` may look at the stopped root process.
     Returns (root, {child pid: scanned})."""
     children: Dict[int, Scanned] = {}
     with tempfile.TemporaryDirectory() as d:
@@ -223,9 +227,15 @@ def run_scanned_tree(argv: Sequence[str], recorder: Path, env=None, timeout=60) 
                     raise TimeoutError(f"{argv[0]} did not stop within {timeout}s")
                 time.sleep(0.005)
             root = _scan_one(proc.pid, info, 0)
+            if inspect is not None:
+                inspect(proc.pid, root.scan)
         finally:
             os.kill(proc.pid, signal.SIGCONT)
-            rc = proc.wait(timeout=timeout)
+            try:
+                rc = proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                rc = proc.wait()
         root.returncode = rc
         return root, children
 
@@ -239,40 +249,5 @@ def _scan_one(pid: int, info: Path, rc: int) -> Scanned:
 
 
 def run_scanned(argv: Sequence[str], recorder: Path, env=None, timeout=60, inspect=None) -> Scanned:
-    """Run argv with the recorder, wait for its stop at exit, scan it, resume it.
-    ``env``: the whole environment, LD_PRELOAD included (default: ours plus
-    the recorder; :func:`native_env` gives valgrind's).
-    ``inspect(pid, scanned_so_far)`` may look at the stopped process."""
-    with tempfile.TemporaryDirectory() as d:
-        info = Path(d) / "info"
-        e = dict(os.environ) if env is None else dict(env)
-        if env is None:
-            e["LD_PRELOAD"] = str(recorder)
-        e.update(KINDS_RECORDER_INFO=str(info), KINDS_STOP="1")
-        proc = subprocess.Popen(list(argv), env=e, stdin=subprocess.DEVNULL,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
-            deadline = time.monotonic() + timeout
-            while True:
-                pid, status = os.waitpid(proc.pid, os.WUNTRACED | os.WNOHANG)
-                if pid and os.WIFSTOPPED(status):
-                    break
-                if pid:
-                    raise RuntimeError(f"{argv[0]} ended (status {status:#x}) without stopping at exit")
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"{argv[0]} did not stop within {timeout}s")
-                time.sleep(0.005)
-            addr, length = (int(x, 16) for x in info.read_text().split())
-            starts, sizes = read_recorder_table(proc.pid, addr, length)
-            scan = kroots.scan_process(proc.pid, starts, sizes, exclude=[(addr, addr + length)])
-            if inspect is not None:
-                inspect(proc.pid, scan)
-        finally:
-            os.kill(proc.pid, signal.SIGCONT)
-            try:
-                rc = proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                rc = proc.wait()
-        c = scan.classification
-        return Scanned(Summary(c.summary(), c.heuristic_summary()), scan, starts, sizes, (addr, addr + length), rc)
+    """:func:`run_scanned_tree` for the root process alone."""
+    return run_scanned_tree(argv, recorder, env=env, timeout=timeout, inspect=inspect)[0]
