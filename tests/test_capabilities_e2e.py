@@ -16,6 +16,7 @@ import tempfile
 import textwrap
 
 import pytest
+from kernel_features import attach_modes
 
 pytestmark = [
     pytest.mark.ebpf,
@@ -122,7 +123,7 @@ HEADERS = {"session": "3 uprobe session/multi links)", "multi": "2 uprobe_multi 
            "perf": "a perf event per probe)"}
 
 
-@pytest.mark.parametrize("attach", ["session", "multi", "perf"])
+@pytest.mark.parametrize("attach", attach_modes())
 def test_root_with_only_bpf_and_perfmon(session, attach):
     # uid 0 owns tracefs; perf mode: BCC writes the probes into tracefs's
     # uprobe_events (the kernel's perf-event uprobes want CAP_SYS_ADMIN)

@@ -8,6 +8,7 @@ import sys
 import xml.etree.ElementTree as ET
 
 import pytest
+from kernel_features import attach_modes
 
 pytestmark = pytest.mark.ebpf
 
@@ -176,7 +177,7 @@ def test_ini_enables_and_sets_budget(pytester, ebpf, leaker):
     assert "101 B in 1 block leaked by 1 of 1 process (budget 100 B)" in result.stdout.str()
 
 
-@pytest.mark.parametrize("mode", ["session", "multi", "perf"])
+@pytest.mark.parametrize("mode", attach_modes())
 def test_every_attach_mode_counts_exactly(pytester, run_plugin, leaker, monkeypatch, mode):
     """A uprobe session link (6.13+), uprobe_multi links (6.6+) and one perf event
     per probe (any kernel) give the same exact figures; the header says which."""

@@ -239,3 +239,12 @@ def test_uprobe_events_writable_uses_the_effective_ids(monkeypatch, tmp_path):
     monkeypatch.setattr(preflight.os, "access", lambda p, m, **kw: seen.append((p, m, kw)) or real(p, m, **kw))
     assert preflight._uprobe_events_writable() is True
     assert seen[-1] == (str(d / "uprobe_events"), os.W_OK, {"effective_ids": True})
+
+
+def test_attach_modes_by_kernel_release():
+    from kernel_features import attach_modes
+
+    assert attach_modes("6.18.0-1-amd64") == ["session", "multi", "perf"]
+    assert attach_modes("6.13.2") == ["session", "multi", "perf"]
+    assert attach_modes("6.8.0-1021-azure") == ["multi", "perf"]
+    assert attach_modes("5.15.0-91-generic") == ["perf"]
