@@ -1,23 +1,38 @@
 /* churn: N malloc(64)+free pairs, timed internally.
  *
- *   churn [N] [-w] [-o FILE]
- *     N        pairs (default 1,000,000)
+ *   churn [N] [-w] [-o FILE] [-k K] [-t T]
+ *     N        pairs (default 1,000,000), in all threads together
  *     -w       wait for one byte (or EOF) on stdin before the loop, so a tracer
  *              can attach to the already-running process first
  *     -o FILE  write the loop's duration to FILE: "WALL_NS CPU_NS\n", wall time
- *              (CLOCK_MONOTONIC) and this thread's CPU time (CLOCK_THREAD_CPUTIME_ID,
- *              user + kernel, so uprobe traps count but time spent waiting for a
- *              CPU another process holds does not)
+ *              (CLOCK_MONOTONIC) and the loop's thread CPU time
+ *              (CLOCK_THREAD_CPUTIME_ID, user + kernel, so uprobe traps count but
+ *              time spent waiting for a CPU another process holds does not).
+ *              With -t, CPU_NS is the sum of every thread's own loop CPU time,
+ *              and each thread's follows on the same line: "WALL CPU T1 ... Tn"
+ *     -k K     rotating live set: K blocks are allocated before the loop and kept
+ *              live; each iteration frees the oldest of the K and allocates a new
+ *              one in its place (K = 0, the default without -t: the LIFO pair,
+ *              malloc then free of the same block at once)
+ *     -t T     T threads (pthreads, even for T = 1: the process is multi-threaded),
+ *              each doing its share of the N pairs with its own live set of K
+ *              blocks (default K = 16 with -t); their loops start together (a
+ *              barrier, once each has allocated its live set) and the wall time is
+ *              from that start to the last one's end
  *
- * Prints nothing. Only the loop is timed, so process start-up and tracer
- * attach costs never reach the per-pair figure.
- * Build: cc -O2 -o churn churn.c
+ * Prints nothing. Only the loop is timed (not the live set's first K
+ * allocations nor its final frees, nor thread creation), so process start-up
+ * and tracer attach costs never reach the per-pair figure.
+ * Build: cc -O2 -pthread -o churn churn.c
  */
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
 #include <unistd.h>
+
+#define MAX_THREADS 64
 
 static long long now_ns(clockid_t clk)
 {
@@ -26,9 +41,71 @@ static long long now_ns(clockid_t clk)
     return (long long)ts.tv_sec * 1000000000LL + ts.tv_nsec;
 }
 
+static pthread_barrier_t start;
+
+/* One loop: n pairs with k blocks live (k = 0: LIFO). Its thread CPU time goes
+ * to *cpu_ns; with `go` (threads), it waits there after allocating its live set,
+ * so the threads' loops start together; else its wall time goes to *wall_ns. */
+static void loop(long n, long k, pthread_barrier_t *go, long long *cpu_ns, long long *wall_ns)
+{
+    void **live = NULL;
+    if (k > 0) {
+        live = calloc((size_t)k, sizeof(void *));
+        if (!live)
+            exit(4);
+        for (long j = 0; j < k; j++)
+            live[j] = malloc(64);
+    }
+    if (go)
+        pthread_barrier_wait(go);
+    long long c0 = now_ns(CLOCK_THREAD_CPUTIME_ID);
+    long long t0 = now_ns(CLOCK_MONOTONIC);
+    if (k == 0) {
+        for (long i = 0; i < n; i++) {
+            void *p = malloc(64);
+            /* keep the compiler from pairing malloc with free away */
+            __asm__ volatile("" : : "r"(p) : "memory");
+            free(p);
+        }
+    } else {
+        long j = 0;
+        for (long i = 0; i < n; i++) {
+            free(live[j]);              /* the oldest of the k */
+            void *p = malloc(64);
+            __asm__ volatile("" : : "r"(p) : "memory");
+            live[j] = p;
+            if (++j == k)
+                j = 0;
+        }
+    }
+    long long t1 = now_ns(CLOCK_MONOTONIC);
+    long long c1 = now_ns(CLOCK_THREAD_CPUTIME_ID);
+    *cpu_ns = c1 - c0;
+    if (wall_ns)
+        *wall_ns = t1 - t0;
+    if (k > 0) {
+        for (long m = 0; m < k; m++)
+            free(live[m]);
+        free(live);
+    }
+}
+
+struct worker {
+    pthread_t th;
+    long n, k;
+    long long cpu_ns;
+};
+
+static void *run_worker(void *arg)
+{
+    struct worker *w = arg;
+    loop(w->n, w->k, &start, &w->cpu_ns, NULL);
+    return NULL;
+}
+
 int main(int argc, char **argv)
 {
-    long n = 1000000;
+    long n = 1000000, k = -1, threads = 0;
     int wait = 0;
     const char *out = NULL;
     for (int i = 1; i < argc; i++) {
@@ -36,29 +113,56 @@ int main(int argc, char **argv)
             wait = 1;
         else if (strcmp(argv[i], "-o") == 0 && i + 1 < argc)
             out = argv[++i];
+        else if (strcmp(argv[i], "-k") == 0 && i + 1 < argc)
+            k = atol(argv[++i]);
+        else if (strcmp(argv[i], "-t") == 0 && i + 1 < argc)
+            threads = atol(argv[++i]);
         else
             n = atol(argv[i]);
+    }
+    if (k < 0)
+        k = threads ? 16 : 0;
+    if (n < 0 || threads < 0 || threads > MAX_THREADS) {
+        fprintf(stderr, "churn: bad arguments (N %ld, -t %ld: 1..%d)\n", n, threads, MAX_THREADS);
+        return 1;
     }
     if (wait) {
         char c;
         if (read(0, &c, 1) < 0)
             return 2;
     }
-    long long c0 = now_ns(CLOCK_THREAD_CPUTIME_ID);
-    long long t0 = now_ns(CLOCK_MONOTONIC);
-    for (long i = 0; i < n; i++) {
-        void *p = malloc(64);
-        /* keep the compiler from pairing malloc with free away */
-        __asm__ volatile("" : : "r"(p) : "memory");
-        free(p);
+    long long t0, t1, cpu = 0;
+    static struct worker w[MAX_THREADS];
+    if (threads == 0) {
+        long long wall;
+        loop(n, k, NULL, &cpu, &wall);
+        t0 = 0;
+        t1 = wall;
+    } else {
+        pthread_barrier_init(&start, NULL, (unsigned)threads + 1);
+        for (long i = 0; i < threads; i++) {
+            /* the N pairs shared out, the remainder to the first threads */
+            w[i].n = n / threads + (i < n % threads);
+            w[i].k = k;
+            if (pthread_create(&w[i].th, NULL, run_worker, &w[i]) != 0)
+                return 5;
+        }
+        pthread_barrier_wait(&start);
+        t0 = now_ns(CLOCK_MONOTONIC);
+        for (long i = 0; i < threads; i++)
+            pthread_join(w[i].th, NULL);
+        t1 = now_ns(CLOCK_MONOTONIC);
+        for (long i = 0; i < threads; i++)
+            cpu += w[i].cpu_ns;
     }
-    long long t1 = now_ns(CLOCK_MONOTONIC);
-    long long c1 = now_ns(CLOCK_THREAD_CPUTIME_ID);
     if (out) {
         FILE *f = fopen(out, "w");
         if (!f)
             return 3;
-        fprintf(f, "%lld %lld\n", t1 - t0, c1 - c0);
+        fprintf(f, "%lld %lld", t1 - t0, cpu);
+        for (long i = 0; i < threads; i++)
+            fprintf(f, " %lld", w[i].cpu_ns);
+        fprintf(f, "\n");
         fclose(f);
     }
     return 0;
