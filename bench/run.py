@@ -56,11 +56,13 @@ FULL = dict(
     churn_n=1_000_000, runs=5, slow_runs=3, variant_runs=3, memleak_n=300_000,
     sqlite_rows=200_000, sort_mb=50, xz_mb=2, pytest_tests=1000, pytest_runs=3,
     report_allocs=200_000, report_runs=3, micro_tests=100, other_sessions=(1, 3), xdist_workers=(1, 2, 4),
+    churn_live=64, churn_threads=(1, 2, 4, 8), churn_thread_live=16,
 )
 QUICK = dict(
     churn_n=200_000, runs=3, slow_runs=1, variant_runs=1, memleak_n=100_000,
     sqlite_rows=50_000, sort_mb=10, xz_mb=1, pytest_tests=200, pytest_runs=1,
     report_allocs=200_000, report_runs=1, micro_tests=50, other_sessions=(1,), xdist_workers=(1, 2),
+    churn_live=64, churn_threads=(1, 2, 4, 8), churn_thread_live=16,
 )
 # Inputs scaled down from the issue's figures so one valgrind run stays under ~60 s
 # on a 2-core machine: xz -9 -T1 of 20 MB takes ~38 s natively (valgrind: ~10 min);
@@ -387,11 +389,14 @@ def use_revision(rev: str) -> None:
 # builds
 # --------------------------------------------------------------------------
 
+CFLAGS = {"churn": ("-pthread",)}
+
+
 def build(name: str, extra: tuple[str, ...] = ()) -> Path:
     src = BENCH / f"{name}.c"
     exe = OUT / name
     if not exe.exists() or exe.stat().st_mtime < src.stat().st_mtime:
-        subprocess.run(["cc", "-O2", *extra, "-o", str(exe), str(src)], check=True)
+        subprocess.run(["cc", "-O2", *CFLAGS.get(name, ()), *extra, "-o", str(exe), str(src)], check=True)
     return exe
 
 
@@ -486,16 +491,21 @@ def probe_sites(obj) -> list[str]:
 # --------------------------------------------------------------------------
 
 def read_loop(path: str) -> tuple[float, float]:
-    wall_ns, cpu_ns = open(path).read().split()
+    """churn's -o file: loop wall ns, loop CPU ns (with -t: the sum of the threads' own), then
+    each thread's CPU ns with -t."""
+    wall_ns, cpu_ns = open(path).read().split()[:2]
     return int(wall_ns) / 1e9, int(cpu_ns) / 1e9
 
 
-def churn_once(churn: Path, n: int, prefix: tuple[str, ...] = ()) -> tuple[float, float, float]:
-    """(loop wall s, loop CPU s -- both measured inside churn --, whole-process wall s)."""
+def churn_once(churn: Path, n: int, prefix: tuple[str, ...] = (),
+               args: tuple[str, ...] = ()) -> tuple[float, float, float]:
+    """(loop wall s, loop CPU s -- both measured inside churn --, whole-process wall s).
+    args: churn's pattern options (-k K, -t T), see churn_patterns."""
     fd, path = tempfile.mkstemp(dir=OUT, prefix="churn-", suffix=".ns")
     os.close(fd)
     try:
-        wall, _cpu = run_proc([*prefix, str(churn), str(n), "-o", path], what=" ".join([*prefix, "churn"]))
+        wall, _cpu = run_proc([*prefix, str(churn), str(n), *args, "-o", path],
+                              what=" ".join([*prefix, "churn", *args]))
         lw, lc = read_loop(path)
     finally:
         with contextlib.suppress(OSError):
@@ -521,8 +531,9 @@ def traced_run(tracer, fn, comm: str | None = None, min_allocs: int = 1):
     return res, raw, end_s
 
 
-def churn_traced(tracer, churn: Path, n: int) -> tuple[tuple[float, float, float], float, dict]:
-    r, raw, end_s = gated(lambda: traced_run(tracer, lambda: churn_once(churn, n), comm="churn", min_allocs=n))
+def churn_traced(tracer, churn: Path, n: int, args: tuple[str, ...] = ()) -> tuple[tuple[float, float, float], float, dict]:
+    r, raw, end_s = gated(lambda: traced_run(tracer, lambda: churn_once(churn, n, args=args), comm="churn",
+                                             min_allocs=n))
     p = [p for p in raw.processes if p["comm"] == "churn"][0]
     lost = {k: p[k] for k in ("lost_blocks", "lost_handoffs", "lost_stacks")}
     return r, end_s, lost
@@ -603,14 +614,70 @@ def churn_memleak(churn: Path, n: int) -> dict:
     return {"loop": loop, "cpu": cpu, "attach_s": attach_s, "teardown_s": time.monotonic() - t_end}
 
 
+def churn_patterns(cfg: dict) -> dict[str, dict]:
+    """The allocation patterns measured beside the LIFO pair (issue 17): key -> label, churn's
+    options, threads (0: the process stays single-threaded) and blocks kept live (per thread)."""
+    k, kt = cfg["churn_live"], cfg["churn_thread_live"]
+    pats = {f"live{k}": {"label": f"rotating live set: {k} blocks live, each iteration frees the oldest and "
+                                  f"allocates a new one", "short": f"rotating, {k} live",
+                         "args": ["-k", str(k)], "threads": 0, "live": k}}
+    for t in cfg["churn_threads"]:
+        pats[f"threads{t}"] = {"label": f"{t} thread{'s' if t > 1 else ''} (pthreads), each keeping {kt} blocks "
+                                        f"live (rotating), N shared out",
+                               "short": f"{t} thread{'s' if t > 1 else ''} × {kt} live",
+                               "args": ["-t", str(t), "-k", str(kt)], "threads": t, "live": kt}
+    return pats
+
+
+def churn_ratios(cases: dict) -> dict:
+    def m(k, what):
+        return cases.get(k, {}).get(what, {}).get("median")
+
+    out = {}
+    for what, suffix in (("us_per_pair", ""), ("cpu_us_per_pair", "_cpu")):
+        out["ratios" + suffix] = {
+            "tracer_over_floor": ratio(m("tracer", what), m("floor", what)),
+            "memleak_over_tracer": ratio(m("memleak", what), m("tracer", what)),
+            "valgrind_over_tracer": ratio(m("valgrind", what), m("tracer", what)),
+            "tracer_over_baseline": ratio(m("tracer", what), m("baseline", what)),
+            "floor_over_baseline": ratio(m("floor", what), m("baseline", what)),
+            "no_stack_over_floor": ratio(m("tracer_no_stack", what), m("floor", what)),
+        }
+        if not any(k in cases for k in ("memleak", "valgrind")):
+            for k in ("memleak_over_tracer", "valgrind_over_tracer"):
+                del out["ratios" + suffix][k]
+    return out
+
+
+def cost_split(cases: dict) -> dict | None:
+    """Where the tracer's time per pair goes, on CPU time (not disturbed by other processes on
+    the machine): differences of the CPU medians of baseline, floor, and the tracer's variants."""
+    c = {k: cases.get(k, {}).get("cpu_us_per_pair", {}).get("median")
+         for k in ("baseline", "floor", "tracer", "tracer_no_stack", "tracer_ip_stack")}
+    if c["tracer"] is None or c["floor"] is None or c["baseline"] is None:
+        return None
+    split = {"malloc+free themselves (baseline)": c["baseline"],
+             "uprobe traps: 3 per pair (floor − baseline)": c["floor"] - c["baseline"]}
+    if c["tracer_no_stack"] is not None:
+        split["BPF map work, filter, hand-off (no-stack − floor)"] = c["tracer_no_stack"] - c["floor"]
+        split["stack capture (as-is − no-stack)"] = c["tracer"] - c["tracer_no_stack"]
+        if c["tracer_ip_stack"] is not None:
+            split["… of which the frame walk (ip-stack − no-stack)"] = c["tracer_ip_stack"] - c["tracer_no_stack"]
+            split["… of which build-id lookups (as-is − ip-stack)"] = c["tracer"] - c["tracer_ip_stack"]
+    split["total (as-is)"] = c["tracer"]
+    return split
+
+
 def bench_churn(cfg: dict, res: dict) -> None:
     churn = build("churn")
     n = cfg["churn_n"]
     R = cfg["runs"]
     out = res.setdefault("churn", {"n": n, "cases": {}})
     cases = out["cases"]
+    # the other patterns (issue 17): each with its own baseline, floor and tracer variants
+    pats = out["patterns"] = {k: {**p, "n": n, "cases": {}} for k, p in churn_patterns(cfg).items()}
 
-    def put(key, label, runs, n_=n, extra=None):
+    def put(key, label, runs, n_=n, extra=None, into=None, what="churn"):
         """runs: [(loop wall s, loop CPU s, whole-process wall s or None)]"""
         d = {"label": label, "n": n_,
              "us_per_pair": summary([r[0] / n_ * 1e6 for r in runs], "us"),
@@ -620,27 +687,38 @@ def bench_churn(cfg: dict, res: dict) -> None:
             d["process_wall_s"] = summary(walls, "s")
         if extra:
             d.update(extra)
-        cases[key] = d
-        log(f"churn {key}: {d['us_per_pair']['median']:.3f} us/pair wall, "
+        (cases if into is None else into)[key] = d
+        log(f"{what} {key}: {d['us_per_pair']['median']:.3f} us/pair wall, "
             f"{d['cpu_us_per_pair']['median']:.3f} CPU (median of {len(runs)})")
 
-    def plain(prefix=()):
+    def plain(prefix=(), args=(), runs_n=R):
         runs = []
-        for _ in range(R):
-            runs.append(gated(lambda: churn_once(churn, n, prefix)))
+        for _ in range(runs_n):
+            runs.append(gated(lambda: churn_once(churn, n, prefix, args)))
         return runs
+
+    def each_pattern(key, label, fn, extra=None):
+        """fn(args) -> runs, for every other pattern; a failure is that pattern's case's error."""
+        for pk, p in pats.items():
+            try:
+                put(key, label, fn(tuple(p["args"])), extra=extra, into=p["cases"], what=f"churn {pk}")
+            except Exception as e:
+                p["cases"][key] = {"label": label, "error": str(e)}
+                log(f"churn {pk} {key} failed: {e}")
 
     # (a) baseline
     churn_once(churn, n)  # warm the page cache
     put("baseline", "baseline (no tracing)", plain())
+    each_pattern("baseline", "baseline (no tracing)", lambda a: plain(args=a))
 
     # (c) raw floor: empty programs at the tracer's probe sites
     try:
         fl = Floor()
         try:
             out["floor_probe_sites"] = probe_sites(fl)
-            put("floor", "raw floor: empty BPF programs at the tracer's probe sites", plain(),
-                extra={"load_s": fl.load_seconds})
+            label = "raw floor: empty BPF programs at the tracer's probe sites"
+            put("floor", label, plain(), extra={"load_s": fl.load_seconds})
+            each_pattern("floor", label, lambda a: plain(args=a))
         finally:
             fl.close()
     except Exception as e:
@@ -654,11 +732,13 @@ def bench_churn(cfg: dict, res: dict) -> None:
         try:
             t = load_tracer(kind)
         except VariantNA as e:
-            cases[key] = {"label": label, "skipped": str(e)}
+            for into in (cases, *(p["cases"] for p in pats.values())):
+                into[key] = {"label": label, "skipped": str(e)}
             log(f"churn {key}: not applicable: {e}")
             continue
         except Exception as e:
-            cases[key] = {"label": label, "error": str(e)}
+            for into in (cases, *(p["cases"] for p in pats.values())):
+                into[key] = {"label": label, "error": str(e)}
             log(f"churn {key} failed to load: {e}")
             continue
         try:
@@ -666,16 +746,29 @@ def bench_churn(cfg: dict, res: dict) -> None:
             if kind == "as-is":
                 out["tracer_probe_sites"] = probe_sites(t)
                 out["tracer_load_s"] = t.load_seconds
-            runs, ends, losts = [], [], []
-            for _ in range(runs_n):
-                r, e, lost = churn_traced(t, churn, n)
-                runs.append(r)
-                ends.append(e)
-                losts.append(lost)
-            put(key, label, runs, extra={"end_test_s": summary(ends, "s"), "lost": losts, "load_s": t.load_seconds})
-        except Exception as e:
-            cases[key] = {"label": label, "error": str(e)}
-            log(f"churn {key} failed: {e}")
+
+            def traced(args):
+                runs, ends, losts = [], [], []
+                for _ in range(runs_n):
+                    r, e, lost = churn_traced(t, churn, n, args)
+                    runs.append(r)
+                    ends.append(e)
+                    losts.append(lost)
+                return runs, {"end_test_s": summary(ends, "s"), "lost": losts, "load_s": t.load_seconds}
+
+            try:
+                runs, extra = traced(())
+                put(key, label, runs, extra=extra)
+            except Exception as e:
+                cases[key] = {"label": label, "error": str(e)}
+                log(f"churn {key} failed: {e}")
+            for pk, p in pats.items():
+                try:
+                    runs, extra = traced(tuple(p["args"]))
+                    put(key, label, runs, extra=extra, into=p["cases"], what=f"churn {pk}")
+                except Exception as e:
+                    p["cases"][key] = {"label": label, "error": str(e)}
+                    log(f"churn {pk} {key} failed: {e}")
         finally:
             t.close()
 
@@ -725,31 +818,15 @@ def bench_churn(cfg: dict, res: dict) -> None:
         cases["memleak"] = {"label": "BCC memleak-bpfcc -p PID", "error": str(e)}
         log(f"churn memleak failed: {e}")
 
-    def m(k, what):
-        return cases.get(k, {}).get(what, {}).get("median")
-
-    for what, suffix in (("us_per_pair", ""), ("cpu_us_per_pair", "_cpu")):
-        out["ratios" + suffix] = {
-            "tracer_over_floor": ratio(m("tracer", what), m("floor", what)),
-            "memleak_over_tracer": ratio(m("memleak", what), m("tracer", what)),
-            "valgrind_over_tracer": ratio(m("valgrind", what), m("tracer", what)),
-            "tracer_over_baseline": ratio(m("tracer", what), m("baseline", what)),
-            "floor_over_baseline": ratio(m("floor", what), m("baseline", what)),
-            "no_stack_over_floor": ratio(m("tracer_no_stack", what), m("floor", what)),
-        }
-    # where the time goes, on CPU time (not disturbed by other processes on the machine)
-    c = {k: m(k, "cpu_us_per_pair") for k in ("baseline", "floor", "tracer", "tracer_no_stack", "tracer_ip_stack")}
-    if c["tracer"] is not None and c["floor"] is not None and c["baseline"] is not None:
-        split = {"malloc+free themselves (baseline)": c["baseline"],
-                 "uprobe traps: 3 per pair (floor − baseline)": c["floor"] - c["baseline"]}
-        if c["tracer_no_stack"] is not None:
-            split["BPF map work, filter, hand-off (no-stack − floor)"] = c["tracer_no_stack"] - c["floor"]
-            split["stack capture (as-is − no-stack)"] = c["tracer"] - c["tracer_no_stack"]
-            if c["tracer_ip_stack"] is not None:
-                split["… of which the frame walk (ip-stack − no-stack)"] = c["tracer_ip_stack"] - c["tracer_no_stack"]
-                split["… of which build-id lookups (as-is − ip-stack)"] = c["tracer"] - c["tracer_ip_stack"]
-        split["total (as-is)"] = c["tracer"]
+    out.update(churn_ratios(cases))
+    split = cost_split(cases)
+    if split:
         out["cost_split_cpu_us"] = split
+    for p in pats.values():
+        p.update(churn_ratios(p["cases"]))
+        split = cost_split(p["cases"])
+        if split:
+            p["cost_split_cpu_us"] = split
 
 
 # --------------------------------------------------------------------------
@@ -1160,6 +1237,13 @@ def targets(res: dict) -> list[dict]:
             rc.get("tracer_over_floor"), lambda v: v <= 1.3, unit="×")
         row("churn: tracer ≥ 8× faster than BCC memleak", "≥ 8×", r.get("memleak_over_tracer"),
             rc.get("memleak_over_tracer"), lambda v: v >= 8, unit="×")
+        if ch.get("patterns"):
+            row("churn, LIFO pair: tracer ≤ 1.2× the raw floor (issue 17)", "≤ 1.2×", r.get("tracer_over_floor"),
+                rc.get("tracer_over_floor"), lambda v: v <= 1.2, unit="×")
+        for p in ch.get("patterns", {}).values():
+            row(f"churn, {p['short']}: tracer ≤ 1.2× its raw floor (issue 17)", "≤ 1.2×",
+                p.get("ratios", {}).get("tracer_over_floor"), p.get("ratios_cpu", {}).get("tracer_over_floor"),
+                lambda v: v <= 1.2, unit="×")
     for key, d in res.get("real", {}).get("programs", {}).items():
         row(f"{key}: slowdown ≥ 5× smaller than valgrind's", "≥ 5×",
             d.get("valgrind_slowdown_over_tracer_slowdown"), d.get("valgrind_slowdown_over_tracer_slowdown_cpu"),
@@ -1204,6 +1288,56 @@ def _code(src: str) -> str:
 
 def _met(ok):
     return "—" if ok is None else ("met" if ok else "**unmet**")
+
+
+SPLIT_KEYS = (("traps", "uprobe traps"), ("map", "BPF map work"), ("stack", "stack capture (as-is"))
+
+
+def churn_patterns_md(ch: dict) -> list[str]:
+    """Section 1's table of every allocation pattern (issue 17), the LIFO pair first: each
+    against its own baseline and raw floor, CPU medians, and the split of the tracer's cost."""
+    L = ["\n### Every allocation pattern against its own raw floor (issue 17)\n",
+         f"N = {ch['n']:,} pairs per run (with threads: shared out among them). µs per malloc+free pair, CPU "
+         "medians (user + system time of the loop's thread; with threads, the sum of each thread's own loop "
+         "CPU time, divided by N); the split is differences of those medians, as above. Wall per pair is the "
+         "loop's elapsed time / N: with more threads than the machine's cores it is a throughput, not a "
+         "per-pair cost.\n",
+         "| pattern | baseline | raw floor | tracer | tracer no-stack | tracer × floor (CPU) | tracer × floor (wall) "
+         "| traps (floor − baseline) | map work, filter, hand-off (no-stack − floor) | stack capture (as-is − "
+         "no-stack) | runs (baseline/floor/tracer/no-stack) |",
+         "|---|---|---|---|---|---|---|---|---|---|---|"]
+    rows = [("LIFO pair", ch["cases"], ch.get("cost_split_cpu_us") or {},
+             ch.get("ratios", {}), ch.get("ratios_cpu", {}))]
+    rows += [(p["short"], p["cases"], p.get("cost_split_cpu_us") or {}, p.get("ratios", {}), p.get("ratios_cpu", {}))
+             for p in ch["patterns"].values()]
+    notes = []
+    for label, cs, split, r, rc in rows:
+        errs = [f"{k}: {cs[k]['error'][:200]}" for k in ("baseline", "floor", "tracer", "tracer_no_stack")
+                if "error" in cs.get(k, {})]
+        if errs:
+            notes.append(f"{label}: error: " + "; ".join(errs))
+
+        def cpu(k):
+            return cs.get(k, {}).get("cpu_us_per_pair", {}).get("median")
+
+        def part(prefix):
+            return next((v for k, v in split.items() if k.startswith(prefix)), None)
+
+        runs = "/".join(str(cs.get(k, {}).get("cpu_us_per_pair", {}).get("runs", "—"))
+                        for k in ("baseline", "floor", "tracer", "tracer_no_stack"))
+        L.append(f"| {label} | {f(cpu('baseline'))} | {f(cpu('floor'))} | {f(cpu('tracer'))} | "
+                 f"{f(cpu('tracer_no_stack'))} | {f(rc.get('tracer_over_floor'), 2, '×')} | "
+                 f"{f(r.get('tracer_over_floor'), 2, '×')} | {f(part(SPLIT_KEYS[0][1]))} | "
+                 f"{f(part(SPLIT_KEYS[1][1]))} | {f(part(SPLIT_KEYS[2][1]))} | {runs} |")
+        for k in ("tracer", "tracer_no_stack"):
+            lost = [x for x in cs.get(k, {}).get("lost", []) if any(x.values())]
+            if lost:
+                notes.append(f"{label}, {k}: the tracer reported losses in {len(lost)} run(s): {lost[0]}")
+    L.append("")
+    L.append("Patterns: LIFO pair: malloc(64) then free of the same block at once (the table above); "
+             + "; ".join(f"{p['short']}: {p['label']}" for p in ch["patterns"].values()) + ".\n")
+    L.extend(f"{x}.  " for x in notes)
+    return L
 
 
 def markdown(res: dict) -> str:
@@ -1305,6 +1439,8 @@ def markdown(res: dict) -> str:
             L.append("|---|---|")
             for k, v in ch["cost_split_cpu_us"].items():
                 L.append(f"| {k} | {f(v)} |")
+        if ch.get("patterns"):
+            L.extend(churn_patterns_md(ch))
         L.append(f"\nProbe sites (tracer): {', '.join(ch.get('tracer_probe_sites', []))}  ")
         L.append(f"Probe sites (floor): {', '.join(ch.get('floor_probe_sites', []))}\n")
     rl = res.get("real")
