@@ -18,7 +18,7 @@
  *              each doing its share of the N pairs with its own live set of K
  *              blocks (default K = 16 with -t); their loops start together (a
  *              barrier, once each has allocated its live set) and the wall time is
- *              from that start to the last one's end
+ *              from the first thread's loop start to the last one's end
  *
  * Prints nothing. Only the loop is timed (not the live set's first K
  * allocations nor its final frees, nor thread creation), so process start-up
@@ -44,9 +44,11 @@ static long long now_ns(clockid_t clk)
 static pthread_barrier_t start;
 
 /* One loop: n pairs with k blocks live (k = 0: LIFO). Its thread CPU time goes
- * to *cpu_ns; with `go` (threads), it waits there after allocating its live set,
- * so the threads' loops start together; else its wall time goes to *wall_ns. */
-static void loop(long n, long k, pthread_barrier_t *go, long long *cpu_ns, long long *wall_ns)
+ * to *cpu_ns, its start and end (CLOCK_MONOTONIC) to *t0_ns and *t1_ns; with
+ * `go` (threads), it waits there after allocating its live set, so the threads'
+ * loops start together. */
+static void loop(long n, long k, pthread_barrier_t *go, long long *cpu_ns, long long *t0_ns,
+                 long long *t1_ns)
 {
     void **live = NULL;
     if (k > 0) {
@@ -81,8 +83,8 @@ static void loop(long n, long k, pthread_barrier_t *go, long long *cpu_ns, long 
     long long t1 = now_ns(CLOCK_MONOTONIC);
     long long c1 = now_ns(CLOCK_THREAD_CPUTIME_ID);
     *cpu_ns = c1 - c0;
-    if (wall_ns)
-        *wall_ns = t1 - t0;
+    *t0_ns = t0;
+    *t1_ns = t1;
     if (k > 0) {
         for (long m = 0; m < k; m++)
             free(live[m]);
@@ -93,13 +95,13 @@ static void loop(long n, long k, pthread_barrier_t *go, long long *cpu_ns, long 
 struct worker {
     pthread_t th;
     long n, k;
-    long long cpu_ns;
+    long long cpu_ns, t0_ns, t1_ns;
 };
 
 static void *run_worker(void *arg)
 {
     struct worker *w = arg;
-    loop(w->n, w->k, &start, &w->cpu_ns, NULL);
+    loop(w->n, w->k, &start, &w->cpu_ns, &w->t0_ns, &w->t1_ns);
     return NULL;
 }
 
@@ -134,10 +136,7 @@ int main(int argc, char **argv)
     long long t0, t1, cpu = 0;
     static struct worker w[MAX_THREADS];
     if (threads == 0) {
-        long long wall;
-        loop(n, k, NULL, &cpu, &wall);
-        t0 = 0;
-        t1 = wall;
+        loop(n, k, NULL, &cpu, &t0, &t1);
     } else {
         pthread_barrier_init(&start, NULL, (unsigned)threads + 1);
         for (long i = 0; i < threads; i++) {
@@ -148,12 +147,17 @@ int main(int argc, char **argv)
                 return 5;
         }
         pthread_barrier_wait(&start);
-        t0 = now_ns(CLOCK_MONOTONIC);
         for (long i = 0; i < threads; i++)
             pthread_join(w[i].th, NULL);
-        t1 = now_ns(CLOCK_MONOTONIC);
-        for (long i = 0; i < threads; i++)
+        /* from the first thread's start to the last one's end, as the threads saw
+         * them (this thread may get a CPU only once a worker is done) */
+        t0 = w[0].t0_ns;
+        t1 = w[0].t1_ns;
+        for (long i = 0; i < threads; i++) {
             cpu += w[i].cpu_ns;
+            t0 = w[i].t0_ns < t0 ? w[i].t0_ns : t0;
+            t1 = w[i].t1_ns > t1 ? w[i].t1_ns : t1;
+        }
     }
     if (out) {
         FILE *f = fopen(out, "w");

@@ -56,13 +56,13 @@ FULL = dict(
     churn_n=1_000_000, runs=5, slow_runs=3, variant_runs=3, memleak_n=300_000,
     sqlite_rows=200_000, sort_mb=50, xz_mb=2, pytest_tests=1000, pytest_runs=3,
     report_allocs=200_000, report_runs=3, micro_tests=100, other_sessions=(1, 3), xdist_workers=(1, 2, 4),
-    churn_live=64, churn_threads=(1, 2, 4, 8), churn_thread_live=16,
+    churn_live=64, churn_threads=(1, 2, 4, 8), churn_thread_live=16, pattern_variant_runs=3,
 )
 QUICK = dict(
     churn_n=200_000, runs=3, slow_runs=1, variant_runs=1, memleak_n=100_000,
     sqlite_rows=50_000, sort_mb=10, xz_mb=1, pytest_tests=200, pytest_runs=1,
     report_allocs=200_000, report_runs=1, micro_tests=50, other_sessions=(1,), xdist_workers=(1, 2),
-    churn_live=64, churn_threads=(1, 2, 4, 8), churn_thread_live=16,
+    churn_live=64, churn_threads=(1, 2, 4, 8), churn_thread_live=16, pattern_variant_runs=3,
 )
 # Inputs scaled down from the figures so one valgrind run stays under ~60 s
 # on a 2-core machine: xz -9 -T1 of 20 MB takes ~38 s natively (valgrind: ~10 min);
@@ -747,7 +747,7 @@ def bench_churn(cfg: dict, res: dict) -> None:
                 out["tracer_probe_sites"] = probe_sites(t)
                 out["tracer_load_s"] = t.load_seconds
 
-            def traced(args):
+            def traced(args, runs_n):
                 runs, ends, losts = [], [], []
                 for _ in range(runs_n):
                     r, e, lost = churn_traced(t, churn, n, args)
@@ -757,14 +757,16 @@ def bench_churn(cfg: dict, res: dict) -> None:
                 return runs, {"end_test_s": summary(ends, "s"), "lost": losts, "load_s": t.load_seconds}
 
             try:
-                runs, extra = traced(())
+                runs, extra = traced((), runs_n)
                 put(key, label, runs, extra=extra)
             except Exception as e:
                 cases[key] = {"label": label, "error": str(e)}
                 log(f"churn {key} failed: {e}")
+            # the split is a difference of medians: no fewer runs than pattern_variant_runs (--quick too)
+            p_runs = runs_n if kind == "as-is" else max(runs_n, cfg["pattern_variant_runs"])
             for pk, p in pats.items():
                 try:
-                    runs, extra = traced(tuple(p["args"]))
+                    runs, extra = traced(tuple(p["args"]), p_runs)
                     put(key, label, runs, extra=extra, into=p["cases"], what=f"churn {pk}")
                 except Exception as e:
                     p["cases"][key] = {"label": label, "error": str(e)}
