@@ -140,7 +140,7 @@ class LeakEngine:
         counted, growth, groups = in_process_groups(self.settings.in_process, blocks, growth)
         resolved = []
         for h, ext, kind, amount in groups:
-            frames = self.resolver.stack(stacks.get(h) if h else None)
+            frames = self.resolver.own_stack(stacks.get(h) if h else None)
             resolved.append((amount, kind, frames, self.resolver.extension_frame(ext) if ext else None))
         return account_in_process(self.settings.in_process, blocks, counted, growth, resolved, counters)
 
