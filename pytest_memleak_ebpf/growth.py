@@ -5,8 +5,8 @@ only what keeps growing per repetition counts.
 
 What is repeated, per test style: a test function or method (plain or
 parametrized) is called again with the same fixture values (its fixtures are
-set up once); a unittest.TestCase test is run again whole — setUp, the test
-method, tearDown and its cleanups — each time. A test growth mode cannot
+set up once); a unittest.TestCase test is run again whole, on a fresh
+instance — setUp, the test method, tearDown and its cleanups — each time. A test growth mode cannot
 repeat (a coroutine its async plugin runs once, a doctest, another plugin's
 item) fails with a message naming it and why (unrepeatable), never a silent
 pass."""
@@ -82,19 +82,19 @@ def run_repetitions(engine, item: pytest.Function, budget: Budget) -> bool | Non
     return True
 
 
-def run_testcase_repetitions(engine, item, budget: Budget, runtest) -> bool:
-    """Run a unittest.TestCase test whole (`runtest`: its TestCaseFunction.runtest:
-    setUp, the method, tearDown, cleanups) warmup + repeat times; a failure,
-    error or skip (which unittest hands to the item, not raised) ends the
-    repetitions and is reported as usual. Under --pdb pytest postpones
-    tearDown until the item's teardown, so the test cannot be repeated:
-    pytest.fail names it."""
-    if item.config.getoption("usepdb", False):
-        pytest.fail(unrepeatable(item, budget, "under --pdb pytest postpones a unittest.TestCase's tearDown "
-                                               "to the end of the test"), pytrace=False)
+def run_testcase_repetitions(engine, item, budget: Budget) -> bool:
+    """Run a unittest.TestCase test whole warmup + repeat times, each time on
+    a fresh instance of its class as unittest itself would (setUp, the
+    method, tearDown, cleanups; what setUp keeps on the instance goes with
+    it), its results handed to the item as pytest's runtest does. A
+    failure, error or skip (which unittest hands to the item, not raised)
+    ends the repetitions and is reported as usual."""
+    case = type(item.instance)
 
     def once() -> bool:
-        runtest()
+        testcase = case(item.name)
+        testcase(result=item)
+        del testcase
         return not getattr(item, "_excinfo", None)
 
     _measure(engine, budget.warmup or 0, budget.repeat, once)

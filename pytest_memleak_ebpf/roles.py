@@ -250,10 +250,8 @@ class Checker:
         here; a test function through pytest_pyfunc_call; any test that was
         not repeated (and did not fail or skip on its own) fails, naming why."""
         if growth.is_testcase(item):
-            runtest = item.runtest
-
             def repeated():
-                growth.run_testcase_repetitions(self.engine, item, budget, runtest)
+                growth.run_testcase_repetitions(self.engine, item, budget)
                 item.stash[growth_ran_key] = True
 
             item.runtest = repeated      # what pytest's pytest_runtest_call calls
