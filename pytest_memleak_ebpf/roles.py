@@ -271,8 +271,9 @@ class Checker:
         if not isinstance(budget, Budget) or not budget.growth or self.engine.settings.in_process == "off":
             return None
         ran = growth.run_repetitions(self.engine, pyfuncitem, budget)
-        if ran:
-            pyfuncitem.stash[growth_ran_key] = True
+        if not ran:   # a coroutine: its async plugin would run it once
+            pytest.fail(growth.unrepeatable(pyfuncitem, budget, growth.why_not_repeated(pyfuncitem)), pytrace=False)
+        pyfuncitem.stash[growth_ran_key] = True
         return ran
 
     @pytest.hookimpl(hookwrapper=True)
