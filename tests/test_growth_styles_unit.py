@@ -11,7 +11,8 @@ from types import SimpleNamespace
 import pytest
 
 from pytest_memleak_ebpf import growth, report
-from pytest_memleak_ebpf.accounting import Amount, InProcess, ProcessLeak, StackLeak, TestLeakResult
+from pytest_memleak_ebpf.accounting import Amount, InProcess, ProcessLeak, StackLeak
+from pytest_memleak_ebpf.accounting import TestLeakResult as LeakResult
 from pytest_memleak_ebpf.marks import Budget
 
 
@@ -195,7 +196,7 @@ def _result(ip_leaked, *, growth=None, procs=()):
     ip = InProcess("extensions", outstanding=Amount(400, 8), leaked=ip_leaked, allocated=Amount(1200, 30),
                    stacks=[StackLeak(96, 2, [{"function": "leakext_leak", "offset": 0x9b, "module": "/x.so",
                                               "file": None, "line": None}])], growth=growth)
-    r = TestLeakResult("t.py::t", Budget(0, None), processes=list(procs), in_process=ip)
+    r = LeakResult("t.py::t", Budget(0, None), processes=list(procs), in_process=ip)
     r.leaked = Amount(ip_leaked.bytes + sum(p.leaked.bytes for p in procs),
                       ip_leaked.blocks + sum(p.leaked.blocks for p in procs))
     r.over_budget = True
