@@ -22,7 +22,7 @@ import os
 import time
 from dataclasses import dataclass
 
-from .accounting import (InProcess, TestLeakResult, account, account_in_process, in_process_amount,
+from .accounting import (Amount, InProcess, TestLeakResult, account, account_in_process, in_process_amount,
                          in_process_groups, stack_hashes)
 from .classify import classify, classify_blocks
 from .marks import Budget
@@ -138,9 +138,14 @@ class LeakEngine:
         shown (accounting), their frames resolved in that order, then the
         InProcess (accounting)."""
         counted, growth, groups = in_process_groups(self.settings.in_process, blocks, growth)
+        if growth is not None:
+            # growth mode: stacks on the headline's scale, per measured repetition
+            m = max(len(growth["per_repetition"]), 1)
+            groups = [(h, ext, kind, Amount(a.bytes // m, a.blocks // m)) for h, ext, kind, a in groups
+                      if a.bytes // m or a.blocks // m]
         resolved = []
         for h, ext, kind, amount in groups:
-            frames = self.resolver.stack(stacks.get(h) if h else None)
+            frames = self.resolver.own_stack(stacks.get(h) if h else None)
             resolved.append((amount, kind, frames, self.resolver.extension_frame(ext) if ext else None))
         return account_in_process(self.settings.in_process, blocks, counted, growth, resolved, counters)
 

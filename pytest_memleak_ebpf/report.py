@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Iterable, Mapping
 from .accounting import ProcessLeak, StackLeak, TestLeakResult
 from .atomic import write_json_atomic
 from .sizes import format_blocks, format_bytes
-from .suppressions import suppression_target
+from .suppressions import DEFAULT_SUPPRESSIONS, suppression_target
 
 if TYPE_CHECKING:
     from .marks import Budget
@@ -83,17 +83,26 @@ def budget_text(budget: Budget) -> str:
     return "budget " + (", ".join(parts) if parts else "none")
 
 
+def _per_repetition(result: TestLeakResult) -> str:
+    """" per repetition" when the whole leaked figure is growth mode's
+    per-repetition one (no launched process leaked)."""
+    ip = result.in_process
+    return " per repetition" if ip is not None and ip.growth and not result.leaking_processes else ""
+
+
 def headline(result: TestLeakResult) -> str:
-    """The failure's first line, self-contained."""
+    """The failure's first line, self-contained. Each figure once: the
+    in-process part is given apart only when processes leaked too."""
     n_leaking = len(result.leaking_processes)
     procs = f"{n_leaking} of {len(result.processes)} process{'es' if len(result.processes) != 1 else ''}"
     amount = f"{format_bytes(result.leaked.bytes)} in {format_blocks(result.leaked.blocks)}"
     ip = result.in_process
     if ip is not None and (ip.leaked.bytes or ip.leaked.blocks):
+        if not n_leaking:
+            return (f"leak budget exceeded: {amount} leaked in-process{_per_repetition(result)} "
+                    f"({budget_text(result.budget)})")
         per = " per repetition" if ip.growth else ""
-        where = f"in-process ({format_bytes(ip.leaked.bytes)}{per})"
-        if n_leaking:
-            where += f" and by {procs}"
+        where = f"in-process ({format_bytes(ip.leaked.bytes)}{per}) and by {procs}"
         return f"leak budget exceeded: {amount} leaked {where} ({budget_text(result.budget)})"
     return f"leak budget exceeded: {amount} leaked by {procs} ({budget_text(result.budget)})"
 
@@ -107,7 +116,7 @@ def incomplete_headline(result: TestLeakResult) -> str:
 
 def within_budget_headline(result: TestLeakResult) -> str:
     """The first line of the report section of a test that leaked within its budget."""
-    return (f"leaked {result.leaked.bytes:,} B in {result.leaked.blocks:,} blocks "
+    return (f"leaked {result.leaked.bytes:,} B in {result.leaked.blocks:,} blocks{_per_repetition(result)} "
             f"(within {budget_text(result.budget)})")
 
 
@@ -118,8 +127,22 @@ def suppressions_used_lines(result: TestLeakResult) -> list[str]:
     lines = ["Suppressions used:"]
     for u in result.suppressions_used:
         lines.append(f"  {u['stacks']:>5,} stacks {format_bytes(u['bytes']):>12} in {format_blocks(u['blocks'])}: "
-                     f"leak:{u['pattern']} ({u['source']})")
+                     f"leak:{u['pattern']} ({suppression_source(u['pattern'], u['source'])})")
     return lines
+
+
+def suppression_source(pattern: str, source: str) -> str:
+    """Where a used suppression comes from, as the reports print it. A
+    default whose pattern alone would match every stack (the dynamic loader's
+    ``*``) says what confines it, so it cannot be read as ``leak:*``."""
+    if source != "default" or pattern.strip("*^$"):
+        return source
+    s = next((d for d in DEFAULT_SUPPRESSIONS if d.pattern == pattern and d.modules), None)
+    if s is None:
+        return source
+    frames = "the innermost frame" if s.top_frames == 1 else f"the {s.top_frames} innermost frames"
+    mods = ", ".join(s.modules[:-1]) + f" or {s.modules[-1]}" if len(s.modules) > 1 else s.modules[0]
+    return f"default: only when {frames} {'is' if s.top_frames == 1 else 'are'} in {mods}"
 
 
 def suppressions_table(used) -> list[str]:
@@ -127,7 +150,8 @@ def suppressions_table(used) -> list[str]:
     (empty when nothing was suppressed)."""
     if not used:
         return []
-    rows = [(f"{u.stacks:,}", f"{u.bytes:,}", f"{u.blocks:,}", u.pattern, u.source) for u in used]
+    rows = [(f"{u.stacks:,}", f"{u.bytes:,}", f"{u.blocks:,}", u.pattern, suppression_source(u.pattern, u.source))
+            for u in used]
     head = ("stacks", "bytes", "blocks", "pattern", "source")
     w = [max(len(r[i]) for r in rows + [head]) for i in range(4)]
     lines = ["Suppressions used:"]
@@ -174,9 +198,11 @@ def top_stacks(result: TestLeakResult, *, max_stacks: int = 10, max_frames: int 
     entries.sort(key=lambda e: (-e[0].bytes, -e[0].blocks))
     lines = []
     truncated_hint = False
+    per = " per repetition" if result.in_process is not None and result.in_process.growth else ""
     for i, (s, p) in enumerate(entries[:max_stacks], 1):
         origin = f"pid {p.pid} ({p.comm})" if p is not None else "the pytest process (in-process)"
-        lines.append(f"  #{i} {format_bytes(s.bytes)} in {format_blocks(s.blocks)} from {origin}:")
+        lines.append(f"  #{i} {format_bytes(s.bytes)} in {format_blocks(s.blocks)}{per if p is None else ''} "
+                     f"from {origin}:")
         for f in s.frames[:max_frames]:
             lines.append(f"      {'(found on the stack) ' if f.get('scanned') else ''}{format_frame(f)}")
         if len(s.frames) > max_frames:
@@ -201,10 +227,18 @@ def in_process_lines(result: TestLeakResult) -> list[str]:
     ip = result.in_process
     if ip is None:
         return []
-    lines = [f"  in-process ({ip.mode}): leaked {format_bytes(ip.leaked.bytes)} in {format_blocks(ip.leaked.blocks)}"
-             f"{' per repetition' if ip.growth else ''}; outstanding {format_bytes(ip.outstanding.bytes)} in "
-             f"{format_blocks(ip.outstanding.blocks)}; allocated {format_bytes(ip.allocated.bytes)} in "
-             f"{format_blocks(ip.allocated.blocks)}"]
+    if ip.growth:
+        # one scale: per measured repetition (the window's totals over their number)
+        m = max(len(ip.growth.get("per_repetition", ())), 1)
+        lines = [f"  in-process ({ip.mode}), per repetition (mean of {m:,}): leaked {format_bytes(ip.leaked.bytes)} "
+                 f"in {format_blocks(ip.leaked.blocks)}; outstanding {format_bytes(ip.outstanding.bytes // m)} in "
+                 f"{format_blocks(ip.outstanding.blocks // m)}; allocated {format_bytes(ip.allocated.bytes // m)} in "
+                 f"{format_blocks(ip.allocated.blocks // m)}"]
+    else:
+        lines = [f"  in-process ({ip.mode}): leaked {format_bytes(ip.leaked.bytes)} in "
+                 f"{format_blocks(ip.leaked.blocks)}; outstanding {format_bytes(ip.outstanding.bytes)} in "
+                 f"{format_blocks(ip.outstanding.blocks)}; allocated {format_bytes(ip.allocated.bytes)} in "
+                 f"{format_blocks(ip.allocated.blocks)}"]
     if ip.growth:
         g = ip.growth
         reps = ", ".join(f"+{d['bytes']:,} B/{d['blocks']:,}" for d in g.get("deltas", []))
@@ -242,7 +276,7 @@ def summary_lines(results: Iterable[TestLeakResult]) -> list[tuple[str, str]]:
             lines.append(("fail", f"{r.nodeid}: {incomplete_headline(r)}"))
         elif r.leaked.blocks:
             lines.append(("note", f"{r.nodeid}: leaked {format_bytes(r.leaked.bytes)} in "
-                                  f"{format_blocks(r.leaked.blocks)} " + (f"(within {budget_text(r.budget)})" if r.budget.checked else "(budget off)")))
+                                  f"{format_blocks(r.leaked.blocks)}{_per_repetition(r)} " + (f"(within {budget_text(r.budget)})" if r.budget.checked else "(budget off)")))
     return lines
 
 

@@ -16,6 +16,8 @@ when a role starts."""
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 import os
 from typing import Any
@@ -28,6 +30,7 @@ from .marks import MARKER, Budget, MarkerError, resolve_budget
 budget_key = pytest.StashKey[Any]()     # Budget, or MarkerError for a bad marker
 result_key = pytest.StashKey[Any]()     # TestLeakResult
 reports_key = pytest.StashKey[list]()   # the test's TestReports (setup, call, teardown)
+growth_ran_key = pytest.StashKey[bool]()  # growth mode repeated the test
 WORKEROUTPUT_KEY = "ebpf_leaks"          # a worker's figures for the controller (JSON text)
 
 
@@ -177,9 +180,18 @@ class Checker:
     @pytest.hookimpl(hookwrapper=True)
     def pytest_runtest_call(self, item: pytest.Item):
         budget = item.stash.get(budget_key, None)
-        if self.engine.settings.in_process == "off" or not isinstance(budget, Budget) or budget.growth \
-                or not self.engine.active() or self._whole_test_window(budget):
+        if self.engine.settings.in_process == "off" or not isinstance(budget, Budget) \
+                or not self.engine.active():
             yield
+            return
+        if budget.growth:
+            yield from self._growth_call(item, budget)
+            return
+        if self._whole_test_window(budget):
+            yield
+            return
+        if growth.is_testcase(item):
+            yield from self._testcase_method_window(item)
             return
         # no collect before: frees of older blocks during the window are no-ops
         self.engine.open_window()
@@ -188,12 +200,81 @@ class Checker:
         finally:
             self.engine.close_window(collect=True)
 
+    def _testcase_method_window(self, item: pytest.Function):
+        """Scope "call" for a unittest.TestCase test: the window covers the test
+        method only — setUp and tearDown run inside pytest's call phase, but
+        like a function's fixtures they are outside the call's window (scope
+        "test" covers them). A method that never ran (setUp failed, skipped)
+        gets an empty window."""
+        engine, orig = self.engine, item.obj
+        ran = []
+
+        if inspect.iscoroutinefunction(orig):
+            @functools.wraps(orig)
+            async def method(*args, **kwargs):
+                ran.append(True)
+                engine.open_window()
+                try:
+                    return await orig(*args, **kwargs)
+                finally:
+                    engine.close_window(collect=True)
+
+            # pytest's runtest leaves an async test to unittest, which looks the method up on the instance
+            testcase = item.instance
+            setattr(testcase, item.name, method)
+            try:
+                yield
+            finally:
+                delattr(testcase, item.name)
+        else:
+            @functools.wraps(orig)
+            def method(*args, **kwargs):
+                ran.append(True)
+                engine.open_window()
+                try:
+                    return orig(*args, **kwargs)
+                finally:
+                    engine.close_window(collect=True)
+
+            item.obj = method    # TestCaseFunction.runtest binds item.obj on the instance
+            try:
+                yield
+            finally:
+                item.obj = orig
+        if not ran:
+            engine.open_window()
+            engine.close_window()
+
+    def _growth_call(self, item: pytest.Item, budget: Budget):
+        """Growth mode's call phase: a unittest.TestCase test is repeated whole
+        here; a test function through pytest_pyfunc_call; any test that was
+        not repeated (and did not fail or skip on its own) fails, naming why."""
+        if growth.is_testcase(item):
+            def repeated():
+                growth.run_testcase_repetitions(self.engine, item, budget)
+                item.stash[growth_ran_key] = True
+
+            item.runtest = repeated      # what pytest's pytest_runtest_call calls
+            try:
+                outcome = yield
+            finally:
+                del item.runtest
+        else:
+            outcome = yield
+        if outcome.excinfo is None and not item.stash.get(growth_ran_key, False):
+            outcome.force_exception(pytest.fail.Exception(
+                growth.unrepeatable(item, budget, growth.why_not_repeated(item)), pytrace=False))
+
     @pytest.hookimpl(tryfirst=True)
     def pytest_pyfunc_call(self, pyfuncitem: pytest.Function):
         budget = pyfuncitem.stash.get(budget_key, None)
         if not isinstance(budget, Budget) or not budget.growth or self.engine.settings.in_process == "off":
             return None
-        return growth.run_repetitions(self.engine, pyfuncitem, budget)
+        ran = growth.run_repetitions(self.engine, pyfuncitem, budget)
+        if not ran:   # a coroutine: its async plugin would run it once
+            pytest.fail(growth.unrepeatable(pyfuncitem, budget, growth.why_not_repeated(pyfuncitem)), pytrace=False)
+        pyfuncitem.stash[growth_ran_key] = True
+        return ran
 
     @pytest.hookimpl(hookwrapper=True)
     def pytest_runtest_makereport(self, item: pytest.Item, call: pytest.CallInfo):

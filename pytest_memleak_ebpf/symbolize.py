@@ -1090,6 +1090,8 @@ class Symbolizer:
         self._candidates_seen: set[str] = set()
         self._by_bid: dict[bytes, str] = {}
         self._modules: dict[bytes, _Module | None] = {}
+        self._found = 0                          # build ids found among the candidates so far
+        self._missing_at: dict[bytes, int] = {}  # build id not found (fully) -> self._found then
 
     # registration ------------------------------------------------------------
     def add_candidate(self, path: str) -> None:
@@ -1105,8 +1107,9 @@ class Symbolizer:
         pending, self._pending = self._pending, []
         for p in pending:
             bid = read_build_id(p)
-            if bid:
-                self._by_bid.setdefault(norm_build_id(bid), p)
+            if bid and norm_build_id(bid) not in self._by_bid:
+                self._by_bid[norm_build_id(bid)] = p
+                self._found += 1
 
     def _find_module_path(self, key: bytes) -> str | None:
         p = self._by_bid.get(key)
@@ -1157,14 +1160,20 @@ class Symbolizer:
     def _module(self, key: bytes) -> _Module | None:
         mod = self._modules.get(key, _MISSING)
         if mod is not _MISSING:
-            # Not (fully) found before: candidates registered since may have it.
-            if not self._pending or (mod is not None and mod.path is not None):
+            # Not (fully) found before: candidates registered since (drained
+            # since, for another build id, or pending) may have it.
+            if (mod is not None and mod.path is not None) or \
+                    (not self._pending and self._missing_at.get(key) == self._found):
                 return mod  # type: ignore[return-value]
         path = self._find_module_path(key)
         real_bid = read_build_id(path) if path else None
         debug = self._find_debug_file(key, real_bid, path)
         mod = _Module(key, path, debug, self.lines) if (path or debug) else None
         self._modules[key] = mod
+        if mod is None or mod.path is None:
+            self._missing_at[key] = self._found
+        else:
+            self._missing_at.pop(key, None)
         return mod
 
     # resolution -------------------------------------------------------------------

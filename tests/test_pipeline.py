@@ -90,16 +90,28 @@ def test_resolver_extension_frames_through_proc_maps(tmp_path):
     sym = FakeSymbolizer()
     notelf = tmp_path / "libnot.so"
     notelf.write_bytes(b"not an ELF file")
+    # a return address in libc: the end of the first call of its first executable segment
+    seg = ret = 0
+    if os.path.exists(LIBC):
+        from capstone import CS_ARCH_X86, CS_MODE_64, Cs
+
+        from pytest_memleak_ebpf.elf import load_segments
+
+        seg = next(off for off, size, vaddr, _ in load_segments(LIBC) if off == vaddr and off)
+        with open(LIBC, "rb") as f:
+            f.seek(seg)
+            code = f.read(0x2000)
+        ret = next(i.address + i.size for i in Cs(CS_ARCH_X86, CS_MODE_64).disasm(code, seg) if i.mnemonic == "call")
     maps = tmp_path / "maps"
     maps.write_text(f"7f0000000000-7f0000002000 r-xp 00001000 08:01 1 {notelf}\n"
-                    f"7f0000010000-7f0000012000 r-xp 00000000 08:01 2 {LIBC}\n")
+                    f"7f0000010000-7f0000012000 r-xp {seg:08x} 08:01 2 {LIBC}\n")
     r = resolve.Resolver(sym, maps_path=str(maps))
     assert r.extension_frame(0x7F0000000010) == resolve.frame_dict(offset=0x1010, module=str(notelf),
                                                                    address=0x7F0000000010)
     assert r.extension_frame(0x1234) == resolve.frame_dict(address=0x1234)
     if os.path.exists(LIBC):
-        f = r.extension_frame(0x7F0000010100)
-        assert sym.candidates == [LIBC] and f["address"] == 0x100 and f["build_id"]
+        f = r.extension_frame(0x7F0000010000 + ret - seg)
+        assert sym.candidates == [LIBC] and f["address"] == ret and f["build_id"]
     maps.write_text("")
     assert r.extension_frame(0x7F0000000010)["module"] == str(notelf)   # maps read once per window
     r.forget_maps()
