@@ -37,6 +37,12 @@ def _answer(kind: str, module: str | None, covered: bool, reason: str | None) ->
     return {"kind": kind, "module": module, "covered": covered, "reason": reason}
 
 
+def _host(path: str) -> str:
+    """The file to probe: a path of another root (/proc/PID/root/...) as it
+    is (realpath would leave that root), any other resolved."""
+    return path if path.startswith("/proc/") else os.path.realpath(path)
+
+
 def _absolute_list(raw: bytes) -> bool:
     """Every element of a preload / library path list is absolute (the answer
     does not depend on the cwd)."""
@@ -102,7 +108,7 @@ class ExecPauses:
         except Exception:
             return None
         ans = _answer(a.kind, a.module, a.covered, a.reason)
-        if a.covered and a.host_path and os.path.realpath(a.host_path) not in self.probed:
+        if a.covered and a.host_path and _host(a.host_path) not in self.probed:
             ans = self._attach(a, ans)
         return ans
 
@@ -111,7 +117,7 @@ class ExecPauses:
     def _attach(self, a, ans: dict) -> dict:
         """Probe allocator `a` (its host_path not probed yet); the answer, made
         not covered when the kernel refuses."""
-        host = os.path.realpath(a.host_path)
+        host = _host(a.host_path)
         sites = _probes.allocator_sites(a)
         try:
             attached = _probes.attach_allocators(self.bpf, host, (self._tracer.attach_mode,), None, sites)
@@ -181,7 +187,7 @@ class ExecPauses:
             return self._id(_answer("other", None, False, f"its allocator could not be resolved: {exc}"))
         ans = _answer(a.kind, a.module, a.covered, a.reason)
         attached_now = False
-        if a.covered and a.host_path and os.path.realpath(a.host_path) not in self.probed:
+        if a.covered and a.host_path and _host(a.host_path) not in self.probed:
             ans = self._attach(a, ans)
             attached_now = ans["covered"]
         if not flags & PAUSE_STOPPED:
