@@ -955,12 +955,19 @@ static __always_inline void exec_allocator(void *ctx, struct proc_t *p, u32 tgid
     e->tgid = tgid;
     e->serial = p->serial;
     e->flags = exact ? PAUSE_KEYED : 0;
-    if (!ptraced && pending.update(&tgid, k) == 0) {
-        bpf_send_signal(19);   /* SIGSTOP */
+    int stop = !ptraced && pending.update(&tgid, k) == 0;
+    if (stop)
         e->flags |= PAUSE_STOPPED;
-    }
     bpf_probe_read_kernel_str(e->path, sizeof(e->path), filename);
-    pauses.perf_submit(ctx, e, sizeof(*e));
+    /* stopped only once userspace is sure to hear of it */
+    if (pauses.perf_submit(ctx, e, sizeof(*e)) != 0) {
+        if (stop)
+            pending.delete(&tgid);
+        count(CTR_LOST_EVENTS);
+        return;
+    }
+    if (stop)
+        bpf_send_signal(19);   /* SIGSTOP */
 }
 #else
 static __always_inline void exec_allocator(void *ctx, struct proc_t *p, u32 tgid, void *filename) {}

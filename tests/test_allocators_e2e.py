@@ -189,7 +189,9 @@ def test_a_paused_process_is_continued_when_pytest_is_killed(pytester, ebpf, exe
     pytester.makepyfile(test_inner=f"""
         import subprocess
         def test_wait():
-            subprocess.run(["/bin/sh", "-c", "touch {mark}; sleep 1; exec {leaky}"], check=True)
+            # sleep and touch resolved (paused once each) while pytest answers; then pytest
+            # is stopped, and only the program's exec meets an unresolved executable
+            subprocess.run(["/bin/sh", "-c", "sleep 0; touch {mark}; sleep 1; exec {leaky}"], check=True)
     """)
     proc = subprocess.Popen([sys.executable, "-m", "pytest", "--ebpf-leaks", "-p", "no:cacheprovider",
                              str(pytester.path)], cwd=pytester.path, stdout=subprocess.DEVNULL,
