@@ -28,8 +28,10 @@
 // MAX_RAWCACHE for the ip-stack -> build-id-stack cache; PIDMAP_WORDS for the
 // pid bitmap (pid_max / 64).
 
-/* Only pt_regs: <linux/sched.h> (nothing here reads a task_struct) doubled the
- * compile time. */
+/* Only pt_regs: <linux/sched.h> doubled the compile time, and the kernel
+ * headers may be another version's: the few task/mm/file/inode members the
+ * exec pause reads come as byte offsets from this kernel's BTF
+ * (tracer/kernel_offsets.py: OFF_*). */
 #include <uapi/linux/ptrace.h>
 
 /* ids, flags, counter indexes and map value layouts shared with userspace */
@@ -81,6 +83,33 @@ struct scanbuf_t {
 };
 BPF_PERCPU_ARRAY(scanbuf, struct scanbuf_t, 1);
 BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
+
+/* ---- the allocator of each exec (exec_allocator) ---- */
+#ifndef MAX_RESOLVED
+#define MAX_RESOLVED 4096      /* distinct (executable, loader inputs) answers */
+#endif
+#ifndef MAX_PENDING
+#define MAX_PENDING 4096       /* images stopped at exec at once */
+#endif
+#ifndef ENV_STR_MAX
+#define ENV_STR_MAX 4096       /* a longer environment string: the key is not exact */
+#endif
+#ifndef MAX_ENV_STRINGS
+#define MAX_ENV_STRINGS 512    /* more strings: the key is not exact */
+#endif
+/* (executable, loader inputs) -> userspace's allocator answer id: an exec
+ * found here is not paused */
+BPF_F_TABLE("hash", struct resolved_key_t, u32, resolved, MAX_RESOLVED, BPF_F_NO_PREALLOC);
+/* tgid -> key of an image stopped at exec, until userspace continues it (the
+ * watchdog continues every one left here when pytest dies) */
+BPF_F_TABLE("hash", u32, struct resolved_key_t, pending, MAX_PENDING, BPF_F_NO_PREALLOC);
+BPF_PERCPU_ARRAY(rkey_scratch, struct resolved_key_t, 1);
+struct envbuf_t {
+    char b[ENV_STR_MAX];
+};
+BPF_PERCPU_ARRAY(envbuf, struct envbuf_t, 1);
+BPF_PERCPU_ARRAY(pause_scratch, struct pause_t, 1);
+BPF_PERF_OUTPUT(pauses);
 
 static __always_inline void count(u32 idx)
 {
@@ -529,7 +558,7 @@ static __always_inline int gen_return(struct pt_regs *ctx, u32 fn)
     u64 ret = PT_REGS_RC(ctx);
     u64 addr = 0, size = 0;
 
-    switch (fn) {
+    switch (fn & NEST_FN_MASK) {
     case FN_MALLOC:
     case FN_VALLOC:
         addr = ret;
@@ -575,8 +604,9 @@ static __always_inline int gen_return(struct pt_regs *ctx, u32 fn)
         }
         break;
     }
-    /* malloc and calloc call no other allocator function: their returns
-     * cannot find a block a nested call recorded */
+    /* glibc's malloc and calloc call no other allocator function: their
+     * returns cannot find a block a nested call recorded (other allocators'
+     * sites carry NEST_FN_BIT: fn is then neither) */
     if (addr)
         record_block(ctx, t, tgid, addr, size, h.ts, fn != FN_MALLOC && fn != FN_CALLOC);
     return 0;
@@ -615,7 +645,7 @@ static u64 (*attach_cookie)(void *ctx) = (void *)BPF_FUNC_get_attach_cookie;
  * no probe. */
 static __always_inline int entry_dispatch(struct pt_regs *ctx, u32 fn)
 {
-    switch (fn) {
+    switch (fn & NEST_FN_MASK) {
     case FN_FREE:
         return free_body(ctx);
     case FN_MALLOC:
@@ -636,7 +666,7 @@ static __always_inline int entry_dispatch(struct pt_regs *ctx, u32 fn)
 
 static __always_inline int return_dispatch(struct pt_regs *ctx, u32 fn)
 {
-    if (fn == 0 || fn >= FN_FREE)
+    if ((fn & NEST_FN_MASK) == 0 || (fn & NEST_FN_MASK) >= FN_FREE)
         return 0;
     return gen_return(ctx, fn);
 }
@@ -657,6 +687,15 @@ PER_SITE(memalign, FN_MEMALIGN)
 PER_SITE(valloc, FN_VALLOC)
 PER_SITE(pvalloc, FN_PVALLOC)
 int free_entry(struct pt_regs *ctx)           { free_body(ctx); return 0; }
+/* other allocators' sites (NEST_FN_BIT) */
+PER_SITE(malloc_nest, FN_MALLOC | NEST_FN_BIT)
+PER_SITE(calloc_nest, FN_CALLOC | NEST_FN_BIT)
+PER_SITE(realloc_nest, FN_REALLOC | NEST_FN_BIT)
+PER_SITE(reallocarray_nest, FN_REALLOCARRAY | NEST_FN_BIT)
+PER_SITE(posix_memalign_nest, FN_POSIX_MEMALIGN | NEST_FN_BIT)
+PER_SITE(memalign_nest, FN_MEMALIGN | NEST_FN_BIT)
+PER_SITE(valloc_nest, FN_VALLOC | NEST_FN_BIT)
+PER_SITE(pvalloc_nest, FN_PVALLOC | NEST_FN_BIT)
 #endif
 
 #ifdef ATTACH_MULTI
@@ -794,6 +833,7 @@ TRACEPOINT_PROBE(task, task_newtask)
         struct proc_t *pp = procs.lookup(&ps);
         if (pp) {
             p->execs = pp->execs;
+            p->alloc_id = pp->alloc_id;
             bpf_probe_read_kernel(p->exe, sizeof(p->exe), pp->exe);
         }
     }
@@ -804,6 +844,146 @@ TRACEPOINT_PROBE(task, task_newtask)
         allocmap_clear(child);
     }
     return 0;
+}
+
+/* ---- the allocator of each exec ---------------------------------------- */
+
+/* The first value of env string `name` (its length with '=') into `dst`.
+ * 1: stored; 0: not this variable; -1: a second one or too long (the key
+ * cannot be exact). */
+static __always_inline int ld_value(struct envbuf_t *eb, long n, const char *name, int nlen, u32 *has,
+                                    char *dst, u64 addr)
+{
+#pragma unroll
+    for (int i = 0; i < 16; i++) {
+        if (i >= nlen)
+            break;
+        if (eb->b[i] != name[i])
+            return 0;
+    }
+    if (*has || n - nlen > LDVAL_LEN)
+        return -1;
+    *has = 1;
+    if (bpf_probe_read_user_str(dst, LDVAL_LEN, (void *)(addr + nlen)) < 0)
+        return -1;
+    return 1;
+}
+
+/* The key of the current image (just exec'd): the executable's device and
+ * inode, and its LD_PRELOAD / LD_LIBRARY_PATH read from the new image's
+ * environment (mm->env_start..env_end, one string at a time). 1 when exact. */
+/* a kernel pointer/integer member at a BTF offset (0 when unreadable) */
+static __always_inline u64 kread64(u64 base, u64 off)
+{
+    u64 v = 0;
+    if (base)
+        bpf_probe_read_kernel(&v, sizeof(v), (void *)(base + off));
+    return v;
+}
+
+static __always_inline u32 kread32(u64 base, u64 off)
+{
+    u32 v = 0;
+    if (base)
+        bpf_probe_read_kernel(&v, sizeof(v), (void *)(base + off));
+    return v;
+}
+
+#ifdef OFF_TASK_MM
+/* The key of the current image (just exec'd): the executable's device and
+ * inode, and its LD_PRELOAD / LD_LIBRARY_PATH read from the new image's
+ * environment (mm->env_start..env_end, one string at a time). 1 when exact. */
+static __always_inline int exec_key(struct resolved_key_t *k, u64 task)
+{
+    u32 zero = 0;
+    u64 mm = kread64(task, OFF_TASK_MM);
+    u64 inode = kread64(kread64(mm, OFF_MM_EXE_FILE), OFF_FILE_INODE);
+    if (!inode)
+        return 0;
+    k->ino = kread64(inode, OFF_INODE_INO);
+    k->dev = kread32(kread64(inode, OFF_INODE_SB), OFF_SB_DEV);
+    u64 a = kread64(mm, OFF_MM_ENV_START), end = kread64(mm, OFF_MM_ENV_END);
+    struct envbuf_t *eb = envbuf.lookup(&zero);
+    if (!eb)
+        return 0;
+    for (int i = 0; i < MAX_ENV_STRINGS; i++) {
+        if (a >= end)
+            return 1;
+        long n = bpf_probe_read_user_str(eb->b, sizeof(eb->b), (void *)a);
+        if (n <= 0 || n >= ENV_STR_MAX)
+            return 0;   /* unreadable, or too long to know where the next one starts */
+        if (eb->b[0] == 'L' && eb->b[1] == 'D' && eb->b[2] == '_') {
+            int r = ld_value(eb, n, "LD_PRELOAD=", 11, &k->has_preload, k->preload, a);
+            if (r == 0)
+                r = ld_value(eb, n, "LD_LIBRARY_PATH=", 16, &k->has_libpath, k->libpath, a);
+            if (r < 0)
+                return 0;
+        }
+        a += n;
+    }
+    return a >= end;
+}
+
+/* A tracked image just exec'd: its allocator answer when the session has one
+ * for this executable and these loader inputs (no pause: the common case
+ * after the first exec), else stop it (SIGSTOP, taken on the way back to user
+ * mode, before the dynamic loader runs) and tell userspace, which resolves
+ * the allocator, probes it if needed and continues the process. A ptraced
+ * process is never stopped (its tracer would see the signal): userspace is
+ * told all the same. (A vfork child is past its parent's wait here: exec
+ * gave it its own mm and released the parent before this tracepoint.) */
+static __always_inline void exec_allocator(void *ctx, struct proc_t *p, u32 tgid, void *filename)
+{
+    u32 zero = 0;
+    struct resolved_key_t *k = rkey_scratch.lookup(&zero);
+    if (!k)
+        return;
+    __builtin_memset(k, 0, sizeof(*k));
+    u64 task = bpf_get_current_task();
+    int exact = exec_key(k, task);
+    if (exact) {
+        u32 *id = resolved.lookup(k);
+        if (id) {
+            p->alloc_id = *id;
+            return;
+        }
+    }
+    u32 ptraced = kread32(task, OFF_TASK_PTRACE);
+    struct pause_t *e = pause_scratch.lookup(&zero);
+    if (!e)
+        return;
+    e->tgid = tgid;
+    e->serial = p->serial;
+    e->flags = exact ? PAUSE_KEYED : 0;
+    int stop = !ptraced && pending.update(&tgid, k) == 0;
+    if (stop)
+        e->flags |= PAUSE_STOPPED;
+    bpf_probe_read_kernel_str(e->path, sizeof(e->path), filename);
+    /* stopped only once userspace is sure to hear of it */
+    if (pauses.perf_submit(ctx, e, sizeof(*e)) != 0) {
+        if (stop)
+            pending.delete(&tgid);
+        count(CTR_LOST_EVENTS);
+        return;
+    }
+    if (stop)
+        bpf_send_signal(19);   /* SIGSTOP */
+}
+#else
+static __always_inline void exec_allocator(void *ctx, struct proc_t *p, u32 tgid, void *filename) {}
+#endif
+
+/* A thread's nested hand-off slots, and a stopped image's pending key, at exit */
+static __always_inline void exit_allocator(u64 id, int group_dead)
+{
+    for (u32 fn = FN_MALLOC; fn < FN_FREE; fn++) {
+        struct handoff_key_t hk = {.tid = (u32)id, .fn = fn | NEST_FN_BIT};
+        handoffs.delete(&hk);
+    }
+    if (group_dead) {
+        u32 tgid = id >> 32;
+        pending.delete(&tgid);
+    }
 }
 
 /* exec: the old image's records vanish, a new image (serial) begins. */
@@ -840,6 +1020,7 @@ TRACEPOINT_PROBE(sched, sched_process_exec)
     p->execs = execs;
     unsigned short loc = args->data_loc_filename & 0xFFFF;
     bpf_probe_read_kernel_str(p->exe, sizeof(p->exe), (void *)args + loc);
+    exec_allocator(args, p, tgid, (void *)args + loc);
     if (procs.update(&t->serial, p) != 0)
         count(CTR_LOST_PROCS);
 
@@ -929,6 +1110,11 @@ TRACEPOINT_PROBE(sched, sched_process_exit)
         struct handoff_key_t hk = {.tid = (u32)id, .fn = fn};
         handoffs.delete(&hk);
     }
+#ifdef HAVE_GROUP_DEAD
+    exit_allocator(id, args->group_dead);
+#else
+    exit_allocator(id, (u32)id == tgid);
+#endif
     if (t->flags & TF_ROOT) {
 #ifdef HAVE_GROUP_DEAD
         /* a worker that exits: its pid may be reused (userspace also drops

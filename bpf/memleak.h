@@ -25,6 +25,14 @@
 #define FN_PVALLOC         8
 #define FN_FREE            9   /* entry only */
 
+/* Added to a site's id (its attach cookie) when its calls may nest in, or
+ * tail-call, another probed entry point of the same allocator (jemalloc's
+ * _Znam -> _Znwm, mimalloc's mi_new -> malloc, musl's calloc -> malloc): its
+ * hand-off has a slot of its own and an entry time, and its return records
+ * the block only when no nested call did. glibc's own sites never carry it. */
+#define NEST_FN_BIT        0x100
+#define NEST_FN_MASK       0xff
+
 /* track_t.flags */
 #define TF_ROOT            1   /* the pytest process: children are tracked */
 #define TF_ALLOCS          2   /* record this process's own allocations */
@@ -41,6 +49,11 @@
 /* event_t.type */
 #define EV_EXEC            1
 #define EV_OPEN            2
+
+/* pause_t.flags: a tracked process exec'd an executable whose allocator the
+ * session has not resolved for its inputs (resolved_key_t) */
+#define PAUSE_STOPPED      1   /* SIGSTOP sent: userspace resolves, then SIGCONTs */
+#define PAUSE_KEYED        2   /* the key is exact (else: never published) */
 
 /* Indexes of the `counters` array */
 #define CTR_LOST_PROCS     0   /* tracked/procs map full: a process went untracked */
@@ -123,6 +136,9 @@ struct proc_t {
     u32 execs;           /* number of execs before this image */
     char comm[16];
     char exe[EXE_LEN];
+    u32 alloc_id;        /* the resolved allocator (userspace's answer id),
+                            0 = not resolved at exec (paused, or unknown) */
+    u32 alloc_pad;
 };
 
 struct block_key_t {
@@ -201,6 +217,29 @@ struct ext_page_t {
     u32 tgid;
     u32 pad;
     u64 page;
+};
+
+/* What makes the session's allocator answer for an exec valid: the
+ * executable's identity and the environment variables that change the
+ * dynamic loader's search (the first LD_PRELOAD / LD_LIBRARY_PATH of the new
+ * image's environment; has_* tells an empty value from an absent one). */
+#define LDVAL_LEN 224
+struct resolved_key_t {
+    u64 dev;
+    u64 ino;
+    u32 has_preload;
+    u32 has_libpath;
+    char preload[LDVAL_LEN];
+    char libpath[LDVAL_LEN];
+};
+
+/* A perf-buffer record: a tracked image stopped (or, ptraced, not stopped)
+ * at exec for userspace to resolve its allocator; the key is in `pending`. */
+struct pause_t {
+    u32 tgid;
+    u32 flags;           /* PAUSE_* */
+    u64 serial;
+    char path[EVENT_PATH_LEN];
 };
 
 #endif

@@ -69,6 +69,8 @@ class ProcessLeak:
     lost_handoffs: int = 0
     lost_stacks: int = 0
     counted: Amount = field(default_factory=Amount)  # blocks of leak kinds, before suppressions
+    allocator: dict | None = None     # {"kind", "module", "covered"}; None: not known
+    allocator_reason: str | None = None   # why not covered
 
     def to_json(self) -> dict:
         return {
@@ -79,6 +81,7 @@ class ProcessLeak:
             "stacks": [s.to_json() for s in self.stacks],
             "tracking": {"lost_blocks": self.lost_blocks, "lost_handoffs": self.lost_handoffs,
                          "lost_stacks": self.lost_stacks},
+            "allocator": self.allocator,
         }
 
 
@@ -336,5 +339,14 @@ def account(
             lost_blocks=p.get("lost_blocks", 0),
             lost_handoffs=p.get("lost_handoffs", 0),
             lost_stacks=p.get("lost_stacks", 0),
+            **_allocator(p.get("allocator")),
         ))
     return result
+
+
+def _allocator(a: Mapping | None) -> dict:
+    """ProcessLeak's allocator fields from the tracer's answer."""
+    if not a:
+        return {}
+    return {"allocator": {"kind": a["kind"], "module": a["module"], "covered": bool(a["covered"])},
+            "allocator_reason": a.get("reason")}

@@ -48,7 +48,13 @@ class Settings:
 
 def session_info(tracer) -> dict:
     """The JSON report's session entry."""
-    return {"probes": tracer.probe_count, "libc": tracer.libc, "load_seconds": round(tracer.load_seconds, 3)}
+    info = {"probes": tracer.probe_count, "libc": tracer.libc, "load_seconds": round(tracer.load_seconds, 3)}
+    pauses = getattr(tracer, "exec_pauses", None)
+    if pauses is not None:
+        # the allocator of every exec (tracer/execpause.py)
+        info["allocators"] = dict(pauses.kinds)
+        info["exec_pauses"] = pauses.pauses
+    return info
 
 
 def tracer_config(settings: Settings):

@@ -119,6 +119,11 @@ def _tracer_lines(tracer, settings) -> list[str]:
         f"{tracer.load_seconds:.2f} s{' (compiled programs from the cache)' if tracer.cached else ''}; "
         f"default budget {budget_text(settings.default_budget)[7:]}"
     ]
+    probed = getattr(tracer, "allocators_probed", None)
+    if probed:   # the allocator of every exec (tracer/execpause.py)
+        lines.append("ebpf-leaks: allocators probed: " + ", ".join(f"{k} ({p})" for p, k in probed.items())
+                     + "; any other a process execs with (jemalloc, tcmalloc, mimalloc, musl, static programs) "
+                     "is probed at that exec")
     for mode, why in tracer.attach_errors.items():
         lines.append(f"ebpf-leaks: {_ATTACH[mode]} unavailable here ({why}); using the next best "
                      "(uprobe sessions need Linux 6.13+, uprobe_multi links 6.6+)")

@@ -516,13 +516,14 @@ def apply(result, suppressions: Sequence[Suppression]) -> SuppressionSummary:
     matches: dict[int, Suppression] = {}
     per_use: dict[Suppression, list[int]] = {}
     order: list[Suppression] = []
-    stacks = [s for p in result.processes for s in p.stacks]
+    per_kind: dict = {}
+    stacks = [(s, _process_matcher(p, suppressions, matcher, per_kind)) for p in result.processes for s in p.stacks]
     if getattr(result, "in_process", None) is not None:
-        stacks += result.in_process.stacks
-    for s in stacks:
+        stacks += [(s, matcher) for s in result.in_process.stacks]
+    for s, m in stacks:
         if not getattr(s, "captured", True):
             continue
-        hit = matcher(s.frames)
+        hit = m(s.frames)
         if hit is None:
             continue
         matches[id(s)] = hit
@@ -536,6 +537,65 @@ def apply(result, suppressions: Sequence[Suppression]) -> SuppressionSummary:
     used = [SuppressionUse(per_use[s][0], per_use[s][1], per_use[s][2], s.pattern, s.source) for s in order]
     used.sort(key=lambda u: (-u.bytes, -u.blocks, -u.stacks))
     return SuppressionSummary(matches, used)
+
+
+# --------------------------------------------------------------------------
+# The defaults of the allocator a process uses (allocators.Allocator kind)
+# --------------------------------------------------------------------------
+
+EXECUTABLE = "<executable>"   # in `modules`: the process's own executable (a static program)
+_TCMALLOC = ("libtcmalloc*.so*",)
+
+# Start-up allocations an allocator or a static runtime makes before main and
+# keeps until exit. Each applies only to the processes whose allocator is of
+# its kind (when the defaults are on), anchored like the defaults above.
+ALLOCATOR_DEFAULTS: dict[str, list[tuple[str, tuple[str, ...], int, str]]] = {
+    "tcmalloc": [
+        ("^TCMallocGuard::TCMallocGuard", _TCMALLOC, 1,
+         "tcmalloc's start-up guard object (a static initializer of libtcmalloc), kept"),
+        ("^MallocExtension::Register", _TCMALLOC, 1, "tcmalloc's MallocExtension instance, registered at start-up"),
+        ("^MallocExtension::Initialize", _TCMALLOC + _LIBC, 2,
+         "tcmalloc's start-up setenv(\"GLIBCXX_FORCE_NEW\"): glibc's tsearch node of the value"),
+        ("^tsearch$", _LIBC, 1,
+         "the same setenv's other tsearch node, whose stack ends in libc (tcmalloc has no frame pointers): in a "
+         "tcmalloc process a tsearch() block with no caller visible is not reported"),
+    ],
+    "static-glibc": [
+        ("^_dl_", (EXECUTABLE,), 1,
+         "static glibc's loader state set up before main (_dl_non_dynamic_init: search paths, its own link "
+         "map, _dl_find_object tables, the origin path)"),
+        ("^_GLOBAL__sub_I_eh_alloc.cc$", (EXECUTABLE,), 1,
+         "libstdc++'s emergency exception-allocation pool linked into a static C++ program"),
+    ],
+}
+
+
+@functools.lru_cache(maxsize=256)
+def allocator_defaults(kind: str | None, executable: str | None) -> tuple[Suppression, ...]:
+    """The defaults of a process whose allocator is of `kind` (EXECUTABLE
+    made the executable's basename)."""
+    out = []
+    for p, mods, top, why in ALLOCATOR_DEFAULTS.get(kind or "", ()):
+        if EXECUTABLE in mods:
+            if not executable:
+                continue
+            mods = tuple(os.path.basename(executable) if m == EXECUTABLE else m for m in mods)
+        out.append(Suppression(pattern=p, source="default", top_frames=top, modules=mods, reason=why))
+    return tuple(out)
+
+
+def _process_matcher(p, suppressions: Sequence[Suppression], base, cache: dict):
+    """The matcher of a process's stacks: with the defaults on, its
+    allocator's defaults too (one matcher per distinct list, in `cache`)."""
+    alloc = getattr(p, "allocator", None)
+    if not alloc or not any(s.source == "default" for s in suppressions):
+        return base
+    extra = allocator_defaults(alloc.get("kind"), getattr(p, "exe", None))
+    if not extra:
+        return base
+    if extra not in cache:
+        cache[extra] = _Matcher(list(suppressions) + list(extra))
+    return cache[extra]
 
 
 # --------------------------------------------------------------------------

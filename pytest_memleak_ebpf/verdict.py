@@ -85,10 +85,21 @@ def _incomplete(result: TestLeakResult) -> list[str]:
         if p.lost_handoffs:
             out.append(f"{p.lost_handoffs:,} allocator calls of pid {p.pid} ({p.comm}) were not recorded: "
                        "the hand-off map was full (too many threads inside the allocator at once)")
+    out += _not_covered(result)
     if result.lost_processes:
         out.append(f"{result.lost_processes:,} processes could not be tracked: the process map was full "
                    "(raise --ebpf-leaks-max-processes)")
     return out
+
+
+def _not_covered(result: TestLeakResult) -> list[str]:
+    """Processes whose allocator is not probed: their figures are not seen
+    (a test with budget None only reports them)."""
+    if not result.budget.checked:
+        return []
+    return [f"pid {p.pid} ({p.comm}, {p.exe or '?'}): allocations not visible, "
+            f"{p.allocator_reason or 'its allocator is not probed'}"
+            for p in result.processes if p.allocator is not None and not p.allocator["covered"]]
 
 
 def _warnings(result: TestLeakResult) -> list[str]:

@@ -175,6 +175,8 @@ FN_MALLOC, FN_CALLOC, FN_REALLOC, FN_REALLOCARRAY = _d("FN_MALLOC"), _d("FN_CALL
 FN_POSIX_MEMALIGN, FN_MEMALIGN, FN_VALLOC, FN_PVALLOC = (_d("FN_POSIX_MEMALIGN"), _d("FN_MEMALIGN"),
                                                          _d("FN_VALLOC"), _d("FN_PVALLOC"))
 FN_FREE = _d("FN_FREE")
+NEST_FN_BIT = _d("NEST_FN_BIT")
+PAUSE_STOPPED, PAUSE_KEYED = _d("PAUSE_STOPPED"), _d("PAUSE_KEYED")
 # track_t.flags, proc_t.flags, event_t.type
 TF_ROOT, TF_ALLOCS, TF_SPAWNER, TF_SPAWNED, TF_RING = (_d("TF_ROOT"), _d("TF_ALLOCS"), _d("TF_SPAWNER"),
                                                        _d("TF_SPAWNED"), _d("TF_RING"))
@@ -192,6 +194,7 @@ RING = _d("RING")
 KFUNCS = {v: "bpf_" + k[len("KFUNC_"):].lower() for k, v in HEADER.defines.items() if k.startswith("KFUNC_")}
 
 Event = HEADER.struct("event_t")   # a ring-buffer record
+Pause = HEADER.struct("pause_t")   # a perf-buffer record: an image stopped at exec
 
 
 def fnv_ips(ips: list[int]) -> int:

@@ -125,6 +125,7 @@ def proc_dict(v, running: dict | None) -> dict:
         "comm": bytes(v.comm).split(b"\0", 1)[0].decode("utf-8", "replace"),
         "exe_raw": bytes(v.exe).split(b"\0", 1)[0].decode("utf-8", "surrogateescape") or None,
         "execs": int(v.execs),
+        "alloc_id": int(v.alloc_id),
         "exited": bool(flags & PF_EXITED),
         "exit_code": int(v.exit_code) if flags & PF_TERMINATED and int(v.signal) == 0 else None,
         "signal": int(v.signal) if flags & PF_TERMINATED and int(v.signal) else None,

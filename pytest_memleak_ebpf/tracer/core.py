@@ -65,7 +65,7 @@ class Tracer:
         t0 = time.monotonic()
         c = self.config
         source = source or loading.bpf_source_path()
-        cflags = loading.program_cflags(c, self._pidmap_words)
+        cflags = loading.program_cflags(c, self._pidmap_words) + self._exec_pause_cflags()
         forced = os.environ.get(ATTACH_ENV) or "auto"
         modes = ATTACH_MODES if forced == "auto" else (forced,)
         self.bpf, self.cached = loading.load(bcc, source, [*cflags, *loading.MODE_CFLAGS[modes[0]]])
@@ -97,10 +97,31 @@ class Tracer:
         self.bpf[b"events"].open_ring_buffer(self._on_event)
         self._poller = threading.Thread(target=self._poll_loop, name="memleak-ebpf-events", daemon=True)
         self._poller.start()
+        self._start_exec_pauses()
+
+    # -- the allocator of every exec (execpause.py) --------------------------
+
+    @staticmethod
+    def _exec_pause_cflags() -> list[str]:
+        from .kernel_offsets import cflags
+
+        return cflags()
+
+    def _start_exec_pauses(self) -> None:
+        from .execpause import ExecPauses
+
+        self.exec_pauses = ExecPauses(self, self.probes)
+
+    @property
+    def allocators_probed(self) -> dict[str, str]:
+        """Every allocator object probed: host path -> kind."""
+        return dict(self.exec_pauses.kinds)
 
     @property
     def probe_count(self) -> int:
-        return sum(1 + p.return_probe for p in self.probes) + self.tracepoints
+        extra = sum(1 + p.return_probe for host, ps in self.exec_pauses.probed.items() if host != self.libc
+                    for p in ps) if hasattr(self, "exec_pauses") else 0
+        return sum(1 + p.return_probe for p in self.probes) + self.tracepoints + extra
 
     # -- events -----------------------------------------------------------
 
@@ -370,6 +391,9 @@ class Tracer:
             # paths of images nothing will report (exec'd away, ended with their test)
             t0_serial = serial_at(rec.t0)
             self._paths = {s: p for s, p in self._paths.items() if s in rec.live or s >= t0_serial}
+            for p in procs.values():
+                p["allocator"] = self.exec_pauses.answer_of(p)
+            self.exec_pauses.prune(lambda s: s in rec.live or s >= t0_serial)
             counters = self._maps.read_counters()
             raw.lost_procs = counters[CTR_LOST_PROCS] - c.counter_base[CTR_LOST_PROCS]
             raw.lost_events = counters[CTR_LOST_EVENTS] - c.counter_base[CTR_LOST_EVENTS]
@@ -384,6 +408,7 @@ class Tracer:
         if self._closed:
             return
         self._closed = True
+        self._links += self.exec_pauses.close()
         with self._lock:
             # Each detach waits for an RCU grace period; done side by side the
             # waits overlap (6 tracepoints: 0.45 s one after another, 0.25 s at once).

@@ -439,7 +439,7 @@ def _patch(insns: bytes, fds: dict[int, int]) -> bytes:
     return bytes(out)
 
 
-_TABLE_CLASSES = {1: "HashTable", 2: "Array", 6: "PerCpuArray", 9: "LruHash", 27: "RingBuf"}
+_TABLE_CLASSES = {1: "HashTable", 2: "Array", 4: "PerfEventArray", 6: "PerCpuArray", 9: "LruHash", 27: "RingBuf"}
 
 
 def _from_entry(bcc, entry: dict):

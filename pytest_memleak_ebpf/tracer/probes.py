@@ -173,3 +173,29 @@ def _attach_perf(bpf, binary: str, placed: list[PlacedSite], links: list[int]) -
 
 
 _ATTACH = {"session": _attach_session, "multi": _attach_multi, "perf": _attach_perf}
+
+
+# -- the allocator of a process (allocators.Allocator) -------------------------
+
+SITE_BY_FUNCTION = {s.function: s for s in ALLOCATOR_SITES}
+
+
+def allocator_sites(allocator) -> tuple[AllocatorSite, ...]:
+    """The probe sites of an allocators.Allocator answer: each of its sites
+    (operator new/delete, je_/tc_/mi_ entry points included) with the
+    programs and FN id of its `family`. Sites of any allocator but glibc's
+    carry NEST_FN_BIT: their calls may nest in or tail-call one another
+    (memleak.h), so each logical call is counted once."""
+    nests = allocator.kind not in ("glibc", "static-glibc")
+    out = []
+    for s in allocator.sites:
+        base = SITE_BY_FUNCTION.get(s.family or "")
+        if base is None:
+            continue
+        if nests and base.has_return:
+            out.append(AllocatorSite(s.name, base.fn_id | abi.NEST_FN_BIT, base.registers, True,
+                                     base.program + "_nest", "alloc_session"))
+        else:
+            out.append(AllocatorSite(s.name, base.fn_id, base.registers, base.has_return, base.program,
+                                     base.session_program))
+    return tuple(out)
