@@ -80,3 +80,30 @@ def run_plugin(pytester, ebpf):
         return result, doc
 
     return run
+
+
+EXT_DIR = os.path.join(ROOT, "tests", "fixtures", "ext")
+
+
+def load_fixture_module(name: str, path: str):
+    """Import a fixture's helper module (build.py, expected.py) by path."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
+def leakext_moddir(tmp_path_factory):
+    """The fixture extension (tests/fixtures/ext/leakext.c), built once per
+    session: the directory holding the module."""
+    build = load_fixture_module("leakext_build", os.path.join(EXT_DIR, "build.py"))
+    return build.build_leakext(tmp_path_factory.mktemp("leakext"))
+
+
+@pytest.fixture(scope="session")
+def leakext_expected():
+    """tests/fixtures/ext/expected.py: the extension's exact figures."""
+    return load_fixture_module("leakext_expected", os.path.join(EXT_DIR, "expected.py"))

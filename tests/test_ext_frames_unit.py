@@ -6,7 +6,6 @@ on the leakext fixture's real bytes."""
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 from pathlib import Path
 
@@ -16,21 +15,11 @@ from pytest_memleak_ebpf import resolve
 from pytest_memleak_ebpf.elf import load_segments, read_build_id
 from pytest_memleak_ebpf.symbolize import Frame, Symbolizer
 
-HERE = Path(__file__).resolve().parent
-
-
-def _load(name, path):
-    spec = importlib.util.spec_from_file_location(name, path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 @pytest.fixture(scope="module")
-def leakext_so(tmp_path_factory) -> Path:
-    build = _load("leakext_build", HERE / "fixtures" / "ext" / "build.py")
-    moddir = build.build_leakext(tmp_path_factory.mktemp("leakext"))
-    (so,) = moddir.glob("leakext*.so")
+def leakext_so(leakext_moddir) -> Path:
+    (so,) = leakext_moddir.glob("leakext*.so")
     return so
 
 

@@ -3,27 +3,16 @@
 test it cannot repeat, unittest setUp/tearDown against the in-process scope,
 and growth mode's output on one scale (per repetition)."""
 
-import importlib.util
-import os
 
 import pytest
 
 pytestmark = pytest.mark.ebpf
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-def _load(name, path):
-    spec = importlib.util.spec_from_file_location(name, path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 @pytest.fixture(scope="module")
-def leakext(tmp_path_factory):
-    build = _load("leakext_build", os.path.join(HERE, "fixtures", "ext", "build.py"))
-    return str(build.build_leakext(tmp_path_factory.mktemp("leakext")))
+def leakext(leakext_moddir):
+    return str(leakext_moddir)
 
 
 def _by_name(doc):

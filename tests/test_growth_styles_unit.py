@@ -15,24 +15,7 @@ from pytest_memleak_ebpf.accounting import Amount, InProcess, ProcessLeak, Stack
 from pytest_memleak_ebpf.accounting import TestLeakResult as LeakResult
 from pytest_memleak_ebpf.marks import Budget
 
-
-class FakeEngine:
-    def __init__(self):
-        self.calls = []
-        self.n = 0
-
-    def open_window(self):
-        self.calls.append("open")
-
-    def close_window(self, *, collect=False):
-        self.calls.append("close")
-
-    def snapshot(self):
-        self.calls.append("snapshot")
-        return {"bytes": 10 * self.n, "blocks": self.n}
-
-    def set_growth(self, warmup, repeat, per_repetition):
-        self.calls.append(("growth", warmup, repeat, len(per_repetition)))
+from fake_engine import FakeEngine
 
 
 def _case(log, fail_on=None):
@@ -80,7 +63,7 @@ def test_a_testcase_is_repeated_whole_on_fresh_instances():
     assert [e[0] for e in log] == ["setUp", "test", "tearDown"] * 4
     instances = [e[1] for e in log if e[0] == "test"]
     assert id(item.instance) not in instances      # never the item's own instance (nor one kept alive)
-    assert engine.calls == ["open", "snapshot", "snapshot", "snapshot", "close", ("growth", 1, 3, 3)]
+    assert engine.calls == ["open", "snapshot", "snapshot", "snapshot", "close", ("growth", 1, 3, [{"bytes": 0, "blocks": 0}] * 3)]
 
 
 def test_a_failing_repetition_ends_the_repetitions():
@@ -88,7 +71,7 @@ def test_a_failing_repetition_ends_the_repetitions():
     item = FakeItem(_case(log, fail_on=3))           # warmup, then the second measured one fails
     growth.run_testcase_repetitions(engine, item, Budget(0, None, warmup=1, repeat=4))
     assert [e[0] for e in log].count("test") == 3 and len(item._excinfo) == 1
-    assert engine.calls == ["open", "snapshot", "snapshot", "close", ("growth", 1, 4, 2)]
+    assert engine.calls == ["open", "snapshot", "snapshot", "close", ("growth", 1, 4, [{"bytes": 0, "blocks": 0}] * 2)]
     log2, engine2 = [], FakeEngine()
     item2 = FakeItem(_case(log2, fail_on=1))         # the warmup fails: nothing measured
     growth.run_testcase_repetitions(engine2, item2, Budget(0, None, warmup=1, repeat=4))

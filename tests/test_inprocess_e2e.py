@@ -2,30 +2,17 @@
 process itself), with real eBPF. Exact figures from a fixture extension that
 leaks a known number of blocks of a known size per call."""
 
-import importlib.util
 import json
-import os
 
 import pytest
 
 pytestmark = pytest.mark.ebpf
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-def _load(name, path):
-    spec = importlib.util.spec_from_file_location(name, path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 @pytest.fixture(scope="module")
-def leakext(tmp_path_factory):
-    build = _load("leakext_build", os.path.join(HERE, "fixtures", "ext", "build.py"))
-    expected = _load("leakext_expected", os.path.join(HERE, "fixtures", "ext", "expected.py"))
-    moddir = build.build_leakext(tmp_path_factory.mktemp("leakext"))
-    return str(moddir), expected
+def leakext(leakext_moddir, leakext_expected):
+    return str(leakext_moddir), leakext_expected
 
 
 @pytest.mark.parametrize("dist", [[], ["-n", "2"]], ids=["single", "xdist"])

@@ -11,26 +11,9 @@ import pytest
 from pytest_memleak_ebpf import growth, inprocess, reexec, roles
 from pytest_memleak_ebpf.marks import Budget
 
+from fake_engine import FakeEngine
+
 # -- growth mode -------------------------------------------------------------
-
-
-class FakeEngine:
-    def __init__(self):
-        self.calls = []
-        self.n = 0
-
-    def open_window(self):
-        self.calls.append("open")
-
-    def close_window(self):
-        self.calls.append("close")
-
-    def snapshot(self):
-        self.calls.append("snapshot")
-        return {"bytes": 10 * self.n, "blocks": self.n}
-
-    def set_growth(self, warmup, repeat, per_repetition):
-        self.calls.append(("growth", warmup, repeat, per_repetition))
 
 
 def fake_item(fn, **funcargs):
