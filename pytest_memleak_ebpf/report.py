@@ -149,12 +149,24 @@ def _status(p: ProcessLeak) -> str:
     return "exited"
 
 
+KIND_TEXT = {"definite": "definitely lost", "indirect": "indirectly lost", "possible": "possibly lost",
+             "reachable": "still reachable", "unclassified": "unclassified"}
+_KIND_ORDER = {"definite": 0, "indirect": 0, "unclassified": 1, "possible": 2, "reachable": 3}
+
+
+def _amount_text(a) -> str:
+    return f"{format_bytes(a.bytes)} in {format_blocks(a.blocks)}" if a.blocks or a.bytes else "-"
+
+
 def process_table(result: TestLeakResult) -> list[str]:
-    rows = [("pid", "ppid", "comm", "status", "leaked", "allocated (lifetime)", "exe")]
+    rows = [("pid", "ppid", "comm", "status", "leaked", "lost", "possible", "reachable", "unclassified",
+             "allocated (lifetime)", "exe")]
     for p in result.processes:
         rows.append((
             str(p.pid), str(p.ppid), p.comm, _status(p),
             f"{format_bytes(p.leaked.bytes)} in {format_blocks(p.leaked.blocks)}",
+            _amount_text(p.kind_amount("definite", "indirect")), _amount_text(p.kind_amount("possible")),
+            _amount_text(p.kind_amount("reachable")), _amount_text(p.kind_amount("unclassified")),
             f"{format_bytes(p.allocated.bytes)} in {format_blocks(p.allocated.blocks)}",
             p.exe or "-",
         ))
@@ -162,7 +174,16 @@ def process_table(result: TestLeakResult) -> list[str]:
     lines = []
     for r in rows:
         lines.append("  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1])
+    for p in result.processes:
+        if not p.classified and p.reason and p.outstanding.blocks:
+            lines.append(f"  pid {p.pid} ({p.comm}): its blocks are unclassified: {p.reason}")
     return lines
+
+
+def kind_properties(result: TestLeakResult) -> list[tuple[str, int]]:
+    """JUnit properties: the test's processes' outstanding bytes per leak kind."""
+    return [(f"leak_{k}_bytes", sum(p.kind_amount(k).bytes for p in result.processes))
+            for k in ("definite", "indirect", "possible", "reachable")]
 
 
 def top_stacks(result: TestLeakResult, *, max_stacks: int = 10, max_frames: int = 16) -> list[str]:
@@ -171,12 +192,13 @@ def top_stacks(result: TestLeakResult, *, max_stacks: int = 10, max_frames: int 
     ]
     if result.in_process is not None:
         entries += [(s, None) for s in result.in_process.stacks if not s.suppressed]
-    entries.sort(key=lambda e: (-e[0].bytes, -e[0].blocks))
+    entries.sort(key=lambda e: (_KIND_ORDER.get(e[0].kind, 1) if e[1] is not None else 1, -e[0].bytes, -e[0].blocks))
     lines = []
     truncated_hint = False
     for i, (s, p) in enumerate(entries[:max_stacks], 1):
         origin = f"pid {p.pid} ({p.comm})" if p is not None else "the pytest process (in-process)"
-        lines.append(f"  #{i} {format_bytes(s.bytes)} in {format_blocks(s.blocks)} from {origin}:")
+        kind = f" {KIND_TEXT.get(s.kind, s.kind)}" if p is not None else ""
+        lines.append(f"  #{i} {format_bytes(s.bytes)} in {format_blocks(s.blocks)}{kind} from {origin}:")
         for f in s.frames[:max_frames]:
             lines.append(f"      {'(found on the stack) ' if f.get('scanned') else ''}{format_frame(f)}")
         if len(s.frames) > max_frames:
