@@ -208,3 +208,23 @@ time.sleep(60)
         child.kill()
         child.wait()
     assert "SIGCONT" in WATCHDOG
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="ptrace of a child needs root here")
+def test_the_watchdog_reads_the_registers_of_a_stopped_process():
+    """Registers are read by the watchdog, not by the process that waits for
+    the child (its waitpid would take the ptrace stops); the child stays stopped."""
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    w = Watchdog()
+    try:
+        os.kill(child.pid, signal.SIGSTOP)
+        assert _state_soon(child.pid, "T")
+        regs = w.registers(child.pid, 5.0)
+        assert child.pid in regs and regs[child.pid]["rsp"] > 0
+        assert process_state(child.pid) == "T"
+        with pytest.raises(OSError):
+            w.registers(2 ** 22 + 7, 5.0)
+    finally:
+        w.close()
+        child.kill()
+        child.wait()

@@ -27,9 +27,14 @@ SCAN_SECONDS = 5.0          # time limit of one scan: then the process is resume
 STOP_WAIT_SECONDS = 1.0     # how long a SIGSTOPped process may take to group-stop
 
 # the watchdog: reads "+PID SECONDS" (paused: resume after SECONDS) and "-PID"
-# (resumed) lines; resumes every listed pid at its deadline or at end of input
+# (resumed) lines; resumes every listed pid at its deadline or at end of input.
+# "?PID": it answers with a JSON line of the stopped process's thread
+# registers ({tid: {reg: value}}, or {"error": text}): ptrace must come from a
+# process that is not the tracee's parent (pytest's own waitpid of the child
+# would take the ptrace-stop notifications of a tracer in its thread group).
 WATCHDOG = r"""
-import os, select, signal, sys, time
+import json, os, select, signal, sys, time
+sys.path.insert(0, sys.argv[1])
 paused = {}
 buf = b""
 fd = sys.stdin.fileno()
@@ -57,6 +62,13 @@ while True:
             paused[int(parts[0][1:])] = time.monotonic() + float(parts[1])
         elif len(parts) == 1 and parts[0].startswith(b"-"):
             paused.pop(int(parts[0][1:]), None)
+        elif len(parts) == 1 and parts[0].startswith(b"?"):
+            try:
+                from pytest_memleak_ebpf.kinds.memory import thread_registers
+                answer = {str(t): r for t, r in thread_registers(int(parts[0][1:])).items()}
+            except Exception as exc:
+                answer = {"error": f"{type(exc).__name__}: {exc}"}
+            os.write(1, json.dumps(answer).encode() + b"\n")
 for pid in paused:
     try:
         os.kill(pid, signal.SIGCONT)
@@ -75,9 +87,11 @@ class Watchdog:
     """The process in its own session that resumes what this session paused."""
 
     def __init__(self):
-        self.proc = subprocess.Popen([sys.executable, "-c", WATCHDOG], stdin=subprocess.PIPE,
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        package_parent = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        self.proc = subprocess.Popen([sys.executable, "-c", WATCHDOG, package_parent], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                                      start_new_session=True, close_fds=True)
+        self._out = b""
 
     def _say(self, line: str) -> None:
         try:
@@ -91,6 +105,29 @@ class Watchdog:
 
     def resumed(self, pid: int) -> None:
         self._say(f"-{pid}")
+
+    def registers(self, pid: int, timeout: float) -> dict[int, dict[str, int]]:
+        """The thread registers of the stopped process `pid` (read by the
+        watchdog); OSError when it cannot."""
+        import json
+        import select
+
+        self._say(f"?{pid}")
+        fd = self.proc.stdout.fileno()
+        deadline = time.monotonic() + timeout
+        while b"\n" not in self._out:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([fd], [], [], left)[0]:
+                raise OSError(f"no registers of pid {pid} within {timeout:g} s")
+            chunk = os.read(fd, 1 << 16)
+            if not chunk:
+                raise OSError("the watchdog is gone")
+            self._out += chunk
+        line, self._out = self._out.split(b"\n", 1)
+        answer = json.loads(line)
+        if "error" in answer:
+            raise OSError(answer["error"])
+        return {int(t): r for t, r in answer.items()}
 
     def close(self) -> None:
         try:
@@ -144,8 +181,9 @@ def tracer_pid(pid: int) -> int:
     return 0
 
 
-def scan(pid: int, blocks: list[tuple[int, int]], limit: float = SCAN_SECONDS) -> Outcome:
-    """Classify the stopped process's blocks [(address, size)]."""
+def scan(pid: int, blocks: list[tuple[int, int]], limit: float = SCAN_SECONDS, registers=None) -> Outcome:
+    """Classify the stopped process's blocks [(address, size)]; registers()
+    gives its threads' registers."""
     import numpy as np
 
     from ..kinds import KIND_NAMES
@@ -157,7 +195,8 @@ def scan(pid: int, blocks: list[tuple[int, int]], limit: float = SCAN_SECONDS) -
     starts = np.fromiter((a for a, _ in blocks), dtype=np.uint64, count=len(blocks))
     sizes = np.fromiter((s for _, s in blocks), dtype=np.uint64, count=len(blocks))
     try:
-        result = scan_process(pid, starts, sizes).classification
+        regs = registers() if registers is not None else None
+        result = scan_process(pid, starts, sizes, registers=regs).classification
     except Exception as exc:   # noqa: BLE001 - the process went away, or its memory could not be read
         return Outcome(reason=f"its memory could not be scanned ({type(exc).__name__}: {exc})",
                        seconds=time.monotonic() - t0)
@@ -197,7 +236,8 @@ class Pauser:
             if tracer_pid(tgid):
                 return Outcome(reason="it is ptraced (a debugger or strace): not paused")
             return Outcome(reason="it did not stop at exit")
-        return scan(tgid, self.take_blocks(tgid, serial), self.limit)
+        return scan(tgid, self.take_blocks(tgid, serial), self.limit,
+                    registers=lambda: self.watchdog.registers(tgid, self.limit))
 
     def scan_running(self, procs: list[tuple[int, int]]) -> None:
         """Processes [(tgid, serial)] still running at their test's end:
