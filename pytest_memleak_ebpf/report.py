@@ -241,7 +241,7 @@ def failure_text(result: TestLeakResult, *, headline: str | None = None) -> str:
         lines += process_table(result)
     lines += in_process_lines(result)
     if result.leaked.blocks:
-        lines += ["", "Top leaking stacks (largest first):"]
+        lines += ["", "Top leaking stacks (lost memory first, then largest):"]
         lines += top_stacks(result)
     used = suppressions_used_lines(result)
     if used:
