@@ -228,3 +228,16 @@ def test_the_watchdog_reads_the_registers_of_a_stopped_process():
         w.close()
         child.kill()
         child.wait()
+
+
+def test_a_suppressed_stack_of_a_kind_that_does_not_count_changes_nothing():
+    from pytest_memleak_ebpf.suppressions import apply, from_patterns
+
+    r = _result()
+    reachable = next(s for s in r.processes[0].stacks if s.kind == "reachable")
+    lost = next(s for s in r.processes[0].stacks if s.kind == "definite")
+    settle(r, apply(r, from_patterns([reachable.frames[0]["function"]])))
+    assert reachable.suppressed and (r.processes[0].leaked.bytes, r.processes[0].leaked.blocks) == (480, 10)
+    settle(r, apply(r, from_patterns([lost.frames[0]["function"]])))
+    # the lost list's head and its rest were allocated from the same stack (f5)
+    assert lost.suppressed and (r.processes[0].leaked.bytes, r.processes[0].leaked.blocks) == (0, 0)
