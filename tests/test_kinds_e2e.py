@@ -147,3 +147,67 @@ def test_prog(name):
         print(f"\nverdicts agree: {agree_verdict}/{len(progs)}; per kind (bytes and blocks equal): "
               + ", ".join(f"{k} {n}/{len(progs)}" for k, n in agree_kinds.items()))
         print("\n".join(lines))
+
+
+BIG_HEAP = r"""
+#include <stdio.h>
+#include <stdlib.h>
+#include <unistd.h>
+void **volatile keep;
+int main(int argc, char **argv) {
+    long n = atol(argv[1]);
+    keep = malloc(n * sizeof(void *));
+    for (long i = 0; i < n; i++) keep[i] = malloc(16);
+    FILE *f = fopen(argv[2], "w");
+    fprintf(f, "%d\n", getpid());
+    fclose(f);
+    return 0;
+}
+"""
+
+
+def test_sigkill_of_pytest_while_a_child_is_paused_leaves_nothing_stopped(cbuild, pytester, tmp_path):
+    """The inner pytest is killed (SIGKILL) while the process it paused at
+    exit is being scanned: the watchdog, in its own session, resumes it at
+    once (long before the scan's time limit) and it exits."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    from pytest_memleak_ebpf.tracer.exitpause import SCAN_SECONDS, process_state
+
+    prog = cbuild("big_heap", BIG_HEAP)
+    pidfile = tmp_path / "pid"
+    pytester.makepyfile(test_big=f"""
+import subprocess
+def test_big():
+    subprocess.run([{prog!r}, "600000", {str(pidfile)!r}], check=True)
+""")
+    env = dict(os.environ)
+    inner = subprocess.Popen([sys.executable, "-m", "pytest", "--ebpf-leaks", "-p", "no:cacheprovider",
+                              "--ebpf-leaks-max-blocks=2000000", "-q", str(pytester.path / "test_big.py")],
+                             cwd=pytester.path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while not (pidfile.exists() and pidfile.read_text().endswith("\n")):
+            assert inner.poll() is None and time.monotonic() < deadline, "the inner session ended early"
+            time.sleep(0.005)
+        pid = int(pidfile.read_text())
+        while process_state(pid) not in ("T", "t"):
+            assert process_state(pid) not in (None, "Z"), "the program exited without a pause"
+            assert time.monotonic() < deadline
+            time.sleep(0.001)
+        inner.send_signal(signal.SIGKILL)
+        inner.wait()
+        killed = time.monotonic()
+        while process_state(pid) in ("T", "t"):
+            assert time.monotonic() - killed < SCAN_SECONDS / 2, "still stopped: the watchdog did not resume it"
+            time.sleep(0.005)
+        while process_state(pid) not in (None, "Z"):   # it runs on and exits
+            assert time.monotonic() - killed < 30
+            time.sleep(0.01)
+    finally:
+        if inner.poll() is None:
+            inner.kill()
+            inner.wait()
