@@ -314,7 +314,8 @@ def gen_suppressions(results, summary=None) -> str:
     directory), unless it is the process's executable. Stacks with neither get
     a comment only: suppressing libc, libstdc++, main or the whole program
     would hide every leak (suppressions.suppression_target chooses).
-    `summary` (suppressions.apply): stacks it hides are left out."""
+    `summary` (suppressions.apply): stacks it hides are left out, and so are
+    stacks of leak kinds the test's budget does not count."""
     if hasattr(results, "processes"):
         results = [results]
     entries: dict[str, list] = {}   # pattern -> [bytes, blocks, stacks, tests, what]
@@ -325,10 +326,13 @@ def gen_suppressions(results, summary=None) -> str:
         in_process = getattr(r, "in_process", None)
         if in_process is not None:
             owners.append((in_process, "the pytest process (in-process)", None))
+        counts = r.budget.kinds
         for p, who, exe in owners:
             for s in p.stacks:
                 if id(s) in matched or not (s.blocks or s.bytes):
                     continue
+                if p is not in_process and s.kind not in counts:
+                    continue   # a kind the budget does not count (still reachable, ...)
                 where = f"{who} in {r.nodeid}"
                 if not getattr(s, "captured", True):
                     orphans.append(f"# {s.bytes:,} B in {s.blocks:,} block(s) by {where}: stack not captured")

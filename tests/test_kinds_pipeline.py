@@ -241,3 +241,11 @@ def test_a_suppressed_stack_of_a_kind_that_does_not_count_changes_nothing():
     settle(r, apply(r, from_patterns([lost.frames[0]["function"]])))
     # the lost list's head and its rest were allocated from the same stack (f5)
     assert lost.suppressed and (r.processes[0].leaked.bytes, r.processes[0].leaked.blocks) == (0, 0)
+
+
+def test_generated_suppressions_cover_only_the_kinds_that_count():
+    from pytest_memleak_ebpf.report import gen_suppressions
+
+    text = gen_suppressions(_result())
+    assert "leak:^f5$" in text and "leak:^f8$" in text          # lost, unclassified
+    assert "f6" not in text and "f7" not in text                # reachable, possible
