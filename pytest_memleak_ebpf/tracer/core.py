@@ -132,7 +132,31 @@ class Tracer:
                     self.bpf.ring_buffer_poll(timeout=0)
                 except Exception:
                     pass
-            time.sleep(0.02)
+            self._wait_events(0.02)
+
+    def _wait_events(self, seconds: float) -> None:
+        """Sleep until the ring buffer has records (or `seconds` pass), without
+        the lock: a process paused at exit waits for this thread."""
+        import ctypes
+        import select
+
+        fd = getattr(self, "_events_fd", None)
+        if fd is None:
+            lib = self._bcc.lib
+            try:
+                lib.ring_buffer__epoll_fd.restype = ctypes.c_int
+                lib.ring_buffer__epoll_fd.argtypes = [ctypes.c_void_p]
+                fd = lib.ring_buffer__epoll_fd(self.bpf._ringbuf_manager)
+            except (AttributeError, TypeError):
+                fd = -1
+            self._events_fd = fd
+        if fd < 0:
+            time.sleep(seconds)
+            return
+        try:
+            select.select([fd], [], [], seconds)
+        except (OSError, ValueError):
+            time.sleep(seconds)
 
     def _quiet_thread(self) -> None:
         """Tell the BPF program this (event) thread's allocations are never
