@@ -211,3 +211,62 @@ def test_big():
         if inner.poll() is None:
             inner.kill()
             inner.wait()
+
+
+EXITS = r"""
+#include <signal.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+void *volatile kept;
+int main(int argc, char **argv) {
+    kept = malloc(100);          /* reachable */
+    malloc(50);                  /* lost */
+    if (!strcmp(argv[1], "abort")) abort();
+    if (!strcmp(argv[1], "segv")) raise(SIGSEGV);
+    if (!strcmp(argv[1], "exit_group")) syscall(SYS_exit_group, 0);
+    return 0;
+}
+"""
+
+
+def test_what_cannot_be_classified_says_why(cbuild, pytester, run_plugin):
+    """abort() is paused and classified; a fatal signal, a direct exit_group
+    and a ptraced process are not: their blocks are unclassified (and count),
+    with the reason."""
+    prog = cbuild("exits", EXITS)
+    strace = shutil.which("strace")
+    pytester.makepyfile(test_exits=f"""
+import subprocess, pytest
+@pytest.mark.parametrize("how", ["return", "abort", "segv", "exit_group", "strace"])
+def test_exit(how):
+    if how == "strace":
+        if {strace!r} is None:
+            pytest.skip("no strace")
+        subprocess.run([{strace!r}, "-o", "/dev/null", {prog!r}, "return"])
+    else:
+        subprocess.run([{prog!r}, how])
+""")
+    result, doc = run_plugin("--ebpf-leaks-budget=1GiB")
+    tests = _by_test(doc)
+    lost, kept = {"bytes": 50, "blocks": 1}, {"bytes": 100, "blocks": 1}
+    for how in ("return", "abort"):
+        (p,) = tests[how]["processes"]
+        assert p["classified"], (how, p.get("reason"))
+        assert (p["reachability"]["definite"], p["reachability"]["reachable"]) == (lost, kept), how
+        assert p["leaked"] == lost
+    (p,) = tests["abort"]["processes"]
+    assert p["signal"] == 6
+    reasons = {"segv": "it was killed by SIGSEGV (a fatal signal: no pause at exit)",
+               "exit_group": "it exited without libc _exit or abort (exit_group called directly, or no libc)"}
+    for how, reason in reasons.items():
+        (p,) = tests[how]["processes"]
+        assert not p["classified"] and p["reason"] == reason, (how, p.get("reason"))
+        assert p["reachability"]["unclassified"] == p["outstanding"] == p["leaked"] == {"bytes": 150, "blocks": 2}
+    if strace:
+        procs = tests["strace"]["processes"]
+        (traced,) = [p for p in procs if p["exe"] == prog]
+        assert not traced["classified"]
+        assert traced["reason"] == "it is ptraced (a debugger or strace): not paused"
+        assert traced["reachability"]["unclassified"] == {"bytes": 150, "blocks": 2}
