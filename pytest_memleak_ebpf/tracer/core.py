@@ -249,6 +249,11 @@ class Tracer:
         flags = c.root_flags | (TF_ALLOCS if allocs else 0) | (TF_KINDS if test_id and c.kinds else 0)
         self._write_root(tgid, flags, test_id, serial)
 
+    @staticmethod
+    def _root_flags(c: Client) -> int:
+        """A root's flags outside a window: TF_KINDS while its test wants leak kinds."""
+        return c.root_flags | (TF_KINDS if c.test_id and c.kinds else 0)
+
     def _write_root(self, tgid: int, flags: int, test_id: int = 0, serial: int = 0) -> None:
         """A root's entry in `tracked`, counters zeroed."""
         leaf = self._tracked.Leaf()
@@ -330,7 +335,7 @@ class Tracer:
                         counters[k] += n
                 except KeyError:
                     pass
-                self._set_root_fields(tgid, flags=c.root_flags)
+                self._set_root_fields(tgid, flags=self._root_flags(c))
             c.window_counters = counters
             c.in_window = False
             return counters
@@ -341,12 +346,12 @@ class Tracer:
         c = self._client(c)
         with self._lock:
             for tgid in c.roots:
-                self._set_root_fields(tgid, flags=c.root_flags)
+                self._set_root_fields(tgid, flags=self._root_flags(c))
             try:
                 out = self._maps.window_blocks(c.window_serial)
             finally:
                 for tgid in c.roots:
-                    self._set_root_fields(tgid, flags=c.root_flags | TF_ALLOCS)
+                    self._set_root_fields(tgid, flags=self._root_flags(c) | TF_ALLOCS)
         return out
 
     def collect_window(self, c: Client | None = None) -> tuple[list[tuple[int, int, int]], dict | None, dict]:
