@@ -44,6 +44,9 @@
 #define CLONE_THREAD 0x00010000
 #endif
 #define O_CLOEXEC_FLAG 02000000
+#ifndef CLONE_VFORK
+#define CLONE_VFORK 0x00004000
+#endif
 
 BPF_F_TABLE("hash", u32, struct track_t, tracked, MAX_PROCS, BPF_F_NO_PREALLOC);
 BPF_PERCPU_ARRAY(track_scratch, struct track_t, 1);
@@ -75,6 +78,9 @@ BPF_PERCPU_ARRAY(rawscratch, struct rawbuf_t, 1);
 BPF_PERCPU_ARRAY(rawval_scratch, struct rawval_t, 1);
 BPF_PERCPU_ARRAY(proc_scratch, struct proc_t, 1);
 BPF_ARRAY(counters, u64, CTR_NCOUNTERS);
+/* The tracer's own event thread (tid) in a root: its allocations (scans of
+ * paused processes) are never recorded in an in-process window. */
+BPF_ARRAY(quiet, u32, 1);
 /* per root (each xdist worker has its own address space) */
 BPF_HASH(ext, u32, struct ext_t, MAX_ROOTS);
 BPF_HASH(ext_pages, struct ext_page_t, u32, MAX_EXT_PAGES);   /* (root, page number) -> 1 */
@@ -274,13 +280,21 @@ static u64 (*session_is_return)(void) = (void *)KFUNC_SESSION_IS_RETURN;   /* a 
 #define COOKIE_HANDOFF(fn) 0
 #endif
 
+/* The tracer's event thread (quiet[0]): its allocations are not recorded. */
+static __always_inline int quiet_thread(u64 id)
+{
+    u32 zero = 0;
+    u32 *q = quiet.lookup(&zero);
+    return q && *q && *q == (u32)id;
+}
+
 /* Returns 1 when the call's return needs no probe (nothing was handed off):
  * a uprobe session then skips the return for this call. */
 static __always_inline int gen_entry(u32 fn, u64 a0, u64 a1)
 {
     u64 id = bpf_get_current_pid_tgid();
     u32 tgid = id >> 32;
-    if (!records_allocs(tgid))
+    if (!records_allocs(tgid) || quiet_thread(id))
         return 1;
 #ifdef ATTACH_SESSION
     if (COOKIE_HANDOFF(fn)) {
@@ -809,7 +823,9 @@ TRACEPOINT_PROBE(task, task_newtask)
         return 0;           /* root between tests */
     tp->serial = next_serial();
     tp->test_id = parent->test_id;
-    tp->flags = TF_ALLOCS | TF_RING;
+    tp->flags = TF_ALLOCS | TF_RING | (parent->flags & TF_KINDS);
+    if (args->clone_flags & CLONE_VFORK)
+        tp->flags |= TF_VFORK;
     tp->nthreads = 1;
     tp->ppid = tgid;
     u64 serial = tp->serial;
@@ -1005,6 +1021,7 @@ TRACEPOINT_PROBE(sched, sched_process_exec)
     for (int i = 0; i < RING; i++)
         t->ring[i].addr = 0;
     t->flags |= TF_RING;
+    t->flags &= ~TF_VFORK;   /* its own memory from now on */
     t->alloc_bytes = 0;
     t->alloc_blocks = 0;
     t->lost_blocks = 0;
@@ -1151,5 +1168,36 @@ TRACEPOINT_PROBE(sched, sched_process_exit)
     tracked.delete(&tgid);
     pidmap_clear(tgid);
     allocmap_clear(tgid);
+    return 0;
+}
+
+/* ---- pause at exit (leak kinds) ----------------------------------------
+ * A uprobe on libc _exit and abort: a tracked process whose test wants leak
+ * kinds is sent SIGSTOP (it group-stops on the way back to user mode, before
+ * exit_group); userspace scans its memory and sends SIGCONT. Never a vfork
+ * child (it shares its parent's memory) nor a ptraced process (the stop would
+ * go to its tracer): userspace is told, and leaves its blocks unclassified. */
+int exit_pause(struct pt_regs *ctx)
+{
+    u32 tgid = bpf_get_current_pid_tgid() >> 32;
+    if (!maybe_tracked(tgid))
+        return 0;
+    struct track_t *t = tracked.lookup(&tgid);
+    if (!t || (t->flags & (TF_ROOT | TF_VFORK)) || !(t->flags & TF_KINDS))
+        return 0;
+    u32 type = EV_EXIT_STOPPED;
+#ifdef OFF_TASK_PTRACE       /* offsets from the kernel's BTF (tracer/kernel_offsets.py) */
+    u32 ptrace = 0;
+    bpf_probe_read_kernel(&ptrace, sizeof(ptrace), (void *)bpf_get_current_task() + OFF_TASK_PTRACE);
+    if (ptrace)
+        type = EV_EXIT_TRACED;
+#endif
+    struct event_t *e = reserve_event(type, tgid, t->serial);
+    if (!e)
+        return 0;      /* userspace would never resume it: no pause */
+    e->path[0] = 0;
+    if (type == EV_EXIT_STOPPED)
+        bpf_send_signal(19);   /* SIGSTOP */
+    events.ringbuf_submit(e, 0);
     return 0;
 }

@@ -41,6 +41,11 @@
 #define TF_SPAWNED         8   /* ROOT created by a spawner: forgotten at exit */
 #define TF_RING           16   /* single-threaded image: its newest blocks are
                                   kept in its entry's ring (below) */
+#define TF_KINDS          32   /* classify its blocks at exit: pause it at libc
+                                  _exit/abort (inherited at fork; a root has it
+                                  while its test wants leak kinds) */
+#define TF_VFORK          64   /* a vfork child until it execs: shares its
+                                  parent's memory, never paused */
 
 /* proc_t.flags */
 #define PF_EXITED          1
@@ -49,6 +54,8 @@
 /* event_t.type */
 #define EV_EXEC            1
 #define EV_OPEN            2
+#define EV_EXIT_STOPPED    3   /* at _exit/abort: SIGSTOP sent (tgid, serial) */
+#define EV_EXIT_TRACED     4   /* at _exit/abort, ptraced: not paused */
 
 /* pause_t.flags: a tracked process exec'd an executable whose allocator the
  * session has not resolved for its inputs (resolved_key_t) */

@@ -18,7 +18,7 @@ import pwd
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Iterable, Mapping, Sequence
 
-from .classify import LEAK_KINDS
+from .classify import KINDS, LEAK_KINDS, LOST_KINDS, UNCLASSIFIED
 
 if TYPE_CHECKING:
     from .marks import Budget
@@ -43,11 +43,11 @@ class StackLeak:
     captured: bool = True
     suppressed: bool = False
     suppression: str | None = None     # the matching pattern
-    kind: str = LEAK_KINDS[0]          # classify's kind of these blocks (not in JSON v1)
+    kind: str = UNCLASSIFIED           # classify's kind of these blocks
 
     def to_json(self) -> dict:
         return {"bytes": self.bytes, "blocks": self.blocks, "frames": self.frames, "captured": self.captured,
-                "suppressed": self.suppressed, "suppression": self.suppression}
+                "suppressed": self.suppressed, "suppression": self.suppression, "kind": self.kind}
 
 
 @dataclass
@@ -71,6 +71,18 @@ class ProcessLeak:
     counted: Amount = field(default_factory=Amount)  # blocks of leak kinds, before suppressions
     allocator: dict | None = None     # {"kind", "module", "covered"}; None: not known
     allocator_reason: str | None = None   # why not covered
+    reachability: dict[str, Amount] = field(default_factory=dict)  # kind -> outstanding of that kind
+    classified: bool = False          # its blocks were scanned (else all "unclassified")
+    reason: str | None = None         # why not classified
+
+    def kind_amount(self, *kinds: str) -> Amount:
+        out = Amount()
+        for k in kinds:
+            a = self.reachability.get(k)
+            if a is not None:
+                out.bytes += a.bytes
+                out.blocks += a.blocks
+        return out
 
     def to_json(self) -> dict:
         return {
@@ -78,6 +90,8 @@ class ProcessLeak:
             "user": self.user, "exit_code": self.exit_code, "signal": self.signal,
             "running_at_test_end": self.running_at_test_end, "outstanding": asdict(self.outstanding),
             "leaked": asdict(self.leaked), "allocated": asdict(self.allocated),
+            "reachability": {k: asdict(self.reachability.get(k, Amount())) for k in KINDS},
+            "classified": self.classified, **({} if self.classified else {"reason": self.reason}),
             "stacks": [s.to_json() for s in self.stacks],
             "tracking": {"lost_blocks": self.lost_blocks, "lost_handoffs": self.lost_handoffs,
                          "lost_stacks": self.lost_stacks},
@@ -185,10 +199,18 @@ def aggregate_stacks(
                 a = per[(item[1], kind)] = Amount()
             a.bytes += item[0]
             a.blocks += item[2] if len(item) > 2 else 1
-    order = sorted(per.items(), key=lambda kv: (-kv[1].bytes, -kv[1].blocks, kv[0]))
+    order = sorted(per.items(), key=lambda kv: (_KIND_RANK.get(kv[0][1], 1), -kv[1].bytes, -kv[1].blocks, kv[0]))
     if limit is not None:
         order = order[:limit]
     return [_stack(amount, frames.get(h) if h else None, kind) for (h, kind), amount in order]
+
+
+# stacks are listed lost first, then unclassified, possible, reachable
+_KIND_RANK = {**{k: 0 for k in LOST_KINDS}, UNCLASSIFIED: 1, "possible": 2, "reachable": 3}
+
+
+def _reachability(blocks: Mapping[str, Iterable[tuple]]) -> dict[str, Amount]:
+    return {k: _amount({k: blocks[k]}) for k in KINDS if k in blocks}
 
 
 def stack_hashes(blocks: Mapping[str, Iterable[tuple]]) -> set[int]:
@@ -312,13 +334,17 @@ def account(
     lost_events: int = 0,
     max_stacks_per_process: int | None = None,
     in_process: InProcess | None = None,
+    reasons: Mapping[int, str] | None = None,
 ) -> TestLeakResult:
     """The test's figures from the tracer's process records (tracer.RawTest
     .processes), their classified blocks (serial -> {kind: records}) and
-    the resolved frames of their stacks."""
+    the resolved frames of their stacks. `reasons`: serial -> why a process
+    was not classified (a serial missing: classified). What counts is the
+    budget's kinds."""
     result = TestLeakResult(nodeid=nodeid, budget=budget, in_process=in_process,
                             lost_processes=lost_procs, lost_events=lost_events)
     exe_paths = exe_paths or {}
+    reasons = reasons if reasons is not None else {p["serial"]: "leak kinds were not asked for" for p in processes}
     for p in processes:
         bl = blocks.get(p["serial"], {})
         result.processes.append(ProcessLeak(
@@ -332,7 +358,10 @@ def account(
             signal=p.get("signal"),
             running_at_test_end=bool(p.get("running_at_test_end")),
             outstanding=_amount(bl),
-            counted=_amount(bl, LEAK_KINDS),
+            counted=_amount(bl, budget.kinds),
+            reachability=_reachability(bl),
+            classified=p["serial"] not in reasons,
+            reason=reasons.get(p["serial"]),
             leaked=Amount(),
             allocated=Amount(p.get("alloc_bytes", 0), p.get("alloc_blocks", 0)),
             stacks=aggregate_stacks(bl, frames, limit=max_stacks_per_process),

@@ -84,6 +84,7 @@ class LeakEngine:
         self.flamegraphs: list[tuple[str, str]] = []
         self.results: list[TestLeakResult] = []
         self._current: int | None = None
+        self._kinds_wanted = False
         self.report_seconds = 0.0
 
     @property
@@ -94,8 +95,11 @@ class LeakEngine:
 
     # -- per test ---------------------------------------------------------
 
-    def begin(self) -> None:
-        self._current = self.tracer.begin_test()
+    def begin(self, budget: Budget | None = None) -> None:
+        """budget: the test's (its kinds say whether its processes are classified)."""
+        wanted = budget.classify if budget is not None else self.settings.default_budget.classify
+        self._current = self.tracer.begin_test(wanted)
+        self._kinds_wanted = wanted
 
     def active(self) -> bool:
         return self._current is not None
@@ -109,7 +113,9 @@ class LeakEngine:
             self.resolver.add_paths(paths)
             if paths:
                 exe_paths[serial] = paths[0]
-        classified = classify(raw.blocks, raw.inproc_blocks)
+        classified = classify(raw.blocks, raw.inproc_blocks, kinds=raw.kinds, processes=raw.processes,
+                              scan_reasons=raw.unclassified, scanned=raw.scanned,
+                              wanted=self._kinds_wanted)
         in_process = None
         if self._empty_window:
             self._empty_window = False
@@ -124,7 +130,7 @@ class LeakEngine:
         result = account(
             nodeid, budget, raw.processes, classified.processes, frames,
             exe_paths=exe_paths, lost_procs=raw.lost_procs, lost_events=raw.lost_events,
-            in_process=in_process,
+            in_process=in_process, reasons=classified.reasons,
         )
         settle(result, match_suppressions(result, self._suppressions(budget)))
         if self.settings.flamegraph_dir and (result.over_budget or result.incomplete):

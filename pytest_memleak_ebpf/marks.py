@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
+from .classify import DEFAULT_KINDS, parse_kinds, wants_kinds
 from .sizes import SizeError, parse_count, parse_size
 
 MARKER = "leak_budget"
@@ -15,9 +16,11 @@ MARKER_HELP = (
     "than `blocks` blocks, in the processes it launches and (C extensions) in the pytest process; "
     "leak_budget(None) turns the check off for the test; warmup=N, repeat=M run the test body N+M times "
     "and count only in-process memory that keeps growing per repetition; suppress=['leak:pattern', ...] "
-    "adds LSan-style suppressions for the test."
+    "adds LSan-style suppressions for the test; kinds='definite,indirect' says which leak kinds count "
+    "(definite, indirect, possible, reachable, unclassified, or all: every outstanding block; default "
+    "definite,indirect,unclassified)."
 )
-KNOWN_KEYWORDS = ("blocks", "warmup", "repeat", "suppress")
+KNOWN_KEYWORDS = ("blocks", "warmup", "repeat", "suppress", "kinds")
 MAX_REPETITIONS = 10_000
 
 
@@ -35,6 +38,12 @@ class Budget:
     repeat: int | None = None  # growth mode: measured runs (None: growth mode off)
     suppress: tuple = ()       # marker's own LSan-style suppressions ("leak:pattern" or "pattern")
     suppressions: tuple = ()   # the same, parsed (suppressions.Suppression, source "marker")
+    kinds: frozenset = DEFAULT_KINDS   # leak kinds that count (classify.KINDS; all of them: no classification)
+
+    @property
+    def classify(self) -> bool:
+        """The test's processes are paused at exit and their blocks classified."""
+        return wants_kinds(self.kinds)
 
     @property
     def growth(self) -> bool:
@@ -70,7 +79,13 @@ def budget_from_marker(args: Sequence[Any], kwargs: Mapping[str, Any], default: 
         except SizeError as exc:
             raise MarkerError(f"leak_budget(blocks={kwargs['blocks']!r}): {exc}") from None
     suppress, parsed = _suppress(kwargs.get("suppress"))
-    g = {"warmup": warmup, "repeat": repeat, "suppress": suppress, "suppressions": parsed}
+    kinds = default.kinds
+    if kwargs.get("kinds") is not None:
+        try:
+            kinds = parse_kinds(kwargs["kinds"])
+        except ValueError as exc:
+            raise MarkerError(f"leak_budget(kinds={kwargs['kinds']!r}): {exc}") from None
+    g = {"warmup": warmup, "repeat": repeat, "suppress": suppress, "suppressions": parsed, "kinds": kinds}
     if not args:
         return Budget(bytes=None, blocks=blocks, checked=True, source="marker", **g)
     limit = args[0]

@@ -12,6 +12,7 @@ from typing import Any, Callable
 
 import pytest
 
+from .classify import DEFAULT_KINDS, parse_kinds
 from .marks import MAX_REPETITIONS, Budget
 from .sizes import parse_count, parse_seconds, parse_size
 
@@ -62,6 +63,10 @@ def repeat(text: str) -> int:
     return n
 
 
+def leak_kinds(text: str) -> frozenset:
+    return parse_kinds(text)
+
+
 def json_path(text: str) -> str:
     d = os.path.dirname(os.path.abspath(text))
     if not os.path.isdir(d) or not os.access(d, os.W_OK):
@@ -104,6 +109,7 @@ PARSERS: dict[str, tuple[Callable[[str], Any], Any]] = {
     "ebpf_leaks_warmup": (warmup, None),
     "ebpf_leaks_repeat": (repeat, None),
     "ebpf_leaks_suppressions": (suppression_file, ""),
+    "ebpf_leaks_kinds": (leak_kinds, DEFAULT_KINDS),
 }
 
 
@@ -137,6 +143,10 @@ def add_options(parser: pytest.Parser) -> None:
                     help="check the processes each test launches for leaked malloc-family memory (needs root)")
     _valued(group, "--ebpf-leaks-budget", "SIZE",
             help="leak budget of tests without a leak_budget marker, e.g. 0, 4096, '4 KiB' (default 0)")
+    _valued(group, "--ebpf-leaks-kinds", "LIST",
+            help="which leak kinds count against the budget, as valgrind names them: definite, indirect, "
+                 "possible, reachable, unclassified, or all (every outstanding block, no classification); "
+                 "default definite,indirect,unclassified")
     _valued(group, "--ebpf-leaks-json", "PATH",
             help="write a JSON leak report (schema version 1) to PATH")
     _valued(group, "--ebpf-leaks-max-blocks", "N",
@@ -169,6 +179,7 @@ def add_options(parser: pytest.Parser) -> None:
             help="growth mode for all tests: measure M repetitions, count only what keeps growing")
     parser.addini("ebpf_leaks", type="bool", default=False, help="enable --ebpf-leaks")
     parser.addini("ebpf_leaks_budget", default="0", help="default leak budget (size)")
+    parser.addini("ebpf_leaks_kinds", default="", help="leak kinds that count (default definite,indirect,unclassified)")
     parser.addini("ebpf_leaks_json", default="", help="JSON leak report path")
     parser.addini("ebpf_leaks_max_blocks", default="", help="live-block map capacity")
     parser.addini("ebpf_leaks_max_stacks", default="", help="stack map capacity")
@@ -251,7 +262,8 @@ def read_settings(config: pytest.Config):
     return Settings(
         default_budget=Budget(bytes=_value(config, "ebpf_leaks_budget"), blocks=None,
                               checked=True, source="option",
-                              warmup=growth.get("warmup"), repeat=growth.get("repeat")),
+                              warmup=growth.get("warmup"), repeat=growth.get("repeat"),
+                              kinds=_value(config, "ebpf_leaks_kinds")),
         in_process=_value(config, "ebpf_leaks_in_process"),
         in_process_scope=_value(config, "ebpf_leaks_in_process_scope"),
         suppressions=tuple(_suppressions(config)),

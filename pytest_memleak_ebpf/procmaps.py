@@ -1,10 +1,15 @@
-"""/proc/PID/maps: the one parser of a process's memory map."""
+"""/proc/PID/maps: the one parser of a process's memory map.
+
+parse_regions / read_regions: every mapping with its permissions, device and
+inode (leak kinds: the roots of a scan, the allocator's memory); read_maps:
+the file mappings only, as (start, end, offset, path) (symbolization)."""
 
 from __future__ import annotations
 
+import dataclasses
 from typing import NamedTuple
 
-__all__ = ["Mapping", "read_maps", "locate"]
+__all__ = ["Mapping", "Region", "parse_regions", "read_regions", "read_maps", "locate"]
 
 
 class Mapping(NamedTuple):
@@ -14,25 +19,68 @@ class Mapping(NamedTuple):
     path: str
 
 
+@dataclasses.dataclass(frozen=True)
+class Region:
+    """One line of /proc/PID/maps."""
+
+    start: int
+    end: int
+    perms: str  # e.g. "rw-p"
+    offset: int
+    dev: str  # "fd:01"
+    inode: int
+    path: str  # "" for anonymous; "[heap]", "[stack]", ...
+
+    @property
+    def readable(self) -> bool:
+        return self.perms[0] == "r"
+
+    @property
+    def writable(self) -> bool:
+        return self.perms[1] == "w"
+
+    @property
+    def executable(self) -> bool:
+        return self.perms[2] == "x"
+
+    @property
+    def file_backed(self) -> bool:
+        return self.inode != 0 and self.path.startswith("/")
+
+    def __contains__(self, addr: int) -> bool:
+        return self.start <= addr < self.end
+
+
+def parse_regions(text: str) -> list[Region]:
+    """Every mapping of a maps text, in its order."""
+    out = []
+    for line in text.splitlines():
+        parts = line.split(None, 5)
+        if len(parts) < 5:
+            continue
+        lo, hi = parts[0].split("-")
+        path = parts[5].strip() if len(parts) > 5 else ""
+        out.append(Region(int(lo, 16), int(hi, 16), parts[1], int(parts[2], 16), parts[3], int(parts[4]), path))
+    return out
+
+
+def read_regions(pid: int) -> list[Region]:
+    """Every mapping of process `pid` (OSError when it is gone)."""
+    with open(f"/proc/{pid}/maps") as f:
+        return parse_regions(f.read())
+
+
 def read_maps(path: str = "/proc/self/maps", *, executable: bool = True) -> list[Mapping]:
     """File mappings of a process (only the executable ones by default), in
     address order; anonymous and deleted mappings are left out. An unreadable
     file gives an empty list."""
-    out = []
     try:
         with open(path) as f:
-            for line in f:
-                parts = line.split(maxsplit=5)
-                if len(parts) < 6 or (executable and "x" not in parts[1]):
-                    continue
-                p = parts[5].strip()
-                if not p.startswith("/") or p.endswith("(deleted)"):
-                    continue
-                start, end = (int(x, 16) for x in parts[0].split("-"))
-                out.append(Mapping(start, end, int(parts[2], 16), p))
+            text = f.read()
     except OSError:
-        pass
-    return out
+        return []
+    return [Mapping(r.start, r.end, r.offset, r.path) for r in parse_regions(text)
+            if r.path.startswith("/") and not r.path.endswith("(deleted)") and (r.executable or not executable)]
 
 
 def locate(maps, ip: int) -> tuple[str, int] | None:

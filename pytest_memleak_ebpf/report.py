@@ -173,12 +173,24 @@ def _status(p: ProcessLeak) -> str:
     return "exited"
 
 
+KIND_TEXT = {"definite": "definitely lost", "indirect": "indirectly lost", "possible": "possibly lost",
+             "reachable": "still reachable", "unclassified": "unclassified"}
+_KIND_ORDER = {"definite": 0, "indirect": 0, "unclassified": 1, "possible": 2, "reachable": 3}
+
+
+def _amount_text(a) -> str:
+    return f"{format_bytes(a.bytes)} in {format_blocks(a.blocks)}" if a.blocks or a.bytes else "-"
+
+
 def process_table(result: TestLeakResult) -> list[str]:
-    rows = [("pid", "ppid", "comm", "status", "leaked", "allocated (lifetime)", "exe")]
+    rows = [("pid", "ppid", "comm", "status", "leaked", "lost", "possible", "reachable", "unclassified",
+             "allocated (lifetime)", "exe")]
     for p in result.processes:
         rows.append((
             str(p.pid), str(p.ppid), p.comm, _status(p),
             f"{format_bytes(p.leaked.bytes)} in {format_blocks(p.leaked.blocks)}",
+            _amount_text(p.kind_amount("definite", "indirect")), _amount_text(p.kind_amount("possible")),
+            _amount_text(p.kind_amount("reachable")), _amount_text(p.kind_amount("unclassified")),
             f"{format_bytes(p.allocated.bytes)} in {format_blocks(p.allocated.blocks)}",
             p.exe or "-",
         ))
@@ -186,7 +198,16 @@ def process_table(result: TestLeakResult) -> list[str]:
     lines = []
     for r in rows:
         lines.append("  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1])
+    for p in result.processes:
+        if not p.classified and p.reason and p.outstanding.blocks:
+            lines.append(f"  pid {p.pid} ({p.comm}): its blocks are unclassified: {p.reason}")
     return lines
+
+
+def kind_properties(result: TestLeakResult) -> list[tuple[str, int]]:
+    """JUnit properties: the test's processes' outstanding bytes per leak kind."""
+    return [(f"leak_{k}_bytes", sum(p.kind_amount(k).bytes for p in result.processes))
+            for k in ("definite", "indirect", "possible", "reachable")]
 
 
 def top_stacks(result: TestLeakResult, *, max_stacks: int = 10, max_frames: int = 16) -> list[str]:
@@ -195,14 +216,14 @@ def top_stacks(result: TestLeakResult, *, max_stacks: int = 10, max_frames: int 
     ]
     if result.in_process is not None:
         entries += [(s, None) for s in result.in_process.stacks if not s.suppressed]
-    entries.sort(key=lambda e: (-e[0].bytes, -e[0].blocks))
+    entries.sort(key=lambda e: (_KIND_ORDER.get(e[0].kind, 1) if e[1] is not None else 1, -e[0].bytes, -e[0].blocks))
     lines = []
     truncated_hint = False
     per = " per repetition" if result.in_process is not None and result.in_process.growth else ""
     for i, (s, p) in enumerate(entries[:max_stacks], 1):
         origin = f"pid {p.pid} ({p.comm})" if p is not None else "the pytest process (in-process)"
-        lines.append(f"  #{i} {format_bytes(s.bytes)} in {format_blocks(s.blocks)}{per if p is None else ''} "
-                     f"from {origin}:")
+        kind = f" {KIND_TEXT.get(s.kind, s.kind)}" if p is not None else per
+        lines.append(f"  #{i} {format_bytes(s.bytes)} in {format_blocks(s.blocks)}{kind} from {origin}:")
         for f in s.frames[:max_frames]:
             lines.append(f"      {'(found on the stack) ' if f.get('scanned') else ''}{format_frame(f)}")
         if len(s.frames) > max_frames:
@@ -253,7 +274,7 @@ def failure_text(result: TestLeakResult, *, headline: str | None = None) -> str:
         lines += process_table(result)
     lines += in_process_lines(result)
     if result.leaked.blocks:
-        lines += ["", "Top leaking stacks (largest first):"]
+        lines += ["", "Top leaking stacks (lost memory first, then largest):"]
         lines += top_stacks(result)
     used = suppressions_used_lines(result)
     if used:
@@ -326,7 +347,8 @@ def gen_suppressions(results, summary=None) -> str:
     directory), unless it is the process's executable. Stacks with neither get
     a comment only: suppressing libc, libstdc++, main or the whole program
     would hide every leak (suppressions.suppression_target chooses).
-    `summary` (suppressions.apply): stacks it hides are left out."""
+    `summary` (suppressions.apply): stacks it hides are left out, and so are
+    stacks of leak kinds the test's budget does not count."""
     if hasattr(results, "processes"):
         results = [results]
     entries: dict[str, list] = {}   # pattern -> [bytes, blocks, stacks, tests, what]
@@ -337,10 +359,13 @@ def gen_suppressions(results, summary=None) -> str:
         in_process = getattr(r, "in_process", None)
         if in_process is not None:
             owners.append((in_process, "the pytest process (in-process)", None))
+        counts = r.budget.kinds
         for p, who, exe in owners:
             for s in p.stacks:
                 if id(s) in matched or not (s.blocks or s.bytes):
                     continue
+                if p is not in_process and s.kind not in counts:
+                    continue   # a kind the budget does not count (still reachable, ...)
                 where = f"{who} in {r.nodeid}"
                 if not getattr(s, "captured", True):
                     orphans.append(f"# {s.bytes:,} B in {s.blocks:,} block(s) by {where}: stack not captured")

@@ -178,7 +178,7 @@ class Checker:
         budget = item.stash.get(budget_key, None)
         if isinstance(budget, MarkerError):
             raise _MarkerFailure(str(budget))
-        self.engine.begin()
+        self.engine.begin(budget if isinstance(budget, Budget) else None)
         if self._whole_test_window(budget):
             self.engine.open_window()
 
@@ -320,7 +320,7 @@ class Checker:
 
     def _apply(self, item: pytest.Item, report: pytest.TestReport, result) -> None:
         """The test's verdict and report sections from its result."""
-        from .report import failure_text, headline, incomplete_headline, within_budget_headline
+        from .report import failure_text, headline, incomplete_headline, kind_properties, within_budget_headline
 
         ip = result.in_process
         props = [
@@ -331,6 +331,7 @@ class Checker:
         ]
         if ip is not None:
             props.append(("leak_in_process_bytes", ip.leaked.bytes))
+        props += kind_properties(result)
         item.user_properties.extend(props)
         incomplete_fails = bool(result.incomplete) and self.engine.settings.on_incomplete == "error"
         if not (result.over_budget or incomplete_fails):

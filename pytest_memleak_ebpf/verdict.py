@@ -37,17 +37,18 @@ def _minus(a: Amount, b: Amount) -> Amount:
 def decide(result: TestLeakResult, summary=None) -> Verdict:
     """The verdict on `result` given which of its stacks `summary`
     (suppressions.apply) hides; pure. A process's leaked figure is what
-    counted minus its suppressed stacks (stacks beyond a stack limit are never
-    suppressed); the in-process figure likewise, except in growth mode, whose
+    counted minus its suppressed stacks of the kinds the budget counts (stacks
+    beyond a stack limit are never suppressed); the in-process figure likewise, except in growth mode, whose
     per-repetition figure suppressions do not change."""
     hidden = summary.matches if summary is not None else {}
     procs = []
     total = Amount()
     total_supp = Amount()
+    counts = result.budget.kinds
     for p in result.processes:
         supp = Amount()
         for s in p.stacks:
-            if id(s) in hidden:
+            if id(s) in hidden and s.kind in counts:   # a suppressed stack of a kind that counts
                 supp.bytes += s.bytes
                 supp.blocks += s.blocks
         f = Figures(Amount(p.counted.bytes, p.counted.blocks), supp, _minus(p.counted, supp))

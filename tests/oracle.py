@@ -261,6 +261,14 @@ class LeakSummary:
     suppressed: int = 0
     suppressed_blocks: int = 0
 
+    @property
+    def kinds(self) -> dict:
+        """The plugin's leak kinds: {kind: (bytes, blocks)} (JSON "reachability")."""
+        return {"definite": (self.definitely_lost, self.definitely_lost_blocks),
+                "indirect": (self.indirectly_lost, self.indirectly_lost_blocks),
+                "possible": (self.possibly_lost, self.possibly_lost_blocks),
+                "reachable": (self.still_reachable, self.still_reachable_blocks)}
+
 
 @dataclasses.dataclass(frozen=True)
 class ProcessHeap:

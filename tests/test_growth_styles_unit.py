@@ -101,7 +101,7 @@ HOOKS = """
                                            "default_budget": Budget(0, None)})()
             self.log = []
             self._active = False
-        def begin(self): self._active = True
+        def begin(self, budget=None): self._active = True
         def active(self): return self._active
         def open_window(self): self.log.append("open")
         def close_window(self, *, collect=False): self.log.append("close")

@@ -18,6 +18,7 @@ if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
 import kinds_harness as harness  # noqa: E402
+from pytest_memleak_ebpf import procmaps  # noqa: E402
 from pytest_memleak_ebpf.kinds import heap, memory  # noqa: E402
 
 
@@ -52,7 +53,7 @@ def test_registers_of_every_thread_and_the_process_stays_stopped_then_continues(
         assert sorted(regs) == memory.thread_ids(proc.pid) and len(regs) == 2
         parked = [r for tid, r in regs.items() if tid != proc.pid]
         assert parked[0]["r12"] == 0x5EED5EED5EED
-        maps = memory.read_maps(proc.pid)
+        maps = procmaps.read_regions(proc.pid)
         for tid, r in regs.items():
             assert any(m.start <= r["rsp"] < m.end and m.writable for m in maps), tid
         assert _all_stopped(proc.pid)
@@ -95,7 +96,7 @@ def test_heap_walk_tells_live_chunks_from_free_ones(built):
     seen = {}
 
     def inspect(pid, scan):
-        maps = memory.read_maps(pid)
+        maps = procmaps.read_regions(pid)
         with memory.ProcessMemory(pid) as mem:
             w = heap.walk(maps, mem.read)
             seen["arenas"] = w.arenas
@@ -142,7 +143,7 @@ def test_registers_of_a_running_process_and_it_keeps_running():
             time.sleep(0.01)
         regs = memory.thread_registers(proc.pid)
         assert list(regs) == [proc.pid]
-        stack = next(m for m in memory.read_maps(proc.pid) if m.path == "[stack]")
+        stack = next(m for m in procmaps.read_regions(proc.pid) if m.path == "[stack]")
         assert stack.start <= regs[proc.pid]["rsp"] < stack.end
         time.sleep(0.05)
         assert memory.process_state(proc.pid) == "S"

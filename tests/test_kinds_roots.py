@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from pytest_memleak_ebpf.kinds.memory import parse_maps
+from pytest_memleak_ebpf.procmaps import parse_regions
 from pytest_memleak_ebpf.kinds.roots import RED_ZONE, VtableCheck, root_ranges, subtract
 
 MAPS = """\
@@ -24,7 +24,7 @@ ffffffffff600000-ffffffffff601000 --xp 00000000 00:00 0  [vsyscall]
 
 
 def test_parse_maps():
-    maps = parse_maps(MAPS)
+    maps = parse_regions(MAPS)
     assert len(maps) == 12
     m = maps[2]
     assert (m.start, m.end, m.perms, m.offset, m.inode, m.path) == (
@@ -41,7 +41,7 @@ def test_subtract():
 
 
 def test_root_ranges_are_memchecks():
-    maps = parse_maps(MAPS)
+    maps = parse_regions(MAPS)
     heap = (0x555555558000, 0x555555579000)
     recorder = (0x7ffff7a10000, 0x7ffff7a11000)
     main_sp, thread_sp = 0x7fffffffe000, 0x7ffff7d00008
@@ -60,7 +60,7 @@ def test_root_ranges_are_memchecks():
 
 
 def test_vtable_check_is_memchecks():
-    maps = parse_maps("""\
+    maps = parse_regions("""\
 400000-401000 r--p 00000000 fe:00 1 /usr/bin/prog
 401000-402000 r-xp 00001000 fe:00 1 /usr/bin/prog
 402000-403000 r--p 00002000 fe:00 1 /usr/bin/prog

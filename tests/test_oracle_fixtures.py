@@ -394,6 +394,8 @@ def test_parse_log_sample():
     assert a.leak_summary.definitely_lost == 100
     assert a.leak_summary.possibly_lost_blocks == 2
     assert a.leak_summary.still_reachable == 1232467
+    assert a.leak_summary.kinds == {"definite": (100, 1), "indirect": (0, 0), "possible": (2000, 2),
+                                    "reachable": (1232467, 1021)}
     assert (b.pid, b.ppid, b.in_use, b.aborted_call) == (4243, 4242, (0, 0), "pvalloc")
     assert b.leak_summary is None
 

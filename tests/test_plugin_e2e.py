@@ -1,5 +1,12 @@
 """End-to-end: the plugin in a real pytest session (pytester, subprocess mode)
-with real eBPF. Numbers are asserted exactly."""
+with real eBPF. Numbers are asserted exactly.
+
+The figures here are the exact outstanding ones (--ebpf-leaks-kinds=all):
+the leaker's blocks are all definitely lost to valgrind, but at its exit a
+stale copy of its last block's pointer is still in a stack slot the exit path
+reserved and never wrote, which memcheck ignores (undefined) and a scan
+cannot tell from a live one (it is "still reachable" here). Leak kinds at the
+default budget are tested against valgrind in test_kinds_e2e.py."""
 
 import os
 import re
@@ -57,7 +64,7 @@ def test_budgets_verdicts_and_reports(pytester, run_plugin, leaker):
             subprocess.run([L, "1", "8", "3"])
     """)
     junit = pytester.path / "junit.xml"
-    result, doc = run_plugin(f"--junitxml={junit}", "-v")
+    result, doc = run_plugin(f"--junitxml={junit}", "-v", "--ebpf-leaks-kinds=all")
     out = result.stdout.str()
     result.assert_outcomes(passed=3, failed=4)
     assert re.search(r"ebpf-leaks: tracer ready: \d+ probes", out)
@@ -127,7 +134,7 @@ def test_process_trees_and_running_processes(pytester, run_plugin, leaker):
         def test_next_is_clean():
             test_left_running.proc.kill(); test_left_running.proc.wait()
     """)
-    result, doc = run_plugin()
+    result, doc = run_plugin("--ebpf-leaks-kinds=all")
     result.assert_outcomes(passed=4)
     tests = {t["nodeid"].split("::")[-1]: t for t in doc["tests"]}
     procs = tests["test_shell_tree"]["processes"]
@@ -187,7 +194,7 @@ def test_every_attach_mode_counts_exactly(pytester, run_plugin, leaker, monkeypa
         def test_leaks():
             subprocess.run([{leaker!r}, "4", "333"], check=True)
     """)
-    result, doc = run_plugin()
+    result, doc = run_plugin("--ebpf-leaks-kinds=all")
     out = result.stdout.str()
     result.assert_outcomes(failed=1)
     assert "leak budget exceeded: 1,332 B in 4 blocks leaked by 1 of 1 process (budget 0 B)" in out

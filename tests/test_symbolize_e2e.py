@@ -162,7 +162,9 @@ def test_a_frame_pointer_that_does_not_point_up_the_stack_ends_the_stack(pyteste
         def test_bp(how):
             subprocess.run([{str(prog)!r}, how], check=True)
     """)
-    result, doc = run_plugin()
+    # exact outstanding figures: the "nowhere" block's pointer is still in a
+    # stale stack slot at exit (a scan calls it reachable; see test_plugin_e2e)
+    result, doc = run_plugin("--ebpf-leaks-kinds=all")
     stacks = {}
     want = {"nowhere": 301, "heap": 302, "chain": 303}
     for t in doc["tests"]:

@@ -95,6 +95,7 @@ def test_a_remote_tracer_is_served_by_the_controllers():
                                                        0.25, True, 7)
         me = f"client-{os.getpid()}"
         assert remote.begin_test() == 41
+        assert remote.begin_test(True) == 41          # the test wants leak kinds
         assert remote.end_test(41) == RawTest(lost_procs=41)
         assert remote.running(None) == 0             # answered locally
         remote.open_window()
@@ -105,7 +106,7 @@ def test_a_remote_tracer_is_served_by_the_controllers():
         remote.set_extension_pages([(4096, 8192)])
         with pytest.raises(ValueError, match="a worker's root is the worker itself"):
             remote.add_root(os.getpid() + 1)
-        assert fake.calls == [("begin_test", (), me), ("end_test", (41,), me), ("open_window", (), me),
+        assert fake.calls == [("begin_test", (False,), me), ("begin_test", (True,), me), ("end_test", (41,), me), ("open_window", (), me),
                               ("close_window", (), me), ("collect_window", (), me),
                               ("set_extension_pages", ([(4096, 8192)],), me)]
         remote.close()
@@ -117,18 +118,19 @@ def test_a_remote_tracer_is_served_by_the_controllers():
 
 def test_the_tracers_modules_import_one_way():
     """abi <- loading <- probes; abi <- collection; loading <- kernel_offsets;
-    abi, probes <- execpause; watchdog imports nothing of the package (a
-    script); core uses them all; protocol and server use no more than probes
-    and collection: no cycle."""
+    abi, probes <- execpause; exitpause imports none of them; watchdog imports nothing of
+    the package (a script); core uses them all; protocol and server use no
+    more than probes and collection: no cycle."""
     import ast
     from pathlib import Path
 
     pkg = Path(server.__file__).parent
-    order = ["abi", "loading", "probes", "collection", "kernel_offsets", "execpause", "watchdog", "core",
-             "protocol", "server"]
+    order = ["abi", "loading", "probes", "collection", "kernel_offsets", "execpause", "watchdog", "exitpause",
+             "core", "protocol", "server"]
     allowed = {"abi": set(), "loading": {"abi"}, "probes": {"abi", "loading"}, "collection": {"abi"},
                "kernel_offsets": {"loading"}, "execpause": {"abi", "probes"}, "watchdog": set(),
-               "core": {"abi", "loading", "probes", "collection", "execpause", "kernel_offsets"},
+               "exitpause": set(),
+               "core": {"abi", "loading", "probes", "collection", "execpause", "kernel_offsets", "exitpause"},
                "protocol": {"collection", "probes"}, "server": {"probes"}}
     assert sorted(p.stem for p in pkg.glob("*.py") if p.stem != "__init__") == sorted(order)
     for name in order:

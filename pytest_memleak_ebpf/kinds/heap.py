@@ -33,7 +33,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .memory import Mapping
+from ..procmaps import Region
 
 PREV_INUSE, IS_MMAPPED, NON_MAIN_ARENA = 1, 2, 4
 SIZE_BITS = 7
@@ -93,7 +93,7 @@ class HeapWalk:
     tcaches: List[int]
 
 
-def _libc_data_ranges(maps: Sequence[Mapping]) -> List[Tuple[int, int]]:
+def _libc_data_ranges(maps: Sequence[Region]) -> List[Tuple[int, int]]:
     """libc's writable mappings, plus the anonymous one right after them (its .bss)."""
     out = []
     for i, m in enumerate(maps):
@@ -123,7 +123,7 @@ def _looks_like_arena(w: np.ndarray, i: int, base: int) -> bool:
     return nxt != 0 and nxt % 8 == 0
 
 
-def find_main_arena(maps: Sequence[Mapping], read: ReadFn) -> Optional[int]:
+def find_main_arena(maps: Sequence[Region], read: ReadFn) -> Optional[int]:
     """Address of libc's ``main_arena``, or None (no libc, static binary...)."""
     for lo, hi in _libc_data_ranges(maps):
         w = _words(read, lo, hi - lo).astype(np.int64)
@@ -146,7 +146,7 @@ def find_main_arena(maps: Sequence[Mapping], read: ReadFn) -> Optional[int]:
     return None
 
 
-def arenas(maps: Sequence[Mapping], read: ReadFn, main_arena: int) -> List[Arena]:
+def arenas(maps: Sequence[Region], read: ReadFn, main_arena: int) -> List[Arena]:
     heap_map = next((m for m in maps if m.path == "[heap]"), None)
     out: List[Arena] = []
     a = main_arena
@@ -228,7 +228,7 @@ def _tcache_entries(read: ReadFn, user: int, chunk_sizes: Dict[int, int]) -> Opt
     return free
 
 
-def walk(maps: Sequence[Mapping], read: ReadFn, main_arena: Optional[int] = None) -> HeapWalk:
+def walk(maps: Sequence[Region], read: ReadFn, main_arena: Optional[int] = None) -> HeapWalk:
     """Live and free chunks of every arena (mmapped chunks are not in arenas:
     see :func:`mmapped_extent`)."""
     if main_arena is None:
@@ -282,7 +282,7 @@ def mmapped_extent(read: ReadFn, start: int) -> Optional[Tuple[int, int]]:
     return lo, lo + prev + (size & ~SIZE_BITS)
 
 
-def allocator_ranges(maps: Sequence[Mapping], read: ReadFn, main_arena: Optional[int]) -> List[Tuple[int, int]]:
+def allocator_ranges(maps: Sequence[Region], read: ReadFn, main_arena: Optional[int]) -> List[Tuple[int, int]]:
     """Memory that belongs to malloc and is never a root: [heap], every
     non-main arena's heaps (whole 64 MiB reservations), main_arena itself."""
     out = []
@@ -299,7 +299,7 @@ def allocator_ranges(maps: Sequence[Mapping], read: ReadFn, main_arena: Optional
     return out
 
 
-def mmapped_chunks(maps: Sequence[Mapping], read: ReadFn,
+def mmapped_chunks(maps: Sequence[Region], read: ReadFn,
                    exclude: Sequence[Tuple[int, int]] = ()) -> List[Tuple[int, int, int, int]]:
     """Chunks glibc served with mmap, found without a block list: in every
     private anonymous rw mapping (the kernel may merge neighbours into one

@@ -1,6 +1,6 @@
 """Read a stopped process: its mappings, its memory, every thread's registers.
 
-* :func:`read_maps` parses ``/proc/PID/maps``;
+* its mappings: :func:`pytest_memleak_ebpf.procmaps.read_regions`;
 * :class:`ProcessMemory` reads memory with ``process_vm_readv`` (one call for
   many ranges), falling back to ``/proc/PID/mem`` when that fails;
 * :func:`thread_registers` attaches to every thread with ``PTRACE_SEIZE`` +
@@ -16,7 +16,6 @@ x86-64 Linux only (the register layout is ``struct user_regs_struct``).
 from __future__ import annotations
 
 import ctypes
-import dataclasses
 import errno
 import os
 import time
@@ -25,53 +24,6 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 import numpy as np
 
 _libc = ctypes.CDLL(None, use_errno=True)
-
-
-@dataclasses.dataclass(frozen=True)
-class Mapping:
-    start: int
-    end: int
-    perms: str  # e.g. "rw-p"
-    offset: int
-    dev: str  # "fd:01"
-    inode: int
-    path: str  # "" for anonymous; "[heap]", "[stack]", ...
-
-    @property
-    def readable(self) -> bool:
-        return self.perms[0] == "r"
-
-    @property
-    def writable(self) -> bool:
-        return self.perms[1] == "w"
-
-    @property
-    def executable(self) -> bool:
-        return self.perms[2] == "x"
-
-    @property
-    def file_backed(self) -> bool:
-        return self.inode != 0 and self.path.startswith("/")
-
-    def __contains__(self, addr: int) -> bool:
-        return self.start <= addr < self.end
-
-
-def parse_maps(text: str) -> List[Mapping]:
-    out = []
-    for line in text.splitlines():
-        parts = line.split(None, 5)
-        if len(parts) < 5:
-            continue
-        lo, hi = parts[0].split("-")
-        path = parts[5].strip() if len(parts) > 5 else ""
-        out.append(Mapping(int(lo, 16), int(hi, 16), parts[1], int(parts[2], 16), parts[3], int(parts[4]), path))
-    return out
-
-
-def read_maps(pid: int) -> List[Mapping]:
-    with open(f"/proc/{pid}/maps") as f:
-        return parse_maps(f.read())
 
 
 class _IOVec(ctypes.Structure):

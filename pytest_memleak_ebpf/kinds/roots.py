@@ -26,13 +26,14 @@ import numpy as np
 
 from . import heap as glibc_heap
 from .classify import Classification, classify
-from .memory import GP_REGS, Mapping, ProcessMemory, read_maps, thread_registers
+from ..procmaps import Region, read_regions
+from .memory import GP_REGS, ProcessMemory, thread_registers
 
 RED_ZONE = 128
 Range = Tuple[int, int]
 
 
-def _is_device(m: Mapping) -> bool:
+def _is_device(m: Region) -> bool:
     """A mapping of a character or block device (memcheck skips those, but
     scans /dev/zero mappings; POSIX shared memory lives in /dev/shm)."""
     path = m.path[:-len(" (deleted)")] if m.path.endswith(" (deleted)") else m.path
@@ -64,7 +65,7 @@ def subtract(ranges: Iterable[Range], holes: Iterable[Range]) -> List[Range]:
     return out
 
 
-def root_ranges(maps: Sequence[Mapping], stack_pointers: Iterable[int],
+def root_ranges(maps: Sequence[Region], stack_pointers: Iterable[int],
                 exclude: Iterable[Range] = ()) -> List[Range]:
     """The address ranges scanned as roots (8-aligned)."""
     base = [(m.start, m.end) for m in maps
@@ -84,12 +85,12 @@ class VtableCheck:
     stopping one word before the mapping's end, at least two non-null ones
     come before any that does not point into an executable file mapping."""
 
-    def __init__(self, maps: Sequence[Mapping], read):
+    def __init__(self, maps: Sequence[Region], read):
         self.maps = sorted(maps, key=lambda m: m.start)
         self.starts = np.array([m.start for m in self.maps], dtype=np.uint64)
         self.read = read
 
-    def _find(self, addr: int) -> Optional[Mapping]:
+    def _find(self, addr: int) -> Optional[Region]:
         i = int(np.searchsorted(self.starts, np.uint64(addr), side="right")) - 1
         if i >= 0 and addr < self.maps[i].end:
             return self.maps[i]
@@ -135,7 +136,7 @@ def scan_process(pid: int, starts, sizes, *, exclude: Iterable[Range] = (),
     """Classify the blocks ``starts``/``sizes`` of the stopped process ``pid``."""
     starts = np.asarray(starts, dtype=np.uint64)
     sizes = np.asarray(sizes, dtype=np.uint64)
-    maps = read_maps(pid)
+    maps = read_regions(pid)
     with ProcessMemory(pid) as mem:
         if registers is None:
             registers = thread_registers(pid)
@@ -175,7 +176,7 @@ def _outside(starts: np.ndarray, ranges: List[Range]) -> np.ndarray:
     return ~(ok & (starts < hi[i]))
 
 
-def _block_segments(starts: np.ndarray, sizes: np.ndarray, maps: Sequence[Mapping],
+def _block_segments(starts: np.ndarray, sizes: np.ndarray, maps: Sequence[Region],
                     gap: int = 1 << 16) -> List[Range]:
     """Cover the (sorted) blocks with few read ranges: blocks of one mapping
     closer than ``gap`` share one."""

@@ -182,6 +182,8 @@ TF_ROOT, TF_ALLOCS, TF_SPAWNER, TF_SPAWNED, TF_RING = (_d("TF_ROOT"), _d("TF_ALL
                                                        _d("TF_SPAWNED"), _d("TF_RING"))
 PF_EXITED, PF_TERMINATED = _d("PF_EXITED"), _d("PF_TERMINATED")
 EV_EXEC, EV_OPEN = _d("EV_EXEC"), _d("EV_OPEN")
+TF_KINDS, TF_VFORK = _d("TF_KINDS"), _d("TF_VFORK")
+EV_EXIT_STOPPED, EV_EXIT_TRACED = _d("EV_EXIT_STOPPED"), _d("EV_EXIT_TRACED")
 # the counters array
 CTR_LOST_PROCS, CTR_LOST_EVENTS, CTR_LOST_STACKS, CTR_NEW_STACKS = (_d("CTR_LOST_PROCS"), _d("CTR_LOST_EVENTS"),
                                                                      _d("CTR_LOST_STACKS"), _d("CTR_NEW_STACKS"))

@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass, field
 
 from .abi import (BUILD_ID_IP, BUILD_ID_VALID, CTR_NEW_STACKS, EV_EXEC, PF_EXITED, PF_TERMINATED,
-                  SERIAL_CPU_BITS, TF_RING, TF_ROOT, Event, fnv_ips)
+                  SERIAL_CPU_BITS, TF_KINDS, TF_RING, TF_ROOT, Event, fnv_ips)
 
 # _select() verdict: delete the entry (used, or garbage) without yielding anything
 DELETE = object()
@@ -44,6 +44,10 @@ class RawTest:
     # in-process (the pytest process's own blocks from its last window)
     inproc_blocks: list[tuple[int, int, int]] = field(default_factory=list)  # (size, stack, ext_ip)
     inproc_counters: dict | None = None
+    # leak kinds: images scanned at exit / at the test's end (exitpause.py)
+    kinds: dict[int, dict[str, list[tuple[int, int, int]]]] = field(default_factory=dict)  # serial -> kind -> records
+    unclassified: dict[int, str] = field(default_factory=dict)  # serial -> why its blocks have no kind
+    scanned: set[int] = field(default_factory=set)              # serials whose blocks have kinds
 
 
 @dataclass
@@ -51,6 +55,7 @@ class Sweep:
     """What one walk of the live-block map found (Collector.sweep_blocks)."""
 
     blocks: dict = field(default_factory=dict)       # serial -> [(bytes, stack, blocks)]
+    kinds: dict = field(default_factory=dict)        # scanned serials: serial -> kind -> [(bytes, stack, blocks)]
     inproc: list = field(default_factory=list)       # the closed window's (size, stack, ext_ip)
     referenced: set = field(default_factory=set)     # stacks of the blocks left in the map
     frames: dict = field(default_factory=dict)       # stack hash -> frames (looked up)
@@ -68,6 +73,7 @@ class TestRecords:
     inproc_blocks: list
     live: set[int]                               # images still owned by someone
     t0: int                                      # monotonic ns when the collection began
+    kinds: dict = field(default_factory=dict)    # scanned serials: serial -> kind -> records
 
 
 def counters_of(v) -> dict:
@@ -171,12 +177,14 @@ class Collector:
     # -- one test ---------------------------------------------------------
 
     def collect_test(self, test_id: int, *, active: set[int], window_serial: int, window_allocs: bool,
-                     windows: set[int], single_client: bool) -> TestRecords:
+                     windows: set[int], single_client: bool, block_kinds=None) -> TestRecords:
         """Take out the records of test `test_id`: its processes (those still
         running stop being tracked), their blocks and stacks, and the blocks
         of the closed in-process window `window_serial` (-1: none; walked
         only when window_allocs). `active`: the tests running now (other
-        clients'); `windows`: other in-process windows whose blocks stay."""
+        clients'); `windows`: other in-process windows whose blocks stay.
+        block_kinds(serials) -> {serial: {address: kind}} of the images that
+        were scanned (their blocks are summed per kind and stack)."""
         # Records made from now on belong to live processes: serials are
         # monotonic time, so anything older that no live process or active
         # test owns is garbage (a process that outlived its test).
@@ -198,16 +206,19 @@ class Collector:
         # skip it when nothing of this test can be in it.
         if procs or window_allocs:
             sweep = self.sweep_blocks(procs, window_serial, live=live, t0=t0, windows=windows,
-                                      single_client=single_client)
+                                      single_client=single_client,
+                                      kinds=block_kinds(procs.keys()) if block_kinds else None)
             blocks = self.remap_ip_stacks(sweep, live, t0)
+            kinds = {serial: {kind: blocks.pop((serial, kind)) for kind in per} for serial, per in sweep.kinds.items()}
             inproc = sweep.inproc
             wanted = {h for bl in blocks.values() for _, h, _ in bl if h} | {h for _, h, _ in sweep.inproc if h}
+            wanted |= {h for per in kinds.values() for bl in per.values() for _, h, _ in bl if h}
             frames = {**sweep.frames, **self.stack_frames(wanted - sweep.frames.keys())}
             stacks = {h: frames[h] for h in wanted if h in frames}
             self.collect_stack_garbage(sweep)
         else:
-            blocks, stacks, inproc = {}, {}, []
-        return TestRecords(procs, blocks, stacks, inproc, live, t0)
+            blocks, stacks, inproc, kinds = {}, {}, [], {}
+        return TestRecords(procs, blocks, stacks, inproc, live, t0, kinds)
 
     def collect_window(self, window_serial: int, *, windows: set[int], single_client: bool):
         """A closed window's live blocks (taken out) and their stacks, outside
@@ -232,17 +243,26 @@ class Collector:
         """Images of the processes tracked now (all clients' tests)."""
         return {int(v.serial) for _, v in self.tracked.items() if not int(v.flags) & TF_ROOT}
 
+    def running_images(self, test_id: int) -> list[tuple[int, int]]:
+        """(tgid, serial) of the test's processes tracked now that want leak kinds."""
+        return [(int_of(k), int(v.serial)) for k, v in self.tracked.items()
+                if not int(v.flags) & TF_ROOT and int(v.test_id) == test_id and int(v.flags) & TF_KINDS]
+
     def running(self, test_id: int) -> int:
         return sum(1 for _, v in self.tracked.items() if not int(v.flags) & TF_ROOT and int(v.test_id) == test_id)
 
     def sweep_blocks(self, procs: dict, wserial: int, *, live: set, t0: int, windows: set[int],
-                     single_client: bool) -> Sweep:
+                     single_client: bool, kinds: dict | None = None) -> Sweep:
         """One walk of the live-block map: the blocks of `procs` (finished or
         untracked images of the test, per serial and stack) and of the closed
         window `wserial` are taken out; garbage (older than t0, owned by
-        nothing live) is deleted; everything else stays, its stacks noted."""
+        nothing live) is deleted; everything else stays, its stacks noted.
+        kinds: {serial: {address: kind}} of scanned images, whose blocks are
+        summed per (serial, kind) and stack (Sweep.kinds; an address the scan
+        did not see is "unclassified")."""
         s = Sweep(started_ns=t0)
-        agg: dict[int, dict[int, list[int]]] = {}   # serial -> stack -> [bytes, blocks]
+        agg: dict = {}   # serial, or (serial, kind) of a scanned image -> stack -> [bytes, blocks]
+        kinds = kinds or {}
         inproc = s.inproc
         windows = windows - {wserial}
         t0_serial = serial_at(t0)
@@ -251,7 +271,9 @@ class Collector:
         def pick(k, v):
             serial = v.serial
             if serial in procs:
-                a = agg.setdefault(serial, {}).setdefault(v.stack, [0, 0])
+                per = kinds.get(serial)
+                owner = serial if per is None else (serial, per.get(k.addr, "unclassified"))
+                a = agg.setdefault(owner, {}).setdefault(v.stack, [0, 0])
                 a[0] += v.size
                 a[1] += 1
                 return DELETE
@@ -267,8 +289,25 @@ class Collector:
         drain = not live and not windows and single_client
         for _ in self.select(self.blocks, pick, drain=drain):
             pass
-        s.blocks = {serial: [(b, h, n) for h, (b, n) in per.items()] for serial, per in agg.items()}
+        s.blocks = {owner: [(b, h, n) for h, (b, n) in per.items()] for owner, per in agg.items()}
+        for owner in s.blocks:
+            if isinstance(owner, tuple):
+                s.kinds.setdefault(owner[0], []).append(owner[1])
         return s
+
+    def image_blocks(self, tgid: int, serial: int) -> list[tuple[int, int]]:
+        """The live blocks [(address, size)] of image `serial` (process
+        `tgid`): its entry's ring and the block map, nothing removed."""
+        out = []
+        try:
+            v = self.tracked[self.tracked.Key(tgid)]
+        except KeyError:
+            v = None
+        if v is not None and int(v.serial) == serial and int(v.flags) & TF_RING:
+            out += [(int(e.addr), int(e.size)) for e in v.ring if e.addr]
+        pick = lambda k, v: (k.addr, v.size) if k.tgid == tgid and v.serial == serial else None  # noqa: E731
+        out += [r for _, _, results in self.chunks(self.blocks, pick) for r in results if r is not None]
+        return out
 
     def stack_frames(self, hashes) -> dict[int, list]:
         """The frames of these stack hashes (those still in the map)."""
@@ -318,9 +357,11 @@ class Collector:
         t0_serial = serial_at(t0)
         depth = self.stack_depth
 
+        owners = {o[0] if isinstance(o, tuple) else o for o in blocks}
+
         def pick(k, v):
             serial = k.serial
-            if serial in blocks:
+            if serial in owners:
                 return (serial, k.rawhash, v.h, [v.ip[i] for i in range(min(v.n, depth))])
             if serial in live or serial >= t0_serial:
                 return None
@@ -342,7 +383,8 @@ class Collector:
                     if st == BUILD_ID_VALID:
                         biases.setdefault(serial, set()).add((bid, ip - off))
         out = {}
-        for serial, bl in blocks.items():
+        for owner, bl in blocks.items():
+            serial = owner[0] if isinstance(owner, tuple) else owner
             per: dict[int, list[int]] = {}
             for nbytes, h, n in bl:
                 if h in ip_only:
@@ -356,7 +398,7 @@ class Collector:
                 a = per.setdefault(h, [0, 0])
                 a[0] += nbytes
                 a[1] += n
-            out[serial] = [(b, h, n) for h, (b, n) in per.items()]
+            out[owner] = [(b, h, n) for h, (b, n) in per.items()]
         return out
 
     def sweep_handoffs(self) -> None:

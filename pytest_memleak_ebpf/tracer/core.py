@@ -20,8 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..preflight import ATTACH_ENV, ATTACH_MODES
-from . import loading, probes as _probes
-from .abi import CTR_LOST_EVENTS, CTR_LOST_PROCS, TF_ALLOCS, TF_ROOT, TF_SPAWNED, TF_SPAWNER
+from . import exitpause, loading, probes as _probes
+from .abi import (CTR_LOST_EVENTS, CTR_LOST_PROCS, EV_EXIT_STOPPED, EV_EXIT_TRACED, TF_ALLOCS, TF_KINDS, TF_ROOT,
+                  TF_SPAWNED, TF_SPAWNER)
 from .collection import COUNTERS, Collector, RawTest, absolute_path, counters_of, decode_event, delete, serial_at
 from .loading import TracerConfig
 from .probes import ProbeInfo
@@ -45,6 +46,7 @@ class Client:
     window_counters: dict | None = None  # a closed window not collected yet
     ext_pages: set | None = None
     forked: bool = False                 # a worker the kernel made a root at fork
+    kinds: bool = False                  # the current test wants leak kinds (TF_KINDS)
 
 
 def _quietly(fn) -> None:
@@ -81,6 +83,7 @@ class Tracer:
         self.attach_mode = attached.mode
         self.attach_errors: dict[str, str] = attached.errors
         self._links: list[int] = attached.links
+        self.exit_probes = _probes.attach_exit_probes(self.bpf, self.libc)
         self.tracepoints = sum(1 for _ in self.bpf.tracepoint_fds)
         self.load_seconds = time.monotonic() - t0
         self._tracked = self.bpf[b"tracked"]
@@ -94,6 +97,7 @@ class Tracer:
         self._local: Client | None = None   # this process's own (add_root)
         self._next_test = 0
         self._next_window = 0
+        self._pauser = exitpause.Pauser(self._maps.image_blocks)
         self.bpf[b"events"].open_ring_buffer(self._on_event)
         self._poller = threading.Thread(target=self._poll_loop, name="memleak-ebpf-events", daemon=True)
         self._poller.start()
@@ -121,12 +125,15 @@ class Tracer:
     def probe_count(self) -> int:
         extra = sum(1 + p.return_probe for host, ps in self.exec_pauses.probed.items() if host != self.libc
                     for p in ps) if hasattr(self, "exec_pauses") else 0
-        return sum(1 + p.return_probe for p in self.probes) + self.tracepoints + extra
+        return sum(1 + p.return_probe for p in self.probes) + self.tracepoints + self.exit_probes + extra
 
     # -- events -----------------------------------------------------------
 
     def _on_event(self, ctx, data, size) -> None:
         ev_type, tgid, serial, path = decode_event(data)
+        if ev_type in (EV_EXIT_STOPPED, EV_EXIT_TRACED):
+            self._pauser.at_exit(tgid, serial, ev_type == EV_EXIT_TRACED)
+            return
         if not path:
             return
         if not path.startswith("/"):
@@ -134,17 +141,48 @@ class Tracer:
         self._paths.setdefault(serial, []).append(path)
 
     def _poll_loop(self) -> None:
+        self._quiet_thread()
         while not self._closed:
             with self._lock:
                 if self._closed:
                     return
-                # allocate nothing in this process while a window records it
-                if not self.in_window():
-                    try:
-                        self.bpf.ring_buffer_poll(timeout=0)
-                    except Exception:
-                        pass
-            time.sleep(0.02)
+                # this thread's allocations are never recorded (quiet): it polls
+                # during in-process windows too, to scan processes paused at exit
+                try:
+                    self.bpf.ring_buffer_poll(timeout=0)
+                except Exception:
+                    pass
+            self._wait_events(0.02)
+
+    def _wait_events(self, seconds: float) -> None:
+        """Sleep until the ring buffer has records (or `seconds` pass), without
+        the lock: a process paused at exit waits for this thread."""
+        import ctypes
+        import select
+
+        fd = getattr(self, "_events_fd", None)
+        if fd is None:
+            lib = self._bcc.lib
+            try:
+                lib.ring_buffer__epoll_fd.restype = ctypes.c_int
+                lib.ring_buffer__epoll_fd.argtypes = [ctypes.c_void_p]
+                fd = lib.ring_buffer__epoll_fd(self.bpf._ringbuf_manager)
+            except (AttributeError, TypeError):
+                fd = -1
+            self._events_fd = fd
+        if fd < 0:
+            time.sleep(seconds)
+            return
+        try:
+            select.select([fd], [], [], seconds)
+        except (OSError, ValueError):
+            time.sleep(seconds)
+
+    def _quiet_thread(self) -> None:
+        """Tell the BPF program this (event) thread's allocations are never
+        recorded: the scans of paused processes run here."""
+        q = self.bpf[b"quiet"]
+        q[q.Key(0)] = q.Leaf(threading.get_native_id())
 
     # -- clients: the pytest processes this tracer serves -------------------
 
@@ -228,7 +266,13 @@ class Tracer:
         return self._local
 
     def _set_root(self, c: Client, tgid: int, test_id: int, *, allocs: bool = False, serial: int = 0) -> None:
-        self._write_root(tgid, c.root_flags | (TF_ALLOCS if allocs else 0), test_id, serial)
+        flags = c.root_flags | (TF_ALLOCS if allocs else 0) | (TF_KINDS if test_id and c.kinds else 0)
+        self._write_root(tgid, flags, test_id, serial)
+
+    @staticmethod
+    def _root_flags(c: Client) -> int:
+        """A root's flags outside a window: TF_KINDS while its test wants leak kinds."""
+        return c.root_flags | (TF_KINDS if c.test_id and c.kinds else 0)
 
     def _write_root(self, tgid: int, flags: int, test_id: int = 0, serial: int = 0) -> None:
         """A root's entry in `tracked`, counters zeroed."""
@@ -311,7 +355,7 @@ class Tracer:
                         counters[k] += n
                 except KeyError:
                     pass
-                self._set_root_fields(tgid, flags=c.root_flags)
+                self._set_root_fields(tgid, flags=self._root_flags(c))
             c.window_counters = counters
             c.in_window = False
             return counters
@@ -322,12 +366,12 @@ class Tracer:
         c = self._client(c)
         with self._lock:
             for tgid in c.roots:
-                self._set_root_fields(tgid, flags=c.root_flags)
+                self._set_root_fields(tgid, flags=self._root_flags(c))
             try:
                 out = self._maps.window_blocks(c.window_serial)
             finally:
                 for tgid in c.roots:
-                    self._set_root_fields(tgid, flags=c.root_flags | TF_ALLOCS)
+                    self._set_root_fields(tgid, flags=self._root_flags(c) | TF_ALLOCS)
         return out
 
     def collect_window(self, c: Client | None = None) -> tuple[list[tuple[int, int, int]], dict | None, dict]:
@@ -342,11 +386,13 @@ class Tracer:
 
     # -- per test -------------------------------------------------------
 
-    def begin_test(self, c: Client | None = None) -> int:
+    def begin_test(self, kinds: bool = False, c: Client | None = None) -> int:
+        """kinds: classify the blocks of the test's processes (pause them at exit)."""
         c = self._client(c)
         with self._lock:
             self._next_test += 1
             c.test_id = self._next_test
+            c.kinds = kinds
             for tgid in c.roots:
                 self._set_root(c, tgid, c.test_id)
         return c.test_id
@@ -378,14 +424,22 @@ class Tracer:
                 self.bpf.ring_buffer_consume()
             except Exception:
                 pass
+            if c.kinds:
+                self._pauser.scan_running(self._maps.running_images(test_id))
             active = {o.test_id for o in self._clients if o.test_id}
             raw.inproc_counters, c.window_counters = c.window_counters, None
             window_closed = raw.inproc_counters is not None
             rec = self._maps.collect_test(
                 test_id, active=active, window_serial=c.window_serial if window_closed else -1,
                 window_allocs=window_closed and raw.inproc_counters.get("alloc_blocks", 0) > 0,
-                windows=self._window_serials(), single_client=len(self._clients) <= 1)
+                windows=self._window_serials(), single_client=len(self._clients) <= 1,
+                block_kinds=self._block_kinds if c.kinds else None)
             procs = rec.processes
+            outcomes = self._pauser.take(procs)
+            raw.kinds = rec.kinds
+            raw.unclassified = {s: o.reason for s, o in outcomes.items() if o.kinds is None}
+            raw.scanned = {s for s, o in outcomes.items() if o.kinds is not None}
+            self._pauser.forget_older(serial_at(rec.t0 - 600 * 10**9))
             raw.inproc_blocks = rec.inproc_blocks
             paths = {s: self._paths.pop(s) for s in list(self._paths) if s in procs}
             # paths of images nothing will report (exec'd away, ended with their test)
@@ -404,11 +458,17 @@ class Tracer:
         raw.paths = paths
         return raw
 
+    def _block_kinds(self, serials) -> dict[int, dict[int, str]]:
+        """Per-block kinds of the images among `serials` that were scanned."""
+        return {s: o.kinds for s in serials if (o := self._pauser.outcomes.get(s)) is not None
+                and o.kinds is not None}
+
     def close(self) -> None:
         if self._closed:
             return
         self._closed = True
         self._links += self.exec_pauses.close()
+        _quietly(self._pauser.close)
         with self._lock:
             # Each detach waits for an RCU grace period; done side by side the
             # waits overlap (6 tracepoints: 0.45 s one after another, 0.25 s at once).

@@ -46,6 +46,18 @@ ALLOCATOR_SITES: tuple[AllocatorSite, ...] = (
     AllocatorSite("free", abi.FN_FREE, ("rdi",), False, "free", "free_entry"),
 )
 
+@dataclass(frozen=True)
+class ExitSite:
+    """A libc function where a process ends on purpose: its uprobe program
+    pauses a tracked process whose test wants leak kinds (exitpause.py)."""
+    function: str
+    program: str
+
+
+# every normal exit (exit() after the atexit handlers, the last thread's
+# pthread_exit) goes through _exit; abort() raises SIGABRT
+EXIT_SITES: tuple[ExitSite, ...] = (ExitSite("_exit", "exit_pause"), ExitSite("abort", "exit_pause"))
+
 # The uprobe_multi pair (mode multi): every site's entry, and the returns
 MULTI_PROGRAMS = ("alloc_entry", "alloc_return")
 
@@ -199,3 +211,17 @@ def allocator_sites(allocator) -> tuple[AllocatorSite, ...]:
             out.append(AllocatorSite(s.name, base.fn_id, base.registers, base.has_return, base.program,
                                      base.session_program))
     return tuple(out)
+
+
+def attach_exit_probes(bpf, binary: str, sites=EXIT_SITES) -> int:
+    """Attach the exit sites' programs (perf-event uprobes at the functions'
+    entries); returns how many were attached (a site the binary lacks is
+    left out)."""
+    n = 0
+    for site in sites:
+        try:
+            bpf.attach_uprobe(name=binary.encode(), sym=site.function.encode(), fn_name=site.program.encode())
+        except Exception:
+            continue
+        n += 1
+    return n

@@ -178,8 +178,8 @@ class RemoteTracer:
         if tgid != os.getpid():
             raise ValueError("a worker's root is the worker itself")
 
-    def begin_test(self) -> int:
-        return self._call("begin_test")
+    def begin_test(self, kinds: bool = False) -> int:
+        return self._call("begin_test", kinds)
 
     def end_test(self, test_id: int):
         return self._call("end_test", test_id)

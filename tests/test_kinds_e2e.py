@@ -1,0 +1,272 @@
+"""Leak kinds end to end: the plugin pauses each process a test launches at
+its exit, scans it and classifies its blocks; the figures are compared with
+valgrind memcheck's LEAK SUMMARY (`--leak-check=full --run-libc-freeres=no
+--run-cxx-freeres=no`, tests/kinds_harness.py) of the same program.
+
+* the kinds fixtures (tests/fixtures/kinds/): all four kinds equal in bytes
+  and blocks;
+* a forked child (fork without exec): the parent's figures equal valgrind's;
+  the child's are valgrind's minus the blocks it inherited (they stay the
+  parent's here);
+* well-kept distro programs: the verdict at the default budget (without the
+  default suppressions, which hide some of what valgrind calls lost: e.g. a
+  24-byte block of sort's) equals "valgrind finds definitely or indirectly
+  lost memory", per-kind agreement counted and printed;
+* kinds=all: no pause, every outstanding block counts (today's figures).
+
+Loads eBPF and runs valgrind: under the machine-wide lock."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+HERE = Path(__file__).resolve().parent
+if str(HERE) not in sys.path:
+    sys.path.insert(0, str(HERE))
+
+import kinds_harness as harness  # noqa: E402
+from test_kinds_real_programs import _programs  # noqa: E402
+from test_kinds_valgrind import CXX_HEURISTICS, EXPECTED  # noqa: E402
+
+pytestmark = [pytest.mark.ebpf,
+              pytest.mark.skipif(shutil.which("valgrind") is None, reason="valgrind not installed")]
+FOUR = harness.KINDS
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    return harness.build(tmp_path_factory.mktemp("kinds_e2e"))
+
+
+def _ours(p) -> tuple:
+    return tuple((p["reachability"][k]["bytes"], p["reachability"][k]["blocks"]) for k in FOUR)
+
+
+def _by_test(doc) -> dict:
+    return {t["nodeid"].split("[", 1)[1].rstrip("]"): t for t in doc["tests"]}
+
+
+def test_fixture_cases_match_valgrind(built, pytester, run_plugin):
+    runs = [(str(built["cases"]), c) for c in EXPECTED] + [(str(built["cases_cxx"]), c) for c in CXX_HEURISTICS]
+    pytester.makepyfile(test_cases=f"""
+import subprocess, pytest
+@pytest.mark.parametrize("argv", {[list(r) for r in runs]!r}, ids=lambda a: a[1])
+def test_case(argv):
+    subprocess.run(argv, check=True)
+""")
+    result, doc = run_plugin("--ebpf-leaks-budget=1GiB")
+    assert result.ret == 0, result.stdout.str()
+    tests = _by_test(doc)
+    for prog, case in runs:
+        (p,) = tests[case]["processes"]
+        assert p["classified"], (case, p.get("reason"))
+        theirs = harness.run_valgrind([prog, case])
+        assert _ours(p) == tuple(theirs.kinds[k] for k in FOUR), (case, _ours(p), str(theirs))
+        assert p["reachability"]["unclassified"] == {"bytes": 0, "blocks": 0}
+        # leaked: the lost kinds' stacks that no (default) suppression hides
+        lost = [s for s in p["stacks"] if s["kind"] in ("definite", "indirect")]
+        assert sum(s["bytes"] for s in lost) == sum(p["reachability"][k]["bytes"] for k in ("definite", "indirect"))
+        shown = [s for s in lost if not s["suppressed"]]
+        assert p["leaked"] == {"bytes": sum(s["bytes"] for s in shown), "blocks": sum(s["blocks"] for s in shown)}
+        if prog.endswith("cases"):
+            assert _ours(p) == EXPECTED[case]
+
+
+def test_forked_child(built, pytester, run_plugin):
+    argv = [str(built["cases"]), "fork"]
+    pytester.makepyfile(test_fork=f"""
+import subprocess
+def test_fork():
+    subprocess.run({argv!r}, check=True)
+""")
+    result, doc = run_plugin("--ebpf-leaks-budget=1GiB")
+    assert result.ret == 0, result.stdout.str()
+    procs = doc["tests"][0]["processes"]
+    assert len(procs) == 2
+    pids = {p["pid"] for p in procs}
+    (child,) = [p for p in procs if p["ppid"] in pids]
+    (parent,) = [p for p in procs if p is not child]
+    vg_root, vg_child = harness.run_valgrind_tree(argv).values()
+    assert _ours(parent) == tuple(vg_root.kinds[k] for k in FOUR) == ((200, 1), (0, 0), (0, 0), (192, 1))
+    inherited = {k: vg_root.kinds[k] for k in FOUR}
+    assert _ours(child) == tuple((vg_child.kinds[k][0] - inherited[k][0], vg_child.kinds[k][1] - inherited[k][1])
+                                 for k in FOUR) == ((208, 1), (0, 0), (0, 0), (0, 0))
+
+
+def test_kinds_all_counts_every_outstanding_block_without_a_pause(built, pytester, run_plugin):
+    argv = [str(built["cases"]), "list"]
+    pytester.makepyfile(test_all=f"""
+import subprocess
+def test_list():
+    subprocess.run({argv!r}, check=True)
+""")
+    result, doc = run_plugin("--ebpf-leaks-kinds=all")
+    assert result.ret == 1
+    (p,) = doc["tests"][0]["processes"]
+    assert not p["classified"] and p["reason"] == "leak kinds were not asked for (kinds=all)"
+    assert p["leaked"] == p["outstanding"] == p["reachability"]["unclassified"]
+    assert p["outstanding"]["blocks"] >= 14   # the 14 list nodes, and whatever libc keeps
+
+
+def test_distro_programs_verdict_matches_valgrind(tmp_path, pytester, run_plugin, capsys):
+    w = tmp_path
+    (w / "nums.txt").write_text("".join(f"{(i * 7919) % 2000}\n" for i in range(2000)))
+    (w / "a.txt").write_text("hello\nworld\n")
+    (w / "b.txt").write_text("hello\nthere\n")
+    (w / "expr.bc").write_text("scale=20\n4*a(1)\nquit\n")
+    (w / "Makefile").write_text("all:\n\t@true\n")
+    progs = {n: [str(a) for a in argv] for n, argv in _programs(w).items() if shutil.which(str(argv[0]))}
+    assert len(progs) >= 15
+    pytester.makepyfile(test_progs=f"""
+import subprocess, pytest
+PROGS = {progs!r}
+@pytest.mark.parametrize("name", list(PROGS))
+def test_prog(name):
+    subprocess.run(PROGS[name], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+""")
+    result, doc = run_plugin("--ebpf-leaks-no-default-suppressions")
+    tests = _by_test(doc)
+    agree_verdict, agree_kinds, lines = 0, {k: 0 for k in FOUR}, []
+    for name, argv in progs.items():
+        t = tests[name]
+        root = t["processes"][0]
+        assert root["classified"], (name, root.get("reason"))
+        theirs = harness.run_valgrind(argv)
+        vg_lost = theirs.kinds["definite"][0] + theirs.kinds["indirect"][0]
+        ours_lost = root["leaked"]["bytes"]
+        agree_verdict += (ours_lost > 0) == (vg_lost > 0)
+        for k in FOUR:
+            agree_kinds[k] += (root["reachability"][k]["bytes"], root["reachability"][k]["blocks"]) == theirs.kinds[k]
+        lines.append(f"{name:10} ours {_ours(root)}  valgrind {tuple(theirs.kinds[k] for k in FOUR)}")
+        assert (ours_lost > 0) == (vg_lost > 0), lines[-1]
+    with capsys.disabled():
+        print(f"\nverdicts agree: {agree_verdict}/{len(progs)}; per kind (bytes and blocks equal): "
+              + ", ".join(f"{k} {n}/{len(progs)}" for k, n in agree_kinds.items()))
+        print("\n".join(lines))
+
+
+BIG_HEAP = r"""
+#include <stdio.h>
+#include <stdlib.h>
+#include <unistd.h>
+void **volatile keep;
+int main(int argc, char **argv) {
+    long n = atol(argv[1]);
+    keep = malloc(n * sizeof(void *));
+    for (long i = 0; i < n; i++) keep[i] = malloc(16);
+    FILE *f = fopen(argv[2], "w");
+    fprintf(f, "%d\n", getpid());
+    fclose(f);
+    return 0;
+}
+"""
+
+
+def test_sigkill_of_pytest_while_a_child_is_paused_leaves_nothing_stopped(cbuild, pytester, tmp_path):
+    """The inner pytest is killed (SIGKILL) while the process it paused at
+    exit is being scanned: the watchdog, in its own session, resumes it at
+    once (long before the scan's time limit) and it exits."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    from pytest_memleak_ebpf.tracer.exitpause import SCAN_SECONDS, process_state
+
+    prog = cbuild("big_heap", BIG_HEAP)
+    pidfile = tmp_path / "pid"
+    pytester.makepyfile(test_big=f"""
+import subprocess
+def test_big():
+    subprocess.run([{prog!r}, "600000", {str(pidfile)!r}], check=True)
+""")
+    env = dict(os.environ)
+    inner = subprocess.Popen([sys.executable, "-m", "pytest", "--ebpf-leaks", "-p", "no:cacheprovider",
+                              "--ebpf-leaks-max-blocks=2000000", "-q", str(pytester.path / "test_big.py")],
+                             cwd=pytester.path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while not (pidfile.exists() and pidfile.read_text().endswith("\n")):
+            assert inner.poll() is None and time.monotonic() < deadline, "the inner session ended early"
+            time.sleep(0.005)
+        pid = int(pidfile.read_text())
+        while process_state(pid) not in ("T", "t"):
+            assert process_state(pid) not in (None, "Z"), "the program exited without a pause"
+            assert time.monotonic() < deadline
+            time.sleep(0.001)
+        inner.send_signal(signal.SIGKILL)
+        inner.wait()
+        killed = time.monotonic()
+        while process_state(pid) in ("T", "t"):
+            assert time.monotonic() - killed < SCAN_SECONDS / 2, "still stopped: the watchdog did not resume it"
+            time.sleep(0.005)
+        while process_state(pid) not in (None, "Z"):   # it runs on and exits
+            assert time.monotonic() - killed < 30
+            time.sleep(0.01)
+    finally:
+        if inner.poll() is None:
+            inner.kill()
+            inner.wait()
+
+
+EXITS = r"""
+#include <signal.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+void *volatile kept;
+int main(int argc, char **argv) {
+    kept = malloc(100);          /* reachable */
+    malloc(50);                  /* lost */
+    if (!strcmp(argv[1], "abort")) abort();
+    if (!strcmp(argv[1], "segv")) raise(SIGSEGV);
+    if (!strcmp(argv[1], "exit_group")) syscall(SYS_exit_group, 0);
+    return 0;
+}
+"""
+
+
+def test_what_cannot_be_classified_says_why(cbuild, pytester, run_plugin):
+    """abort() is paused and classified; a fatal signal, a direct exit_group
+    and a ptraced process are not: their blocks are unclassified (and count),
+    with the reason."""
+    prog = cbuild("exits", EXITS)
+    strace = shutil.which("strace")
+    pytester.makepyfile(test_exits=f"""
+import subprocess, pytest
+@pytest.mark.parametrize("how", ["return", "abort", "segv", "exit_group", "strace"])
+def test_exit(how):
+    if how == "strace":
+        if {strace!r} is None:
+            pytest.skip("no strace")
+        subprocess.run([{strace!r}, "-o", "/dev/null", {prog!r}, "return"])
+    else:
+        subprocess.run([{prog!r}, how])
+""")
+    result, doc = run_plugin("--ebpf-leaks-budget=1GiB")
+    tests = _by_test(doc)
+    lost, kept = {"bytes": 50, "blocks": 1}, {"bytes": 100, "blocks": 1}
+    for how in ("return", "abort"):
+        (p,) = tests[how]["processes"]
+        assert p["classified"], (how, p.get("reason"))
+        assert (p["reachability"]["definite"], p["reachability"]["reachable"]) == (lost, kept), how
+        assert p["leaked"] == lost
+    (p,) = tests["abort"]["processes"]
+    assert p["signal"] == 6
+    reasons = {"segv": "it was killed by SIGSEGV (a fatal signal: no pause at exit)",
+               "exit_group": "it exited without libc _exit or abort (exit_group called directly, or no libc)"}
+    for how, reason in reasons.items():
+        (p,) = tests[how]["processes"]
+        assert not p["classified"] and p["reason"] == reason, (how, p.get("reason"))
+        assert p["reachability"]["unclassified"] == p["outstanding"] == p["leaked"] == {"bytes": 150, "blocks": 2}
+    if strace:
+        procs = tests["strace"]["processes"]
+        (traced,) = [p for p in procs if p["exe"] == prog]
+        assert not traced["classified"]
+        assert traced["reason"] == "it is ptraced (a debugger or strace): not paused"
+        assert traced["reachability"]["unclassified"] == {"bytes": 150, "blocks": 2}

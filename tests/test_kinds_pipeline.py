@@ -1,0 +1,251 @@
+"""Leak kinds in the result pipeline, without root: the kinds list (option,
+ini, marker), the collection of a scanned image's blocks per kind, the
+classification stage, accounting per kind and what the budget counts, the
+reports (terminal, JUnit, JSON), and the watchdog that resumes paused
+processes when the session dies."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from fakemaps import fake_maps
+from pytest_memleak_ebpf import classify as cl
+from pytest_memleak_ebpf.accounting import account
+from pytest_memleak_ebpf.marks import Budget, MarkerError, budget_from_marker
+from pytest_memleak_ebpf.report import failure_text, kind_properties, process_table, top_stacks
+from pytest_memleak_ebpf.tracer import abi
+from pytest_memleak_ebpf.tracer.collection import Collector, serial_at
+from pytest_memleak_ebpf.tracer.exitpause import WATCHDOG, Watchdog, process_state
+from pytest_memleak_ebpf.verdict import settle
+
+DEFAULT = Budget(bytes=0, blocks=None)
+
+
+def test_kinds_lists():
+    assert cl.parse_kinds("definite,indirect") == {"definite", "indirect"}
+    assert cl.parse_kinds(" possible , reachable ") == {"possible", "reachable"}
+    assert cl.parse_kinds("all") == set(cl.KINDS)
+    assert cl.parse_kinds(["definite"]) == {"definite"}
+    assert DEFAULT.kinds == {"definite", "indirect", "unclassified"} and DEFAULT.classify
+    assert not Budget(0, None, kinds=cl.parse_kinds("all")).classify
+    assert not Budget(0, None, kinds=cl.parse_kinds("definite,indirect,possible,reachable,unclassified")).classify
+    for bad, fragment in (("lost", "unknown leak kind 'lost'"), ("", "names no leak kind"),
+                          ("definite,,x", "unknown leak kind 'x'"), (3, "is not a list of leak kinds")):
+        with pytest.raises(ValueError, match=fragment):
+            cl.parse_kinds(bad)
+
+
+def test_marker_kinds():
+    b = budget_from_marker((0,), {"kinds": "definite"}, DEFAULT)
+    assert b.kinds == {"definite"}
+    assert budget_from_marker((0,), {}, Budget(0, None, kinds=frozenset({"possible"}))).kinds == {"possible"}
+    with pytest.raises(MarkerError, match=r"leak_budget\(kinds='lots'\): unknown leak kind 'lots'"):
+        budget_from_marker((0,), {"kinds": "lots"}, DEFAULT)
+
+
+def test_bad_kinds_option_and_ini_are_usage_errors(pytester, monkeypatch, tmp_path):
+    monkeypatch.setenv("PYTEST_MEMLEAK_EBPF_BCC_PATH", str(tmp_path / "nowhere"))
+    pytester.makepyfile(test_m="def test_x(): pass")
+    r = pytester.runpytest_subprocess("--ebpf-leaks", "--ebpf-leaks-kinds=definite,lost")
+    assert r.ret == pytest.ExitCode.USAGE_ERROR
+    assert "argument --ebpf-leaks-kinds: unknown leak kind 'lost' in 'definite,lost'" in r.stderr.str()
+    assert "Traceback" not in r.stderr.str()
+    pytester.makeini("[pytest]\nebpf_leaks_kinds = sometimes\n")
+    r = pytester.runpytest_subprocess("--ebpf-leaks")
+    assert r.ret == pytest.ExitCode.USAGE_ERROR
+    assert "ini option ebpf_leaks_kinds: unknown leak kind 'sometimes'" in r.stderr.str()
+
+
+def test_collection_sums_a_scanned_image_per_kind_and_stack():
+    maps, lib = fake_maps()
+    sa, sb = serial_at(1000), serial_at(1001)
+    maps["procs"][sa] = maps["procs"].Leaf(serial=sa, tgid=201, test_id=1, flags=abi.PF_EXITED, comm=b"p")
+    maps["procs"][sb] = maps["procs"].Leaf(serial=sb, tgid=202, test_id=1, flags=abi.PF_EXITED, comm=b"q")
+    for tgid, addr, size, serial, st in ((201, 0xA1, 10, sa, 11), (201, 0xA2, 20, sa, 11), (201, 0xA3, 5, sa, 11),
+                                         (201, 0xA4, 7, sa, 12), (202, 0xB1, 9, sb, 11)):
+        maps["blocks"][maps["blocks"].Key(tgid=tgid, addr=addr)] = maps["blocks"].Leaf(size=size, ts=1, serial=serial,
+                                                                                      stack=st)
+    c = Collector(maps, lib, stack_depth=4, max_stacks=8, thread_alive=lambda tid: False)
+    assert sorted(c.image_blocks(201, sa)) == [(0xA1, 10), (0xA2, 20), (0xA3, 5), (0xA4, 7)]
+    kinds = {sa: {0xA1: "definite", 0xA2: "reachable", 0xA3: "definite"}}   # 0xA4: not seen by the scan
+    rec = c.collect_test(1, active=set(), window_serial=-1, window_allocs=False, windows=set(), single_client=True,
+                         block_kinds=lambda serials: {s: kinds[s] for s in serials if s in kinds})
+    assert {k: sorted(v) for k, v in rec.kinds[sa].items()} == {
+        "definite": [(15, 11, 2)], "reachable": [(20, 11, 1)], "unclassified": [(7, 12, 1)]}
+    assert sa not in rec.blocks and rec.blocks[sb] == [(9, 11, 1)]
+
+
+def _proc(serial, pid, **kw):
+    return {"serial": serial, "pid": pid, "ppid": 1, "uid": 0, "comm": f"p{pid}", "exited": True, "exit_code": 0,
+            "signal": None, "alloc_bytes": 0, "alloc_blocks": 0, **kw}
+
+
+def _result(budget=DEFAULT):
+    procs = [_proc(1, 10), _proc(2, 20, signal=9, exit_code=None)]
+    scanned = {1: {"definite": [(48, 5, 1)], "indirect": [(432, 5, 9)], "reachable": [(160, 6, 4)],
+                   "possible": [(30, 7, 1)]}}
+    c = cl.classify({2: [(64, 8, 2)]}, kinds=scanned, processes=procs, scanned={1}, wanted=True)
+    assert c.reasons == {2: "it was killed by SIGKILL (a fatal signal: no pause at exit)"}
+    assert cl.classify({2: [(64, 8, 2)]}, processes=procs[1:], wanted=False).reasons == {
+        2: "leak kinds were not asked for (kinds=all)"}
+    frames = {h: [{"function": f"f{h}", "offset": 0, "module": "/bin/p", "file": None, "line": None}]
+              for h in (5, 6, 7, 8)}
+    r = account("t::x", budget, procs, c.processes, frames, reasons=c.reasons)
+    return settle(r)
+
+
+def test_only_the_budgets_kinds_count():
+    r = _result()
+    p10, p20 = r.processes
+    assert p10.classified and p10.reason is None and not p20.classified
+    assert (p10.leaked.bytes, p10.leaked.blocks) == (480, 10)              # definite + indirect
+    assert (p20.leaked.bytes, p20.leaked.blocks) == (64, 2)                # unclassified counts by default
+    assert (p10.outstanding.bytes, p10.outstanding.blocks) == (670, 15)    # raw, every kind
+    assert r.over_budget
+    r = _result(Budget(bytes=0, blocks=None, kinds=cl.parse_kinds("all")))
+    assert (r.leaked.bytes, r.leaked.blocks) == (734, 17)
+    r = _result(Budget(bytes=0, blocks=None, kinds=cl.parse_kinds("possible")))
+    assert (r.leaked.bytes, r.leaked.blocks) == (30, 1)
+
+
+def test_json_reachability_adds_up_to_outstanding():
+    r = _result()
+    doc = json.loads(json.dumps(r.to_json("passed")))
+    p10, p20 = doc["processes"]
+    assert p10["reachability"] == {"definite": {"bytes": 48, "blocks": 1}, "indirect": {"bytes": 432, "blocks": 9},
+                                   "possible": {"bytes": 30, "blocks": 1}, "reachable": {"bytes": 160, "blocks": 4},
+                                   "unclassified": {"bytes": 0, "blocks": 0}}
+    for p in (p10, p20):
+        assert sum(v["bytes"] for v in p["reachability"].values()) == p["outstanding"]["bytes"]
+        assert sum(v["blocks"] for v in p["reachability"].values()) == p["outstanding"]["blocks"]
+    assert p10["classified"] is True and "reason" not in p10
+    assert p20["classified"] is False and p20["reason"].startswith("it was killed by SIGKILL")
+    assert [s["kind"] for s in p10["stacks"]] == ["indirect", "definite", "possible", "reachable"]
+    assert p10["leaked"] == {"bytes": 480, "blocks": 10}
+
+
+def test_reports_name_the_kinds():
+    r = _result()
+    table = process_table(r)
+    assert table[0].split() == ["pid", "ppid", "comm", "status", "leaked", "lost", "possible", "reachable",
+                                "unclassified", "allocated", "(lifetime)", "exe"]
+    assert "480 B in 10 blocks" in table[1] and "30 B in 1 block" in table[1] and "160 B in 4 blocks" in table[1]
+    assert table[-1] == ("  pid 20 (p20): its blocks are unclassified: it was killed by SIGKILL "
+                         "(a fatal signal: no pause at exit)")
+    heads = [line for line in top_stacks(r) if line.startswith("  #")]
+    assert heads == ["  #1 432 B in 9 blocks indirectly lost from pid 10 (p10):",
+                     "  #2 48 B in 1 block definitely lost from pid 10 (p10):",
+                     "  #3 64 B in 2 blocks unclassified from pid 20 (p20):",
+                     "  #4 30 B in 1 block possibly lost from pid 10 (p10):",
+                     "  #5 160 B in 4 blocks still reachable from pid 10 (p10):"]
+    assert "definitely lost" in failure_text(r)
+    assert kind_properties(r) == [("leak_definite_bytes", 48), ("leak_indirect_bytes", 432),
+                                  ("leak_possible_bytes", 30), ("leak_reachable_bytes", 160)]
+
+
+def test_the_in_process_window_is_never_classified():
+    c = cl.classify({}, [(100, 3, 0), (50, 4, 7)])
+    assert c.in_process == {"unclassified": [(100, 3, 0), (50, 4, 7)]} and not c.reasons
+
+
+def _state_soon(pid, want, seconds=5.0):
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if process_state(pid) == want:
+            return True
+        time.sleep(0.01)
+    return process_state(pid) == want
+
+
+def test_the_watchdog_resumes_at_the_time_limit():
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        w = Watchdog()
+        os.kill(child.pid, signal.SIGSTOP)
+        assert _state_soon(child.pid, "T")
+        w.paused(child.pid, 0.3)
+        assert _state_soon(child.pid, "S")
+        w.close()
+        assert w.proc.returncode == 0
+    finally:
+        child.kill()
+        child.wait()
+
+
+def test_the_watchdog_resumes_everything_when_its_session_is_killed(tmp_path):
+    """SIGKILL of the process that paused a child (pytest): the watchdog, in a
+    session of its own, sees its pipe close and resumes the child."""
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    owner_code = f"""
+import os, signal, sys, time
+sys.path.insert(0, {os.getcwd()!r})
+from pytest_memleak_ebpf.tracer.exitpause import Watchdog
+w = Watchdog()
+os.kill({child.pid}, signal.SIGSTOP)
+w.paused({child.pid}, 3600)
+print(w.proc.pid, flush=True)
+time.sleep(60)
+"""
+    owner = subprocess.Popen([sys.executable, "-c", owner_code], stdout=subprocess.PIPE, text=True)
+    try:
+        dog = int(owner.stdout.readline())
+        assert _state_soon(child.pid, "T")
+        assert os.getsid(dog) == dog != os.getsid(0)
+        owner.kill()
+        owner.wait()
+        assert _state_soon(child.pid, "S")
+        deadline = time.monotonic() + 5
+        while process_state(dog) not in (None, "Z") and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert process_state(dog) in (None, "Z")
+    finally:
+        owner.kill()
+        child.kill()
+        child.wait()
+    assert "SIGCONT" in WATCHDOG
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="ptrace of a child needs root here")
+def test_the_watchdog_reads_the_registers_of_a_stopped_process():
+    """Registers are read by the watchdog, not by the process that waits for
+    the child (its waitpid would take the ptrace stops); the child stays stopped."""
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    w = Watchdog()
+    try:
+        os.kill(child.pid, signal.SIGSTOP)
+        assert _state_soon(child.pid, "T")
+        regs = w.registers(child.pid, 5.0)
+        assert child.pid in regs and regs[child.pid]["rsp"] > 0
+        assert process_state(child.pid) == "T"
+        with pytest.raises(OSError):
+            w.registers(2 ** 22 + 7, 5.0)
+    finally:
+        w.close()
+        child.kill()
+        child.wait()
+
+
+def test_a_suppressed_stack_of_a_kind_that_does_not_count_changes_nothing():
+    from pytest_memleak_ebpf.suppressions import apply, from_patterns
+
+    r = _result()
+    reachable = next(s for s in r.processes[0].stacks if s.kind == "reachable")
+    lost = next(s for s in r.processes[0].stacks if s.kind == "definite")
+    settle(r, apply(r, from_patterns([reachable.frames[0]["function"]])))
+    assert reachable.suppressed and (r.processes[0].leaked.bytes, r.processes[0].leaked.blocks) == (480, 10)
+    settle(r, apply(r, from_patterns([lost.frames[0]["function"]])))
+    # the lost list's head and its rest were allocated from the same stack (f5)
+    assert lost.suppressed and (r.processes[0].leaked.bytes, r.processes[0].leaked.blocks) == (0, 0)
+
+
+def test_generated_suppressions_cover_only_the_kinds_that_count():
+    from pytest_memleak_ebpf.report import gen_suppressions
+
+    text = gen_suppressions(_result())
+    assert "leak:^f5$" in text and "leak:^f8$" in text          # lost, unclassified
+    assert "f6" not in text and "f7" not in text                # reachable, possible
