@@ -97,7 +97,7 @@ class Tracer:
         self._local: Client | None = None   # this process's own (add_root)
         self._next_test = 0
         self._next_window = 0
-        self._pauser = exitpause.Pauser(self._maps.image_blocks)
+        self._pauser = exitpause.Pauser(self._maps.image_blocks, allocator_kind=self._allocator_kind)
         self.bpf[b"events"].open_ring_buffer(self._on_event)
         self._poller = threading.Thread(target=self._poll_loop, name="memleak-ebpf-events", daemon=True)
         self._poller.start()
@@ -110,6 +110,18 @@ class Tracer:
         from .kernel_offsets import cflags
 
         return cflags()
+
+    def _allocator_kind(self, serial: int) -> str | None:
+        """The allocator kind of a live process image (its exec answer), or None."""
+        pauses = getattr(self, "exec_pauses", None)
+        if pauses is None:
+            return None
+        procs = self.bpf[b"procs"]
+        try:
+            aid = int(procs[procs.Key(serial)].alloc_id)
+        except KeyError:
+            return None
+        return pauses.answers[aid - 1]["kind"] if 0 < aid <= len(pauses.answers) else None
 
     def _start_exec_pauses(self) -> None:
         from .execpause import ExecPauses

@@ -206,8 +206,10 @@ class Pauser:
     live blocks [(address, size)] without removing them (the collection
     role); outcomes are kept per serial until taken (take)."""
 
-    def __init__(self, take_blocks, limit: float = SCAN_SECONDS):
+    def __init__(self, take_blocks, limit: float = SCAN_SECONDS, allocator_kind=None):
         self.take_blocks = take_blocks
+        # allocator_kind(serial) -> "glibc", "jemalloc", ... or None (not known)
+        self.allocator_kind = allocator_kind or (lambda serial: None)
         self.limit = limit
         self.watchdog = Watchdog()
         self.outcomes: dict[int, Outcome] = {}
@@ -229,6 +231,10 @@ class Pauser:
             if tracer_pid(tgid):
                 return Outcome(reason="it is ptraced (a debugger or strace): not paused")
             return Outcome(reason="it did not stop at exit")
+        kind = self.allocator_kind(serial)
+        if kind is not None and kind != "glibc":
+            return Outcome(reason=f"its allocator is {kind}: leak kinds know glibc's heap only, so its "
+                                  "blocks count as unclassified")
         return scan(tgid, self.take_blocks(tgid, serial), self.limit,
                     registers=lambda: self.watchdog.registers(tgid, self.limit))
 
