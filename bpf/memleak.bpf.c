@@ -1196,8 +1196,21 @@ int exit_pause(struct pt_regs *ctx)
     if (!e)
         return 0;      /* userspace would never resume it: no pause */
     e->path[0] = 0;
-    if (type == EV_EXIT_STOPPED)
-        bpf_send_signal(19);   /* SIGSTOP */
+    if (type == EV_EXIT_STOPPED) {
+        /* listed in `pending` before the stop: the watchdog continues it at
+         * its time limit, or when pytest dies, even if pytest never reads
+         * this event (stopped, or killed) */
+        u32 zero = 0;
+        struct resolved_key_t *k = rkey_scratch.lookup(&zero);
+        if (k) {
+            k->dev = PENDING_AT_EXIT;
+            k->ino = 0;
+        }
+        if (k && pending.update(&tgid, k) == 0)
+            bpf_send_signal(19);   /* SIGSTOP */
+        else
+            e->type = EV_EXIT_UNPAUSED;
+    }
     events.ringbuf_submit(e, 0);
     return 0;
 }

@@ -56,6 +56,11 @@
 #define EV_OPEN            2
 #define EV_EXIT_STOPPED    3   /* at _exit/abort: SIGSTOP sent (tgid, serial) */
 #define EV_EXIT_TRACED     4   /* at _exit/abort, ptraced: not paused */
+#define EV_EXIT_UNPAUSED   5   /* at _exit/abort: the pending table is full, not paused */
+
+/* resolved_key_t.dev of a `pending` entry that is a pause at exit (an exec
+ * pause's is the executable's device) */
+#define PENDING_AT_EXIT    0xffffffffffffffffULL
 
 /* pause_t.flags: a tracked process exec'd an executable whose allocator the
  * session has not resolved for its inputs (resolved_key_t) */

@@ -136,13 +136,12 @@ def test_key_paths_must_be_absolute_to_be_published():
 def test_the_watchdog_continues_nothing_when_its_map_fd_is_not_a_map(tmp_path):
     """The watchdog reads EOF, walks the map (here an fd that is not one: the
     walk ends at once) and exits 0."""
-    r, w = os.pipe()
     fd = os.open(str(tmp_path), os.O_RDONLY)
     from pytest_memleak_ebpf.tracer import watchdog
 
-    p = subprocess.Popen([sys.executable, "-I", "-S", watchdog.__file__, str(fd), str(r)], pass_fds=(fd, r))
-    os.close(r)
-    os.close(w)
+    p = subprocess.Popen([sys.executable, "-I", "-S", watchdog.__file__, str(fd), "5"], pass_fds=(fd,),
+                         stdin=subprocess.PIPE)
+    p.stdin.close()
     assert p.wait(timeout=10) == 0
     assert watchdog.pending_tgids(fd) == []
     os.close(fd)

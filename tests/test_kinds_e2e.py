@@ -213,6 +213,80 @@ def test_big():
             inner.wait()
 
 
+WAIT_TO_EXIT = r"""
+#include <stdio.h>
+#include <stdlib.h>
+#include <unistd.h>
+void *volatile kept;
+int main(int argc, char **argv) {
+    kept = malloc(100);
+    FILE *f = fopen(argv[1], "w");
+    fprintf(f, "%d\n", getpid());
+    fclose(f);
+    while (access(argv[2], F_OK) != 0)
+        usleep(1000);
+    return 0;
+}
+"""
+
+
+@pytest.mark.parametrize("then", ["killed", "stalled"])
+def test_a_process_paused_at_exit_while_pytest_is_stopped_is_continued(cbuild, pytester, tmp_path, then):
+    """pytest is stopped (SIGSTOP) before its child exits, so it never hears
+    of the child's pause: the BPF program listed the child in `pending`
+    before stopping it, and the watchdog continues it -- at once when pytest
+    is then killed, at the watchdog's time limit while pytest stays stopped."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    from pytest_memleak_ebpf.tracer.exitpause import WATCHDOG_SECONDS, process_state
+
+    prog = cbuild("wait_to_exit", WAIT_TO_EXIT)
+    pidfile, go = tmp_path / "pid", tmp_path / "go"
+    pytester.makepyfile(test_wait=f"""
+import subprocess
+def test_wait():
+    subprocess.run([{prog!r}, {str(pidfile)!r}, {str(go)!r}], check=True)
+""")
+    inner = subprocess.Popen([sys.executable, "-m", "pytest", "--ebpf-leaks", "-p", "no:cacheprovider", "-q",
+                              str(pytester.path / "test_wait.py")], cwd=pytester.path,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while not (pidfile.exists() and pidfile.read_text().endswith("\n")):
+            assert inner.poll() is None and time.monotonic() < deadline, "the inner session ended early"
+            time.sleep(0.005)
+        pid = int(pidfile.read_text())
+        inner.send_signal(signal.SIGSTOP)
+        go.write_text("")
+        while process_state(pid) not in ("T", "t"):
+            assert process_state(pid) not in (None, "Z"), "the program exited without a pause"
+            assert time.monotonic() < deadline
+            time.sleep(0.001)
+        stopped = time.monotonic()
+        if then == "killed":
+            inner.send_signal(signal.SIGKILL)
+            inner.wait()
+        while process_state(pid) in ("T", "t"):
+            assert time.monotonic() - stopped < WATCHDOG_SECONDS + 3, "still stopped: the watchdog did not continue it"
+            time.sleep(0.005)
+        waited = time.monotonic() - stopped
+        if then == "killed":
+            assert waited < 2, waited
+        else:
+            assert WATCHDOG_SECONDS - 1 < waited, waited
+            assert inner.poll() is None, "pytest itself stayed stopped"
+        while process_state(pid) not in (None, "Z"):   # it runs on and exits
+            assert time.monotonic() - stopped < 30
+            time.sleep(0.01)
+    finally:
+        if inner.poll() is None:
+            inner.kill()
+            inner.wait()
+
+
 EXITS = r"""
 #include <signal.h>
 #include <stdlib.h>

@@ -20,7 +20,8 @@ from pytest_memleak_ebpf.marks import Budget, MarkerError, budget_from_marker
 from pytest_memleak_ebpf.report import failure_text, kind_properties, process_table, top_stacks
 from pytest_memleak_ebpf.tracer import abi
 from pytest_memleak_ebpf.tracer.collection import Collector, serial_at
-from pytest_memleak_ebpf.tracer.exitpause import WATCHDOG, Watchdog, process_state
+from pytest_memleak_ebpf.tracer.exitpause import process_state
+from pytest_memleak_ebpf.tracer.watchdog import Watchdog, pending_tgids
 from pytest_memleak_ebpf.verdict import settle
 
 DEFAULT = Budget(bytes=0, blocks=None)
@@ -162,60 +163,114 @@ def _state_soon(pid, want, seconds=5.0):
     return process_state(pid) == want
 
 
-def test_the_watchdog_resumes_at_the_time_limit():
-    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+def _pending_map():
+    """A BPF hash map like the program's `pending` (u32 tgid -> a value)."""
+    from pytest_memleak_ebpf.tracer import loading
+
+    return loading._create_map({"type": 1, "name": "test_pending", "key_size": 4, "leaf_size": 8,
+                                "max_entries": 64, "flags": 0})
+
+
+def _hold(fd, tgid):
+    import ctypes
+
+    from pytest_memleak_ebpf.tracer import loading
+
+    key, value = ctypes.c_uint32(tgid), ctypes.c_uint64(0)
+
+    class Attr(ctypes.Structure):
+        _fields_ = [("map_fd", ctypes.c_uint32), ("pad", ctypes.c_uint32), ("key", ctypes.c_uint64),
+                    ("value", ctypes.c_uint64), ("flags", ctypes.c_uint64)]
+
+    attr = Attr(map_fd=fd, key=ctypes.addressof(key), value=ctypes.addressof(value))
+    assert loading._bpf_syscall(2, attr) == 0     # BPF_MAP_UPDATE_ELEM
+
+
+def _sleeper():
+    return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+
+
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="BPF maps and ptrace of a child need root here")
+
+
+@needs_root
+def test_the_watchdog_continues_a_pending_process_at_the_time_limit():
+    """A process listed in `pending` (by the BPF program, before its stop) is
+    continued once stopped longer than the limit, whatever pytest does, and
+    its key is deleted; an unlisted stopped process is not the watchdog's."""
+    fd = _pending_map()
+    child, other = _sleeper(), _sleeper()
     try:
-        w = Watchdog()
-        os.kill(child.pid, signal.SIGSTOP)
-        assert _state_soon(child.pid, "T")
-        w.paused(child.pid, 0.3)
+        for c in (child, other):
+            os.kill(c.pid, signal.SIGSTOP)
+            assert _state_soon(c.pid, "T")
+        _hold(fd, child.pid)
+        w = Watchdog(fd, 0.3)
+        t0 = time.monotonic()
         assert _state_soon(child.pid, "S")
+        assert 0.3 <= time.monotonic() - t0 < 3
+        assert pending_tgids(fd) == []
+        assert process_state(other.pid) == "T"
         w.close()
         assert w.proc.returncode == 0
+        assert process_state(other.pid) == "T"
     finally:
-        child.kill()
-        child.wait()
+        for c in (child, other):
+            c.kill()
+            c.wait()
+        os.close(fd)
 
 
-def test_the_watchdog_resumes_everything_when_its_session_is_killed(tmp_path):
-    """SIGKILL of the process that paused a child (pytest): the watchdog, in a
-    session of its own, sees its pipe close and resumes the child."""
-    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+@needs_root
+@pytest.mark.parametrize("owner_stopped", [False, True], ids=["killed", "stopped-then-killed"])
+def test_the_watchdog_continues_everything_when_its_owner_is_killed(owner_stopped):
+    """SIGKILL of the process that owns the watchdog (pytest), running or
+    itself stopped (it never read the stop's event): the watchdog, in a
+    session of its own, sees its pipe close and continues every process
+    listed in the map at once, long before the limit."""
+    child = _sleeper()
+    fd = _pending_map()
     owner_code = f"""
-import os, signal, sys, time
+import os, sys, time
 sys.path.insert(0, {os.getcwd()!r})
-from pytest_memleak_ebpf.tracer.exitpause import Watchdog
-w = Watchdog()
-os.kill({child.pid}, signal.SIGSTOP)
-w.paused({child.pid}, 3600)
+from pytest_memleak_ebpf.tracer.watchdog import Watchdog
+w = Watchdog({fd}, 3600)
 print(w.proc.pid, flush=True)
 time.sleep(60)
 """
-    owner = subprocess.Popen([sys.executable, "-c", owner_code], stdout=subprocess.PIPE, text=True)
+    owner = subprocess.Popen([sys.executable, "-c", owner_code], stdout=subprocess.PIPE, text=True, pass_fds=(fd,))
     try:
         dog = int(owner.stdout.readline())
-        assert _state_soon(child.pid, "T")
         assert os.getsid(dog) == dog != os.getsid(0)
+        if owner_stopped:
+            owner.send_signal(signal.SIGSTOP)
+        os.kill(child.pid, signal.SIGSTOP)
+        _hold(fd, child.pid)
+        assert _state_soon(child.pid, "T")
+        time.sleep(0.2)
+        assert process_state(child.pid) == "T"
         owner.kill()
         owner.wait()
-        assert _state_soon(child.pid, "S")
+        assert _state_soon(child.pid, "S", seconds=2)
         deadline = time.monotonic() + 5
         while process_state(dog) not in (None, "Z") and time.monotonic() < deadline:
             time.sleep(0.01)
         assert process_state(dog) in (None, "Z")
+        assert pending_tgids(fd) == []
     finally:
         owner.kill()
         child.kill()
         child.wait()
-    assert "SIGCONT" in WATCHDOG
+        os.close(fd)
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="ptrace of a child needs root here")
+@needs_root
 def test_the_watchdog_reads_the_registers_of_a_stopped_process():
     """Registers are read by the watchdog, not by the process that waits for
     the child (its waitpid would take the ptrace stops); the child stays stopped."""
-    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
-    w = Watchdog()
+    child = _sleeper()
+    fd = _pending_map()
+    w = Watchdog(fd, 3600)
     try:
         os.kill(child.pid, signal.SIGSTOP)
         assert _state_soon(child.pid, "T")
@@ -228,6 +283,7 @@ def test_the_watchdog_reads_the_registers_of_a_stopped_process():
         w.close()
         child.kill()
         child.wait()
+        os.close(fd)
 
 
 def test_a_suppressed_stack_of_a_kind_that_does_not_count_changes_nothing():

@@ -19,7 +19,7 @@ if str(HERE) not in sys.path:
 
 import kinds_harness as harness  # noqa: E402
 from pytest_memleak_ebpf import procmaps  # noqa: E402
-from pytest_memleak_ebpf.kinds import heap, memory  # noqa: E402
+from pytest_memleak_ebpf.kinds import heap, memory, ptrace  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -43,14 +43,14 @@ def _stopped(exe):
 def _all_stopped(pid):
     return all(memory.process_state(pid) == "T" and
                open(f"/proc/{pid}/task/{t}/stat").read().rsplit(")", 1)[1].split()[0] == "T"
-               for t in memory.thread_ids(pid))
+               for t in ptrace.thread_ids(pid))
 
 
 def test_registers_of_every_thread_and_the_process_stays_stopped_then_continues(built):
     proc, marker = _stopped(built["stopper"])
     try:
-        regs = memory.thread_registers(proc.pid)
-        assert sorted(regs) == memory.thread_ids(proc.pid) and len(regs) == 2
+        regs = ptrace.thread_registers(proc.pid)
+        assert sorted(regs) == ptrace.thread_ids(proc.pid) and len(regs) == 2
         parked = [r for tid, r in regs.items() if tid != proc.pid]
         assert parked[0]["r12"] == 0x5EED5EED5EED
         maps = procmaps.read_regions(proc.pid)
@@ -58,7 +58,7 @@ def test_registers_of_every_thread_and_the_process_stays_stopped_then_continues(
             assert any(m.start <= r["rsp"] < m.end and m.writable for m in maps), tid
         assert _all_stopped(proc.pid)
         # a second attach works the same (the first detach left no tracer)
-        assert memory.thread_registers(proc.pid)[proc.pid]["rip"] == regs[proc.pid]["rip"]
+        assert ptrace.thread_registers(proc.pid)[proc.pid]["rip"] == regs[proc.pid]["rip"]
         assert _all_stopped(proc.pid)
     finally:
         os.kill(proc.pid, signal.SIGCONT)
@@ -141,7 +141,7 @@ def test_registers_of_a_running_process_and_it_keeps_running():
         deadline = time.monotonic() + 5
         while memory.process_state(proc.pid) != "S" and time.monotonic() < deadline:
             time.sleep(0.01)
-        regs = memory.thread_registers(proc.pid)
+        regs = ptrace.thread_registers(proc.pid)
         assert list(regs) == [proc.pid]
         stack = next(m for m in procmaps.read_regions(proc.pid) if m.path == "[stack]")
         assert stack.start <= regs[proc.pid]["rsp"] < stack.end

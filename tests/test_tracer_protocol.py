@@ -130,7 +130,8 @@ def test_the_tracers_modules_import_one_way():
     allowed = {"abi": set(), "loading": {"abi"}, "probes": {"abi", "loading"}, "collection": {"abi"},
                "kernel_offsets": {"loading"}, "execpause": {"abi", "probes"}, "watchdog": set(),
                "exitpause": set(),
-               "core": {"abi", "loading", "probes", "collection", "execpause", "kernel_offsets", "exitpause"},
+               "core": {"abi", "loading", "probes", "collection", "execpause", "kernel_offsets", "exitpause",
+                        "watchdog"},
                "protocol": {"collection", "probes"}, "server": {"probes"}}
     assert sorted(p.stem for p in pkg.glob("*.py") if p.stem != "__init__") == sorted(order)
     for name in order:

@@ -2,7 +2,8 @@
 holds as definitely lost, indirectly lost, possibly lost or still reachable.
 
 * :mod:`.classify` -- the classification itself, pure (numpy), no I/O;
-* :mod:`.memory` -- reading a stopped process: maps, memory, registers;
+* :mod:`.memory` -- reading a stopped process: maps, memory;
+* :mod:`.ptrace` -- its threads' registers (the standard library only);
 * :mod:`.heap` -- glibc's malloc structures (arenas, chunks, tcache, mmapped
   chunks) seen from outside;
 * :mod:`.roots` -- the root set as memcheck takes it, and

@@ -27,7 +27,8 @@ import numpy as np
 from . import heap as glibc_heap
 from .classify import Classification, classify
 from ..procmaps import Region, read_regions
-from .memory import GP_REGS, ProcessMemory, thread_registers
+from .memory import ProcessMemory
+from .ptrace import GP_REGS, thread_registers
 
 RED_ZONE = 128
 Range = Tuple[int, int]

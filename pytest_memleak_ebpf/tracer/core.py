@@ -20,12 +20,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..preflight import ATTACH_ENV, ATTACH_MODES
-from . import exitpause, loading, probes as _probes
-from .abi import (CTR_LOST_EVENTS, CTR_LOST_PROCS, EV_EXIT_STOPPED, EV_EXIT_TRACED, TF_ALLOCS, TF_KINDS, TF_ROOT,
-                  TF_SPAWNED, TF_SPAWNER)
+from . import exitpause, kernel_offsets, loading, probes as _probes
+from .abi import (CTR_LOST_EVENTS, CTR_LOST_PROCS, EV_EXIT_STOPPED, EV_EXIT_TRACED, EV_EXIT_UNPAUSED, PENDING_AT_EXIT,
+                  TF_ALLOCS, TF_KINDS, TF_ROOT, TF_SPAWNED, TF_SPAWNER)
 from .collection import COUNTERS, Collector, RawTest, absolute_path, counters_of, decode_event, delete, serial_at
+from .execpause import ExecPauses
 from .loading import TracerConfig
 from .probes import ProbeInfo
+from .watchdog import Watchdog
 
 # In-process window serials (process image serials are monotonic ns << SERIAL_CPU_BITS)
 WINDOW_SERIAL = 1 << 62
@@ -67,7 +69,7 @@ class Tracer:
         t0 = time.monotonic()
         c = self.config
         source = source or loading.bpf_source_path()
-        cflags = loading.program_cflags(c, self._pidmap_words) + self._exec_pause_cflags()
+        cflags = loading.program_cflags(c, self._pidmap_words) + kernel_offsets.cflags()
         forced = os.environ.get(ATTACH_ENV) or "auto"
         modes = ATTACH_MODES if forced == "auto" else (forced,)
         self.bpf, self.cached = loading.load(bcc, source, [*cflags, *loading.MODE_CFLAGS[modes[0]]])
@@ -97,36 +99,47 @@ class Tracer:
         self._local: Client | None = None   # this process's own (add_root)
         self._next_test = 0
         self._next_window = 0
-        self._pauser = exitpause.Pauser(self._maps.image_blocks, allocator_kind=self._allocator_kind)
+        # every process the session stops (at exec, at exit, at its test's end)
+        # is a key of `pending` while stopped; the watchdog continues it at the
+        # time limit or when pytest dies
+        self._pending = self.bpf[b"pending"]
+        self.watchdog = Watchdog(self._pending.map_fd, exitpause.WATCHDOG_SECONDS)
+        self.exec_pauses = ExecPauses(self, self.probes, self.watchdog)
+        self._pauser = exitpause.Pauser(self._maps.image_blocks, self.watchdog, self._hold, self._release,
+                                        allocator_kind=self._allocator_kind)
         self.bpf[b"events"].open_ring_buffer(self._on_event)
         self._poller = threading.Thread(target=self._poll_loop, name="memleak-ebpf-events", daemon=True)
         self._poller.start()
-        self._start_exec_pauses()
+
+    # -- stopped processes ----------------------------------------------------
+
+    def _hold(self, tgid: int) -> bool:
+        """List `tgid` in `pending` before userspace stops it; False when the map is full."""
+        key = self._pending.Leaf()
+        key.dev = PENDING_AT_EXIT
+        try:
+            self._pending[self._pending.Key(tgid)] = key
+        except Exception:   # noqa: BLE001 - the map is full (E2BIG)
+            return False
+        return True
+
+    def _release(self, tgid: int) -> None:
+        try:
+            del self._pending[self._pending.Key(tgid)]
+        except KeyError:
+            pass
 
     # -- the allocator of every exec (execpause.py) --------------------------
 
-    @staticmethod
-    def _exec_pause_cflags() -> list[str]:
-        from .kernel_offsets import cflags
-
-        return cflags()
-
     def _allocator_kind(self, serial: int) -> str | None:
         """The allocator kind of a live process image (its exec answer), or None."""
-        pauses = getattr(self, "exec_pauses", None)
-        if pauses is None:
-            return None
         procs = self.bpf[b"procs"]
         try:
             aid = int(procs[procs.Key(serial)].alloc_id)
         except KeyError:
             return None
-        return pauses.answers[aid - 1]["kind"] if 0 < aid <= len(pauses.answers) else None
-
-    def _start_exec_pauses(self) -> None:
-        from .execpause import ExecPauses
-
-        self.exec_pauses = ExecPauses(self, self.probes)
+        answers = self.exec_pauses.answers
+        return answers[aid - 1]["kind"] if 0 < aid <= len(answers) else None
 
     @property
     def allocators_probed(self) -> dict[str, str]:
@@ -136,15 +149,15 @@ class Tracer:
     @property
     def probe_count(self) -> int:
         extra = sum(1 + p.return_probe for host, ps in self.exec_pauses.probed.items() if host != self.libc
-                    for p in ps) if hasattr(self, "exec_pauses") else 0
+                    for p in ps)
         return sum(1 + p.return_probe for p in self.probes) + self.tracepoints + self.exit_probes + extra
 
     # -- events -----------------------------------------------------------
 
     def _on_event(self, ctx, data, size) -> None:
         ev_type, tgid, serial, path = decode_event(data)
-        if ev_type in (EV_EXIT_STOPPED, EV_EXIT_TRACED):
-            self._pauser.at_exit(tgid, serial, ev_type == EV_EXIT_TRACED)
+        if ev_type in (EV_EXIT_STOPPED, EV_EXIT_TRACED, EV_EXIT_UNPAUSED):
+            self._pauser.at_exit(tgid, serial, ev_type == EV_EXIT_TRACED, ev_type == EV_EXIT_UNPAUSED)
             return
         if not path:
             return
@@ -480,7 +493,7 @@ class Tracer:
             return
         self._closed = True
         self._links += self.exec_pauses.close()
-        _quietly(self._pauser.close)
+        _quietly(self.watchdog.close)
         with self._lock:
             # Each detach waits for an RCU grace period; done side by side the
             # waits overlap (6 tracepoints: 0.45 s one after another, 0.25 s at once).

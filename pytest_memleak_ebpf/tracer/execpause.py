@@ -12,7 +12,8 @@ map under the process's key (the next exec of that executable with the same
 inputs is not paused: the kernel writes the id into its proc_t); then the
 process is continued (SIGCONT). A process we stopped is never left stopped:
 the watchdog (watchdog.py, a process of its own session holding the `pending`
-map) continues every one still pending when pytest dies.
+map) continues every one still pending at its time limit or when pytest
+dies; a process it continued before we answered is flagged (not covered).
 """
 
 from __future__ import annotations
@@ -21,17 +22,12 @@ import ctypes
 import os
 import re
 import signal
-import subprocess
-import sys
 import threading
 import time
 
 from .. import allocators as _allocators
 from . import probes as _probes
 from .abi import PAUSE_KEYED, PAUSE_STOPPED, TF_ALLOCS, Pause
-
-_WATCHDOG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "watchdog.py")
-
 
 def _answer(kind: str, module: str | None, covered: bool, reason: str | None) -> dict:
     return {"kind": kind, "module": module, "covered": covered, "reason": reason}
@@ -41,6 +37,14 @@ def _host(path: str) -> str:
     """The file to probe: a path of another root (/proc/PID/root/...) as it
     is (realpath would leave that root), any other resolved."""
     return path if path.startswith("/proc/") else os.path.realpath(path)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except (OSError, IndexError):
+        return False
 
 
 def _absolute_list(raw: bytes) -> bool:
@@ -54,7 +58,7 @@ class ExecPauses:
     """Owned by a Tracer (core.py): `lock` is the tracer's, `clients()` its
     clients (in-process recording is paused while we resolve and attach)."""
 
-    def __init__(self, tracer, libc_probes: list, *, poll_ms: int = 50):
+    def __init__(self, tracer, libc_probes: list, watchdog, *, poll_ms: int = 50):
         self._tracer = tracer
         self.bpf = tracer.bpf
         self.cache = _allocators.AllocatorCache()
@@ -71,7 +75,7 @@ class ExecPauses:
         self._resolved = self.bpf[b"resolved"]
         self._closed = False
         self.root_answer = self._root_answer()
-        self._watchdog_w, self.watchdog = self._start_watchdog()
+        self.watchdog = watchdog
         self.bpf[b"pauses"].open_perf_buffer(self._on_pause, page_cnt=16)
         self._poll_ms = poll_ms
         self._thread = threading.Thread(target=self._poll_loop, name="memleak-ebpf-exec-pauses", daemon=True)
@@ -149,6 +153,12 @@ class ExecPauses:
                     aid = self._handle(tgid, path, flags)
                 finally:
                     self._resume_recording(paused)
+            if aid and flags & PAUSE_STOPPED and not self._still_pending(tgid) and _alive(tgid):
+                # the watchdog's time limit passed (pytest stalled): it ran on before the answer
+                a = self.answers[aid - 1]
+                aid = self._id(_answer(a["kind"], a["module"], False, (
+                    f"it stayed stopped at exec over {self.watchdog.limit:g} s (pytest did not answer in time) "
+                    "and the watchdog continued it, maybe before its allocator was probed")))
             if aid:
                 self._serial_alloc[serial] = aid
         finally:
@@ -163,6 +173,13 @@ class ExecPauses:
                 except KeyError:
                     pass
                 self.pause_seconds += time.monotonic() - t0
+
+    def _still_pending(self, tgid: int) -> bool:
+        try:
+            self._pending[self._pending.Key(tgid)]
+        except KeyError:
+            return False
+        return True
 
     def _stop_recording(self) -> list:
         """In-process windows open now: stop recording their roots while we
@@ -206,37 +223,10 @@ class ExecPauses:
                 self._resolved[key] = self._resolved.Leaf(aid)
         return aid
 
-    # -- the watchdog -----------------------------------------------------------
-
-    def _start_watchdog(self):
-        r, w = os.pipe()
-        os.set_inheritable(r, True)
-        mfd = self._pending.map_fd
-        try:
-            proc = subprocess.Popen([sys.executable, "-I", "-S", _WATCHDOG, str(mfd), str(r)], pass_fds=(mfd, r),
-                                    stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                    start_new_session=True, close_fds=True)
-        finally:
-            os.close(r)
-        return w, proc
-
-    def close(self) -> None:
-        """Stop serving pauses: continue every process still pending (the
-        watchdog does too, on the pipe's EOF), close the links."""
+    def close(self) -> list[int]:
+        """Stop serving pauses (the watchdog continues every process still
+        pending when it is closed); the links to close."""
         self._closed = True
         self._thread.join(timeout=2)
-        for k in list(self._pending.keys()):
-            try:
-                os.kill(int(k.value), signal.SIGCONT)
-            except OSError:
-                pass
-        try:
-            os.close(self._watchdog_w)
-        except OSError:
-            pass
-        try:
-            self.watchdog.wait(timeout=2)
-        except subprocess.TimeoutExpired:
-            pass
         links, self.links = self.links, []
         return links
