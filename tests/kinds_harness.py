@@ -39,6 +39,7 @@ def build(out_dir: Path) -> Dict[str, Path]:
         "cases": ["gcc", "-O0", "-g", "-pthread", "-o", None, str(FIXTURES / "cases.c")],
         "cases_cxx": ["g++", "-O0", "-g", "-D_GLIBCXX_USE_CXX11_ABI=0", "-o", None,
                       str(FIXTURES / "cases_cxx.cpp")],
+        "stale": ["gcc", "-O0", "-g", "-o", None, str(FIXTURES / "stale.c")],
     }
     built = {}
     for name, cmd in jobs.items():

@@ -76,6 +76,27 @@ def test_case(argv):
             assert _ours(p) == EXPECTED[case]
 
 
+def test_a_pointer_left_in_the_exit_paths_frames_is_no_root(built, pytester, run_plugin):
+    """tests/fixtures/kinds/stale.c at 12 depths: the lost block's pointer is
+    left in a dead stack slot, at some depths one that exit's frames reserve
+    and never write; paused at _exit, the block is definitely lost at every
+    depth, as valgrind says (tests/test_kinds_valgrind.py)."""
+    argv = [str(built["stale"])]
+    pytester.makepyfile(test_stale=f"""
+import subprocess, pytest
+@pytest.mark.parametrize("depth", range(12))
+def test_stale(depth):
+    subprocess.run({argv!r} + [str(depth)], check=True)
+""")
+    result, doc = run_plugin()
+    assert result.ret == 1
+    for t in doc["tests"]:
+        (p,) = t["processes"]
+        assert _ours(p) == ((77, 1), (0, 0), (0, 0), (0, 0)), (t["nodeid"], _ours(p))
+        assert p["leaked"] == {"bytes": 77, "blocks": 1}
+    result.assert_outcomes(failed=12)
+
+
 def test_forked_child(built, pytester, run_plugin):
     argv = [str(built["cases"]), "fork"]
     pytester.makepyfile(test_fork=f"""

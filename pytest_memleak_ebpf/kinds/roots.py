@@ -9,7 +9,10 @@ anonymous and shared mappings) except
   ``main_arena`` itself, mmapped chunks (see :mod:`.heap`), and any range the
   caller names (e.g. a test recorder's own table);
 * device mappings (character/block devices), except ``/dev/zero``;
-* each thread's stack below ``sp - 128`` (the amd64 red zone is scanned).
+* each thread's stack below ``sp - 128`` (the amd64 red zone is scanned);
+* the main thread's frames of the ``exit`` that ``__libc_start_call_main``
+  called, when it is inside it (:mod:`.exitframe`: slots memcheck sees as
+  undefined).
 
 Plus the 16 general-purpose registers of every thread.  Only aligned 8-byte
 words are read.
@@ -24,7 +27,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from . import heap as glibc_heap
+from . import exitframe, heap as glibc_heap
 from .classify import Classification, classify
 from ..procmaps import Region, read_regions
 from .memory import ProcessMemory
@@ -150,6 +153,10 @@ def scan_process(pid: int, starts, sizes, *, exclude: Iterable[Range] = (),
         arena_mem = sorted(r for r in holes if r[1] > r[0])
         outside = _outside(starts, arena_mem)
         holes += [e for e in (glibc_heap.mmapped_extent(mem.read, int(s)) for s in starts[outside]) if e]
+        main = registers.get(pid)
+        exit_frames = exitframe.exit_path_hole(maps, main["rsp"], mem.read) if main else None
+        if exit_frames:
+            holes.append(exit_frames)
         roots = root_ranges(maps, [r["rsp"] for r in registers.values()], holes)
         datas = mem.read_many([(lo, hi - lo) for lo, hi in roots])
         root_words = [(lo, np.frombuffer(d[:len(d) // 8 * 8], dtype=np.uint64)) for (lo, _), d in zip(roots, datas)]
