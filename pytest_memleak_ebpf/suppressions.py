@@ -50,6 +50,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Iterable, Mapping, Sequence
 
+from .classify import LOST_KINDS
 from .elf import init_functions
 
 __all__ = [
@@ -511,8 +512,12 @@ def apply(result, suppressions: Sequence[Suppression]) -> SuppressionSummary:
 
     Stacks that were not captured never match. Stacks of
     ``result.in_process`` (the pytest process's own blocks), when present, are
-    matched too."""
+    matched too. The defaults (and an allocator's) describe memory a library
+    keeps for the process's life: they never hide a stack the scan found lost
+    (kind definite or indirect) -- nothing keeps that memory any more."""
     matcher = _Matcher(suppressions)
+    own = [x for x in suppressions if x.source != "default"]
+    lost_matcher = matcher if len(own) == len(suppressions) else _Matcher(own)
     matches: dict[int, Suppression] = {}
     per_use: dict[Suppression, list[int]] = {}
     order: list[Suppression] = []
@@ -523,6 +528,8 @@ def apply(result, suppressions: Sequence[Suppression]) -> SuppressionSummary:
     for s, m in stacks:
         if not getattr(s, "captured", True):
             continue
+        if getattr(s, "kind", None) in LOST_KINDS:
+            m = lost_matcher
         hit = m(s.frames)
         if hit is None:
             continue

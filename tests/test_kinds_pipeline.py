@@ -305,3 +305,24 @@ def test_generated_suppressions_cover_only_the_kinds_that_count():
     text = gen_suppressions(_result())
     assert "leak:^f5$" in text and "leak:^f8$" in text          # lost, unclassified
     assert "f6" not in text and "f7" not in text                # reachable, possible
+
+
+def test_a_default_suppression_never_hides_a_lost_stack():
+    """The defaults describe memory a library keeps: a stack the scan found
+    lost (definite, indirect) is not hidden by one, though a user's own
+    suppression hides it; a default still hides a reachable or an
+    unclassified stack."""
+    from pytest_memleak_ebpf.suppressions import Suppression, apply
+
+    r = _result()
+    p10, p20 = r.processes
+    every = [s for p in r.processes for s in p.stacks]
+    defaults = [Suppression(pattern=f"^f{h}$", source="default") for h in (5, 6, 7, 8)]
+    hidden = apply(r, defaults).matches
+    assert {s.kind for s in every if id(s) in hidden} == {"reachable", "possible", "unclassified"}
+    assert not any(id(s) in hidden for s in every if s.kind in ("definite", "indirect"))
+    settle(r, apply(r, defaults))
+    assert (p10.leaked.bytes, p10.leaked.blocks) == (480, 10) and (p20.leaked.bytes, p20.leaked.blocks) == (0, 0)
+    mine = [Suppression(pattern="^f5$", source="leaks.supp:1")]
+    settle(r, apply(r, defaults + mine))
+    assert (p10.leaked.bytes, p10.leaked.blocks) == (0, 0)
