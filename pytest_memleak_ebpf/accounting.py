@@ -7,7 +7,7 @@ Where it sits in the result pipeline (engine.LeakEngine.finish):
   tracer.RawTest -> classify.classify (a kind per block) -> resolve.Resolver
   (frames, once) -> accounting (figures and stacks) -> suppressions.apply
   (which stacks are hidden) -> verdict.settle (leaked, totals, over_budget,
-  incomplete) -> report (every text) / flamegraph / JSON
+  what is incomplete) -> report (every text: render_problems, ...) / flamegraph / JSON
 
 What accounting does not do: suppressions, totals, budgets and messages
 are the verdict's (`leaked` stays zero here until verdict.settle)."""
@@ -138,7 +138,7 @@ class TestLeakResult:
     suppressions_used: list[dict] = field(default_factory=list)
     lost_processes: int = 0        # processes the process map had no room for
     lost_events: int = 0           # exec/open events lost (ring buffer full)
-    verdict_warnings: int = 0      # how many of `warnings` (the first ones) verdict.settle wrote
+    verdict_warnings: int = 0      # how many of `warnings` (the first ones) report.render_problems wrote
 
     @property
     def leaking_processes(self) -> list[ProcessLeak]:

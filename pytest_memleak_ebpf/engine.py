@@ -9,11 +9,12 @@ pattern, which asks elf.py for a module's constructors when a frame has no
 function name):
 
   tracer.RawTest
-    -> classify.classify          a kind per live block (today "unclassified")
+    -> classify.classify          a kind per live block (from the scans at exit)
     -> resolve.Resolver           frames, once, through the session's one cache
     -> accounting                 per-process / in-process figures and stacks
     -> suppressions.apply         which stacks are hidden (defaults, files, marker)
-    -> verdict.settle             leaked, totals, over_budget, incomplete
+    -> verdict.settle             leaked, totals, over_budget; what is incomplete
+    -> report.render_problems     the incomplete / warning texts
     -> report / flamegraph / JSON rendering"""
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from .accounting import (Amount, InProcess, TestLeakResult, account, account_in_
 from .classify import classify, classify_blocks
 from .marks import Budget
 from .suppressions import apply as match_suppressions
+from .report import render_problems
 from .verdict import settle
 
 
@@ -132,7 +134,7 @@ class LeakEngine:
             exe_paths=exe_paths, lost_procs=raw.lost_procs, lost_events=raw.lost_events,
             in_process=in_process, reasons=classified.reasons,
         )
-        settle(result, match_suppressions(result, self._suppressions(budget)))
+        render_problems(result, settle(result, match_suppressions(result, self._suppressions(budget))))
         if self.settings.flamegraph_dir and (result.over_budget or result.incomplete):
             from .flamegraph import write_flamegraphs
 
@@ -220,7 +222,7 @@ class LeakEngine:
             blocks, stacks = [], {}
         t0 = time.monotonic()
         result.in_process = self._in_process(classify_blocks(blocks), stacks, counters, None)
-        settle(result, match_suppressions(result, self._suppressions(budget)))
+        render_problems(result, settle(result, match_suppressions(result, self._suppressions(budget))))
         self.report_seconds += time.monotonic() - t0
         return result
 

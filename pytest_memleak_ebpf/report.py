@@ -14,6 +14,7 @@ from .accounting import ProcessLeak, StackLeak, TestLeakResult
 from .atomic import write_json_atomic
 from .sizes import format_blocks, format_bytes
 from .suppressions import DEFAULT_SUPPRESSIONS, suppression_target
+from .verdict import Problem, Verdict
 
 if TYPE_CHECKING:
     from .marks import Budget
@@ -108,6 +109,43 @@ def headline(result: TestLeakResult) -> str:
 
 
 _headline = headline   # failure_text's keyword argument `headline` hides the function
+
+
+def problem_text(p: Problem) -> str:
+    """The sentence of one verdict problem (verdict.Problem)."""
+    who = f"pid {p.pid} ({p.comm})"
+    if p.code == "in_process_lost":
+        return (f"{p.n:,} allocations of the pytest process were not recorded "
+                "(a map was full: raise --ebpf-leaks-max-blocks)")
+    if p.code == "lost_blocks":
+        return (f"{p.n:,} allocations of {who} were not recorded: the live-block map was full "
+                "(raise --ebpf-leaks-max-blocks)")
+    if p.code == "lost_handoffs":
+        return (f"{p.n:,} allocator calls of {who} were not recorded: the hand-off map was full (too many threads "
+                "inside the allocator at once)")
+    if p.code == "not_covered":
+        return (f"pid {p.pid} ({p.comm}, {p.exe or '?'}): allocations not visible, "
+                f"{p.reason or 'its allocator is not probed'}")
+    if p.code == "lost_processes":
+        return (f"{p.n:,} processes could not be tracked: the process map was full "
+                "(raise --ebpf-leaks-max-processes)")
+    if p.code == "lost_stacks":
+        return (f"{p.n:,} stacks of {who} were not captured (stack map full: raise --ebpf-leaks-max-stacks); "
+                "byte counts are still exact")
+    if p.code == "lost_events":
+        return f"{p.n:,} exec/open events were lost (ring buffer full): some frames may not be symbolized"
+    raise ValueError(f"unknown verdict problem {p.code!r}")
+
+
+def render_problems(result: TestLeakResult, verdict: Verdict) -> TestLeakResult:
+    """Write the verdict's problems into `result` as text: `incomplete`, and
+    the verdict's warnings first in `warnings` (warnings others added since a
+    previous render stay, after them)."""
+    result.incomplete = [problem_text(p) for p in verdict.incomplete]
+    mine = [problem_text(p) for p in verdict.warnings]
+    result.warnings = mine + result.warnings[result.verdict_warnings:]
+    result.verdict_warnings = len(mine)
+    return result
 
 
 def incomplete_headline(result: TestLeakResult) -> str:

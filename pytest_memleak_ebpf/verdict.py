@@ -19,6 +19,19 @@ class Figures:
     leaked: Amount
 
 
+@dataclass(frozen=True)
+class Problem:
+    """Why figures are incomplete (Verdict.incomplete: the test follows
+    --ebpf-leaks-on-incomplete) or what was not captured while the counts stay
+    exact (Verdict.warnings); report.problem_text says it."""
+    code: str
+    n: int = 0
+    pid: int | None = None
+    comm: str | None = None
+    exe: str | None = None
+    reason: str | None = None
+
+
 @dataclass
 class Verdict:
     processes: list[Figures]                   # aligned with result.processes
@@ -26,8 +39,8 @@ class Verdict:
     leaked: Amount                             # processes + in-process
     suppressed: Amount                         # processes only
     over_budget: bool
-    incomplete: list[str] = field(default_factory=list)
-    warnings: list[str] = field(default_factory=list)
+    incomplete: list[Problem] = field(default_factory=list)
+    warnings: list[Problem] = field(default_factory=list)
 
 
 def _minus(a: Amount, b: Amount) -> Amount:
@@ -73,53 +86,43 @@ def decide(result: TestLeakResult, summary=None) -> Verdict:
                    _incomplete(result), _warnings(result))
 
 
-def _incomplete(result: TestLeakResult) -> list[str]:
+def _incomplete(result: TestLeakResult) -> list[Problem]:
     out = []
     ip = result.in_process
     if ip is not None and (ip.lost_blocks or ip.lost_handoffs):
-        out.append(f"{ip.lost_blocks + ip.lost_handoffs:,} allocations of the pytest process "
-                   "were not recorded (a map was full: raise --ebpf-leaks-max-blocks)")
+        out.append(Problem("in_process_lost", ip.lost_blocks + ip.lost_handoffs))
     for p in result.processes:
         if p.lost_blocks:
-            out.append(f"{p.lost_blocks:,} allocations of pid {p.pid} ({p.comm}) were not recorded: "
-                       "the live-block map was full (raise --ebpf-leaks-max-blocks)")
+            out.append(Problem("lost_blocks", p.lost_blocks, p.pid, p.comm))
         if p.lost_handoffs:
-            out.append(f"{p.lost_handoffs:,} allocator calls of pid {p.pid} ({p.comm}) were not recorded: "
-                       "the hand-off map was full (too many threads inside the allocator at once)")
+            out.append(Problem("lost_handoffs", p.lost_handoffs, p.pid, p.comm))
     out += _not_covered(result)
     if result.lost_processes:
-        out.append(f"{result.lost_processes:,} processes could not be tracked: the process map was full "
-                   "(raise --ebpf-leaks-max-processes)")
+        out.append(Problem("lost_processes", result.lost_processes))
     return out
 
 
-def _not_covered(result: TestLeakResult) -> list[str]:
+def _not_covered(result: TestLeakResult) -> list[Problem]:
     """Processes whose allocator is not probed: their figures are not seen
     (a test with budget None only reports them)."""
     if not result.budget.checked:
         return []
-    return [f"pid {p.pid} ({p.comm}, {p.exe or '?'}): allocations not visible, "
-            f"{p.allocator_reason or 'its allocator is not probed'}"
+    return [Problem("not_covered", 0, p.pid, p.comm, p.exe, p.allocator_reason)
             for p in result.processes if p.allocator is not None and not p.allocator["covered"]]
 
 
-def _warnings(result: TestLeakResult) -> list[str]:
-    out = []
-    for p in result.processes:
-        if p.lost_stacks:
-            out.append(f"{p.lost_stacks:,} stacks of pid {p.pid} ({p.comm}) were not captured "
-                       "(stack map full: raise --ebpf-leaks-max-stacks); byte counts are still exact")
+def _warnings(result: TestLeakResult) -> list[Problem]:
+    out = [Problem("lost_stacks", p.lost_stacks, p.pid, p.comm) for p in result.processes if p.lost_stacks]
     if result.lost_events:
-        out.append(f"{result.lost_events:,} exec/open events were lost (ring buffer full): "
-                   "some frames may not be symbolized")
+        out.append(Problem("lost_events", result.lost_events))
     return out
 
 
-def settle(result: TestLeakResult, summary=None) -> TestLeakResult:
-    """Decide and write the verdict into `result`: stacks' suppressed flags,
-    each owner's leaked figure, the total, over_budget, incomplete, the
-    suppressions used, and the verdict's warnings (warnings added to the
-    result by others since a previous settle stay, after them)."""
+def settle(result: TestLeakResult, summary=None) -> Verdict:
+    """Decide and write the verdict's figures into `result`: stacks'
+    suppressed flags, each owner's leaked figure, the total, over_budget and
+    the suppressions used; returns the verdict, whose problems
+    report.render_problems writes into `result` as text."""
     v = decide(result, summary)
     hidden = summary.matches if summary is not None else {}
     for s in result.stacks():
@@ -132,11 +135,8 @@ def settle(result: TestLeakResult, summary=None) -> TestLeakResult:
         result.in_process.leaked = v.in_process.leaked
     result.leaked = v.leaked
     result.over_budget = v.over_budget
-    result.incomplete = v.incomplete
-    result.warnings = v.warnings + result.warnings[result.verdict_warnings:]
-    result.verdict_warnings = len(v.warnings)
     result.suppressions_used = [
         {"pattern": u.pattern, "source": u.source, "stacks": u.stacks, "bytes": u.bytes, "blocks": u.blocks}
         for u in (summary.used if summary is not None else ())
     ]
-    return result
+    return v

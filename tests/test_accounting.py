@@ -6,7 +6,7 @@ from pytest_memleak_ebpf import accounting
 from pytest_memleak_ebpf.atomic import write_json_atomic
 from pytest_memleak_ebpf.classify import classify
 from pytest_memleak_ebpf.marks import Budget
-from pytest_memleak_ebpf.report import failure_text, format_frame, headline, incomplete_headline, json_report
+from pytest_memleak_ebpf.report import failure_text, format_frame, headline, incomplete_headline, json_report, render_problems
 from pytest_memleak_ebpf.verdict import settle
 
 
@@ -26,7 +26,7 @@ def account(nodeid, budget, processes, blocks, stacks, resolve, **kw):
     """The pipeline without the tracer: classify, resolve (a fake), account, verdict."""
     frames = {h: [resolve(*f) for f in raw] for h, raw in stacks.items() if raw}
     r = accounting.account(nodeid, budget, processes, classify(blocks).processes, frames, **kw)
-    return settle(r)
+    return render_problems(r, settle(r))
 
 
 def test_headline_and_totals_are_exact():

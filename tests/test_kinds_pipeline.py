@@ -97,7 +97,8 @@ def _result(budget=DEFAULT):
     frames = {h: [{"function": f"f{h}", "offset": 0, "module": "/bin/p", "file": None, "line": None}]
               for h in (5, 6, 7, 8)}
     r = account("t::x", budget, procs, c.processes, frames, reasons=c.reasons)
-    return settle(r)
+    settle(r)
+    return r
 
 
 def test_only_the_budgets_kinds_count():

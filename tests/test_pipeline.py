@@ -14,7 +14,7 @@ import pytest
 from pytest_memleak_ebpf import accounting, classify, engine, resolve, verdict
 from pytest_memleak_ebpf.accounting import Amount
 from pytest_memleak_ebpf.marks import Budget, budget_from_marker
-from pytest_memleak_ebpf.report import failure_text, format_frame, headline
+from pytest_memleak_ebpf.report import failure_text, format_frame, headline, render_problems
 from pytest_memleak_ebpf.suppressions import DEFAULT_SUPPRESSIONS, Suppression, apply
 from pytest_memleak_ebpf.symbolize import Frame
 from pytest_memleak_ebpf.tracer import RawTest
@@ -185,7 +185,7 @@ def test_decide_is_pure_and_settle_writes_it_once():
     assert r == before
     assert [f.leaked for f in v.processes] == [Amount(100, 1), Amount(7, 1)]
     assert v.leaked == Amount(107, 2) and v.suppressed == Amount(4096, 1) and v.over_budget
-    verdict.settle(r, summary)
+    render_problems(r, verdict.settle(r, summary))
     assert r.leaked == Amount(107, 2) and r.over_budget and r.processes[0].leaked == Amount(100, 1)
     assert r.processes[0].stacks[0].suppressed and r.processes[0].stacks[0].suppression == "^_IO_file_doallocate"
     assert r.suppressions_used == [{"pattern": "^_IO_file_doallocate", "source": "default", "stacks": 1,
@@ -193,7 +193,7 @@ def test_decide_is_pure_and_settle_writes_it_once():
     assert len(r.warnings) == 2 and "pid 10" in r.warnings[0] and "exec/open" in r.warnings[1]
     r.warnings.append("the test was interrupted: these are the figures so far")
     once = copy.deepcopy(r)
-    verdict.settle(r, apply(r, DEFAULT_SUPPRESSIONS))
+    render_problems(r, verdict.settle(r, apply(r, DEFAULT_SUPPRESSIONS)))
     assert r == once                                            # settling again changes nothing
     assert headline(r) == "leak budget exceeded: 107 B in 2 blocks leaked by 2 of 2 processes (budget 50 B)"
 
@@ -204,7 +204,7 @@ def test_settle_again_with_a_whole_test_window_adds_it_to_the_verdict():
     assert r.leaked == Amount(4203, 3)
     r.in_process = accounting.InProcess("extensions", Amount(64, 2), Amount(), Amount(), [], counted=Amount(64, 2),
                                         lost_blocks=3)
-    verdict.settle(r, apply(r, ()))
+    render_problems(r, verdict.settle(r, apply(r, ())))
     assert r.leaked == Amount(4267, 5) and r.in_process.leaked == Amount(64, 2)
     assert r.incomplete == ["3 allocations of the pytest process were not recorded "
                             "(a map was full: raise --ebpf-leaks-max-blocks)"]
