@@ -918,6 +918,9 @@ static __always_inline int exec_key(struct resolved_key_t *k, u64 task)
         return 0;
     k->ino = kread64(inode, OFF_INODE_INO);
     k->dev = kread32(kread64(inode, OFF_INODE_SB), OFF_SB_DEV);
+    k->size = kread64(inode, OFF_INODE_SIZE);
+    k->mtime_sec = kread64(inode, OFF_INODE_MTIME_SEC);
+    k->mtime_nsec = kread32(inode, OFF_INODE_MTIME_NSEC);
     u64 a = kread64(mm, OFF_MM_ENV_START), end = kread64(mm, OFF_MM_ENV_END);
     struct envbuf_t *eb = envbuf.lookup(&zero);
     if (!eb)

@@ -239,6 +239,9 @@ struct ext_page_t {
 struct resolved_key_t {
     u64 dev;
     u64 ino;
+    u64 size;            /* the executable's size and modification time: an */
+    u64 mtime_sec;       /* executable rewritten in place (same inode) is   */
+    u64 mtime_nsec;      /* another key, resolved again                     */
     u32 has_preload;
     u32 has_libpath;
     char preload[LDVAL_LEN];

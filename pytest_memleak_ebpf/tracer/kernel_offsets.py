@@ -1,6 +1,6 @@
 """Offsets of the kernel struct members the exec pause reads (bpf/memleak.bpf.c
 exec_key: the task's mm, the mm's executable file and environment, the file's
-inode, its number and device), from this kernel's BTF (/sys/kernel/btf/vmlinux,
+inode, its number, device, size and modification time), from this kernel's BTF (/sys/kernel/btf/vmlinux,
 through libbpf).
 
 The kernel headers BCC compiles with may be another version's (a distribution's
@@ -20,7 +20,10 @@ _BTF_KIND_STRUCT, _BTF_KIND_UNION = 4, 5
 _BTF_KIND_TYPEDEF, _BTF_KIND_VOLATILE, _BTF_KIND_CONST, _BTF_KIND_RESTRICT = 8, 9, 10, 11
 _BTF_KIND_TYPE_TAG = 18
 
-# -D name -> (struct, member)
+# -D name -> (struct, member), or a list of (struct, member, byte offset
+# inside it) alternatives, the first this kernel has: the inode's times are
+# `i_mtime_sec`/`i_mtime_nsec` from 6.11, a struct timespec64 (`__i_mtime` in
+# 6.7-6.10, `i_mtime` before) whose tv_nsec's low 32 bits are at +8
 MEMBERS = {
     "OFF_TASK_MM": ("task_struct", "mm"),
     "OFF_TASK_PTRACE": ("task_struct", "ptrace"),
@@ -31,6 +34,9 @@ MEMBERS = {
     "OFF_INODE_INO": ("inode", "i_ino"),
     "OFF_INODE_SB": ("inode", "i_sb"),
     "OFF_SB_DEV": ("super_block", "s_dev"),
+    "OFF_INODE_SIZE": ("inode", "i_size"),
+    "OFF_INODE_MTIME_SEC": [("inode", "i_mtime_sec", 0), ("inode", "__i_mtime", 0), ("inode", "i_mtime", 0)],
+    "OFF_INODE_MTIME_NSEC": [("inode", "i_mtime_nsec", 0), ("inode", "__i_mtime", 8), ("inode", "i_mtime", 8)],
 }
 
 
@@ -102,9 +108,14 @@ def offsets() -> dict[str, int] | None:
         return None
     try:
         out = {}
-        for define, (struct, member) in MEMBERS.items():
-            sid = lib.btf__find_by_name_kind(btf, struct.encode(), _BTF_KIND_STRUCT)
-            off = _member_offset(lib, btf, sid, member) if sid > 0 else None
+        for define, spec in MEMBERS.items():
+            off = None
+            for struct, member, extra in (spec if isinstance(spec, list) else [(*spec, 0)]):
+                sid = lib.btf__find_by_name_kind(btf, struct.encode(), _BTF_KIND_STRUCT)
+                off = _member_offset(lib, btf, sid, member) if sid > 0 else None
+                if off is not None:
+                    off += extra
+                    break
             if off is None:
                 return None
             out[define] = off
