@@ -985,6 +985,7 @@ static __always_inline void exec_allocator(void *ctx, struct proc_t *p, u32 tgid
         count(CTR_LOST_EVENTS);
         return;
     }
+    count(CTR_PAUSE_EVENTS);
     if (stop)
         bpf_send_signal(19);   /* SIGSTOP */
 }

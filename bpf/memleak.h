@@ -72,7 +72,9 @@
 #define CTR_LOST_EVENTS    1   /* ring buffer full: exec/open path not delivered */
 #define CTR_LOST_STACKS    2   /* stack map full */
 #define CTR_NEW_STACKS     3   /* stacks inserted (userspace sizes its clean-ups) */
-#define CTR_NCOUNTERS      4
+#define CTR_PAUSE_EVENTS   4   /* exec pause records submitted (userspace waits until it
+                                  has answered them all before collecting a test) */
+#define CTR_NCOUNTERS      5
 
 /* A process image's serial: bpf_ktime << SERIAL_CPU_BITS | cpu (unique per
  * CPU; userspace compares serials with times shifted the same way). */

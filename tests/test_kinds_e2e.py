@@ -366,3 +366,27 @@ def test_exit(how):
         assert not traced["classified"]
         assert traced["reason"] == "it is ptraced (a debugger or strace): not paused"
         assert traced["reachability"]["unclassified"] == {"bytes": 150, "blocks": 2}
+
+
+def test_processes_are_paused_at_exit_after_an_exec_pause_during_a_window(cbuild, pytester, run_plugin,
+                                                                          leakext_moddir):
+    """An extension module is loaded, so each test's in-process window is
+    open while its processes run; an exec pause (a new executable) stops
+    recording the window's root while it resolves, and must give the root its
+    leak-kinds flag back: every process after it is still paused at exit and
+    classified."""
+    progs = [cbuild(f"exits_{i}", EXITS) for i in range(3)]
+    pytester.makeconftest(f"import sys; sys.path.insert(0, {str(leakext_moddir)!r})")
+    pytester.makepyfile(test_after=f"""
+import subprocess, leakext
+def test_three():
+    leakext.clean(10)
+    for prog in {[str(p) for p in progs]!r}:
+        subprocess.run([prog, "return"], check=True)
+""")
+    result, doc = run_plugin()
+    procs = doc["tests"][0]["processes"]
+    assert len(procs) == 3
+    for p in procs:
+        assert p["classified"], p.get("reason")
+        assert _ours(p) == ((50, 1), (0, 0), (0, 0), (100, 1)), _ours(p)

@@ -21,8 +21,8 @@ from pathlib import Path
 
 from ..preflight import ATTACH_ENV, ATTACH_MODES
 from . import exitpause, kernel_offsets, loading, probes as _probes
-from .abi import (CTR_LOST_EVENTS, CTR_LOST_PROCS, EV_EXIT_STOPPED, EV_EXIT_TRACED, EV_EXIT_UNPAUSED, PENDING_AT_EXIT,
-                  TF_ALLOCS, TF_KINDS, TF_ROOT, TF_SPAWNED, TF_SPAWNER)
+from .abi import (CTR_LOST_EVENTS, CTR_LOST_PROCS, CTR_PAUSE_EVENTS, EV_EXIT_STOPPED, EV_EXIT_TRACED,
+                  EV_EXIT_UNPAUSED, PENDING_AT_EXIT, TF_ALLOCS, TF_KINDS, TF_ROOT, TF_SPAWNED, TF_SPAWNER)
 from .collection import COUNTERS, Collector, RawTest, absolute_path, counters_of, decode_event, delete, serial_at
 from .execpause import ExecPauses
 from .loading import TracerConfig
@@ -438,6 +438,7 @@ class Tracer:
         """
         c = self._client(c)
         raw = RawTest()
+        self.exec_pauses.wait_answered(self._maps.read_counters()[CTR_PAUSE_EVENTS])
         with self._lock:
             for tgid in c.roots:
                 if c.in_window:   # a window spanning the whole test stays open

@@ -27,7 +27,7 @@ import time
 
 from .. import allocators as _allocators
 from . import probes as _probes
-from .abi import PAUSE_KEYED, PAUSE_STOPPED, TF_ALLOCS, Pause
+from .abi import PAUSE_KEYED, PAUSE_STOPPED, SERIAL_CPU_BITS, TF_ALLOCS, Pause
 
 def _answer(kind: str, module: str | None, covered: bool, reason: str | None) -> dict:
     return {"kind": kind, "module": module, "covered": covered, "reason": reason}
@@ -65,10 +65,13 @@ class ExecPauses:
         self.answers: list[dict] = []           # id - 1 -> answer
         self._ids: dict[tuple, int] = {}
         self.probed: dict[str, list] = {tracer.libc: list(libc_probes)}   # host path -> ProbeInfo
+        # host path -> CLOCK_MONOTONIC ns when its probes were in (the BPF serials' clock)
+        self.probed_since: dict[str, int] = {tracer.libc: 0}
         self.kinds: dict[str, str] = {tracer.libc: "glibc"}
         self.links: list[int] = []
         self.pauses = 0                         # processes stopped at exec and continued
         self.resolutions = 0
+        self.handled = 0                        # pause records answered (memleak.h CTR_PAUSE_EVENTS)
         self.pause_seconds = 0.0                # time processes spent stopped, summed
         self._serial_alloc: dict[int, int] = {}
         self._pending = self.bpf[b"pending"]
@@ -128,6 +131,7 @@ class ExecPauses:
         except Exception as exc:
             return _answer(a.kind, a.module, False, f"its allocator {a.module} could not be probed: {exc}")
         self.links.extend(attached.links)
+        self.probed_since[host] = time.monotonic_ns()
         self.probed[host] = attached.probes
         self.kinds[host] = a.kind
         return ans
@@ -150,7 +154,7 @@ class ExecPauses:
             with self._tracer._lock:
                 paused = self._stop_recording()
                 try:
-                    aid = self._handle(tgid, path, flags)
+                    aid = self._handle(tgid, path, flags, serial)
                 finally:
                     self._resume_recording(paused)
             if aid and flags & PAUSE_STOPPED and not self._still_pending(tgid) and _alive(tgid):
@@ -173,6 +177,18 @@ class ExecPauses:
                 except KeyError:
                     pass
                 self.pause_seconds += time.monotonic() - t0
+            self.handled += 1
+
+    def wait_answered(self, submitted: int, timeout: float = 2.0) -> bool:
+        """Wait (without the tracer's lock: answering takes it) until every one
+        of the `submitted` pause records is answered -- a ptraced process is
+        not stopped, so it may end before its answer -- or `timeout` passes."""
+        deadline = time.monotonic() + timeout
+        while self.handled < submitted:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.001)
+        return True
 
     def _still_pending(self, tgid: int) -> bool:
         try:
@@ -187,29 +203,29 @@ class ExecPauses:
         paused = [c for c in self._tracer._clients if c.in_window]
         for c in paused:
             for r in c.roots:
-                self._tracer._set_root_fields(r, flags=c.root_flags)
+                self._tracer._set_root_fields(r, flags=self._tracer._root_flags(c))
         return paused
 
     def _resume_recording(self, paused: list) -> None:
         for c in paused:
             if c.in_window:
                 for r in c.roots:
-                    self._tracer._set_root_fields(r, flags=c.root_flags | TF_ALLOCS)
+                    self._tracer._set_root_fields(r, flags=self._tracer._root_flags(c) | TF_ALLOCS)
 
-    def _handle(self, tgid: int, path: str, flags: int) -> int:
+    def _handle(self, tgid: int, path: str, flags: int, serial: int) -> int:
         self.resolutions += 1
         try:
             a = _allocators.resolve_process(tgid, self.cache, exe=path if path.startswith("/") else None)
         except Exception as exc:
             return self._id(_answer("other", None, False, f"its allocator could not be resolved: {exc}"))
         ans = _answer(a.kind, a.module, a.covered, a.reason)
-        attached_now = False
         if a.covered and a.host_path and _host(a.host_path) not in self.probed:
             ans = self._attach(a, ans)
-            attached_now = ans["covered"]
         if not flags & PAUSE_STOPPED:
-            if attached_now:
-                # not stopped (ptraced): what it allocated before the probes went in is not seen
+            since = self.probed_since.get(_host(a.host_path), 0) if ans["covered"] and a.host_path else 0
+            if since > serial >> SERIAL_CPU_BITS:
+                # not stopped (ptraced), and it exec'd before the probes were in (probed now,
+                # or for another process a moment ago): what it allocated before is not seen
                 return self._id(_answer(a.kind, a.module, False, "traced by another process (ptrace), so not "
                                         "stopped at exec: its allocator was probed after it had started"))
             return self._id(ans)
