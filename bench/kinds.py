@@ -85,15 +85,17 @@ def build(name: str) -> Path:
 # SIGCONT; Outcome.seconds of the scan), written at the session's end.
 PROBE = '''
 import json, os, time
-import pytest
-from pytest_memleak_ebpf.kinds import roots
-from pytest_memleak_ebpf.tracer import exitpause
 
+# nothing here may import the plugin's modules (capstone, numpy) at collection:
+# the plugin would take them for the tests' extension modules and restart
+# pytest with PYTHONMALLOC=malloc (README, "C extension modules"), which a plain
+# test session never pays. The wrapping is done at session start, once the
+# plugin has imported them itself.
 _rec = {"at_exit": [], "scan": [], "blocks": [], "wait_stopped": [], "take_blocks": [], "registers": [],
         "scan_process": []}
 
 
-def _timed(key, fn, method=False):
+def _timed(key, fn):
     def w(*a, **k):
         t0 = time.perf_counter()
         try:
@@ -103,37 +105,40 @@ def _timed(key, fn, method=False):
     return w
 
 
-_scan = exitpause.scan
+_orig = {}
 
 
 def scan(pid, blocks, *a, **k):
-    out = _scan(pid, blocks, *a, **k)
+    from pytest_memleak_ebpf.kinds import roots
+    if not hasattr(roots, "_bench_scan_process"):
+        roots._bench_scan_process = roots.scan_process
+        roots.scan_process = _timed("scan_process", roots.scan_process)
+    out = _orig["scan"](pid, blocks, *a, **k)
     _rec["scan"].append(out.seconds)
     _rec["blocks"].append(len(blocks))
     return out
 
 
-_take = exitpause.Pauser._scan_stopped
-
-
-def _scan_stopped(self, tgid, serial):
+def scan_stopped(self, tgid, serial):
     if not hasattr(self, "_bench_wrapped"):
         self._bench_wrapped = True
         self.take_blocks = _timed("take_blocks", self.take_blocks)
-    return _take(self, tgid, serial)
+    return _orig["scan_stopped"](self, tgid, serial)
 
 
-exitpause.Pauser.at_exit = _timed("at_exit", exitpause.Pauser.at_exit)
-exitpause.Pauser._scan_stopped = _scan_stopped
-exitpause.Watchdog.registers = _timed("registers", exitpause.Watchdog.registers)
-exitpause.wait_stopped = _timed("wait_stopped", exitpause.wait_stopped)
-exitpause.scan = scan
-roots.scan_process = _timed("scan_process", roots.scan_process)
+def pytest_sessionstart(session):
+    from pytest_memleak_ebpf.tracer import exitpause
+    _orig.update(scan=exitpause.scan, scan_stopped=exitpause.Pauser._scan_stopped)
+    exitpause.Pauser.at_exit = _timed("at_exit", exitpause.Pauser.at_exit)
+    exitpause.Pauser._scan_stopped = scan_stopped
+    exitpause.Watchdog.registers = _timed("registers", exitpause.Watchdog.registers)
+    exitpause.wait_stopped = _timed("wait_stopped", exitpause.wait_stopped)
+    exitpause.scan = scan
 
 
 def pytest_sessionfinish(session):
     with open(os.environ["KINDS_BENCH_PROBE"], "w") as f:
-        json.dump(_rec, f)
+        json.dump(dict(_rec, pythonmalloc=os.environ.get("PYTHONMALLOC")), f)
 '''
 
 # the test helpers: each run of a command timed inside the test
@@ -165,12 +170,17 @@ def timed(key, cmd, n=1, stdin=None, stdout=subprocess.DEVNULL):
 class Session:
     """A work directory with a generated test file, and timed pytest runs on it."""
 
-    def __init__(self, name: str, tests: str, env: dict | None = None):
+    def __init__(self, name: str, tests: str, warm: list, env: dict | None = None):
         self.dir = Path(tempfile.mkdtemp(prefix=f"kinds-{name}-", dir=OUT))
         (self.dir / "pytest.ini").write_text("[pytest]\n")   # rootdir here, no config from above
         (self.dir / "conftest.py").write_text(PROBE)
         (self.dir / "bench_helpers.py").write_text(HELPERS)
-        (self.dir / "test_kinds_bench.py").write_text("from bench_helpers import timed, pytest\n\n" + tests)
+        # the first test runs each program once: its exec pause (first exec of an
+        # executable, README "How it works") stays out of the timed tests
+        warmup = ("@pytest.mark.leak_budget(None)\ndef test_0_warmup():\n"
+                  + "".join(f"    subprocess.run({c!r}, stdout=subprocess.DEVNULL)\n" for c in warm))
+        (self.dir / "test_kinds_bench.py").write_text(
+            "import os, subprocess\nfrom bench_helpers import timed, pytest\n\n" + warmup + "\n\n" + tests)
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
         self.env.update(env or {})
         self.env["PYTHONPATH"] = os.pathsep.join([str(self.dir), R.CODE["path"]])
@@ -223,7 +233,7 @@ def bench_small(cfg: dict, res: dict) -> None:
         for key in ("all", "default") if i % 2 == 0 else ("default", "all"):
             mark = '@pytest.mark.leak_budget(None, kinds="all")' if key == "all" else "@pytest.mark.leak_budget(None)"
             tests.append(f"{mark}\ndef test_{key}_{i}():\n    timed({key!r}, [{str(prog)!r}], n={n})\n")
-    s = Session("small", "\n\n".join(tests))
+    s = Session("small", "\n\n".join(tests), [[str(prog)]])
     try:
         s.run("off")   # warm-up: bytecode, page cache
         r = s.run("default")
@@ -241,7 +251,8 @@ def bench_small(cfg: dict, res: dict) -> None:
         "added_per_process_ms": ms(m_def - m_all),
         "pauser_at_exit_ms": ms(med(pr.get("at_exit", []))),
         "pauser_scan_ms": ms(med(scans)),
-        "pauser_split_ms": {k: ms(med(v)) for k, v in pr.items() if k != "blocks"},
+        "pauser_split_ms": {k: ms(med(v)) for k, v in pr.items() if k not in ("blocks", "pythonmalloc")},
+        "pythonmalloc": pr.get("pythonmalloc"),
         "pauses": len(pr.get("at_exit", [])),
         "blocks_per_scan": med(pr.get("blocks", [])),
         "classified": classified_count(r["report"], prog.name[:15]),
@@ -267,9 +278,8 @@ def heap_expected(chains: int, lost_every: int) -> dict:
 def scan_once(pid: int, blocks, starts, sizes) -> dict:
     """exitpause.scan (the Pauser's path, from the block list to the per-block
     kinds), then roots.scan_process with its time split."""
-    import numpy as np  # noqa: F401
+    import importlib
 
-    from pytest_memleak_ebpf.kinds import classify as C
     from pytest_memleak_ebpf.kinds import memory as M
     from pytest_memleak_ebpf.kinds import roots
     from pytest_memleak_ebpf.tracer import exitpause
@@ -292,6 +302,8 @@ def scan_once(pid: int, blocks, starts, sizes) -> dict:
             finally:
                 split[key] += time.perf_counter() - t
         return w
+
+    C = importlib.import_module("pytest_memleak_ebpf.kinds.classify")
 
     def classify(*a, **k):
         return C.classify(*a, timings=phases, **k)
@@ -366,20 +378,23 @@ def bench_heap(cfg: dict, res: dict) -> None:
             mark = '@pytest.mark.leak_budget(None, kinds="all")' if key == "all" else "@pytest.mark.leak_budget(None)"
             tests.append(f"{mark}\ndef test_{key}_{i}():\n    timed({key!r}, [{str(prog)!r}, "
                          f"'{cfg['heap_chains']}', '10', '-'])\n")
-    s = Session("heap", "\n\n".join(tests))
+    s = Session("heap", "\n\n".join(tests), [[str(prog), "1", "10", "-"]])
     try:
         r = s.run("default")
     finally:
         s.close()
     t = {k: [x for rec in r["records"] if rec["key"] == k for x in rec["times"]] for k in ("all", "default")}
     pr = r["probe"] or {}
+    # the pauses of the big process (the warm-up test's is tiny)
+    big = [i for i, b in enumerate(pr.get("blocks", [])) if b > 1000]
+    pick = lambda key: [pr[key][i] for i in big if i < len(pr.get(key, []))]  # noqa: E731
     out["plugin"] = {
         "what": f"kinds_heap {cfg['heap_chains']} 10 - (exits normally) in one session, {n} test(s) per setting",
         "process_s": {"kinds_all": round(med(t["all"]), 3), "default_kinds": round(med(t["default"]), 3)},
         "added_s": round(med(t["default"]) - med(t["all"]), 3),
-        "pauser_at_exit_s": round(med(pr.get("at_exit", [0])), 3),
-        "pauser_scan_s": round(med(pr.get("scan", [0])), 3),
-        "blocks_per_scan": med(pr.get("blocks", [])),
+        "pauser_s": {k: round(med(pick(k)), 3) for k in ("at_exit", "wait_stopped", "take_blocks", "registers", "scan",
+                                                          "scan_process") if pick(k)},
+        "blocks_per_scan": med(pick("blocks")),
         "classified": classified_count(r["report"], "kinds_heap"),
         "reachability": (processes(r["report"], "kinds_heap") or [{}])[-1].get("reachability"),
     }
@@ -393,7 +408,8 @@ def bench_heap(cfg: dict, res: dict) -> None:
 def bench_many(cfg: dict, res: dict) -> None:
     prog = build("kinds_small")
     n = cfg["many_n"]
-    s = Session("many", f"@pytest.mark.leak_budget(None)\ndef test_many():\n    timed('many', [{str(prog)!r}], n={n})\n")
+    s = Session("many", f"@pytest.mark.leak_budget(None)\ndef test_many():\n    timed('many', [{str(prog)!r}], n={n})\n",
+                [[str(prog)]])
     runs: dict[str, list] = {"off": [], "all": [], "default": []}
     try:
         s.run("off")   # warm-up
@@ -452,7 +468,7 @@ def bench_real(cfg: dict, res: dict) -> None:
         for i in range(cfg["real_runs"]):
             for key, (_, body) in progs.items():
                 tests.append(f"@pytest.mark.leak_budget(None)\ndef test_{key}_{i}():\n{body}")
-        s = Session("real", "\n\n".join(tests))
+        s = Session("real", "\n\n".join(tests), [["sqlite3", "--version"], ["sort", "--version"], ["xz", "--version"]])
         runs: dict[str, list] = {"off": [], "all": [], "default": []}
         try:
             s.run("off")   # warm-up: page cache
@@ -540,8 +556,11 @@ def markdown(res: dict) -> str:
             L.append("")
             L.append(f"Under the plugin ({pl['what']}): {_f(pl['process_s']['kinds_all'], 3)} s with kinds=all, "
                      f"{_f(pl['process_s']['default_kinds'], 3)} s with the default kinds (+{_f(pl['added_s'], 3)} s); "
-                     f"the Pauser's time per pause {_f(pl['pauser_at_exit_s'], 3)} s, of which the scan "
-                     f"{_f(pl['pauser_scan_s'], 3)} s ({_f(pl['blocks_per_scan'], 0)} blocks listed).")
+                     f"the Pauser's time per pause {_f(pl['pauser_s'].get('at_exit'), 3)} s: listing the "
+                     f"process's blocks from the BPF map (take_blocks) {_f(pl['pauser_s'].get('take_blocks'), 3)} s "
+                     f"({_f(pl['blocks_per_scan'], 0)} blocks), registers {_f(pl['pauser_s'].get('registers'), 3)} s, "
+                     f"the scan (exitpause.scan) {_f(pl['pauser_s'].get('scan'), 3)} s, of which scan_process "
+                     f"{_f(pl['pauser_s'].get('scan_process'), 3)} s.")
         L.append("")
     mn = res.get("many")
     if mn:

@@ -27,7 +27,7 @@
 #define BIG (1u << 20)
 #define NBIG 8
 
-static void **table;
+void **table;                 /* globals the compiler must keep: the roots */
 void *big_kept[NBIG / 2];
 static uint64_t *list;
 static size_t nlist;
