@@ -435,6 +435,12 @@ def bench_many(cfg: dict, res: dict) -> None:
         "per_process_ms": {m: round(v / n * 1000, 3) for m, v in loop.items()},
         "pauses": len((last["probe"] or {}).get("at_exit", [])),
         "pauser_at_exit_ms": ms(med((last["probe"] or {}).get("at_exit", []))),
+        "pauser_split_ms": {k: ms(med(v)) for k, v in (last["probe"] or {}).items()
+                            if isinstance(v, list) and k != "blocks"},
+        # the block map holds every exited process's blocks until the test ends: does listing one
+        # process's blocks grow with it?
+        "take_blocks_ms_first_last_100": [ms(med((last["probe"] or {}).get("take_blocks", [])[1:101])),
+                                          ms(med((last["probe"] or {}).get("take_blocks", [])[-100:]))],
         "classified": classified_count(last["report"]),
     }
     log(f"many: {res['many']}")
@@ -513,6 +519,16 @@ def _f(x, nd=2, unit=""):
     return f"{x:,.{nd}f}{unit}"
 
 
+def _split_text(sp: dict) -> str:
+    if not sp:
+        return ""
+    return (f"Per pause, in the Pauser (ms): waiting for the stop {_f(sp.get('wait_stopped'), 3)}, listing the "
+            f"process's blocks from the BPF map (take_blocks) {_f(sp.get('take_blocks'), 3)}, the threads' "
+            f"registers through the watchdog {_f(sp.get('registers'), 3)}, roots.scan_process "
+            f"{_f(sp.get('scan_process'), 3)}; the rest (SIGCONT, watchdog lines, the kinds dict) "
+            f"{_f((sp.get('at_exit') or 0) - sum(sp.get(k) or 0 for k in ('wait_stopped', 'take_blocks', 'registers', 'scan_process')), 3)}.")
+
+
 def markdown(res: dict) -> str:
     mi = res.get("machine", {})
     L = [MARK_BEGIN, "## Leak kinds: the pause and the scan (`bench/kinds.py`, issue 13)\n"]
@@ -534,7 +550,8 @@ def markdown(res: dict) -> str:
                  f"kinds: **+{_f(sm['added_per_process_ms'], 3)} ms**. The Pauser's own time per pause (event to "
                  f"SIGCONT) {_f(sm['pauser_at_exit_ms'], 3)} ms, of which the scan (Outcome.seconds) "
                  f"{_f(sm['pauser_scan_ms'], 3)} ms; {sm['pauses']} pauses, "
-                 f"{sm['classified']['classified']}/{sm['classified']['processes']} processes classified.\n")
+                 f"{sm['classified']['classified']}/{sm['classified']['processes']} processes classified. "
+                 + _split_text(sm.get("pauser_split_ms") or {}) + "\n")
     hp = res.get("heap")
     if hp:
         L.append("**A 100 MB heap** (`kinds_heap`: 1,000,000 blocks of 96 B in chains of 10 and 8 of 1 MiB, "
@@ -572,6 +589,16 @@ def markdown(res: dict) -> str:
         L.append(f"| {_f(lo['off'], 3)} ({_f(sw['off'], 2)}) | {_f(lo['all'], 3)} ({_f(sw['all'], 2)}) | "
                  f"{_f(lo['default'], 3)} ({_f(sw['default'], 2)}) | {_f(mn['default_over_all_loop'], 2)}× "
                  f"({_f(mn['default_over_all_session'], 2)}×) | {_f(mn['all_over_off_loop'], 2)}× |")
+        sp = mn.get("pauser_split_ms") or {}
+        if sp:
+            fl = mn.get("take_blocks_ms_first_last_100") or [None, None]
+            L.append("")
+            L.append(f"Per pause (default kinds, ms): {_f(sp.get('at_exit'), 3)} in the Pauser — waiting for the "
+                     f"stop {_f(sp.get('wait_stopped'), 3)}, listing the blocks from the BPF map "
+                     f"{_f(sp.get('take_blocks'), 3)} (first 100 processes {_f(fl[0], 3)}, last 100 {_f(fl[1], 3)}: the "
+                     f"map holds every exited process's blocks until the test ends), registers through the "
+                     f"watchdog {_f(sp.get('registers'), 3)}, scan_process {_f(sp.get('scan_process'), 3)}; "
+                     f"{mn['classified']['classified']}/{mn['classified']['processes']} processes classified.")
         L.append("")
     rl = res.get("real")
     if rl:
