@@ -50,7 +50,7 @@ import run as R  # noqa: E402  (bench/run.py: machine info, the foreign-uprobe g
 
 SECTIONS = ("small", "heap", "many", "real")
 FULL = dict(small_n=100, small_rounds=6, heap_chains=100_000, heap_runs=5, heap_e2e_runs=3,
-            many_n=1000, many_rounds=3, sqlite_rows=100_000, sort_mb=10, xz_kb=600, real_runs=3, real_rounds=2)
+            many_n=1000, many_rounds=3, sqlite_rows=100_000, sort_mb=10, xz_kb=600, real_runs=4, real_rounds=2)
 QUICK = dict(small_n=50, small_rounds=3, heap_chains=100_000, heap_runs=3, heap_e2e_runs=1,
              many_n=1000, many_rounds=1, sqlite_rows=100_000, sort_mb=10, xz_kb=600, real_runs=2, real_rounds=1)
 MARK_BEGIN, MARK_END = "<!-- kinds.py -->", "<!-- /kinds.py -->"
@@ -143,27 +143,36 @@ def pytest_sessionfinish(session):
 
 # the test helpers: each run of a command timed inside the test
 HELPERS = '''
-import json, os, subprocess, time
+import json, os, resource, subprocess, time
 import pytest
 
 OUT = os.environ["KINDS_BENCH_OUT"]
 
 
+def _child_cpu():
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
 def timed(key, cmd, n=1, stdin=None, stdout=subprocess.DEVNULL):
-    ts = []
+    # each run: its wall time, and its CPU time (user + system of the child;
+    # the pause and the scan run in pytest, not in it)
+    ts, cpu = [], []
     for _ in range(n):
         fin = open(stdin, "rb") if stdin else None
         fout = open(stdout, "wb") if isinstance(stdout, str) else stdout
         try:
+            c0 = _child_cpu()
             t0 = time.perf_counter()
             subprocess.run(cmd, stdin=fin, stdout=fout, check=True)
             ts.append(time.perf_counter() - t0)
+            cpu.append(_child_cpu() - c0)
         finally:
             for fh in (fin, fout if isinstance(stdout, str) else None):
                 if fh:
                     fh.close()
     with open(OUT, "a") as f:
-        f.write(json.dumps({"key": key, "n": n, "loop_s": sum(ts), "times": ts}) + "\\n")
+        f.write(json.dumps({"key": key, "n": n, "loop_s": sum(ts), "times": ts, "cpu": cpu}) + "\\n")
 '''
 
 
@@ -489,11 +498,16 @@ def bench_real(cfg: dict, res: dict) -> None:
         for key, (what, _) in progs.items():
             t = {m: med([x for r in rs for rec in r["records"] if rec["key"] == key for x in rec["times"]])
                  for m, rs in runs.items()}
+            c = {m: med([x for r in rs for rec in r["records"] if rec["key"] == key for x in rec.get("cpu", [])])
+                 for m, rs in runs.items()}
             rep = runs["default"][-1]["report"]
             ps = processes(rep, key)
             out[key] = {
                 "what": what,
                 "s": {m: round(v, 4) for m, v in t.items()},
+                "cpu_s": {m: round(v, 4) for m, v in c.items()},
+                "slowdown_all_cpu": round(c["all"] / c["off"], 3),
+                "slowdown_default_cpu": round(c["default"] / c["off"], 3),
                 "slowdown_all": round(t["all"] / t["off"], 3),
                 "slowdown_default": round(t["default"] / t["off"], 3),
                 "default_over_all": round(t["default"] / t["all"], 3),
@@ -604,17 +618,20 @@ def markdown(res: dict) -> str:
     if rl:
         L.append(f"**Real programs** — each run timed inside its test; {rl['sessions_per_setting']} session(s) per "
                  f"setting × {rl['runs_per_session']} runs, interleaved; seconds:\n")
-        L.append("| program | untraced | kinds=all | default kinds | slowdown all / default | added by "
-                 "the pause and scan | blocks at exit: lost / possible / reachable |")
-        L.append("|---|---|---|---|---|---|---|")
+        L.append("| program | untraced | kinds=all | default kinds | slowdown all / default | the program's "
+                 "CPU time: untraced / all / default (slowdowns) | added by the pause and scan | blocks at exit: "
+                 "lost / possible / reachable / unclassified |")
+        L.append("|---|---|---|---|---|---|---|---|")
         for key, d in rl["programs"].items():
             rc = d.get("reachability") or {}
             kinds = " / ".join(
                 f"{sum(rc.get(k, {}).get('blocks', 0) for k in ks):,}"
-                for ks in (("definite", "indirect"), ("possible",), ("reachable",)))
+                for ks in (("definite", "indirect"), ("possible",), ("reachable",), ("unclassified",)))
             L.append(f"| {d['what']} | {_f(d['s']['off'], 3)} | {_f(d['s']['all'], 3)} | "
                      f"{_f(d['s']['default'], 3)} | {_f(d['slowdown_all'], 2)}× / {_f(d['slowdown_default'], 2)}× | "
-                     f"{_f(d['added_by_kinds_ms'], 1)} ms | {kinds} |")
+                     + (f"{_f(d['cpu_s']['off'], 3)} / {_f(d['cpu_s']['all'], 3)} / {_f(d['cpu_s']['default'], 3)} "
+                        f"({_f(d['slowdown_all_cpu'], 2)}× / {_f(d['slowdown_default_cpu'], 2)}×)" if "cpu_s" in d else "–")
+                     + f" | {_f(d['added_by_kinds_ms'], 1)} ms | {kinds} |")
         L.append("")
     if res.get("errors"):
         L.append("Errors: " + "; ".join(res["errors"]) + "\n")
