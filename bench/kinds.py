@@ -4,6 +4,8 @@ exiting process of a test and classifying the blocks it still holds.
 
     flock /tmp/ebpf.lock .venv/bin/python bench/kinds.py [--quick] [--only small,heap,many,real] [--merge]
 
+Runs bench/setup.sh first (the compiler, sqlite3, xz-utils; --no-setup skips it).
+
 Sections (see bench/README.md, "Leak kinds"):
   small  pause+scan added per exiting small process: bench/kinds_small.c run N
          times in each test of one pytest session, tests alternating between
@@ -686,6 +688,7 @@ def main(argv=None) -> int:
     ap.add_argument("--json", default=str(BENCH / "kinds.json"))
     ap.add_argument("--md", default=str(BENCH / "RESULTS.md"))
     ap.add_argument("--render-only", action="store_true", help="rewrite the RESULTS.md section from kinds.json")
+    ap.add_argument("--no-setup", action="store_true", help="skip bench/setup.sh (compiler, sqlite3, xz-utils)")
     args = ap.parse_args(argv)
     if args.render_only:
         md = markdown(json.loads(Path(args.json).read_text()))
@@ -699,6 +702,8 @@ def main(argv=None) -> int:
     bad = set(only) - set(SECTIONS)
     if bad:
         ap.error(f"unknown section(s): {', '.join(sorted(bad))}")
+    if not args.no_setup:
+        subprocess.run(["bash", str(BENCH / "setup.sh")], check=True)
     OUT.mkdir(exist_ok=True)
     cfg = dict(QUICK if args.quick else FULL)
     res: dict = {}
