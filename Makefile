@@ -2,13 +2,14 @@
 #   make demo   set up, then run the plugin on example_project and show the leak report
 #   make test   set up, then run the test suite (what .ci/run runs)
 #   make bench  set up, then run the benchmarks (bench/README.md)
+#   make bench-kinds  set up, then the leak-kinds benchmark (bench/kinds.py, bench/README.md)
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup system venv demo test unit bench clean
+.PHONY: setup system venv demo test unit bench bench-kinds clean
 
 setup: system venv
 
@@ -40,6 +41,9 @@ unit: venv
 
 bench: setup
 	@$(PY) bench/run.py
+
+bench-kinds: setup
+	@$(PY) bench/kinds.py
 
 clean:
 	rm -rf $(VENV) example_project/build tests/fixtures/build bench/out

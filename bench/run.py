@@ -1549,6 +1549,11 @@ def markdown(res: dict) -> str:
         for e in res["errors"]:
             L.append(f"- {e}")
         L.append("")
+    if (BENCH / "kinds.json").is_file():   # bench/kinds.py's section, kept when this file is rewritten
+        sys.path.insert(0, str(BENCH))
+        import kinds
+        L.append(kinds.markdown(json.loads((BENCH / "kinds.json").read_text())))
+        L.append("")
     return "\n".join(L)
 
 

@@ -42,6 +42,7 @@ therefore not a pointer to ``b`` here.
 from __future__ import annotations
 
 import dataclasses
+import time
 from typing import Callable, Dict, Iterable, Optional, Sequence, Tuple
 
 import numpy as np
@@ -325,18 +326,107 @@ class _Graph:
         return rep + np.arange(total, dtype=np.int64)
 
 
+def _indirect(n: int, srcs: np.ndarray, tgts: np.ndarray, lost: np.ndarray, scratch: np.ndarray) -> np.ndarray:
+    """The lost blocks memcheck's clique pass calls indirectly lost, given the
+    pointers ``srcs -> tgts`` between distinct lost blocks (indices in address
+    order).
+
+    memcheck: in address order, each lost block not yet reached leads a
+    clique and marks every not yet reached block it reaches (transitively,
+    itself excepted; earlier leaders included); the leaders left unmarked are
+    definitely lost.  Its outcome depends on that order only on cycles:
+
+    * a block no lost block points to ("head") always leads and is never
+      marked: definitely lost;
+    * a block some lost block points to, and on no cycle, always ends marked:
+      each of its predecessors is expanded by some clique (as a leader or when
+      marked), and that marks it unless it leads that clique itself, which
+      needs a path back to it from its predecessor;
+    * the rest depends on the order: only blocks from which a cycle can be
+      reached (``A``: what is left after repeatedly dropping the blocks that
+      point to no block still there, one numpy round per level).  ``A`` holds
+      every predecessor of its blocks, so memcheck's own loop run on ``A``
+      alone (leaders and marking limited to ``A``) decides them exactly.
+      Lost lists and trees reached from their head have no cycle; circular
+      and doubly linked ones get there.
+    """
+    pointed = np.zeros(n, dtype=bool)
+    pointed[tgts] = True
+    outdeg = np.bincount(srcs, minlength=n)
+    rev = _Graph(n, tgts, srcs, np.ones(srcs.size, bool), np.ones(srcs.size, bool), np.zeros(srcs.size, np.int8))
+    left = lost & (outdeg > 0)          # blocks still there: A once nothing more drops
+    frontier = np.nonzero(~left & pointed)[0]
+    narrow = 0
+    while frontier.size:
+        narrow = narrow + 1 if frontier.size < _NARROW else 0
+        if narrow > _NARROW_LEVELS:
+            indptr, gs, deg = rev.indptr.tolist(), rev.tgt.tolist(), outdeg.tolist()
+            keep = bytearray(left.tobytes())
+            stack = frontier.tolist()
+            while stack:
+                b = stack.pop()
+                for q in gs[indptr[b]:indptr[b + 1]]:
+                    deg[q] -= 1
+                    if deg[q] == 0:
+                        keep[q] = 0
+                        stack.append(q)
+            left = np.frombuffer(bytes(keep), dtype=bool).copy()
+            break
+        q = rev.tgt[rev.out_edges(frontier)]
+        np.subtract.at(outdeg, q, 1)
+        q = _dedup(q, scratch)
+        frontier = q[(outdeg[q] == 0) & left[q]]
+        left[frontier] = False
+    indirect = lost & pointed & ~left
+    if left.any():
+        sub = _Graph(n, srcs, tgts, np.ones(srcs.size, bool), np.ones(srcs.size, bool), np.zeros(srcs.size, np.int8))
+        indptr, gt = sub.indptr.tolist(), sub.tgt.tolist()
+        st = bytearray(left.tobytes())  # 1: in A and not marked yet
+        for leader in np.nonzero(left)[0].tolist():
+            if not st[leader]:
+                continue
+            stack = [leader]
+            while stack:
+                b = stack.pop()
+                for t in gt[indptr[b]:indptr[b + 1]]:
+                    if st[t] and t != leader:
+                        st[t] = 0
+                        stack.append(t)
+        indirect |= left & ~np.frombuffer(bytes(st), dtype=bool)
+    return indirect
+
+
+class _Clock:
+    """Seconds per phase into ``timings`` (when it is a dict)."""
+
+    def __init__(self, timings):
+        self.timings = timings
+        self.t = time.perf_counter() if timings is not None else 0.0
+
+    def lap(self, phase: str) -> None:
+        if self.timings is not None:
+            now = time.perf_counter()
+            self.timings[phase] = self.timings.get(phase, 0.0) + now - self.t
+            self.t = now
+
+
 def classify(starts, sizes, roots: Iterable[Region], heap: Sequence[Region], *,
              registers: Iterable[int] = (),
              heuristics=DEFAULT_HEURISTICS,
              is_vtable: Optional[Callable[[np.ndarray], np.ndarray]] = None,
-             hazard_offsets=None) -> Classification:
+             hazard_offsets=None, timings: Optional[Dict[str, float]] = None) -> Classification:
     """Classify every block; see the module docstring.
 
     ``is_vtable(values)`` -> bool array: memcheck's "looks like a vtable" test
     (needed by the multipleinheritance heuristic; without it that heuristic
     never accepts).  ``hazard_offsets``: per block, an offset from its start
-    that is never taken as a pointer to it (-1 for none).
+    that is never taken as a pointer to it (-1 for none).  ``timings``: a
+    dict that gets the seconds each phase took (``blocks``: sorting and
+    locating the blocks; ``pointers``: finding the pointers in the roots and
+    the blocks, heuristics included; ``marking``: reachable and possibly
+    lost; ``cliques``: the clique pass) -- for bench/kinds.py.
     """
+    clock = _Clock(timings)
     heuristics = frozenset(heuristics)
     unknown = heuristics - DEFAULT_HEURISTICS
     if unknown:
@@ -344,6 +434,7 @@ def classify(starts, sizes, roots: Iterable[Region], heap: Sequence[Region], *,
     blocks = _Blocks(starts, sizes, hazard_offsets)
     n = blocks.n
     contents = _Contents(blocks, heap)
+    clock.lap("blocks")
 
     # --- pointers from the root set (memory roots and registers)
     root_words = [_as_words(w) for _, w in roots]
@@ -363,6 +454,7 @@ def classify(starts, sizes, roots: Iterable[Region], heap: Sequence[Region], *,
     heur[inter] = _heuristic(blocks, contents, tgt[inter], vals[inter], heuristics, is_vtable)
     strong = is_start | (heur > 0)
     graph = _Graph(n, src, tgt, strong, is_start, heur)
+    clock.lap("pointers")
 
     state = np.full(n, _UNREACHED, dtype=np.int8)
     heur_of = np.zeros(n, dtype=np.int8)  # a heuristic that made a block reachable
@@ -417,9 +509,9 @@ def classify(starts, sizes, roots: Iterable[Region], heap: Sequence[Region], *,
             heur_of[tg[hh == h]] = h
         heur_of[started | (state != REACHABLE)] = 0
 
-    # clique pass over the unreached blocks, in address order.  Only blocks
-    # with a pointer to another unreached block can mark anything: the others,
-    # as leaders, scan nothing new, so the loop visits just the former.
+    clock.lap("marking")
+
+    # clique pass over the unreached blocks, in address order (_indirect)
     lost = state == _UNREACHED
     if lost.any():
         e = graph.out_edges(np.nonzero(lost)[0])
@@ -427,24 +519,10 @@ def classify(starts, sizes, roots: Iterable[Region], heap: Sequence[Region], *,
         keep = lost[graph.tgt[e]] & (graph.tgt[e] != srcs)
         srcs, tgts = srcs[keep], graph.tgt[e][keep]
         if srcs.size:
-            sub = _Graph(n, srcs, tgts, np.ones(srcs.size, bool), np.ones(srcs.size, bool),
-                         np.zeros(srcs.size, np.int8))
-            indptr = sub.indptr.tolist()
-            gt = sub.tgt.tolist()
-            st = bytearray(lost.tobytes())  # 1: unreached
-            for leader in np.unique(srcs).tolist():
-                if not st[leader]:
-                    continue
-                stack = [leader]
-                while stack:
-                    b = stack.pop()
-                    for t in gt[indptr[b]:indptr[b + 1]]:
-                        if st[t] and t != leader:
-                            st[t] = 0
-                            stack.append(t)
-            indirect = lost & ~np.frombuffer(bytes(st), dtype=bool)
-            state[indirect] = INDIRECT
+            state[_indirect(n, srcs, tgts, lost, scratch)] = INDIRECT
         state[state == _UNREACHED] = DEFINITE
+
+    clock.lap("cliques")
 
     kinds = np.empty(n, dtype=np.int8)
     kinds[blocks.order] = state
