@@ -22,6 +22,8 @@ import os
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from .abi import (BUILD_ID_IP, BUILD_ID_VALID, CTR_NEW_STACKS, EV_EXEC, PF_EXITED, PF_TERMINATED,
                   SERIAL_CPU_BITS, TF_KINDS, TF_RING, TF_ROOT, Event, fnv_ips)
 
@@ -305,8 +307,13 @@ class Collector:
             v = None
         if v is not None and int(v.serial) == serial and int(v.flags) & TF_RING:
             out += [(int(e.addr), int(e.size)) for e in v.ring if e.addr]
-        pick = lambda k, v: (k.addr, v.size) if k.tgid == tgid and v.serial == serial else None  # noqa: E731
-        out += [r for _, _, results in self.chunks(self.blocks, pick) for r in results if r is not None]
+        # vectorised over each batch (a paused process's scan needs its own
+        # blocks among every live block of the session)
+        for keys, vals, n in self.chunks(self.blocks, None):
+            k = np.ctypeslib.as_array(keys)[:n]
+            v = np.ctypeslib.as_array(vals)[:n]
+            mine = (k["tgid"] == tgid) & (v["serial"] == serial)
+            out += zip(k["addr"][mine].tolist(), v["size"][mine].tolist())
         return out
 
     def stack_frames(self, hashes) -> dict[int, list]:
@@ -516,7 +523,7 @@ class Collector:
 
     def chunks(self, table, pick, *, delete: bool = False):
         """(keys buffer, n, [pick(k, v) per entry]) per batch lookup (and
-        delete, with delete=True)."""
+        delete, with delete=True); pick None: (keys buffer, values buffer, n)."""
         bufs = self._batch_bufs.get(id(table))
         if bufs is None:
             bufs = ((table.Key * BATCH_CHUNK)(), (table.Leaf * BATCH_CHUNK)())
@@ -532,7 +539,7 @@ class Collector:
             err = ctypes.get_errno()
             n = cnt.value
             if n:
-                yield keys, n, [pick(keys[i], vals[i]) for i in range(n)]
+                yield (keys, vals, n) if pick is None else (keys, n, [pick(keys[i], vals[i]) for i in range(n)])
             if res != 0:
                 if err == errno.ENOENT:
                     break

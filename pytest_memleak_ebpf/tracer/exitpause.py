@@ -78,8 +78,8 @@ def scan(pid: int, blocks: list[tuple[int, int]], limit: float = SCAN_SECONDS, r
     t0 = time.monotonic()
     if not blocks:
         return Outcome(kinds={})
-    starts = np.fromiter((a for a, _ in blocks), dtype=np.uint64, count=len(blocks))
-    sizes = np.fromiter((s for _, s in blocks), dtype=np.uint64, count=len(blocks))
+    pairs = np.array(blocks, dtype=np.uint64).reshape(-1, 2)
+    starts, sizes = pairs[:, 0], pairs[:, 1]
     try:
         regs = registers() if registers is not None else None
         result = scan_process(pid, starts, sizes, registers=regs).classification
