@@ -129,11 +129,11 @@ def scan_stopped(self, tgid, serial):
 
 
 def pytest_sessionstart(session):
-    from pytest_memleak_ebpf.tracer import exitpause
+    from pytest_memleak_ebpf.tracer import exitpause, watchdog
     _orig.update(scan=exitpause.scan, scan_stopped=exitpause.Pauser._scan_stopped)
     exitpause.Pauser.at_exit = _timed("at_exit", exitpause.Pauser.at_exit)
     exitpause.Pauser._scan_stopped = scan_stopped
-    exitpause.Watchdog.registers = _timed("registers", exitpause.Watchdog.registers)
+    watchdog.Watchdog.registers = _timed("registers", watchdog.Watchdog.registers)
     exitpause.wait_stopped = _timed("wait_stopped", exitpause.wait_stopped)
     exitpause.scan = scan
 
