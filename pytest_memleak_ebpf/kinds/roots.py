@@ -24,7 +24,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from . import heap as glibc_heap
+from . import allocmem
 from .classify import Classification, classify
 from ..procmaps import Region, read_regions
 from .memory import GP_REGS, ProcessMemory, thread_registers
@@ -132,23 +132,23 @@ class Scan:
 
 def scan_process(pid: int, starts, sizes, *, exclude: Iterable[Range] = (),
                  registers: Optional[Dict[int, Dict[str, int]]] = None,
-                 hazard: bool = True) -> Scan:
-    """Classify the blocks ``starts``/``sizes`` of the stopped process ``pid``."""
+                 hazard: bool = True, allocator: str = "glibc") -> Scan:
+    """Classify the blocks ``starts``/``sizes`` of the stopped process ``pid``,
+    whose allocator is ``allocator`` (a kind of
+    :mod:`pytest_memleak_ebpf.allocators`; :mod:`.allocmem` tells its memory).
+    An allocator it does not know raises
+    :class:`~.allocmem.UnsupportedAllocator` before the process is read."""
+    allocmem.check_supported(allocator)
     starts = np.asarray(starts, dtype=np.uint64)
     sizes = np.asarray(sizes, dtype=np.uint64)
     maps = read_regions(pid)
     with ProcessMemory(pid) as mem:
         if registers is None:
             registers = thread_registers(pid)
-        try:
-            main_arena = glibc_heap.find_main_arena(maps, mem.read)
-        except Exception:  # noqa: BLE001 - a process without glibc malloc
-            main_arena = None
-        holes = list(exclude) + glibc_heap.allocator_ranges(maps, mem.read, main_arena)
-        # blocks outside the arenas' heaps are mmapped chunks (their headers say)
-        arena_mem = sorted(r for r in holes if r[1] > r[0])
-        outside = _outside(starts, arena_mem)
-        holes += [e for e in (glibc_heap.mmapped_extent(mem.read, int(s)) for s in starts[outside]) if e]
+        threads = [allocmem.Thread(r["rsp"], r.get("fs_base", 0)) for r in registers.values()]
+        am = allocmem.allocator_memory(allocator, maps, mem.read, starts, sizes, threads)
+        main_arena = am.main_arena
+        holes = list(exclude) + subtract(am.ranges, am.keep)
         roots = root_ranges(maps, [r["rsp"] for r in registers.values()], holes)
         datas = mem.read_many([(lo, hi - lo) for lo, hi in roots])
         root_words = [(lo, np.frombuffer(d[:len(d) // 8 * 8], dtype=np.uint64)) for (lo, _), d in zip(roots, datas)]
@@ -160,20 +160,8 @@ def scan_process(pid: int, starts, sizes, *, exclude: Iterable[Range] = (),
         regs = [r[name] for r in registers.values() for name in GP_REGS]
         result = classify(starts, sizes, root_words, heap_words, registers=regs,
                           is_vtable=VtableCheck(maps, mem.read),
-                          hazard_offsets=glibc_heap.hazard_offsets(sizes) if hazard else None)
+                          hazard_offsets=am.hazard if hazard else None)
     return Scan(result, roots, registers, main_arena, sum(hi - lo for lo, hi in roots))
-
-
-def _outside(starts: np.ndarray, ranges: List[Range]) -> np.ndarray:
-    """Mask of the addresses in none of the (sorted, disjoint enough) ranges."""
-    if not ranges:
-        return np.ones(starts.size, dtype=bool)
-    lo = np.array([a for a, _ in ranges], dtype=np.uint64)
-    hi = np.array([b for _, b in ranges], dtype=np.uint64)
-    i = np.searchsorted(lo, starts, side="right").astype(np.int64) - 1
-    ok = i >= 0
-    i = np.where(ok, i, 0)
-    return ~(ok & (starts < hi[i]))
 
 
 def _block_segments(starts: np.ndarray, sizes: np.ndarray, maps: Sequence[Region],

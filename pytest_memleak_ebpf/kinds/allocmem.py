@@ -1,0 +1,349 @@
+"""Allocator memory: what each supported allocator keeps for itself in a
+stopped process, never a root of the leak scan.
+
+Every live block's address and size are known exactly (the uprobes' block
+map, whatever the allocator), so the blocks themselves need no walk; what a
+scan must not take as roots is the rest of the allocator's memory: free
+regions (stale pointers in freed blocks would turn lost blocks reachable),
+headers, free lists and the metadata that points at blocks (jemalloc's
+``edata_t.e_addr`` is the start of a large block or of a slab's first
+region).  :func:`allocator_memory` gives it per allocator kind (the
+``kind`` of :mod:`pytest_memleak_ebpf.allocators`):
+
+* ``glibc``: ``[heap]``, every non-main arena's heaps, ``main_arena`` and
+  each mmapped chunk (:mod:`.heap`), plus the hazard offsets of glibc's chunk
+  headers (:func:`.heap.hazard_offsets`);
+* ``jemalloc``, ``tcmalloc``, ``mimalloc``: every private anonymous
+  read-write mapping (``[heap]`` included: tcmalloc grows it with ``sbrk``)
+  that holds a live block, and every one that holds the allocator's metadata
+  (below).  These allocators take their memory from the kernel in large
+  mappings of their own -- jemalloc's extents and its ``base`` blocks
+  (edata, rtree nodes, tcaches), tcmalloc's spans and its metadata arena
+  (``sbrk`` first, then ``mmap``), mimalloc's segments (2 TiB up, 32 MiB
+  aligned) -- and none keeps a program's pointer; a mapping without a block
+  is the allocator's when it is *metadata*: it holds pointers to the start of
+  live blocks or to the mappings holding blocks, and no word of it is in a
+  root's reach other than from the allocator's own static data.  Rather than
+  guess that, the metadata of each is found by what it is:
+
+  - jemalloc: a ``base`` block starts at a 2 MiB-aligned (``HUGEPAGE``)
+    address with ``base_block_t`` (``size``: a multiple of 4 KiB no larger
+    than the mapping's rest; ``next``: 0 or another such header) -- the
+    mappings starting with one are jemalloc's;
+  - tcmalloc, mimalloc: their metadata never points at a block's start
+    (tcmalloc's spans hold page numbers, mimalloc's pages sit in the segment
+    before its blocks), so only the block-holding mappings are theirs.
+
+  A thread's stack and static TLS are never allocator memory, even when the
+  kernel merged their mapping with one of the allocator's (it does not merge
+  a ``MAP_STACK`` mapping since Linux 6.7): from ``sp - 128`` (memcheck's red
+  zone) up to the page after its thread pointer (``fs_base``: glibc's
+  ``struct pthread``, with the static TLS below it).
+* ``musl`` and ``static-musl`` (mallocng, musl 1.2.1 and later): exactly the
+  groups of every active ``struct meta`` and the meta areas.  The first live
+  block leads to its group (``p - 16 * offset - 16``, the offset in the
+  4-byte slot header before ``p``), the group to its meta (the group's first
+  word), the meta to its meta area (``meta & -4096``, whose ``check`` is
+  ``ctx.secret``); the secret leads to ``ctx`` (``__malloc_context``, found by
+  that word in the rw data of musl's libc or of the static executable), whose
+  ``meta_area_head`` chains every meta area; every meta with a group gives
+  ``[mem, mem + 16 + stride * (last_idx + 1))``, or ``maplen`` pages for an
+  mmapped group.  Groups may sit in musl's ``[heap]``, in its own mappings,
+  inside a larger group's slot, or in the unused tail of a loaded object's
+  ``.bss`` that the dynamic loader donates to malloc: only their bytes are
+  taken out of the roots, never the rest of the mapping.
+
+Any other kind raises :class:`UnsupportedAllocator`, whose text says why.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from ..procmaps import Region
+from . import heap as glibc_heap
+
+Range = Tuple[int, int]
+ReadFn = Callable[[int, int], bytes]
+PAGE = 4096
+HUGEPAGE = 2 << 20
+RED_ZONE = 128
+
+#: the kinds :func:`allocator_memory` knows
+SUPPORTED = ("glibc", "jemalloc", "tcmalloc", "mimalloc", "musl", "static-musl")
+
+
+class UnsupportedAllocator(LookupError):
+    """The scan cannot tell this allocator's memory from roots; the text is
+    the reason its process's blocks stay unclassified."""
+
+
+@dataclasses.dataclass
+class AllocatorMemory:
+    ranges: List[Range]                 # never roots ...
+    keep: List[Range] = dataclasses.field(default_factory=list)  # ... except these (threads' stacks and TLS)
+    hazard: Optional[np.ndarray] = None  # per block, an offset no pointer to it may have (glibc's next header)
+    main_arena: Optional[int] = None     # glibc
+
+
+@dataclasses.dataclass
+class Thread:
+    sp: int
+    fs_base: int
+
+
+def _words(read: ReadFn, addr: int, n: int) -> np.ndarray:
+    data = read(addr, n)
+    return np.frombuffer(data[:len(data) // 8 * 8], dtype=np.uint64)
+
+
+def _word(read: ReadFn, addr: int) -> Optional[int]:
+    data = read(addr, 8)
+    return int.from_bytes(data, "little") if len(data) == 8 else None
+
+
+def _find(maps: Sequence[Region], addr: int) -> Optional[Region]:
+    for m in maps:
+        if m.start <= addr < m.end:
+            return m
+    return None
+
+
+def _anon_rw(m: Region) -> bool:
+    return m.readable and m.writable and m.perms.endswith("p") and m.path in ("", "[heap]")
+
+
+def _holding(maps: Sequence[Region], starts: np.ndarray) -> List[Region]:
+    """The private anonymous rw mappings holding a block's start."""
+    if starts.size == 0:
+        return []
+    s = np.sort(starts)
+    out = []
+    for m in maps:
+        if not _anon_rw(m):
+            continue
+        i = int(np.searchsorted(s, np.uint64(m.start), side="left"))
+        if i < s.size and int(s[i]) < m.end:
+            out.append(m)
+    return out
+
+
+def thread_ranges(maps: Sequence[Region], threads: Iterable[Thread]) -> List[Range]:
+    """Each thread's stack from ``sp - 128`` up to the page after its thread
+    pointer when that lies above ``sp`` in the same mapping (a glibc thread),
+    else to the mapping's end; plus the pages around a thread pointer in
+    another mapping (the main thread's static TLS, allocated by ld.so)."""
+    out = []
+    for t in threads:
+        m = _find(maps, t.sp)
+        if m is not None:
+            top = m.end
+            if m.start <= t.fs_base < m.end and t.fs_base > t.sp:
+                top = min(m.end, (t.fs_base + 2 * PAGE) & ~(PAGE - 1))
+            out.append((max(m.start, (t.sp - RED_ZONE) & ~7), top))
+        f = _find(maps, t.fs_base)
+        if f is not None and f is not m:
+            lo = max(f.start, (t.fs_base & ~(PAGE - 1)) - 4 * PAGE)
+            out.append((lo, min(f.end, (t.fs_base + 2 * PAGE) & ~(PAGE - 1))))
+    return out
+
+
+# -- jemalloc ------------------------------------------------------------------
+
+def _jemalloc_base_blocks(maps: Sequence[Region], read: ReadFn) -> List[Range]:
+    """Mappings that start (at a 2 MiB-aligned address) with a jemalloc
+    ``base_block_t`` chain: ``{size, next, edata}``, size a page multiple
+    within the mapping, next 0 or another block header."""
+    cands = {}
+    for m in maps:
+        if not _anon_rw(m) or m.path:
+            continue
+        a = (m.start + HUGEPAGE - 1) & ~(HUGEPAGE - 1)
+        while a + PAGE <= m.end:
+            w = _words(read, a, 16)
+            if w.size == 2:
+                size, nxt = int(w[0]), int(w[1])
+                if size and size % PAGE == 0 and size % HUGEPAGE == 0 and a + size <= m.end \
+                        and (nxt == 0 or nxt % HUGEPAGE == 0):
+                    cands[a] = (size, nxt)
+            a += HUGEPAGE
+    # a chain's links must be candidates themselves
+    ok = []
+    for a, (size, nxt) in cands.items():
+        if nxt == 0 or nxt in cands:
+            ok.append((a, a + size))
+    return ok
+
+
+def _mapping_ranges(kind: str, maps: Sequence[Region], read: ReadFn, starts: np.ndarray) -> List[Range]:
+    ranges = [(m.start, m.end) for m in _holding(maps, starts)]
+    if kind == "jemalloc":
+        ranges += _jemalloc_base_blocks(maps, read)
+    return ranges
+
+
+# -- musl mallocng -------------------------------------------------------------
+
+UNIT = 16
+MUSL_SIZE_CLASSES = (1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 12, 15, 18, 20, 25, 31, 36, 42, 50, 63, 72, 84, 102, 127,
+                     146, 170, 204, 255, 292, 340, 409, 511, 584, 682, 818, 1023, 1169, 1364, 1637, 2047,
+                     2340, 2730, 3276, 4095, 4680, 5460, 6552, 8191)
+META_SIZE = 40            # struct meta: prev, next, mem, avail_mask+freed_mask, bitfield word
+META_AREA_HEADER = 24     # struct meta_area: check, next, nslots (+ pad)
+CTX_META_AREA_HEAD = 56   # struct malloc_context (PAGESIZE defined on x86-64: no pagesize field)
+CTX_SIZE = 928
+
+
+@dataclasses.dataclass
+class MuslMeta:
+    address: int
+    mem: int
+    last_idx: int
+    sizeclass: int
+    maplen: int
+
+    @property
+    def group(self) -> Range:
+        if self.maplen:
+            return self.mem, self.mem + self.maplen * PAGE
+        stride = UNIT * MUSL_SIZE_CLASSES[self.sizeclass]
+        return self.mem, self.mem + UNIT + stride * (self.last_idx + 1)
+
+
+def musl_group_of(read: ReadFn, p: int) -> Optional[int]:
+    """The group (``struct group *``) a mallocng slot ``p`` belongs to."""
+    hdr = read(p - 8, 8)
+    if len(hdr) != 8:
+        return None
+    offset = int.from_bytes(hdr[6:8], "little")
+    if hdr[4]:
+        offset = int.from_bytes(hdr[0:4], "little")
+    return p - UNIT * offset - UNIT
+
+
+def _musl_meta(read: ReadFn, addr: int) -> Optional[MuslMeta]:
+    w = _words(read, addr, META_SIZE)
+    if w.size != 5:
+        return None
+    bits = int(w[4])
+    return MuslMeta(addr, int(w[2]), bits & 31, (bits >> 6) & 63, bits >> 12)
+
+
+def musl_context(maps: Sequence[Region], read: ReadFn, starts: np.ndarray) -> Optional[int]:
+    """Address of mallocng's ``ctx``, found through the first live block."""
+    secret = None
+    for p in np.sort(starts)[:64].tolist():
+        g = musl_group_of(read, int(p))
+        meta = _word(read, g) if g is not None else None
+        if not meta or meta % 8:
+            continue
+        m = _musl_meta(read, meta)
+        if m is None or m.mem != g:
+            continue
+        secret = _word(read, meta & ~(PAGE - 1))
+        if secret is not None:
+            break
+    if secret is None:
+        return None
+    for m in maps:
+        if not (m.readable and m.writable) or m.path.startswith("["):
+            continue
+        w = _words(read, m.start, m.end - m.start)
+        for i in np.nonzero(w == np.uint64(secret))[0].tolist():
+            addr = m.start + 8 * i
+            if addr & (PAGE - 1) == 0 and _anon_rw(m):
+                continue    # a meta area's check word, not ctx
+            head = _word(read, addr + CTX_META_AREA_HEAD)
+            if head and head % PAGE == 0 and _word(read, head) == secret:
+                return addr
+    return None
+
+
+def musl_metas(read: ReadFn, ctx: int) -> Tuple[List[MuslMeta], List[Range]]:
+    """Every meta with a group, and every meta area (its pages)."""
+    secret = _word(read, ctx)
+    area = _word(read, ctx + CTX_META_AREA_HEAD) or 0
+    metas, areas, seen = [], [], set()
+    while area and area not in seen and len(seen) < 1 << 16:
+        seen.add(area)
+        hdr = _words(read, area, META_AREA_HEADER)
+        if hdr.size != 3 or int(hdr[0]) != secret:
+            raise UnsupportedAllocator(f"its allocator is musl, but the meta area at {area:#x} has a bad check "
+                                       "word, so its blocks count as unclassified")
+        nslots = int(hdr[2]) & 0xFFFFFFFF
+        end = area + META_AREA_HEADER + META_SIZE * nslots
+        areas.append((area, (end + PAGE - 1) & ~(PAGE - 1)))
+        w = _words(read, area + META_AREA_HEADER, META_SIZE * nslots).reshape(-1, 5)
+        for k in np.nonzero(w[:, 2])[0].tolist():
+            bits = int(w[k, 4])
+            metas.append(MuslMeta(area + META_AREA_HEADER + META_SIZE * k, int(w[k, 2]), bits & 31,
+                                  (bits >> 6) & 63, bits >> 12))
+        area = int(hdr[1])
+    return metas, areas
+
+
+def _musl_ranges(maps: Sequence[Region], read: ReadFn, starts: np.ndarray) -> List[Range]:
+    if starts.size == 0:
+        return []
+    ctx = musl_context(maps, read, starts)
+    if ctx is None:
+        raise UnsupportedAllocator("its allocator is musl, but mallocng's context (__malloc_context) was not found "
+                                   "through its blocks, so its blocks count as unclassified")
+    metas, areas = musl_metas(read, ctx)
+    return [m.group for m in metas] + areas
+
+
+# -- glibc ---------------------------------------------------------------------
+
+def _glibc(maps: Sequence[Region], read: ReadFn, starts: np.ndarray, sizes: np.ndarray) -> AllocatorMemory:
+    try:
+        main_arena = glibc_heap.find_main_arena(maps, read)
+    except Exception:  # noqa: BLE001 - a process without glibc malloc
+        main_arena = None
+    holes = glibc_heap.allocator_ranges(maps, read, main_arena)
+    # blocks outside the arenas' heaps are mmapped chunks (their headers say)
+    arena_mem = sorted(r for r in holes if r[1] > r[0])
+    outside = _outside(starts, arena_mem)
+    holes += [e for e in (glibc_heap.mmapped_extent(read, int(s)) for s in starts[outside]) if e]
+    return AllocatorMemory(holes, hazard=glibc_heap.hazard_offsets(sizes), main_arena=main_arena)
+
+
+def _outside(starts: np.ndarray, ranges: List[Range]) -> np.ndarray:
+    """Mask of the addresses in none of the (sorted, disjoint enough) ranges."""
+    if not ranges:
+        return np.ones(starts.size, dtype=bool)
+    lo = np.array([a for a, _ in ranges], dtype=np.uint64)
+    hi = np.array([b for _, b in ranges], dtype=np.uint64)
+    i = np.searchsorted(lo, starts, side="right").astype(np.int64) - 1
+    ok = i >= 0
+    i = np.where(ok, i, 0)
+    return ~(ok & (starts < hi[i]))
+
+
+def check_supported(kind: str) -> None:
+    """Raise :class:`UnsupportedAllocator` (its text: why the blocks stay
+    unclassified) unless :func:`allocator_memory` knows ``kind``."""
+    if kind in SUPPORTED:
+        return
+    if kind == "static-glibc":
+        raise UnsupportedAllocator("its allocator is static-glibc: leak kinds do not find glibc's heap "
+                                   "in a static executable, so its blocks count as unclassified")
+    raise UnsupportedAllocator(f"its allocator is {kind}: leak kinds do not know its memory, so its blocks "
+                               "count as unclassified")
+
+
+def allocator_memory(kind: str, maps: Sequence[Region], read: ReadFn, starts, sizes,
+                     threads: Iterable[Thread] = ()) -> AllocatorMemory:
+    """The memory of allocator ``kind`` in a stopped process (its ``maps``,
+    ``read`` of its memory, its live blocks and its threads)."""
+    check_supported(kind)
+    starts = np.asarray(starts, dtype=np.uint64)
+    sizes = np.asarray(sizes, dtype=np.uint64)
+    if kind == "glibc":
+        return _glibc(maps, read, starts, sizes)
+    if kind in ("jemalloc", "tcmalloc", "mimalloc"):
+        return AllocatorMemory(_mapping_ranges(kind, maps, read, starts), thread_ranges(maps, threads))
+    return AllocatorMemory(_musl_ranges(maps, read, starts))
