@@ -131,57 +131,68 @@ def _holding(maps: Sequence[Region], starts: np.ndarray) -> List[Region]:
     return out
 
 
-def thread_ranges(maps: Sequence[Region], threads: Iterable[Thread]) -> List[Range]:
-    """Each thread's stack from ``sp - 128`` up to the page after its thread
-    pointer when that lies above ``sp`` in the same mapping (a glibc thread),
-    else to the mapping's end; plus the pages around a thread pointer in
-    another mapping (the main thread's static TLS, allocated by ld.so)."""
+def thread_ranges(maps: Sequence[Region], threads: Iterable[Thread], starts=(), sizes=()) -> List[Range]:
+    """What of a thread is never allocator memory, even in a mapping the
+    kernel merged with the allocator's: a glibc thread's stack (its thread
+    pointer above ``sp`` in the same mapping: from ``sp - 128`` to the page
+    after the thread pointer, ``struct pthread`` and the static TLS below it
+    included), and, for a thread pointer in another mapping (the main
+    thread's, allocated by ld.so), the four pages below it and the one it is
+    in.  A range holding a live block is not kept (a stack or TLS inside
+    allocator memory, e.g. a coroutine's stack that is itself a block)."""
+    starts = np.asarray(starts, dtype=np.uint64)
+    order = np.argsort(starts)
+    s = starts[order]
+    e = s + np.maximum(np.asarray(sizes, dtype=np.uint64)[order], np.uint64(1)) if s.size else s
     out = []
     for t in threads:
         m = _find(maps, t.sp)
-        if m is not None:
-            top = m.end
-            if m.start <= t.fs_base < m.end and t.fs_base > t.sp:
-                top = min(m.end, (t.fs_base + 2 * PAGE) & ~(PAGE - 1))
-            out.append((max(m.start, (t.sp - RED_ZONE) & ~7), top))
         f = _find(maps, t.fs_base)
-        if f is not None and f is not m:
+        if m is not None and f is m and t.fs_base > t.sp:
+            out.append(((t.sp - RED_ZONE) & ~7, min(m.end, (t.fs_base + 2 * PAGE) & ~(PAGE - 1))))
+        elif f is not None:
             lo = max(f.start, (t.fs_base & ~(PAGE - 1)) - 4 * PAGE)
             out.append((lo, min(f.end, (t.fs_base + 2 * PAGE) & ~(PAGE - 1))))
-    return out
+    keep = []
+    for lo, hi in out:
+        # the last block starting below hi: the only one that may overlap (blocks do not overlap)
+        i = int(np.searchsorted(s, np.uint64(hi), side="left")) - 1
+        if i < 0 or int(e[i]) <= lo:
+            keep.append((lo, hi))
+    return keep
 
 
 # -- jemalloc ------------------------------------------------------------------
 
-def _jemalloc_base_blocks(maps: Sequence[Region], read: ReadFn) -> List[Range]:
-    """Mappings that start (at a 2 MiB-aligned address) with a jemalloc
-    ``base_block_t`` chain: ``{size, next, edata}``, size a page multiple
-    within the mapping, next 0 or another block header."""
-    cands = {}
+def jemalloc_base_blocks(maps: Sequence[Region], read: ReadFn) -> List[Range]:
+    """jemalloc's ``base`` blocks (its metadata: arenas, edata, rtree nodes)
+    in private anonymous mappings: at a 2 MiB-aligned (``HUGEPAGE``) address, a
+    ``base_block_t`` ``{size, next, edata}`` whose size is a multiple of
+    2 MiB within the mapping, whose next is 0 or 2 MiB-aligned, and whose
+    ``edata`` (``e_bits, e_addr, e_bsize``) describes the block's unused
+    tail: ``e_addr`` inside the block, ``e_addr + e_bsize`` its end."""
+    out = []
     for m in maps:
         if not _anon_rw(m) or m.path:
             continue
         a = (m.start + HUGEPAGE - 1) & ~(HUGEPAGE - 1)
-        while a + PAGE <= m.end:
-            w = _words(read, a, 16)
-            if w.size == 2:
-                size, nxt = int(w[0]), int(w[1])
-                if size and size % PAGE == 0 and size % HUGEPAGE == 0 and a + size <= m.end \
-                        and (nxt == 0 or nxt % HUGEPAGE == 0):
-                    cands[a] = (size, nxt)
+        while a + HUGEPAGE <= m.end:
+            w = _words(read, a, 40)
+            if w.size == 5:
+                size, nxt, addr, bsize = int(w[0]), int(w[1]), int(w[3]), int(w[4])
+                if size and size % HUGEPAGE == 0 and a + size <= m.end and nxt % HUGEPAGE == 0 \
+                        and a + 40 <= addr <= a + size and addr + bsize == a + size:
+                    out.append((a, a + size))
+                    a += size
+                    continue
             a += HUGEPAGE
-    # a chain's links must be candidates themselves
-    ok = []
-    for a, (size, nxt) in cands.items():
-        if nxt == 0 or nxt in cands:
-            ok.append((a, a + size))
-    return ok
+    return out
 
 
 def _mapping_ranges(kind: str, maps: Sequence[Region], read: ReadFn, starts: np.ndarray) -> List[Range]:
     ranges = [(m.start, m.end) for m in _holding(maps, starts)]
     if kind == "jemalloc":
-        ranges += _jemalloc_base_blocks(maps, read)
+        ranges += jemalloc_base_blocks(maps, read)
     return ranges
 
 
@@ -345,5 +356,5 @@ def allocator_memory(kind: str, maps: Sequence[Region], read: ReadFn, starts, si
     if kind == "glibc":
         return _glibc(maps, read, starts, sizes)
     if kind in ("jemalloc", "tcmalloc", "mimalloc"):
-        return AllocatorMemory(_mapping_ranges(kind, maps, read, starts), thread_ranges(maps, threads))
+        return AllocatorMemory(_mapping_ranges(kind, maps, read, starts), thread_ranges(maps, threads, starts, sizes))
     return AllocatorMemory(_musl_ranges(maps, read, starts))
