@@ -227,3 +227,113 @@ def test_a_paused_process_is_continued_when_pytest_is_killed(pytester, ebpf, exe
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+# -- leak kinds under each allocator (tests/fixtures/alloc/kinds.c) --------------
+
+KINDS_SOURCE = os.path.join(os.path.dirname(__file__), "fixtures", "alloc", "kinds.c")
+FOUR = ("definite", "indirect", "possible", "reachable")
+# kinds.c's own blocks (see its header): the allocator's and its libraries'
+# own blocks come on top, all reachable ("none": the program allocates nothing)
+KINDS_EXPECTED = {"definite": (1048884, 4), "indirect": (200, 5), "possible": (0, 0), "reachable": (301620, 6)}
+# what an allocator loses by itself at start-up: tcmalloc's MallocExtension::Register
+# leaks an 8-byte operator new[] block (valgrind says so too)
+BASE_LOST = {"tcmalloc": {"definite": (8, 1)}}
+# musl's _exit is not probed (the exit pause is glibc's): its processes are
+# scanned while they run, at their test's end
+SCANNED_RUNNING = {"musl", "static-musl"}
+KINDS_CONFIGS = [n for n in CONFIGS if "stripped" not in n]
+
+
+@pytest.fixture(scope="module")
+def kinds_exes(tmp_path_factory):
+    out = tmp_path_factory.mktemp("allockinds")
+    return {name: builds.build(cfg, str(out), source=KINDS_SOURCE) for name, cfg in CONFIGS.items()
+            if name in KINDS_CONFIGS and not builds.missing(cfg.packages)}
+
+
+def _kinds_inner(exe, env, running, warm=True):
+    """Two tests: the program allocating nothing, then kinds.c; each either
+    run to its exit, or left running (reading its stdin) at the test's end.
+    warm: a first test runs the executable once before them (its first exec,
+    the one paused at exec: the scan does not get that image's allocator kind
+    yet, see test_leak_kinds_of_a_first_exec)."""
+    return f"""
+import os, subprocess, pytest
+ENV = {{k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "LD_LIBRARY_PATH")}}
+ENV.update({env!r})
+KEEP = []
+
+@pytest.mark.leak_budget(None)
+@pytest.mark.skipif(not {warm!r}, reason="no warm-up")
+def test_0_warm():
+    subprocess.run([{exe!r}, "none"], env=ENV, check=True)
+
+def _run(*args):
+    if {running!r}:
+        p = subprocess.Popen([{exe!r}, "wait", *args], env=ENV, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        assert p.stdout.readline() == b"ready\\n"
+        KEEP.append(p)      # its stdin closes when this session ends: then it exits
+    else:
+        subprocess.run([{exe!r}, *args], env=ENV, check=True)
+
+@pytest.mark.leak_budget(None)
+def test_a_none():
+    _run("none")
+
+@pytest.mark.leak_budget(None)
+def test_b_kinds():
+    _run()
+"""
+
+
+def _figures(p):
+    return {k: (p["reachability"][k]["bytes"], p["reachability"][k]["blocks"]) for k in FOUR}
+
+
+@pytest.mark.parametrize("name", KINDS_CONFIGS)
+def test_leak_kinds_under_each_allocator(pytester, run_plugin, kinds_exes, name):
+    """Each allocator's memory is kept out of the roots: kinds.c's known lost
+    and reachable blocks come out exactly, the allocator's own blocks are
+    reachable; static glibc is unclassified, with its reason."""
+    if name not in kinds_exes:
+        _need(kinds_exes, name)
+    cfg = CONFIGS[name]
+    exe = kinds_exes[name]
+    pytester.makepyfile(test_inner=_kinds_inner(exe, _env(cfg), cfg.kind in SCANNED_RUNNING or cfg.static))
+    result, doc = run_plugin()
+    result.assert_outcomes(passed=3)
+    _, (base,), (prog,) = [t["processes"] for t in doc["tests"]]
+    for p in (base, prog):
+        assert p["allocator"]["kind"] == cfg.kind and p["allocator"]["covered"]
+    if cfg.kind == "static-glibc":
+        why = ("its allocator is static-glibc: leak kinds do not find glibc's heap in a static executable, "
+               "so its blocks count as unclassified")
+        for p in (base, prog):
+            assert not p["classified"] and p["reason"] == why
+        assert prog["reachability"]["unclassified"] == prog["outstanding"]
+        return
+    for p in (base, prog):
+        assert p["classified"], (name, p.get("reason"))
+        assert p["reachability"]["unclassified"] == {"bytes": 0, "blocks": 0}
+    own = _figures(base)
+    assert {k: own[k] for k in FOUR[:3]} == dict({k: (0, 0) for k in FOUR[:3]}, **BASE_LOST.get(cfg.kind, {})), own
+    want = {k: (KINDS_EXPECTED[k][0] + own[k][0], KINDS_EXPECTED[k][1] + own[k][1]) for k in FOUR}
+    assert _figures(prog) == want, (name, _figures(prog), own)
+    # leaked: kinds.c's lost blocks, plus what the allocator loses that no default suppression hides
+    assert prog["leaked"] == {"bytes": 1048884 + 200 + base["leaked"]["bytes"],
+                              "blocks": 9 + base["leaked"]["blocks"]}
+
+
+@pytest.mark.xfail(strict=True, reason="tracer/core.py _allocator_kind reads the image's alloc_id from the procs "
+                                       "map only; a first exec's answer is in ExecPauses._serial_alloc: the scan "
+                                       "takes it as glibc")
+def test_leak_kinds_of_a_first_exec(pytester, run_plugin, kinds_exes):
+    name = "static-glibc"
+    _need(kinds_exes, name)
+    pytester.makepyfile(test_inner=_kinds_inner(kinds_exes[name], {}, True, warm=False))
+    result, doc = run_plugin()
+    result.assert_outcomes(passed=2, skipped=1)
+    _, (base,), _ = [t["processes"] for t in doc["tests"]]
+    assert base["allocator"]["kind"] == name
+    assert not base["classified"] and base["reason"].startswith("its allocator is static-glibc:")
