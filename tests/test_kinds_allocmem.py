@@ -189,12 +189,42 @@ def test_musl_without_its_context_or_with_a_bad_meta_area_is_unsupported():
     assert allocmem.allocator_memory("musl", maps, mem.read, [], []).ranges == []
 
 
+# -- static glibc ----------------------------------------------------------------------
+
+def test_static_glibc_heap_starts_at_the_tcache_after_the_main_threads_tls():
+    """A static executable's [heap] starts with the static TLS and TCB
+    (sbrk'd by __libc_setup_tls): a root; malloc's chunks start at the
+    tcache chunk (size 0x291, prev_size 0, 16-aligned)."""
+    from pytest_memleak_ebpf.kinds import heap
+
+    maps = _maps("""
+    400000-401000 r-xp 00000000 fe:00 1 /usr/bin/prog
+    4a4000-4a7000 rw-p 000a4000 fe:00 1 /usr/bin/prog
+    4a7000-4ac000 rw-p 00000000 00:00 0
+    1000000-1022000 rw-p 00000000 00:00 0 [heap]
+    """)
+    mem = Memory([(m.start, m.end) for m in maps])
+    mem.put(0x1000300, 0x291)        # in the TLS: 8 mod 16 would make a chunk at ...2f8: not 16-aligned
+    mem.put(0x1000d38, 5, 0x291)     # prev_size not 0
+    mem.put(0x1000d40, 0, 0x291)     # the tcache chunk
+    heap_map = maps[-1]
+    assert heap.static_heap_start(mem.read, heap_map) == 0x1000d40
+    assert heap.allocator_ranges(maps, mem.read, None, static=True) == [(0x1000d40, 0x1022000)]
+    assert heap.allocator_ranges(maps, mem.read, None) == [(0x1000000, 0x1022000)]
+    # no main_arena in the executable's data: unsupported, with the reason
+    with pytest.raises(UnsupportedAllocator, match="^its allocator is static-glibc, but glibc's main_arena was "
+                                                   "not found in the executable's data, so its blocks count as "
+                                                   "unclassified$"):
+        allocmem.allocator_memory("static-glibc", maps, mem.read, [0x1000d50], [8])
+    assert allocmem.allocator_memory("static-glibc", maps, mem.read, [], []).ranges == [(0x1000d40, 0x1022000)]
+
+
 # -- unknown allocators --------------------------------------------------------------
 
 @pytest.mark.parametrize("kind, reason", [
-    ("static-glibc", "its allocator is static-glibc: leak kinds do not find glibc's heap in a static "
-                     "executable, so its blocks count as unclassified"),
     ("other", "its allocator is other: leak kinds do not know its memory, so its blocks count as unclassified"),
+    ("jemalloc-6", "its allocator is jemalloc-6: leak kinds do not know its memory, so its blocks count as "
+                   "unclassified"),
 ])
 def test_an_allocator_without_a_walk_is_unclassified_with_its_reason(kind, reason):
     with pytest.raises(UnsupportedAllocator) as exc:

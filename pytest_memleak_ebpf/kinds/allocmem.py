@@ -73,7 +73,7 @@ HUGEPAGE = 2 << 20
 RED_ZONE = 128
 
 #: the kinds :func:`allocator_memory` knows
-SUPPORTED = ("glibc", "jemalloc", "tcmalloc", "mimalloc", "musl", "static-musl")
+SUPPORTED = ("glibc", "static-glibc", "jemalloc", "tcmalloc", "mimalloc", "musl", "static-musl")
 
 
 class UnsupportedAllocator(LookupError):
@@ -309,12 +309,16 @@ def _musl_ranges(maps: Sequence[Region], read: ReadFn, starts: np.ndarray) -> Li
 
 # -- glibc ---------------------------------------------------------------------
 
-def _glibc(maps: Sequence[Region], read: ReadFn, starts: np.ndarray, sizes: np.ndarray) -> AllocatorMemory:
+def _glibc(maps: Sequence[Region], read: ReadFn, starts: np.ndarray, sizes: np.ndarray,
+           static: bool = False) -> AllocatorMemory:
     try:
-        main_arena = glibc_heap.find_main_arena(maps, read)
+        main_arena = glibc_heap.find_main_arena(maps, read, static=static)
     except Exception:  # noqa: BLE001 - a process without glibc malloc
         main_arena = None
-    holes = glibc_heap.allocator_ranges(maps, read, main_arena)
+    if static and main_arena is None and starts.size:
+        raise UnsupportedAllocator("its allocator is static-glibc, but glibc's main_arena was not found in the "
+                                   "executable's data, so its blocks count as unclassified")
+    holes = glibc_heap.allocator_ranges(maps, read, main_arena, static=static)
     # blocks outside the arenas' heaps are mmapped chunks (their headers say)
     arena_mem = sorted(r for r in holes if r[1] > r[0])
     outside = _outside(starts, arena_mem)
@@ -339,9 +343,6 @@ def check_supported(kind: str) -> None:
     unclassified) unless :func:`allocator_memory` knows ``kind``."""
     if kind in SUPPORTED:
         return
-    if kind == "static-glibc":
-        raise UnsupportedAllocator("its allocator is static-glibc: leak kinds do not find glibc's heap "
-                                   "in a static executable, so its blocks count as unclassified")
     raise UnsupportedAllocator(f"its allocator is {kind}: leak kinds do not know its memory, so its blocks "
                                "count as unclassified")
 
@@ -353,8 +354,8 @@ def allocator_memory(kind: str, maps: Sequence[Region], read: ReadFn, starts, si
     check_supported(kind)
     starts = np.asarray(starts, dtype=np.uint64)
     sizes = np.asarray(sizes, dtype=np.uint64)
-    if kind == "glibc":
-        return _glibc(maps, read, starts, sizes)
+    if kind in ("glibc", "static-glibc"):
+        return _glibc(maps, read, starts, sizes, static=kind == "static-glibc")
     if kind in ("jemalloc", "tcmalloc", "mimalloc"):
         return AllocatorMemory(_mapping_ranges(kind, maps, read, starts), thread_ranges(maps, threads, starts, sizes))
     return AllocatorMemory(_musl_ranges(maps, read, starts))
