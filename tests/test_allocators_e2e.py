@@ -4,8 +4,9 @@ The fixtures (tests/fixtures/alloc/builds.py) are leak6.c and leaknew.cpp
 built the twelve ways; numbers are asserted exactly. They run with
 --ebpf-leaks-kinds=all: their blocks stay reachable through a global (valgrind
 says "still reachable"), and what these tests check is that every allocator's
-calls are counted, block for block; leak kinds are classified for glibc's heap
-only (a process on another allocator gets its blocks unclassified, counted)."""
+calls are counted, block for block. Leak kinds under each allocator:
+kinds.c (known lost and reachable blocks) built the same ways, classified
+with the allocator's memory kept out of the roots (kinds/allocmem.py)."""
 
 import os
 import signal

@@ -5,6 +5,8 @@ holds as definitely lost, indirectly lost, possibly lost or still reachable.
 * :mod:`.memory` -- reading a stopped process: maps, memory, registers;
 * :mod:`.heap` -- glibc's malloc structures (arenas, chunks, tcache, mmapped
   chunks) seen from outside;
+* :mod:`.allocmem` -- each supported allocator's own memory (glibc, jemalloc,
+  tcmalloc, mimalloc, musl), never a root;
 * :mod:`.roots` -- the root set as memcheck takes it, and
   :func:`~.roots.scan_process`, the whole scan of a stopped process.
 """

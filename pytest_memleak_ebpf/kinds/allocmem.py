@@ -4,62 +4,59 @@ stopped process, never a root of the leak scan.
 Every live block's address and size are known exactly (the uprobes' block
 map, whatever the allocator), so the blocks themselves need no walk; what a
 scan must not take as roots is the rest of the allocator's memory: free
-regions (stale pointers in freed blocks would turn lost blocks reachable),
-headers, free lists and the metadata that points at blocks (jemalloc's
-``edata_t.e_addr`` is the start of a large block or of a slab's first
-region).  :func:`allocator_memory` gives it per allocator kind (the
+regions (a stale pointer in a freed block would turn a lost block
+reachable), headers, free lists, and metadata that points at blocks
+(jemalloc's ``edata_t.e_addr`` is the start of a large block or of a slab's
+first region).  :func:`allocator_memory` gives it per allocator kind (the
 ``kind`` of :mod:`pytest_memleak_ebpf.allocators`):
 
 * ``glibc``: ``[heap]``, every non-main arena's heaps, ``main_arena`` and
   each mmapped chunk (:mod:`.heap`), plus the hazard offsets of glibc's chunk
-  headers (:func:`.heap.hazard_offsets`);
+  headers (:func:`.heap.hazard_offsets`); ``static-glibc`` the same, with
+  ``main_arena`` found in the executable's data and ``[heap]`` taken from its
+  first chunk on (:func:`.heap.static_heap_start`: the main thread's TLS
+  comes before it);
 * ``jemalloc``, ``tcmalloc``, ``mimalloc``: every private anonymous
   read-write mapping (``[heap]`` included: tcmalloc grows it with ``sbrk``)
-  that holds a live block, and every one that holds the allocator's metadata
-  (below).  These allocators take their memory from the kernel in large
-  mappings of their own -- jemalloc's extents and its ``base`` blocks
-  (edata, rtree nodes, tcaches), tcmalloc's spans and its metadata arena
-  (``sbrk`` first, then ``mmap``), mimalloc's segments (2 TiB up, 32 MiB
-  aligned) -- and none keeps a program's pointer; a mapping without a block
-  is the allocator's when it is *metadata*: it holds pointers to the start of
-  live blocks or to the mappings holding blocks, and no word of it is in a
-  root's reach other than from the allocator's own static data.  Rather than
-  guess that, the metadata of each is found by what it is:
-
-  - jemalloc: a ``base`` block starts at a 2 MiB-aligned (``HUGEPAGE``)
-    address with ``base_block_t`` (``size``: a multiple of 4 KiB no larger
-    than the mapping's rest; ``next``: 0 or another such header) -- the
-    mappings starting with one are jemalloc's;
-  - tcmalloc, mimalloc: their metadata never points at a block's start
-    (tcmalloc's spans hold page numbers, mimalloc's pages sit in the segment
-    before its blocks), so only the block-holding mappings are theirs.
-
-  A thread's stack and static TLS are never allocator memory, even when the
-  kernel merged their mapping with one of the allocator's (it does not merge
-  a ``MAP_STACK`` mapping since Linux 6.7): from ``sp - 128`` (memcheck's red
-  zone) up to the page after its thread pointer (``fs_base``: glibc's
-  ``struct pthread``, with the static TLS below it).
+  that holds a live block -- these allocators take memory from the kernel in
+  large mappings of their own (jemalloc's extents, tcmalloc's spans and
+  metadata arena, mimalloc's segments, 32 MiB aligned from 2 TiB up) --, and
+  jemalloc's ``base`` blocks wherever they are (:func:`jemalloc_base_blocks`:
+  its arenas, edata and rtree nodes); tcmalloc's and mimalloc's metadata hold
+  no block's address (spans keep page numbers, mimalloc's pages sit in the
+  segment).  What of a thread is kept a root even in a mapping the kernel
+  merged with the allocator's: :func:`thread_ranges`.  Limits: a mapping of
+  the allocator's whose blocks were all freed is scanned (stale pointers
+  there can make a lost block reachable, never the reverse); a program's own
+  anonymous mapping merged by the kernel with a block-holding one is taken as
+  the allocator's;
 * ``musl`` and ``static-musl`` (mallocng, musl 1.2.1 and later): exactly the
-  groups of every active ``struct meta`` and the meta areas.  The first live
-  block leads to its group (``p - 16 * offset - 16``, the offset in the
-  4-byte slot header before ``p``), the group to its meta (the group's first
-  word), the meta to its meta area (``meta & -4096``, whose ``check`` is
+  groups of every active ``struct meta``, and the meta areas.  A live block
+  leads to its group (``p - 16 * offset - 16``, the offset in the 4-byte slot
+  header before ``p``), the group to its meta (the group's first word), the
+  meta to its meta area (``meta & -4096``, whose ``check`` is
   ``ctx.secret``); the secret leads to ``ctx`` (``__malloc_context``, found by
   that word in the rw data of musl's libc or of the static executable), whose
   ``meta_area_head`` chains every meta area; every meta with a group gives
   ``[mem, mem + 16 + stride * (last_idx + 1))``, or ``maplen`` pages for an
-  mmapped group.  Groups may sit in musl's ``[heap]``, in its own mappings,
-  inside a larger group's slot, or in the unused tail of a loaded object's
-  ``.bss`` that the dynamic loader donates to malloc: only their bytes are
-  taken out of the roots, never the rest of the mapping.
+  mmapped group.  Groups may sit in musl's own mappings, inside a larger
+  group's slot, or in the unused tail of a loaded object's ``.bss`` that the
+  dynamic loader donates to malloc: only their bytes leave the roots, never
+  the rest of the mapping.  Layouts: ``struct meta`` 40 bytes (prev, next,
+  mem, avail_mask and freed_mask, then last_idx:5 freeable:1 sizeclass:6
+  maplen), ``struct meta_area`` check, next, nslots then the metas from byte
+  24, ``struct malloc_context`` with ``meta_area_head`` at byte 56 (x86-64
+  defines PAGESIZE: no pagesize field).
 
-Any other kind raises :class:`UnsupportedAllocator`, whose text says why.
+Any other kind (``other``) raises :class:`UnsupportedAllocator`, whose text
+is the reason its process's blocks stay unclassified; so does an allocator
+whose structures are not where they should be.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Callable, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -265,8 +262,7 @@ def musl_context(maps: Sequence[Region], read: ReadFn, starts: np.ndarray) -> Op
         w = _words(read, m.start, m.end - m.start)
         for i in np.nonzero(w == np.uint64(secret))[0].tolist():
             addr = m.start + 8 * i
-            if addr & (PAGE - 1) == 0 and _anon_rw(m):
-                continue    # a meta area's check word, not ctx
+            # (a meta area's check word matches too: its word 7 is never a meta area)
             head = _word(read, addr + CTX_META_AREA_HEAD)
             if head and head % PAGE == 0 and _word(read, head) == secret:
                 return addr

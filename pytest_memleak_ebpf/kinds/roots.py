@@ -5,9 +5,10 @@ of a stopped process.
 Roots: every readable and writable mapping (data, bss, stacks, TLS,
 anonymous and shared mappings) except
 
-* allocator memory: glibc's ``[heap]``, the heaps of non-main arenas,
-  ``main_arena`` itself, mmapped chunks (see :mod:`.heap`), and any range the
-  caller names (e.g. a test recorder's own table);
+* allocator memory, per allocator (:mod:`.allocmem`; glibc's: ``[heap]``,
+  the heaps of non-main arenas, ``main_arena`` itself, mmapped chunks, see
+  :mod:`.heap`), and any range the caller names (e.g. a test recorder's own
+  table);
 * device mappings (character/block devices), except ``/dev/zero``;
 * each thread's stack below ``sp - 128`` (the amd64 red zone is scanned).
 
