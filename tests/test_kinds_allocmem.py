@@ -72,6 +72,23 @@ def test_mapping_allocators_take_the_private_anonymous_mappings_that_hold_a_bloc
         assert am.hazard is None and am.keep == []
 
 
+def test_mimalloc_segment_area_is_its_own_even_without_a_live_block():
+    maps = _maps("""
+    1fff0000000-1fff2000000 rw-p 00000000 00:00 0
+    24d7c000000-24d7e000000 rw-p 00000000 00:00 0
+    41526000000-41528000000 rw-p 00000000 00:00 0
+    41528000000-41529000000 rw-s 00000000 00:05 9 /dev/shm/y
+    7f0000000000-7f0000800000 rw-p 00000000 00:00 0
+    """)
+    starts = np.array([0x7f0000001000], dtype=np.uint64)
+    am = allocmem.allocator_memory("mimalloc", maps, Memory([]).read, starts, [8])
+    # a segment whose blocks were all freed (its stale words are not roots), below 2 TiB nothing
+    assert sorted(am.ranges) == [(0x24d7c000000, 0x24d7e000000), (0x41526000000, 0x41528000000),
+                                 (0x7f0000000000, 0x7f0000800000)]
+    am = allocmem.allocator_memory("jemalloc", maps, Memory([]).read, starts, [8])
+    assert am.ranges == [(0x7f0000000000, 0x7f0000800000)]
+
+
 def test_jemalloc_base_blocks_are_found_by_their_header():
     """A base block (2 MiB aligned) starts with base_block_t {size, next,
     edata {e_bits, e_addr, e_bsize}}: its edata is the block's unused tail."""

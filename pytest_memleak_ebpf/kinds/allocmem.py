@@ -22,11 +22,12 @@ first region).  :func:`allocator_memory` gives it per allocator kind (the
   large mappings of their own (jemalloc's extents, tcmalloc's spans and
   metadata arena, mimalloc's segments, 32 MiB aligned from 2 TiB up) --, and
   jemalloc's ``base`` blocks wherever they are (:func:`jemalloc_base_blocks`:
-  its arenas, edata and rtree nodes); tcmalloc's and mimalloc's metadata hold
-  no block's address (spans keep page numbers, mimalloc's pages sit in the
-  segment).  What of a thread is kept a root even in a mapping the kernel
-  merged with the allocator's: :func:`thread_ranges`.  Limits: a mapping of
-  the allocator's whose blocks were all freed is scanned (stale pointers
+  its arenas, edata and rtree nodes), and every mapping in mimalloc's
+  segment area (:data:`MIMALLOC_HINT_AREA`), a segment whose blocks were all
+  freed included; tcmalloc's and mimalloc's metadata hold no block's address
+  (spans keep page numbers, mimalloc's pages sit in the segment).  What of a thread is kept a root even in a mapping the kernel
+  merged with the allocator's: :func:`thread_ranges`.  Limits: a jemalloc or
+  tcmalloc mapping whose blocks were all freed is scanned (stale pointers
   there can make a lost block reachable, never the reverse); a program's own
   anonymous mapping merged by the kernel with a block-holding one is taken as
   the allocator's;
@@ -186,10 +187,19 @@ def jemalloc_base_blocks(maps: Sequence[Region], read: ReadFn) -> List[Range]:
     return out
 
 
+#: where mimalloc asks the kernel for its segments (``mi_os_get_aligned_hint``:
+#: 2 TiB up to 30 TiB in mimalloc 2, 4 TiB up to 32 TiB in mimalloc 3); the
+#: kernel places nothing there unasked
+MIMALLOC_HINT_AREA = (2 << 40, 32 << 40)
+
+
 def _mapping_ranges(kind: str, maps: Sequence[Region], read: ReadFn, starts: np.ndarray) -> List[Range]:
     ranges = [(m.start, m.end) for m in _holding(maps, starts)]
     if kind == "jemalloc":
         ranges += jemalloc_base_blocks(maps, read)
+    if kind == "mimalloc":
+        lo, hi = MIMALLOC_HINT_AREA
+        ranges += [(m.start, m.end) for m in maps if _anon_rw(m) and not m.path and lo <= m.start and m.end <= hi]
     return ranges
 
 
