@@ -345,3 +345,21 @@ def test_first():
     ((p,),) = [t["processes"] for t in doc["tests"]]
     assert p["allocator"]["kind"] == "jemalloc" and p["classified"]
     assert _figures(p)["definite"] == KINDS_EXPECTED["definite"]
+
+
+@pytest.mark.parametrize("name", ["musl", "static-musl"])
+def test_a_musl_program_is_not_paused_at_its_exit(pytester, run_plugin, kinds_exes, name):
+    """The exit pause is a probe on the shared libc's _exit: a musl program
+    that exits is not paused, its blocks are unclassified with the reason
+    (test_leak_kinds_under_each_allocator scans them while they run)."""
+    _need(kinds_exes, name)
+    pytester.makepyfile(test_inner=_kinds_inner(kinds_exes[name], {}, False))
+    result, doc = run_plugin()
+    result.assert_outcomes(passed=3)
+    _, (base,), (prog,) = [t["processes"] for t in doc["tests"]]
+    for p in (base, prog):
+        assert p["allocator"]["kind"] == name and p["exit_code"] == 0
+        assert not p["classified"]
+        assert p["reason"] == "it exited without libc _exit or abort (exit_group called directly, or no libc)"
+    assert prog["reachability"]["unclassified"] == prog["outstanding"]
+    assert prog["leaked"] == prog["outstanding"]
