@@ -68,7 +68,7 @@ Range = Tuple[int, int]
 ReadFn = Callable[[int, int], bytes]
 PAGE = 4096
 HUGEPAGE = 2 << 20
-RED_ZONE = 128
+RED_ZONE = 128   # the amd64 red zone below a thread's sp (memcheck scans it)
 
 #: the kinds :func:`allocator_memory` knows
 SUPPORTED = ("glibc", "static-glibc", "jemalloc", "tcmalloc", "mimalloc", "musl", "static-musl")

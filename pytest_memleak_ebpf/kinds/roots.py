@@ -30,7 +30,7 @@ from .classify import Classification, classify
 from ..procmaps import Region, read_regions
 from .memory import GP_REGS, ProcessMemory, thread_registers
 
-RED_ZONE = 128
+RED_ZONE = allocmem.RED_ZONE  # the amd64 red zone below sp, scanned
 Range = Tuple[int, int]
 
 
