@@ -4,8 +4,9 @@ The fixtures (tests/fixtures/alloc/builds.py) are leak6.c and leaknew.cpp
 built the twelve ways; numbers are asserted exactly. They run with
 --ebpf-leaks-kinds=all: their blocks stay reachable through a global (valgrind
 says "still reachable"), and what these tests check is that every allocator's
-calls are counted, block for block; leak kinds are classified for glibc's heap
-only (a process on another allocator gets its blocks unclassified, counted)."""
+calls are counted, block for block. Leak kinds under each allocator:
+kinds.c (known lost and reachable blocks) built the same ways, classified
+with the allocator's memory kept out of the roots (kinds/allocmem.py)."""
 
 import os
 import signal
@@ -227,3 +228,138 @@ def test_a_paused_process_is_continued_when_pytest_is_killed(pytester, ebpf, exe
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+# -- leak kinds under each allocator (tests/fixtures/alloc/kinds.c) --------------
+
+KINDS_SOURCE = os.path.join(os.path.dirname(__file__), "fixtures", "alloc", "kinds.c")
+FOUR = ("definite", "indirect", "possible", "reachable")
+# kinds.c's own blocks (see its header): the runtime's own blocks come on top
+# ("none": the program allocates nothing, its second thread runs all the same):
+# reachable, but what BASE_LOST says and, under glibc, the second thread's DTV,
+# possibly lost (glibc keeps a pointer 16 bytes into it; memcheck says so too)
+KINDS_EXPECTED = {"definite": (1048932, 5), "indirect": (200, 5), "possible": (0, 0), "reachable": (301676, 7)}
+# what an allocator loses by itself at start-up: tcmalloc's MallocExtension::Register
+# leaks an 8-byte operator new[] block (valgrind says so too)
+# leaks an 8-byte operator new[] block (valgrind says so too); static glibc
+# keeps its loader's 40-byte search-path array (_dl_init_paths, in
+# __rtld_search_dirs) and its 160-byte _dl_find_object table only in RELRO
+# memory, read-only after start-up: no root, as memcheck takes roots (rw mappings)
+BASE_LOST = {"tcmalloc": {"definite": (8, 1)}, "static-glibc": {"definite": (200, 2)}}
+# musl's _exit is not probed (the exit pause is glibc's): its processes are
+# scanned while they run, at their test's end
+SCANNED_RUNNING = {"musl", "static-musl"}
+KINDS_CONFIGS = [n for n in CONFIGS if "stripped" not in n]
+
+
+@pytest.fixture(scope="module")
+def kinds_exes(tmp_path_factory):
+    out = tmp_path_factory.mktemp("allockinds")
+    return {name: builds.build(cfg, str(out), source=KINDS_SOURCE) for name, cfg in CONFIGS.items()
+            if name in KINDS_CONFIGS and not builds.missing(cfg.packages)}
+
+
+def _kinds_inner(exe, env, running, warm=True):
+    """Two tests: the program allocating nothing, then kinds.c; each either
+    run to its exit, or left running (reading its stdin) at the test's end.
+    warm: a first test runs the executable once before them (its first exec,
+    the one paused at exec: the scan does not get that image's allocator kind
+    yet, see test_leak_kinds_of_a_first_exec)."""
+    return f"""
+import os, subprocess, pytest
+ENV = {{k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "LD_LIBRARY_PATH")}}
+ENV.update({env!r})
+KEEP = []
+
+@pytest.mark.leak_budget(None)
+@pytest.mark.skipif(not {warm!r}, reason="no warm-up")
+def test_0_warm():
+    subprocess.run([{exe!r}, "none"], env=ENV, check=True)
+
+def _run(*args):
+    if {running!r}:
+        p = subprocess.Popen([{exe!r}, "wait", *args], env=ENV, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        assert p.stdout.readline() == b"ready\\n"
+        KEEP.append(p)      # its stdin closes when this session ends: then it exits
+    else:
+        subprocess.run([{exe!r}, *args], env=ENV, check=True)
+
+@pytest.mark.leak_budget(None)
+def test_a_none():
+    _run("none")
+
+@pytest.mark.leak_budget(None)
+def test_b_kinds():
+    _run()
+"""
+
+
+def _figures(p):
+    return {k: (p["reachability"][k]["bytes"], p["reachability"][k]["blocks"]) for k in FOUR}
+
+
+@pytest.mark.parametrize("name", KINDS_CONFIGS)
+def test_leak_kinds_under_each_allocator(pytester, run_plugin, kinds_exes, name):
+    """Each allocator's memory is kept out of the roots: kinds.c's known lost
+    and reachable blocks come out exactly, the allocator's own blocks are
+    reachable."""
+    if name not in kinds_exes:
+        _need(kinds_exes, name)
+    cfg = CONFIGS[name]
+    exe = kinds_exes[name]
+    pytester.makepyfile(test_inner=_kinds_inner(exe, _env(cfg), cfg.kind in SCANNED_RUNNING or cfg.static))
+    result, doc = run_plugin()
+    result.assert_outcomes(passed=3)
+    _, (base,), (prog,) = [t["processes"] for t in doc["tests"]]
+    for p in (base, prog):
+        assert p["allocator"]["kind"] == cfg.kind and p["allocator"]["covered"]
+    for p in (base, prog):
+        assert p["classified"], (name, p.get("reason"))
+        assert p["reachability"]["unclassified"] == {"bytes": 0, "blocks": 0}
+    own = _figures(base)
+    assert {k: own[k] for k in FOUR[:2]} == dict({k: (0, 0) for k in FOUR[:2]}, **BASE_LOST.get(cfg.kind, {})), own
+    assert own["possible"][1] == (0 if cfg.kind in ("musl", "static-musl") else 1), own
+    want = {k: (KINDS_EXPECTED[k][0] + own[k][0], KINDS_EXPECTED[k][1] + own[k][1]) for k in FOUR}
+    assert _figures(prog) == want, (name, _figures(prog), own)
+    # leaked: kinds.c's lost blocks, plus what the allocator loses that no default suppression hides
+    assert prog["leaked"] == {"bytes": 1048932 + 200 + base["leaked"]["bytes"],
+                              "blocks": 10 + base["leaked"]["blocks"]}
+
+
+@pytest.mark.xfail(strict=True, reason="tracer/core.py _allocator_kind reads the image's alloc_id from the procs "
+                                       "map only; a first exec's answer is in ExecPauses._serial_alloc: the scan "
+                                       "takes it as glibc")
+def test_leak_kinds_of_a_first_exec(pytester, run_plugin, kinds_exes):
+    """The first exec of an executable (the one paused at exec) is scanned
+    with its allocator's kind too."""
+    name = "link-jemalloc"
+    _need(kinds_exes, name)
+    pytester.makepyfile(test_inner=f"""
+import subprocess, pytest
+@pytest.mark.leak_budget(None)
+def test_first():
+    subprocess.run([{kinds_exes[name]!r}], check=True)
+""")
+    result, doc = run_plugin()
+    result.assert_outcomes(passed=1)
+    ((p,),) = [t["processes"] for t in doc["tests"]]
+    assert p["allocator"]["kind"] == "jemalloc" and p["classified"]
+    assert _figures(p)["definite"] == KINDS_EXPECTED["definite"]
+
+
+@pytest.mark.parametrize("name", ["musl", "static-musl"])
+def test_a_musl_program_is_not_paused_at_its_exit(pytester, run_plugin, kinds_exes, name):
+    """The exit pause is a probe on the shared libc's _exit: a musl program
+    that exits is not paused, its blocks are unclassified with the reason
+    (test_leak_kinds_under_each_allocator scans them while they run)."""
+    _need(kinds_exes, name)
+    pytester.makepyfile(test_inner=_kinds_inner(kinds_exes[name], {}, False))
+    result, doc = run_plugin()
+    result.assert_outcomes(passed=3)
+    _, (base,), (prog,) = [t["processes"] for t in doc["tests"]]
+    for p in (base, prog):
+        assert p["allocator"]["kind"] == name and p["exit_code"] == 0
+        assert not p["classified"]
+        assert p["reason"] == "it exited without libc _exit or abort (exit_group called directly, or no libc)"
+    assert prog["reachability"]["unclassified"] == prog["outstanding"]
+    assert prog["leaked"] == prog["outstanding"]

@@ -6,6 +6,8 @@ holds as definitely lost, indirectly lost, possibly lost or still reachable.
 * :mod:`.ptrace` -- its threads' registers (the standard library only);
 * :mod:`.heap` -- glibc's malloc structures (arenas, chunks, tcache, mmapped
   chunks) seen from outside;
+* :mod:`.allocmem` -- each supported allocator's own memory (glibc, jemalloc,
+  tcmalloc, mimalloc, musl), never a root;
 * :mod:`.roots` -- the root set as memcheck takes it, and
   :func:`~.roots.scan_process`, the whole scan of a stopped process.
 """

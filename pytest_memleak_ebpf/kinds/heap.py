@@ -93,12 +93,15 @@ class HeapWalk:
     tcaches: List[int]
 
 
-def _libc_data_ranges(maps: Sequence[Region]) -> List[Tuple[int, int]]:
-    """libc's writable mappings, plus the anonymous one right after them (its .bss)."""
+def _libc_data_ranges(maps: Sequence[Region], static: bool = False) -> List[Tuple[int, int]]:
+    """libc's writable mappings, plus the anonymous one right after them (its
+    .bss); ``static``: those of the executable (the only file a static
+    executable maps)."""
     out = []
     for i, m in enumerate(maps):
         base = m.path.rsplit("/", 1)[-1]
-        if m.writable and (base.startswith("libc.so") or base.startswith("libc-")):
+        ours = m.file_backed if static else base.startswith("libc.so") or base.startswith("libc-")
+        if m.writable and ours:
             out.append((m.start, m.end))
             if i + 1 < len(maps) and maps[i + 1].path == "" and maps[i + 1].start == m.end and maps[i + 1].writable:
                 out.append((maps[i + 1].start, maps[i + 1].end))
@@ -123,9 +126,10 @@ def _looks_like_arena(w: np.ndarray, i: int, base: int) -> bool:
     return nxt != 0 and nxt % 8 == 0
 
 
-def find_main_arena(maps: Sequence[Region], read: ReadFn) -> Optional[int]:
-    """Address of libc's ``main_arena``, or None (no libc, static binary...)."""
-    for lo, hi in _libc_data_ranges(maps):
+def find_main_arena(maps: Sequence[Region], read: ReadFn, static: bool = False) -> Optional[int]:
+    """Address of libc's ``main_arena``, or None (no libc...); ``static``: in
+    a statically linked executable's data."""
+    for lo, hi in _libc_data_ranges(maps, static):
         w = _words(read, lo, hi - lo).astype(np.int64)
         if w.size < ARENA_SIZE // 8:
             continue
@@ -282,13 +286,31 @@ def mmapped_extent(read: ReadFn, start: int) -> Optional[Tuple[int, int]]:
     return lo, lo + prev + (size & ~SIZE_BITS)
 
 
-def allocator_ranges(maps: Sequence[Region], read: ReadFn, main_arena: Optional[int]) -> List[Tuple[int, int]]:
-    """Memory that belongs to malloc and is never a root: [heap], every
-    non-main arena's heaps (whole 64 MiB reservations), main_arena itself."""
+def static_heap_start(read: ReadFn, heap_map: Region, limit: int = 1 << 20) -> Optional[int]:
+    """Where malloc's chunks begin in a static executable's ``[heap]``: the
+    brk area starts with the main thread's static TLS and TCB
+    (``__libc_setup_tls`` takes them with sbrk), then malloc's first chunk,
+    the tcache (a 0x290 chunk, PREV_INUSE, ``prev_size`` 0).  None when not
+    found (tcache disabled)."""
+    w = _words(read, heap_map.start, min(limit, heap_map.end - heap_map.start))
+    want = np.uint64(TCACHE_CHUNK | PREV_INUSE)
+    for i in np.nonzero(w == want)[0].tolist():
+        c = heap_map.start + 8 * (i - 1)
+        if i >= 1 and c % 16 == 0 and int(w[i - 1]) == 0:
+            return c
+    return None
+
+
+def allocator_ranges(maps: Sequence[Region], read: ReadFn, main_arena: Optional[int],
+                     static: bool = False) -> List[Tuple[int, int]]:
+    """Memory that belongs to malloc and is never a root: [heap] (``static``:
+    from its first chunk, see :func:`static_heap_start`), every non-main
+    arena's heaps (whole 64 MiB reservations), main_arena itself."""
     out = []
     for m in maps:
         if m.path == "[heap]":
-            out.append((m.start, m.end))
+            start = static_heap_start(read, m) if static else None
+            out.append((m.start if start is None else start, m.end))
     if main_arena is not None:
         out.append((main_arena, main_arena + ARENA_SIZE))
         for ar in arenas(maps, read, main_arena):

@@ -5,9 +5,10 @@ of a stopped process.
 Roots: every readable and writable mapping (data, bss, stacks, TLS,
 anonymous and shared mappings) except
 
-* allocator memory: glibc's ``[heap]``, the heaps of non-main arenas,
-  ``main_arena`` itself, mmapped chunks (see :mod:`.heap`), and any range the
-  caller names (e.g. a test recorder's own table);
+* allocator memory, per allocator (:mod:`.allocmem`; glibc's: ``[heap]``,
+  the heaps of non-main arenas, ``main_arena`` itself, mmapped chunks, see
+  :mod:`.heap`), and any range the caller names (e.g. a test recorder's own
+  table);
 * device mappings (character/block devices), except ``/dev/zero``;
 * each thread's stack below ``sp - 128`` (the amd64 red zone is scanned);
 * the main thread's frames of the ``exit`` that ``__libc_start_call_main``
@@ -27,13 +28,13 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from . import exitframe, heap as glibc_heap
+from . import allocmem, exitframe
 from .classify import Classification, classify
 from ..procmaps import Region, read_regions
 from .memory import ProcessMemory
 from .ptrace import GP_REGS, thread_registers
 
-RED_ZONE = 128
+RED_ZONE = allocmem.RED_ZONE  # the amd64 red zone below sp, scanned
 Range = Tuple[int, int]
 
 
@@ -136,23 +137,23 @@ class Scan:
 
 def scan_process(pid: int, starts, sizes, *, exclude: Iterable[Range] = (),
                  registers: Optional[Dict[int, Dict[str, int]]] = None,
-                 hazard: bool = True) -> Scan:
-    """Classify the blocks ``starts``/``sizes`` of the stopped process ``pid``."""
+                 hazard: bool = True, allocator: str = "glibc") -> Scan:
+    """Classify the blocks ``starts``/``sizes`` of the stopped process ``pid``,
+    whose allocator is ``allocator`` (a kind of
+    :mod:`pytest_memleak_ebpf.allocators`; :mod:`.allocmem` tells its memory).
+    An allocator it does not know raises
+    :class:`~.allocmem.UnsupportedAllocator` before the process is read."""
+    allocmem.check_supported(allocator)
     starts = np.asarray(starts, dtype=np.uint64)
     sizes = np.asarray(sizes, dtype=np.uint64)
     maps = read_regions(pid)
     with ProcessMemory(pid) as mem:
         if registers is None:
             registers = thread_registers(pid)
-        try:
-            main_arena = glibc_heap.find_main_arena(maps, mem.read)
-        except Exception:  # noqa: BLE001 - a process without glibc malloc
-            main_arena = None
-        holes = list(exclude) + glibc_heap.allocator_ranges(maps, mem.read, main_arena)
-        # blocks outside the arenas' heaps are mmapped chunks (their headers say)
-        arena_mem = sorted(r for r in holes if r[1] > r[0])
-        outside = _outside(starts, arena_mem)
-        holes += [e for e in (glibc_heap.mmapped_extent(mem.read, int(s)) for s in starts[outside]) if e]
+        threads = [allocmem.Thread(r["rsp"], r.get("fs_base", 0)) for r in registers.values()]
+        am = allocmem.allocator_memory(allocator, maps, mem.read, starts, sizes, threads)
+        main_arena = am.main_arena
+        holes = list(exclude) + subtract(am.ranges, am.keep)
         main = registers.get(pid)
         exit_frames = exitframe.exit_path_hole(maps, main["rsp"], mem.read) if main else None
         if exit_frames:
@@ -168,20 +169,8 @@ def scan_process(pid: int, starts, sizes, *, exclude: Iterable[Range] = (),
         regs = [r[name] for r in registers.values() for name in GP_REGS]
         result = classify(starts, sizes, root_words, heap_words, registers=regs,
                           is_vtable=VtableCheck(maps, mem.read),
-                          hazard_offsets=glibc_heap.hazard_offsets(sizes) if hazard else None)
+                          hazard_offsets=am.hazard if hazard else None)
     return Scan(result, roots, registers, main_arena, sum(hi - lo for lo, hi in roots))
-
-
-def _outside(starts: np.ndarray, ranges: List[Range]) -> np.ndarray:
-    """Mask of the addresses in none of the (sorted, disjoint enough) ranges."""
-    if not ranges:
-        return np.ones(starts.size, dtype=bool)
-    lo = np.array([a for a, _ in ranges], dtype=np.uint64)
-    hi = np.array([b for _, b in ranges], dtype=np.uint64)
-    i = np.searchsorted(lo, starts, side="right").astype(np.int64) - 1
-    ok = i >= 0
-    i = np.where(ok, i, 0)
-    return ~(ok & (starts < hi[i]))
 
 
 def _block_segments(starts: np.ndarray, sizes: np.ndarray, maps: Sequence[Region],

@@ -67,14 +67,20 @@ def tracer_pid(pid: int) -> int:
     return 0
 
 
-def scan(pid: int, blocks: list[tuple[int, int]], limit: float = SCAN_SECONDS, registers=None) -> Outcome:
+def scan(pid: int, blocks: list[tuple[int, int]], limit: float = SCAN_SECONDS, registers=None,
+         allocator: str = "glibc") -> Outcome:
     """Classify the stopped process's blocks [(address, size)]; registers()
-    gives its threads' registers."""
+    gives its threads' registers; allocator: its allocator's kind."""
     import numpy as np
 
     from ..kinds import KIND_NAMES
+    from ..kinds.allocmem import UnsupportedAllocator, check_supported
     from ..kinds.roots import scan_process
 
+    try:
+        check_supported(allocator)
+    except UnsupportedAllocator as exc:
+        return Outcome(reason=str(exc))
     t0 = time.monotonic()
     if not blocks:
         return Outcome(kinds={})
@@ -82,7 +88,9 @@ def scan(pid: int, blocks: list[tuple[int, int]], limit: float = SCAN_SECONDS, r
     starts, sizes = pairs[:, 0], pairs[:, 1]
     try:
         regs = registers() if registers is not None else None
-        result = scan_process(pid, starts, sizes, registers=regs).classification
+        result = scan_process(pid, starts, sizes, registers=regs, allocator=allocator).classification
+    except UnsupportedAllocator as exc:     # its allocator's memory was not found in this process
+        return Outcome(reason=str(exc), seconds=time.monotonic() - t0)
     except Exception as exc:   # noqa: BLE001 - the process went away, or its memory could not be read
         return Outcome(reason=f"its memory could not be scanned ({type(exc).__name__}: {exc})",
                        seconds=time.monotonic() - t0)
@@ -131,12 +139,9 @@ class Pauser:
             if tracer_pid(tgid):
                 return Outcome(reason="it is ptraced (a debugger or strace): not paused")
             return Outcome(reason="it did not stop at exit")
-        kind = self.allocator_kind(serial)
-        if kind is not None and kind != "glibc":
-            return Outcome(reason=f"its allocator is {kind}: leak kinds know glibc's heap only, so its "
-                                  "blocks count as unclassified")
         return scan(tgid, self.take_blocks(tgid, serial), self.limit,
-                    registers=lambda: self.watchdog.registers(tgid, self.limit))
+                    registers=lambda: self.watchdog.registers(tgid, self.limit),
+                    allocator=self.allocator_kind(serial) or "glibc")
 
     def scan_running(self, procs: list[tuple[int, int]]) -> None:
         """Processes [(tgid, serial)] still running at their test's end:
