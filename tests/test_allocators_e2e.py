@@ -246,10 +246,11 @@ KINDS_EXPECTED = {"definite": (1048932, 5), "indirect": (200, 5), "possible": (0
 # __rtld_search_dirs) and its 160-byte _dl_find_object table only in RELRO
 # memory, read-only after start-up: no root, as memcheck takes roots (rw mappings)
 BASE_LOST = {"tcmalloc": {"definite": (8, 1)}, "static-glibc": {"definite": (200, 2)}}
-# musl's _exit is not probed (the exit pause is glibc's): its processes are
-# scanned while they run, at their test's end
-SCANNED_RUNNING = {"musl", "static-musl"}
 KINDS_CONFIGS = [n for n in CONFIGS if "stripped" not in n]
+# every configuration paused at its exit (musl's and static programs' own _exit
+# are probed when their allocator is); musl's also scanned while still running
+# at their test's end
+KINDS_CASES = [(n, False) for n in KINDS_CONFIGS] + [("musl", True), ("static-musl", True)]
 
 
 @pytest.fixture(scope="module")
@@ -259,22 +260,15 @@ def kinds_exes(tmp_path_factory):
             if name in KINDS_CONFIGS and not builds.missing(cfg.packages)}
 
 
-def _kinds_inner(exe, env, running, warm=True):
-    """Two tests: the program allocating nothing, then kinds.c; each either
-    run to its exit, or left running (reading its stdin) at the test's end.
-    warm: a first test runs the executable once before them (its first exec,
-    the one paused at exec: the scan does not get that image's allocator kind
-    yet, see test_leak_kinds_of_a_first_exec)."""
+def _kinds_inner(exe, env, running):
+    """Two tests: the program allocating nothing (its first exec, the one
+    paused at exec), then kinds.c; each either run to its exit, or left
+    running (reading its stdin) at the test's end."""
     return f"""
 import os, subprocess, pytest
 ENV = {{k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "LD_LIBRARY_PATH")}}
 ENV.update({env!r})
 KEEP = []
-
-@pytest.mark.leak_budget(None)
-@pytest.mark.skipif(not {warm!r}, reason="no warm-up")
-def test_0_warm():
-    subprocess.run([{exe!r}, "none"], env=ENV, check=True)
 
 def _run(*args):
     if {running!r}:
@@ -298,8 +292,8 @@ def _figures(p):
     return {k: (p["reachability"][k]["bytes"], p["reachability"][k]["blocks"]) for k in FOUR}
 
 
-@pytest.mark.parametrize("name", KINDS_CONFIGS)
-def test_leak_kinds_under_each_allocator(pytester, run_plugin, kinds_exes, name):
+@pytest.mark.parametrize("name,running", KINDS_CASES)
+def test_leak_kinds_under_each_allocator(pytester, run_plugin, kinds_exes, name, running):
     """Each allocator's memory is kept out of the roots: kinds.c's known lost
     and reachable blocks come out exactly, the allocator's own blocks are
     reachable."""
@@ -307,10 +301,10 @@ def test_leak_kinds_under_each_allocator(pytester, run_plugin, kinds_exes, name)
         _need(kinds_exes, name)
     cfg = CONFIGS[name]
     exe = kinds_exes[name]
-    pytester.makepyfile(test_inner=_kinds_inner(exe, _env(cfg), cfg.kind in SCANNED_RUNNING or cfg.static))
+    pytester.makepyfile(test_inner=_kinds_inner(exe, _env(cfg), running))
     result, doc = run_plugin()
-    result.assert_outcomes(passed=3)
-    _, (base,), (prog,) = [t["processes"] for t in doc["tests"]]
+    result.assert_outcomes(passed=2)
+    (base,), (prog,) = [t["processes"] for t in doc["tests"]]
     for p in (base, prog):
         assert p["allocator"]["kind"] == cfg.kind and p["allocator"]["covered"]
     for p in (base, prog):
@@ -326,9 +320,6 @@ def test_leak_kinds_under_each_allocator(pytester, run_plugin, kinds_exes, name)
                               "blocks": 10 + base["leaked"]["blocks"]}
 
 
-@pytest.mark.xfail(strict=True, reason="tracer/core.py _allocator_kind reads the image's alloc_id from the procs "
-                                       "map only; a first exec's answer is in ExecPauses._serial_alloc: the scan "
-                                       "takes it as glibc")
 def test_leak_kinds_of_a_first_exec(pytester, run_plugin, kinds_exes):
     """The first exec of an executable (the one paused at exec) is scanned
     with its allocator's kind too."""
@@ -345,21 +336,3 @@ def test_first():
     ((p,),) = [t["processes"] for t in doc["tests"]]
     assert p["allocator"]["kind"] == "jemalloc" and p["classified"]
     assert _figures(p)["definite"] == KINDS_EXPECTED["definite"]
-
-
-@pytest.mark.parametrize("name", ["musl", "static-musl"])
-def test_a_musl_program_is_not_paused_at_its_exit(pytester, run_plugin, kinds_exes, name):
-    """The exit pause is a probe on the shared libc's _exit: a musl program
-    that exits is not paused, its blocks are unclassified with the reason
-    (test_leak_kinds_under_each_allocator scans them while they run)."""
-    _need(kinds_exes, name)
-    pytester.makepyfile(test_inner=_kinds_inner(kinds_exes[name], {}, False))
-    result, doc = run_plugin()
-    result.assert_outcomes(passed=3)
-    _, (base,), (prog,) = [t["processes"] for t in doc["tests"]]
-    for p in (base, prog):
-        assert p["allocator"]["kind"] == name and p["exit_code"] == 0
-        assert not p["classified"]
-        assert p["reason"] == "it exited without libc _exit or abort (exit_group called directly, or no libc)"
-    assert prog["reachability"]["unclassified"] == prog["outstanding"]
-    assert prog["leaked"] == prog["outstanding"]

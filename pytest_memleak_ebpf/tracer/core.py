@@ -137,9 +137,14 @@ class Tracer:
         try:
             aid = int(procs[procs.Key(serial)].alloc_id)
         except KeyError:
-            return None
+            aid = 0
+        # a first exec (paused there): its answer is userspace's, not in its proc entry
+        aid = aid or self.exec_pauses.alloc_id_of(serial)
         answers = self.exec_pauses.answers
-        return answers[aid - 1]["kind"] if 0 < aid <= len(answers) else None
+        if not 0 < aid <= len(answers):
+            return None
+        # an allocator not probed: its blocks are not seen, there is nothing to classify
+        return answers[aid - 1]["kind"] if answers[aid - 1]["covered"] else "other"
 
     @property
     def allocators_probed(self) -> dict[str, str]:
@@ -150,7 +155,8 @@ class Tracer:
     def probe_count(self) -> int:
         extra = sum(1 + p.return_probe for host, ps in self.exec_pauses.probed.items() if host != self.libc
                     for p in ps)
-        return sum(1 + p.return_probe for p in self.probes) + self.tracepoints + self.exit_probes + extra
+        return (sum(1 + p.return_probe for p in self.probes) + self.tracepoints + self.exit_probes + extra
+                + self.exec_pauses.exit_probes)
 
     # -- events -----------------------------------------------------------
 

@@ -29,6 +29,10 @@ from .. import allocators as _allocators
 from . import probes as _probes
 from .abi import PAUSE_KEYED, PAUSE_STOPPED, SERIAL_CPU_BITS, TF_ALLOCS, Pause
 
+# allocator kinds whose object is also the process's libc (its _exit, abort)
+LIBC_KINDS = ("glibc", "static-glibc", "musl", "static-musl")
+
+
 def _answer(kind: str, module: str | None, covered: bool, reason: str | None) -> dict:
     return {"kind": kind, "module": module, "covered": covered, "reason": reason}
 
@@ -72,6 +76,7 @@ class ExecPauses:
         self.pauses = 0                         # processes stopped at exec and continued
         self.resolutions = 0
         self.handled = 0                        # pause records answered (memleak.h CTR_PAUSE_EVENTS)
+        self.exit_probes = 0                    # _exit/abort probes on other libcs than the session's
         self.pause_seconds = 0.0                # time processes spent stopped, summed
         self._serial_alloc: dict[int, int] = {}
         self._pending = self.bpf[b"pending"]
@@ -103,6 +108,10 @@ class ExecPauses:
             return self.root_answer   # forked from pytest, never exec'd
         return None
 
+    def alloc_id_of(self, serial: int) -> int:
+        """The answer id of a live image paused at exec (0: none yet)."""
+        return self._serial_alloc.get(serial, 0)
+
     def prune(self, keep) -> None:
         """Forget answers of images nothing will report (keep(serial) false)."""
         self._serial_alloc = {s: a for s, a in self._serial_alloc.items() if keep(s)}
@@ -131,6 +140,11 @@ class ExecPauses:
         except Exception as exc:
             return _answer(a.kind, a.module, False, f"its allocator {a.module} could not be probed: {exc}")
         self.links.extend(attached.links)
+        if a.kind in LIBC_KINDS:
+            # the object is a libc too (musl, a static program, another root's glibc):
+            # its _exit and abort get the exit pause the session's libc has
+            sites = _probes.MUSL_EXIT_SITES if "musl" in a.kind else _probes.EXIT_SITES
+            self.exit_probes += _probes.attach_exit_probes(self.bpf, host, sites)
         self.probed_since[host] = time.monotonic_ns()
         self.probed[host] = attached.probes
         self.kinds[host] = a.kind

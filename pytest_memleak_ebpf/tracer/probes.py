@@ -57,6 +57,9 @@ class ExitSite:
 # every normal exit (exit() after the atexit handlers, the last thread's
 # pthread_exit) goes through _exit; abort() raises SIGABRT
 EXIT_SITES: tuple[ExitSite, ...] = (ExitSite("_exit", "exit_pause"), ExitSite("abort", "exit_pause"))
+# musl's exit() ends in _Exit, not _exit (which calls _Exit too); glibc's
+# _Exit is an alias of _exit (one site there: EXIT_SITES)
+MUSL_EXIT_SITES: tuple[ExitSite, ...] = (ExitSite("_Exit", "exit_pause"), ExitSite("abort", "exit_pause"))
 
 # The uprobe_multi pair (mode multi): every site's entry, and the returns
 MULTI_PROGRAMS = ("alloc_entry", "alloc_return")
