@@ -111,30 +111,27 @@ def headline(result: TestLeakResult) -> str:
 _headline = headline   # failure_text's keyword argument `headline` hides the function
 
 
+# verdict.Problem code -> its sentence (the Problem's fields by name)
+PROBLEM_TEXTS = {
+    "in_process_lost": "{n:,} allocations of the pytest process were not recorded "
+                       "(a map was full: raise --ebpf-leaks-max-blocks)",
+    "lost_blocks": "{n:,} allocations of pid {pid} ({comm}) were not recorded: the live-block map was full "
+                   "(raise --ebpf-leaks-max-blocks)",
+    "lost_handoffs": "{n:,} allocator calls of pid {pid} ({comm}) were not recorded: the hand-off map was full "
+                     "(too many threads inside the allocator at once)",
+    "not_covered": "pid {pid} ({comm}, {exe}): allocations not visible, {reason}",
+    "lost_processes": "{n:,} processes could not be tracked: the process map was full "
+                      "(raise --ebpf-leaks-max-processes)",
+    "lost_stacks": "{n:,} stacks of pid {pid} ({comm}) were not captured (stack map full: raise "
+                   "--ebpf-leaks-max-stacks); byte counts are still exact",
+    "lost_events": "{n:,} exec/open events were lost (ring buffer full): some frames may not be symbolized",
+}
+
+
 def problem_text(p: Problem) -> str:
     """The sentence of one verdict problem (verdict.Problem)."""
-    who = f"pid {p.pid} ({p.comm})"
-    if p.code == "in_process_lost":
-        return (f"{p.n:,} allocations of the pytest process were not recorded "
-                "(a map was full: raise --ebpf-leaks-max-blocks)")
-    if p.code == "lost_blocks":
-        return (f"{p.n:,} allocations of {who} were not recorded: the live-block map was full "
-                "(raise --ebpf-leaks-max-blocks)")
-    if p.code == "lost_handoffs":
-        return (f"{p.n:,} allocator calls of {who} were not recorded: the hand-off map was full (too many threads "
-                "inside the allocator at once)")
-    if p.code == "not_covered":
-        return (f"pid {p.pid} ({p.comm}, {p.exe or '?'}): allocations not visible, "
-                f"{p.reason or 'its allocator is not probed'}")
-    if p.code == "lost_processes":
-        return (f"{p.n:,} processes could not be tracked: the process map was full "
-                "(raise --ebpf-leaks-max-processes)")
-    if p.code == "lost_stacks":
-        return (f"{p.n:,} stacks of {who} were not captured (stack map full: raise --ebpf-leaks-max-stacks); "
-                "byte counts are still exact")
-    if p.code == "lost_events":
-        return f"{p.n:,} exec/open events were lost (ring buffer full): some frames may not be symbolized"
-    raise ValueError(f"unknown verdict problem {p.code!r}")
+    return PROBLEM_TEXTS[p.code].format(n=p.n, pid=p.pid, comm=p.comm, exe=p.exe or "?",
+                                        reason=p.reason or "its allocator is not probed")
 
 
 def render_problems(result: TestLeakResult, verdict: Verdict) -> TestLeakResult:

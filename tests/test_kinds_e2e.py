@@ -19,7 +19,9 @@ Loads eBPF and runs valgrind: under the machine-wide lock."""
 from __future__ import annotations
 
 import shutil
+import signal
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -31,6 +33,7 @@ if str(HERE) not in sys.path:
 import kinds_harness as harness  # noqa: E402
 from test_kinds_real_programs import _programs  # noqa: E402
 from test_kinds_valgrind import CXX_HEURISTICS, EXPECTED  # noqa: E402
+from pytest_memleak_ebpf.tracer.exitpause import SCAN_SECONDS, WATCHDOG_SECONDS, process_state  # noqa: E402
 
 pytestmark = [pytest.mark.ebpf,
               pytest.mark.skipif(shutil.which("valgrind") is None, reason="valgrind not installed")]
@@ -188,51 +191,69 @@ int main(int argc, char **argv) {
 """
 
 
+class _Inner:
+    """An inner pytest session with --ebpf-leaks in a subprocess, running one
+    test file whose program writes its pid to `pidfile` (then these tests
+    signal the session and watch the program)."""
+
+    def __init__(self, pytester, name: str, source: str, pidfile, *args):
+        import subprocess
+
+        pytester.makepyfile(**{name: source})
+        self.pidfile = pidfile
+        self.proc = subprocess.Popen([sys.executable, "-m", "pytest", "--ebpf-leaks", "-p", "no:cacheprovider", "-q",
+                                      *args, str(pytester.path / f"{name}.py")], cwd=pytester.path,
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.deadline = time.monotonic() + 120
+
+    def program_pid(self) -> int:
+        while not (self.pidfile.exists() and self.pidfile.read_text().endswith("\n")):
+            assert self.proc.poll() is None and time.monotonic() < self.deadline, "the inner session ended early"
+            time.sleep(0.005)
+        return int(self.pidfile.read_text())
+
+    def wait_stopped(self, pid: int) -> float:
+        """Until `pid` is stopped (paused at its exit); when that was seen."""
+        while process_state(pid) not in ("T", "t"):
+            assert process_state(pid) not in (None, "Z"), "the program exited without a pause"
+            assert time.monotonic() < self.deadline
+            time.sleep(0.001)
+        return time.monotonic()
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def _runs_on_and_exits(pid: int, since: float) -> None:
+    while process_state(pid) not in (None, "Z"):
+        assert time.monotonic() - since < 30
+        time.sleep(0.01)
+
+
 def test_sigkill_of_pytest_while_a_child_is_paused_leaves_nothing_stopped(cbuild, pytester, tmp_path):
     """The inner pytest is killed (SIGKILL) while the process it paused at
     exit is being scanned: the watchdog, in its own session, resumes it at
     once (long before the scan's time limit) and it exits."""
-    import os
-    import signal
-    import subprocess
-    import time
-
-    from pytest_memleak_ebpf.tracer.exitpause import SCAN_SECONDS, process_state
-
     prog = cbuild("big_heap", BIG_HEAP)
     pidfile = tmp_path / "pid"
-    pytester.makepyfile(test_big=f"""
+    inner = _Inner(pytester, "test_big", f"""
 import subprocess
 def test_big():
     subprocess.run([{prog!r}, "600000", {str(pidfile)!r}], check=True)
-""")
-    env = dict(os.environ)
-    inner = subprocess.Popen([sys.executable, "-m", "pytest", "--ebpf-leaks", "-p", "no:cacheprovider",
-                              "--ebpf-leaks-max-blocks=2000000", "-q", str(pytester.path / "test_big.py")],
-                             cwd=pytester.path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+""", pidfile, "--ebpf-leaks-max-blocks=2000000")
     try:
-        deadline = time.monotonic() + 120
-        while not (pidfile.exists() and pidfile.read_text().endswith("\n")):
-            assert inner.poll() is None and time.monotonic() < deadline, "the inner session ended early"
-            time.sleep(0.005)
-        pid = int(pidfile.read_text())
-        while process_state(pid) not in ("T", "t"):
-            assert process_state(pid) not in (None, "Z"), "the program exited without a pause"
-            assert time.monotonic() < deadline
-            time.sleep(0.001)
-        inner.send_signal(signal.SIGKILL)
-        inner.wait()
+        pid = inner.program_pid()
+        inner.wait_stopped(pid)
+        inner.kill()
         killed = time.monotonic()
         while process_state(pid) in ("T", "t"):
             assert time.monotonic() - killed < SCAN_SECONDS / 2, "still stopped: the watchdog did not resume it"
             time.sleep(0.005)
-        while process_state(pid) not in (None, "Z"):   # it runs on and exits
-            assert time.monotonic() - killed < 30
-            time.sleep(0.01)
+        _runs_on_and_exits(pid, killed)
     finally:
-        if inner.poll() is None:
-            inner.kill()
-            inner.wait()
+        inner.kill()
 
 
 WAIT_TO_EXIT = r"""
@@ -258,39 +279,20 @@ def test_a_process_paused_at_exit_while_pytest_is_stopped_is_continued(cbuild, p
     of the child's pause: the BPF program listed the child in `pending`
     before stopping it, and the watchdog continues it -- at once when pytest
     is then killed, at the watchdog's time limit while pytest stays stopped."""
-    import os
-    import signal
-    import subprocess
-    import time
-
-    from pytest_memleak_ebpf.tracer.exitpause import WATCHDOG_SECONDS, process_state
-
     prog = cbuild("wait_to_exit", WAIT_TO_EXIT)
     pidfile, go = tmp_path / "pid", tmp_path / "go"
-    pytester.makepyfile(test_wait=f"""
+    inner = _Inner(pytester, "test_wait", f"""
 import subprocess
 def test_wait():
     subprocess.run([{prog!r}, {str(pidfile)!r}, {str(go)!r}], check=True)
-""")
-    inner = subprocess.Popen([sys.executable, "-m", "pytest", "--ebpf-leaks", "-p", "no:cacheprovider", "-q",
-                              str(pytester.path / "test_wait.py")], cwd=pytester.path,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+""", pidfile)
     try:
-        deadline = time.monotonic() + 120
-        while not (pidfile.exists() and pidfile.read_text().endswith("\n")):
-            assert inner.poll() is None and time.monotonic() < deadline, "the inner session ended early"
-            time.sleep(0.005)
-        pid = int(pidfile.read_text())
-        inner.send_signal(signal.SIGSTOP)
+        pid = inner.program_pid()
+        inner.proc.send_signal(signal.SIGSTOP)
         go.write_text("")
-        while process_state(pid) not in ("T", "t"):
-            assert process_state(pid) not in (None, "Z"), "the program exited without a pause"
-            assert time.monotonic() < deadline
-            time.sleep(0.001)
-        stopped = time.monotonic()
+        stopped = inner.wait_stopped(pid)
         if then == "killed":
-            inner.send_signal(signal.SIGKILL)
-            inner.wait()
+            inner.kill()
         while process_state(pid) in ("T", "t"):
             assert time.monotonic() - stopped < WATCHDOG_SECONDS + 3, "still stopped: the watchdog did not continue it"
             time.sleep(0.005)
@@ -299,14 +301,10 @@ def test_wait():
             assert waited < 2, waited
         else:
             assert WATCHDOG_SECONDS - 1 < waited, waited
-            assert inner.poll() is None, "pytest itself stayed stopped"
-        while process_state(pid) not in (None, "Z"):   # it runs on and exits
-            assert time.monotonic() - stopped < 30
-            time.sleep(0.01)
+            assert inner.proc.poll() is None, "pytest itself stayed stopped"
+        _runs_on_and_exits(pid, stopped)
     finally:
-        if inner.poll() is None:
-            inner.kill()
-            inner.wait()
+        inner.kill()
 
 
 EXITS = r"""
