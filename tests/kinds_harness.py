@@ -103,15 +103,16 @@ def run_valgrind_tree(argv: Sequence[str], env=None, timeout=300) -> Dict[int, S
         return out
 
 
-def run_valgrind(argv: Sequence[str], env=None, timeout=300) -> Summary:
-    """LEAK SUMMARY of argv under memcheck.  The environment also holds the
-    recorder's variables, with values of the same lengths as in
-    :func:`run_scanned` (the program sees the same environment sizes)."""
+def run_valgrind(argv: Sequence[str], env=None, timeout=300, opts: Sequence[str] = ()) -> Summary:
+    """LEAK SUMMARY of argv under memcheck (``opts``: more valgrind options).
+    The environment also holds the recorder's variables, with values of the
+    same lengths as in :func:`run_scanned` (the program sees the same
+    environment sizes)."""
     with tempfile.TemporaryDirectory() as d:
         log = Path(d) / "vg.log"
         env = dict(os.environ if env is None else env)
         env.update(KINDS_RECORDER_INFO=str(Path(d) / "info"), KINDS_STOP="1")
-        subprocess.run(["valgrind", *VALGRIND_OPTS, f"--log-file={log}", *argv], env=env,
+        subprocess.run(["valgrind", *VALGRIND_OPTS, *opts, f"--log-file={log}", *argv], env=env,
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL,
                        timeout=timeout)
         text = log.read_text()

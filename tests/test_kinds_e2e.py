@@ -18,6 +18,7 @@ Loads eBPF and runs valgrind: under the machine-wide lock."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import signal
 import sys
@@ -136,7 +137,25 @@ def test_list():
     assert p["outstanding"]["blocks"] >= 14   # the 14 list nodes, and whatever libc keeps
 
 
-def test_distro_programs_verdict_matches_valgrind(tmp_path, pytester, run_plugin, capsys):
+# the other allocators, LD_PRELOADed into the same programs (valgrind replaces
+# the preloaded one by its own: --soname-synonyms). Not mimalloc: valgrind
+# with mimalloc preloaded hangs in grep (over 300 s).
+PRELOADS = {"jemalloc": "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2",
+            "tcmalloc": "/usr/lib/x86_64-linux-gnu/libtcmalloc.so.4"}
+# verdicts known to differ, each with why (the test fails if another one does, or this one stops)
+KNOWN_DISAGREEMENTS: set[tuple[str, str]] = set()
+
+
+@pytest.mark.parametrize("alloc", ["glibc", *PRELOADS])
+def test_distro_programs_verdict_matches_valgrind(tmp_path, pytester, run_plugin, capsys, alloc):
+    """At the default budget and suppressions, under glibc's malloc and with
+    each other allocator preloaded: the verdict equals valgrind's (definitely
+    or indirectly lost memory, or not); per-kind agreement printed."""
+    preload = PRELOADS.get(alloc)
+    if preload and not Path(preload).exists():
+        pytest.fail(f"{preload} missing: make setup installs it")
+    env = {"LD_PRELOAD": preload} if preload else {}
+    opts = [f"--soname-synonyms=somalloc=*{alloc}*"] if preload else []
     w = tmp_path
     (w / "nums.txt").write_text("".join(f"{(i * 7919) % 2000}\n" for i in range(2000)))
     (w / "a.txt").write_text("hello\nworld\n")
@@ -147,31 +166,38 @@ def test_distro_programs_verdict_matches_valgrind(tmp_path, pytester, run_plugin
     progs = {n: [str(a) for a in argv] for n, argv in _programs(w).items() if shutil.which(str(argv[0]))}
     assert len(progs) >= 25
     pytester.makepyfile(test_progs=f"""
-import subprocess, pytest
+import os, subprocess, pytest
 PROGS = {progs!r}
 @pytest.mark.parametrize("name", list(PROGS))
 def test_prog(name):
-    subprocess.run(PROGS[name], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    subprocess.run(PROGS[name], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                   env=dict(os.environ, **{env!r}))
 """)
     result, doc = run_plugin()
     tests = _by_test(doc)
-    agree_verdict, agree_kinds, lines = 0, {k: 0 for k in FOUR}, []
+    agree_verdict, agree_kinds, lines, differ = 0, {k: 0 for k in FOUR}, [], []
     for name, argv in progs.items():
         t = tests[name]
         root = t["processes"][0]
         assert root["classified"], (name, root.get("reason"))
-        theirs = harness.run_valgrind(argv)
+        assert root["allocator"]["kind"] == alloc, (name, root["allocator"])
+        theirs = harness.run_valgrind(argv, env=dict(os.environ, **env), opts=opts)
         vg_lost = theirs.kinds["definite"][0] + theirs.kinds["indirect"][0]
         ours_lost = root["leaked"]["bytes"]
         agree_verdict += (ours_lost > 0) == (vg_lost > 0)
         for k in FOUR:
             agree_kinds[k] += (root["reachability"][k]["bytes"], root["reachability"][k]["blocks"]) == theirs.kinds[k]
         lines.append(f"{name:10} ours {_ours(root)}  valgrind {tuple(theirs.kinds[k] for k in FOUR)}")
-        assert (ours_lost > 0) == (vg_lost > 0), lines[-1]
+        if (ours_lost > 0) != (vg_lost > 0):
+            differ.append(lines[-1])
+            assert (alloc, name) in KNOWN_DISAGREEMENTS, lines[-1]
+        else:
+            assert (alloc, name) not in KNOWN_DISAGREEMENTS, f"agrees now: {lines[-1]}"
     with capsys.disabled():
-        print(f"\nverdicts agree: {agree_verdict}/{len(progs)}; per kind (bytes and blocks equal): "
+        print(f"\n{alloc}: verdicts agree: {agree_verdict}/{len(progs)}; per kind (bytes and blocks equal): "
               + ", ".join(f"{k} {n}/{len(progs)}" for k, n in agree_kinds.items()))
         print("\n".join(lines))
+        print("verdicts differing (known):", differ or "none")
 
 
 BIG_HEAP = r"""
