@@ -267,7 +267,7 @@ class FakeTracer:
     def open_window(self):
         self.windows.append("open")
 
-    def close_window(self):
+    def close_window(self, scan=None):
         self.windows.append("close")
 
     def collect_window(self):
