@@ -1,0 +1,98 @@
+"""End-to-end: leak kinds of the pytest process's own window (C extensions),
+with real eBPF. At the default kinds a cache an extension keeps (a static
+list, a module-level dict, a first-call static) is still reachable and does
+not fail its test; what nobody references (raw blocks, objects missing a
+Py_DECREF) is definitely lost, to the byte; kinds=all keeps every figure of
+before."""
+
+import pytest
+
+pytestmark = pytest.mark.ebpf
+
+TESTS = """
+    import leakext
+    def test_keep():
+        leakext.keep(100)
+    def test_keep_object():
+        leakext.keep_object("k")
+    def test_cache_once():
+        leakext.cache_once()
+    def test_raw_leak():
+        leakext.leak(3, 1000)
+    def test_missing_decref():
+        leakext.leak_items(4)
+    def test_objects():
+        leakext.leak_objects(7)
+    def test_clean():
+        leakext.clean(50)
+"""
+
+
+@pytest.fixture
+def project(pytester, leakext_moddir):
+    pytester.makeconftest(f"import sys; sys.path.insert(0, {str(leakext_moddir)!r})")
+    pytester.makepyfile(test_ext=TESTS)
+    return pytester
+
+
+def _by_name(doc):
+    return {t["nodeid"].split("::")[-1]: t for t in doc["tests"]}
+
+
+@pytest.mark.parametrize("dist", [[], ["-n", "2"]], ids=["single", "xdist"])
+def test_caches_are_reachable_and_leaks_are_lost(project, run_plugin, leakext_expected, dist, monkeypatch):
+    obj = leakext_expected.BYTES_OBJECT_SIZE
+    if dist:
+        monkeypatch.setenv("PYTHONMALLOC", "malloc")    # xdist workers cannot restart with it
+    result, doc = run_plugin(*dist)
+    out = result.stdout.str()
+    t = _by_name(doc)
+    outcomes = {n: x["outcome"] for n, x in t.items()}
+    assert outcomes == {"test_keep": "passed", "test_keep_object": "passed", "test_cache_once": "passed",
+                        "test_raw_leak": "failed", "test_missing_decref": "failed", "test_objects": "failed",
+                        "test_clean": "passed"}
+    ip = {n: x["in_process"] for n, x in t.items()}
+    for name in ("test_keep", "test_keep_object", "test_cache_once", "test_raw_leak", "test_missing_decref",
+                 "test_objects"):
+        assert ip[name]["classified"] is True, (name, ip[name].get("reason"))
+        assert sum(v["bytes"] for v in ip[name]["reachability"].values()) == ip[name]["outstanding"]["bytes"]
+    # what an extension keeps reachable: shown, not counted
+    assert ip["test_keep"]["leaked"] == {"bytes": 0, "blocks": 0}
+    keep = [s for s in ip["test_keep"]["stacks"] if any(f["function"] == "leakext_keep" for f in s["frames"])]
+    assert [(s["kind"], s["bytes"], s["blocks"]) for s in keep] == [("reachable", 108, 1)]
+    assert ip["test_cache_once"]["leaked"] == {"bytes": 0, "blocks": 0}
+    assert ip["test_cache_once"]["reachability"]["reachable"]["bytes"] >= leakext_expected.CACHE_ONCE_BYTES
+    assert ip["test_keep_object"]["leaked"] == {"bytes": 0, "blocks": 0}
+    assert ip["test_keep_object"]["reachability"]["reachable"]["bytes"] >= obj
+    # what nobody references: definitely lost, exactly
+    assert ip["test_raw_leak"]["leaked"] == {"bytes": 3000, "blocks": 3}
+    assert ip["test_raw_leak"]["reachability"]["definite"] == {"bytes": 3000, "blocks": 3}
+    assert ip["test_missing_decref"]["leaked"] == {"bytes": 4 * obj, "blocks": 4}
+    assert ip["test_missing_decref"]["reachability"]["definite"] == {"bytes": 4 * obj, "blocks": 4}
+    assert ip["test_objects"]["leaked"] == {"bytes": 7 * obj, "blocks": 7}
+    (lost,) = [s for s in ip["test_raw_leak"]["stacks"] if s["kind"] == "definite"]
+    assert (lost["bytes"], lost["blocks"]) == (3000, 3)
+    assert "leak budget exceeded: 3,000 B in 3 blocks leaked in-process (budget 0 B)" in out
+    if not dist:
+        assert "3,000 B in 3 blocks definitely lost from the pytest process (in-process):" in out
+        assert "(lost 3,000 B in 3 blocks, possible" in out
+
+
+def test_kinds_all_keeps_the_figures_of_before(project, run_plugin, leakext_expected):
+    obj = leakext_expected.BYTES_OBJECT_SIZE
+    result, doc = run_plugin("--ebpf-leaks-kinds=all")
+    t = _by_name(doc)
+    ip = {n: x["in_process"] for n, x in t.items()}
+    assert ip["test_keep"]["leaked"] == {"bytes": 108, "blocks": 1} and t["test_keep"]["outcome"] == "failed"
+    assert ip["test_keep_object"]["leaked"]["blocks"] >= 1 and t["test_keep_object"]["outcome"] == "failed"
+    assert ip["test_cache_once"]["leaked"] == {"bytes": leakext_expected.CACHE_ONCE_BYTES, "blocks": 1}
+    assert ip["test_raw_leak"]["leaked"] == {"bytes": 3000, "blocks": 3}
+    assert ip["test_missing_decref"]["leaked"] == {"bytes": 4 * obj, "blocks": 4}
+    assert ip["test_objects"]["leaked"] == {"bytes": 7 * obj, "blocks": 7}
+    assert ip["test_clean"]["leaked"] == {"bytes": 0, "blocks": 0}
+    for x in ip.values():
+        assert x["classified"] is False and x["reason"] == "leak kinds were not asked for (kinds=all)"
+        assert x["reachability"]["unclassified"] == x["outstanding"]
+        assert all(s["kind"] == "unclassified" for s in x["stacks"])
+    out = result.stdout.str()
+    assert "3,000 B in 3 blocks from the pytest process (in-process):" in out
