@@ -209,3 +209,14 @@ def test_a_window_that_was_not_classified_says_why():
     assert not classified and reason == "the scan timed out (over 10 s)"
     c = cl.classify({}, [], inproc_kinds={"definite": [(8, 1, 2)]}, wanted=True)
     assert c.in_process == {"definite": [(8, 1, 2)]} and c.in_process_classified
+
+
+def test_main_arena_is_found_by_its_top_when_most_bins_are_in_use(image):
+    """A long-running process may have most bins non-empty: glibc's empty-bin
+    signature fails, the top chunk's does not."""
+    im, _ = image
+    for k in range(1, 100):
+        im.put(ARENA + H.OFF_BINS + 16 * k, DATA + 0x900, DATA + 0x900)
+    snap = im.snapshot()
+    assert H.find_main_arena(im.maps(), snap.read) is None
+    assert ip.find_main_arena(im.maps(), snap) == ARENA

@@ -261,6 +261,28 @@ def free_chunks(snap: Snapshot, arenas: Sequence[glibc_heap.Arena]) -> Tuple[Lis
     return out, tcaches
 
 
+def find_main_arena(maps: Sequence[Region], snap: Snapshot) -> Optional[int]:
+    """``main_arena`` of a running process.  heap.find_main_arena knows it
+    by its empty bins, but a long-running process (pytest after many tests)
+    may have most of its bins in use; its ``top`` is a surer sign: the word
+    that points at the top chunk of ``[heap]``, whose size reaches exactly to
+    the mapping's end, with a non-null ``next`` after it.  Without a
+    ``[heap]``: heap.find_main_arena."""
+    heap_map = next((m for m in maps if m.path == "[heap]"), None)
+    if heap_map is not None:
+        for lo, hi in glibc_heap._libc_data_ranges(maps):
+            w = snap.view(lo, hi)
+            hits = np.nonzero((w >= np.uint64(heap_map.start)) & (w < np.uint64(heap_map.end)))[0]
+            for i in hits.tolist():
+                top, arena = int(w[i]), lo + 8 * i - glibc_heap.OFF_TOP
+                size = snap.word(top + 8)
+                nxt = snap.word(arena + glibc_heap.OFF_NEXT)
+                if size is not None and top + (size & ~glibc_heap.SIZE_BITS) == heap_map.end \
+                        and nxt and nxt % 8 == 0 and snap.word(arena) is not None:
+                    return arena
+    return glibc_heap.find_main_arena(maps, snap.read)
+
+
 # --- the scan ---------------------------------------------------------------------
 
 def wait_blocked(pid: int, tid: int, seconds: float = 2.0) -> None:
@@ -339,7 +361,7 @@ def classify_image(maps: Sequence[Region], snap: Snapshot, starts, sizes, *, con
     {"root_bytes", "live_heap_bytes", "tcaches"})."""
     starts = np.asarray(starts, dtype=np.uint64).reshape(-1)
     sizes = np.asarray(sizes, dtype=np.uint64).reshape(-1)
-    main_arena = glibc_heap.find_main_arena(maps, snap.read)
+    main_arena = find_main_arena(maps, snap)
     if main_arena is None:
         raise LookupError("glibc's main_arena was not found in libc's data")
     arenas = glibc_heap.arenas(maps, snap.read, main_arena)
