@@ -23,9 +23,10 @@ reused), with three differences because the process is running, not paused:
   so a stale pointer in freed memory never makes a block reachable.  Chunks
   served by mmap are live (their mappings are roots) unless they are
   candidates;
-* the thread that closed the window gives its registers and stack pointer
-  itself (:func:`own_context`, ``getcontext``): its stack is scanned from
-  128 bytes below that stack pointer up, and its registers are roots;
+* the thread that closed the window gives its registers itself
+  (:func:`own_context`, ``getcontext``), and they are roots; its stack is
+  scanned from 128 bytes below its stack pointer where it sleeps waiting
+  for the answer (``/proc/PID/task/TID/syscall``) up;
 * the registers of the process's other threads cannot be read without
   stopping it (ptrace): their whole stack mappings are scanned, below the
   stack pointer too, and their registers are not roots.
@@ -305,12 +306,13 @@ def find_main_arena(maps: Sequence[Region], snap: Snapshot) -> Optional[int]:
 
 # --- the scan ---------------------------------------------------------------------
 
-def wait_blocked(pid: int, tid: int, seconds: float = 2.0) -> None:
+def wait_blocked(pid: int, tid: int, seconds: float = 2.0) -> Optional[int]:
     """Wait until thread `tid` of `pid` sleeps in a system call: the thread
     that asked for the scan sends its request and then blocks reading the
     answer, and what it runs in between (with PYTHONMALLOC=malloc, every
-    object it makes is a malloc) must not overlap the read.  TimeoutError
-    when it never does."""
+    object it makes is a malloc) must not overlap the read.  Returns its
+    stack pointer there (/proc/PID/task/TID/syscall), or None when the
+    kernel does not say; TimeoutError when it never blocks."""
     deadline = time.monotonic() + seconds
     path = f"/proc/{pid}/task/{tid}"
     while True:
@@ -323,7 +325,7 @@ def wait_blocked(pid: int, tid: int, seconds: float = 2.0) -> None:
             raise ProcessLookupError(f"thread {tid} of pid {pid} is gone") from None
         state = st[st.rindex(")") + 2]
         if sc and sc[0].lstrip("-").isdigit() and int(sc[0]) >= 0 and state in ("S", "D"):
-            return
+            return int(sc[-2], 16) if len(sc) >= 3 else None
         if time.monotonic() >= deadline:
             raise TimeoutError(f"thread {tid} of pid {pid} did not wait for the scan")
         time.sleep(0.0002)
@@ -363,7 +365,10 @@ def scan_window(pid: int, starts, sizes, *, context: Optional[dict] = None,
     starts = np.asarray(starts, dtype=np.uint64).reshape(-1)
     sizes = np.asarray(sizes, dtype=np.uint64).reshape(-1)
     if context:
-        wait_blocked(pid, int(context["tid"]))
+        # its stack from where it sleeps up: the frames it ran after getcontext are live too
+        sp = wait_blocked(pid, int(context["tid"]))
+        if sp:
+            context = dict(context, sp=min(sp, int(context["sp"])))
     maps = read_regions(pid)
     snap = Snapshot.of_process(pid, maps)
     with ProcessMemory(pid) as mem:   # vtables live in read-only file mappings
