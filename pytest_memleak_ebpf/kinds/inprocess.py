@@ -203,10 +203,15 @@ class _ChunkSizes:
         self.heaps = heaps
 
     def get(self, chunk: int, default=None):
-        if not any(lo <= chunk < hi for lo, hi in self.heaps):
+        """Its size, when its header is readable and the chunk fits in its heap."""
+        end = next((hi for lo, hi in self.heaps if lo <= chunk < hi), None)
+        if end is None:
             return default
         w = self.snap.word(chunk + 8)
-        return default if w is None else w & ~glibc_heap.SIZE_BITS
+        if w is None:
+            return default
+        size = w & ~glibc_heap.SIZE_BITS
+        return size if chunk + size <= end else default
 
 
 def free_chunks(snap: Snapshot, arenas: Sequence[glibc_heap.Arena]) -> Tuple[List[Range], List[int]]:
@@ -272,9 +277,11 @@ def live_words(words: np.ndarray, base: int, holes: Sequence[Range]) -> np.ndarr
     n = words.size
     if not holes or n == 0:
         return words
-    h = np.array(holes, dtype=np.int64).reshape(-1, 2) - base
-    lo = np.clip(h[:, 0] // 8, 0, n)
-    hi = np.clip((h[:, 1] + 7) // 8, 0, n)
+    end = base + 8 * n
+    h = np.array([(max(a, base), min(b, end)) for a, b in holes if a < end and b > base],
+                 dtype=np.int64).reshape(-1, 2) - base
+    lo = h[:, 0] // 8
+    hi = (h[:, 1] + 7) // 8
     keep = hi > lo
     depth = np.zeros(n + 1, dtype=np.int32)
     np.add.at(depth, lo[keep], 1)
