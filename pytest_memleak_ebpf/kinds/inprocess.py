@@ -406,10 +406,11 @@ def classify_image(maps: Sequence[Region], snap: Snapshot, starts, sizes, *, con
     in_heap = _inside(starts, heaps)
     cand_chunks: List[Range] = []
     mmapped: List[Range] = []
+    chunk_sizes = _ChunkSizes(snap, heaps)
     for s, size, ih in zip(starts.tolist(), sizes.tolist(), in_heap.tolist()):
         hdr = snap.word(s - 8)
         if ih:
-            csize = (hdr or 0) & ~glibc_heap.SIZE_BITS
+            csize = chunk_sizes.get(s - 16) or 0     # 0: not a sane header (then the request only)
             cand_chunks.append((s, s + max(csize - 8, size)))
         elif hdr is not None and hdr & glibc_heap.IS_MMAPPED:
             ext = glibc_heap.mmapped_extent(snap.read, s)
