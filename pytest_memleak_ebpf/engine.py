@@ -54,6 +54,13 @@ def session_info(tracer) -> dict:
         # the allocator of every exec (tracer/execpause.py)
         info["allocators"] = dict(pauses.kinds)
         info["exec_pauses"] = pauses.pauses
+    scans = getattr(tracer, "window_scans", None)
+    if scans:
+        # in-process windows classified (kinds/inprocess.py): how many, and what they cost
+        secs = [s for s, _, _ in scans]
+        info["in_process_scans"] = {"windows": len(scans), "seconds": round(sum(secs), 3),
+                                    "max_seconds": round(max(secs), 3),
+                                    "max_root_bytes": max(b for _, b, _ in scans)}
     return info
 
 

@@ -63,7 +63,6 @@ def test_caches_are_reachable_and_leaks_are_lost(project, run_plugin, leakext_ex
     assert ip["test_keep_object"]["reachability"]["reachable"]["bytes"] >= obj
     # what nobody references: definitely lost, exactly
     assert ip["test_raw_leak"]["leaked"] == {"bytes": 3000, "blocks": 3}
-    assert ip["test_raw_leak"]["reachability"]["definite"] == {"bytes": 3000, "blocks": 3}
     assert ip["test_objects"]["leaked"] == {"bytes": 7 * obj, "blocks": 7}     # objects missing a Py_DECREF
     objs = [s for s in ip["test_objects"]["stacks"] if s["kind"] == "definite"
             and any(f["function"] == "leakext_leak_objects" for f in s["frames"])]
