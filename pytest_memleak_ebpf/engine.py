@@ -57,10 +57,14 @@ def session_info(tracer) -> dict:
     scans = getattr(tracer, "window_scans", None)
     if scans:
         # in-process windows classified (kinds/inprocess.py): how many, and what they cost
-        secs = [s for s, _, _ in scans]
+        secs = [s[0] for s in scans]
+        phases: dict = {}
+        for s in scans:
+            for k, v in s[3].items():
+                phases[k] = round(phases.get(k, 0.0) + v, 3)
         info["in_process_scans"] = {"windows": len(scans), "seconds": round(sum(secs), 3),
                                     "max_seconds": round(max(secs), 3),
-                                    "max_root_bytes": max(b for _, b, _ in scans)}
+                                    "max_root_bytes": max(s[1] for s in scans), "phase_seconds": phases}
     return info
 
 

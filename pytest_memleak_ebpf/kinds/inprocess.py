@@ -345,6 +345,7 @@ class WindowScan:
     root_bytes: int             # bytes of root memory scanned (live heap included)
     live_heap_bytes: int        # of which live heap chunks that are not candidates
     snapshot_bytes: int
+    phases: dict = dataclasses.field(default_factory=dict)   # seconds: wait, read, classify
     tcaches: int
 
 
@@ -376,13 +377,18 @@ def scan_window(pid: int, starts, sizes, *, context: Optional[dict] = None,
         sp = wait_blocked(pid, int(context["tid"]))
         if sp:
             context = dict(context, sp=min(sp, int(context["sp"])))
+    t1 = time.monotonic()
     maps = read_regions(pid)
     snap = Snapshot.of_process(pid, maps)
+    t2 = time.monotonic()
     with ProcessMemory(pid) as mem:   # vtables live in read-only file mappings
         result, stats = classify_image(maps, snap, starts, sizes, context=context, exclude=exclude,
                                        is_vtable=VtableCheck(maps, mem.read),
                                        alive=lambda tid: os.path.exists(f"/proc/{pid}/task/{tid}"))
-    return WindowScan(kinds=result.kinds, seconds=time.monotonic() - t0, snapshot_bytes=snap.nbytes, **stats)
+    t3 = time.monotonic()
+    return WindowScan(kinds=result.kinds, seconds=t3 - t0, snapshot_bytes=snap.nbytes,
+                      phases={"wait": round(t1 - t0, 4), "read": round(t2 - t1, 4), "classify": round(t3 - t2, 4)},
+                      **stats)
 
 
 def classify_image(maps: Sequence[Region], snap: Snapshot, starts, sizes, *, context: Optional[dict] = None,
@@ -463,7 +469,7 @@ def serve(rfile=None, wfile=None) -> None:
                                context=req.get("context"), exclude=[tuple(r) for r in req.get("exclude", ())])
             answer = {"kinds": "".join(map(str, scan.kinds.tolist())), "seconds": scan.seconds,
                       "root_bytes": scan.root_bytes, "live_heap_bytes": scan.live_heap_bytes,
-                      "snapshot_bytes": scan.snapshot_bytes}
+                      "snapshot_bytes": scan.snapshot_bytes, "phases": scan.phases}
         except Exception as exc:   # noqa: BLE001 - reported to the tracer, which reports it
             answer = {"error": f"{type(exc).__name__}: {exc}"}
         wfile.write(json.dumps(answer).encode() + b"\n")
@@ -482,6 +488,7 @@ class Outcome:
     reason: Optional[str] = None
     seconds: float = 0.0
     root_bytes: int = 0
+    phases: Dict[str, float] = dataclasses.field(default_factory=dict)
 
 
 class WindowScanner:
@@ -527,7 +534,7 @@ class WindowScanner:
                            seconds=time.monotonic() - t0)
         names = [KIND_NAMES[int(k)] for k in answer["kinds"]]
         return Outcome(kinds={int(a): n for (a, _), n in zip(blocks, names)}, seconds=answer["seconds"],
-                       root_bytes=answer["root_bytes"])
+                       root_bytes=answer["root_bytes"], phases=answer.get("phases", {}))
 
     def _line(self, deadline: float) -> Optional[bytes]:
         fd = self.proc.stdout.fileno()

@@ -99,7 +99,8 @@ class Tracer:
         self._local: Client | None = None   # this process's own (add_root)
         self._next_test = 0
         self._next_window = 0
-        self.window_scans: list[tuple[float, int, int]] = []   # in-process scans: (seconds, root bytes, blocks)
+        # in-process scans: (seconds, root bytes, blocks, {phase: seconds})
+        self.window_scans: list[tuple[float, int, int, dict]] = []
         self._pauser = exitpause.Pauser(self._maps.image_blocks, allocator_kind=self._allocator_kind)
         from ..kinds.inprocess import WindowScanner
 
@@ -410,7 +411,7 @@ class Tracer:
                 reasons.append(out.reason)
             else:
                 kinds.update(out.kinds)
-            self.window_scans.append((out.seconds, out.root_bytes, len(mine)))
+            self.window_scans.append((out.seconds, out.root_bytes, len(mine), out.phases))
         if reasons:
             return None, reasons[0]
         return kinds, None
