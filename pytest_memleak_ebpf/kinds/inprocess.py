@@ -345,8 +345,8 @@ class WindowScan:
     root_bytes: int             # bytes of root memory scanned (live heap included)
     live_heap_bytes: int        # of which live heap chunks that are not candidates
     snapshot_bytes: int
-    phases: dict = dataclasses.field(default_factory=dict)   # seconds: wait, read, classify
     tcaches: int
+    phases: dict = dataclasses.field(default_factory=dict)   # seconds: wait, read, classify
 
 
 def _inside(addrs: np.ndarray, ranges: List[Range]) -> np.ndarray:
