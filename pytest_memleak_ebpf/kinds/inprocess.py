@@ -23,10 +23,10 @@ reused), with three differences because the process is running, not paused:
   so a stale pointer in freed memory never makes a block reachable.  Chunks
   served by mmap are live (their mappings are roots) unless they are
   candidates;
-* the thread that closed the window gives its registers itself
-  (:func:`own_context`, ``getcontext``), and they are roots; its stack is
-  scanned from 128 bytes below its stack pointer where it sleeps waiting
-  for the answer (``/proc/PID/task/TID/syscall``) up;
+* the thread that closed the window gives its registers and stack pointer
+  itself (:func:`own_context`, ``getcontext``, just before it asks): its
+  stack is scanned from 128 bytes below that stack pointer up, and its
+  registers are roots;
 * the registers of the process's other threads cannot be read without
   stopping it (ptrace): their whole stack mappings are scanned, below the
   stack pointer too, and their registers are not roots.
@@ -373,10 +373,12 @@ def scan_window(pid: int, starts, sizes, *, context: Optional[dict] = None,
     starts = np.asarray(starts, dtype=np.uint64).reshape(-1)
     sizes = np.asarray(sizes, dtype=np.uint64).reshape(-1)
     if context:
-        # its stack from where it sleeps up: the frames it ran after getcontext are live too
-        sp = wait_blocked(pid, int(context["tid"]))
-        if sp:
-            context = dict(context, sp=min(sp, int(context["sp"])))
+        # Its stack from getcontext's stack pointer up, not from where it sleeps:
+        # what it ran since (sending the request, waiting) holds none of the
+        # window's blocks, and the unwritten slots of those frames hold stale
+        # words of the deeper calls the test made (memcheck would call them
+        # undefined: never pointers).
+        wait_blocked(pid, int(context["tid"]))
     t1 = time.monotonic()
     maps = read_regions(pid)
     snap = Snapshot.of_process(pid, maps)
