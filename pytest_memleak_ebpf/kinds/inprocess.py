@@ -10,7 +10,11 @@ copies of block addresses in its own memory (batch buffers, numpy
 temporaries, allocator caches), and those copies would be roots pointing at
 every candidate.  A helper process (:class:`WindowScanner`, started with the
 tracer, before any test) reads it with ``process_vm_readv`` instead; the
-requests carry addresses as decimal text, never as raw 8-byte words.
+requests carry addresses as decimal text, never as raw 8-byte words.  In the
+pytest process itself the block map is read, and the request sent, by a
+thread of the tracer's whose stack is left out of the roots (the addresses
+that pass through a thread's registers stay in its stack as stale words),
+while the thread that closed the window waits.
 
 Roots, as :mod:`.roots` takes them for a launched process (its functions are
 reused), with three differences because the process is running, not paused:
