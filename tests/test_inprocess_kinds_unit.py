@@ -220,3 +220,13 @@ def test_main_arena_is_found_by_its_top_when_most_bins_are_in_use(image):
     snap = im.snapshot()
     assert H.find_main_arena(im.maps(), snap.read) is None
     assert ip.find_main_arena(im.maps(), snap) == ARENA
+
+
+def test_only_words_near_the_blocks_reach_the_exact_look_up():
+    starts = np.array([100, 200, 10**12, 10**12 + 50], dtype=np.uint64)
+    sizes = np.array([10, 10, 10, 5], dtype=np.uint64)
+    words = np.array([99, 100, 105, 150, 205, 210, 10**12 + 3, 10**12 + 54, 10**12 + 55, 5 * 10**11], dtype=np.uint64)
+    # two ranges: [100, 210) and [10**12, 10**12 + 55); eight: every block apart
+    assert ip.near_blocks([words], starts, sizes, clusters=2).tolist() == [100, 105, 150, 205, 10**12 + 3, 10**12 + 54]
+    assert ip.near_blocks([words[:5], words[5:]], starts, sizes).tolist() == [100, 105, 205, 10**12 + 3, 10**12 + 54]
+    assert ip.near_blocks([words], starts[:0], sizes[:0]).size == 0

@@ -274,6 +274,36 @@ def free_chunks(snap: Snapshot, arenas: Sequence[glibc_heap.Arena]) -> Tuple[Lis
     return out, tcaches
 
 
+def near_blocks(arrays: Sequence[np.ndarray], starts: np.ndarray, sizes: np.ndarray,
+                clusters: int = 8) -> np.ndarray:
+    """The words of ``arrays`` that fall inside one of a few address ranges
+    covering every block (the blocks split at their ``clusters - 1`` widest
+    gaps): the only words that can point at a block.  Blocks in ``[heap]``
+    and others served by mmap lie terabytes apart; one range over them all
+    would let every pointer of the process through to the exact look-up."""
+    if starts.size == 0:
+        return np.zeros(0, dtype=np.uint64)
+    order = np.argsort(starts)
+    lo = starts[order]
+    hi = lo + np.maximum(sizes[order], np.uint64(1))
+    reach = np.maximum.accumulate(hi)
+    gaps = lo[1:].astype(np.float64) - reach[:-1].astype(np.float64)
+    widest = np.argsort(gaps)[::-1][:clusters - 1]
+    cut = np.sort(widest[gaps[widest] > 0])
+    first = np.concatenate(([0], cut + 1)).astype(np.int64)
+    last = np.concatenate((cut, [lo.size - 1])).astype(np.int64)
+    ranges = list(zip(lo[first].tolist(), reach[last].tolist()))
+    out = []
+    for w in arrays:
+        if w.size == 0:
+            continue
+        keep = np.zeros(w.size, dtype=bool)
+        for a, b in ranges:
+            keep |= (w >= np.uint64(a)) & (w < np.uint64(b))
+        out.append(w[keep])
+    return np.concatenate(out) if out else np.zeros(0, dtype=np.uint64)
+
+
 def live_words(words: np.ndarray, base: int, holes: Sequence[Range]) -> np.ndarray:
     """The words of ``words`` (at ``base``) outside every hole (half-open
     byte ranges; a word partly inside one is out), in order: one mask over
@@ -448,6 +478,7 @@ def classify_image(maps: Sequence[Region], snap: Snapshot, starts, sizes, *, con
     segs = _block_segments(starts[order], sizes[order], maps, gap=256)
     contents = [(lo, snap.view(lo, hi)) for lo, hi in segs]
     registers = [int(r) for r in context.get("registers", ())] if context else []
+    roots = [(0, near_blocks([w for _, w in roots], starts, sizes))]
     result = classify(starts, sizes, roots, contents, registers=registers, is_vtable=is_vtable,
                       hazard_offsets=glibc_heap.hazard_offsets(sizes))
     return result, {"root_bytes": sum(hi - lo for lo, hi in mapped_roots) + live_heap,
