@@ -181,6 +181,11 @@ def test_own_context_is_this_threads():
         stack = next(line for line in f if "[stack]" in line)
     lo, hi = (int(x, 16) for x in stack.split()[0].split("-"))
     assert lo <= ctx["sp"] < hi and ctx["sp"] in ctx["registers"]
+    # CPython's frame stack beyond this frame: dead, one range inside a writable mapping
+    (dead_lo, dead_hi), = ctx["dead"]
+    with open("/proc/self/maps") as f:
+        spans = [tuple(int(x, 16) for x in line.split()[0].split("-")) for line in f if line.split()[1][:2] == "rw"]
+    assert dead_lo < dead_hi and any(a <= dead_lo and dead_hi <= b for a, b in spans)
 
 
 def test_the_pipeline_shows_a_classified_window_by_kind():

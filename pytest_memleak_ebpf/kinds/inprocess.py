@@ -31,6 +31,8 @@ reused), with three differences because the process is running, not paused:
   itself (:func:`own_context`, ``getcontext``, just before it asks): its
   stack is scanned from 128 bytes below that stack pointer up, and its
   registers are roots;
+* CPython's own frame stack beyond the waiting thread's innermost frame
+  (:func:`_dead_datastack`): the dead frames of the test's deeper calls;
 * the registers of the process's other threads cannot be read without
   stopping it (ptrace): their whole stack mappings are scanned, below the
   stack pointer too, and their registers are not roots.
@@ -91,7 +93,44 @@ def own_context() -> dict:
     ctypes.memset(buf, 0, _UCONTEXT_BYTES)
     named = dict(zip(_GREGS, regs))
     return {"tid": threading.get_native_id(), "sp": named["rsp"],
-            "registers": [named[r] for r in _GREGS if r != "rip"]}
+            "registers": [named[r] for r in _GREGS if r != "rip"], "dead": _dead_datastack(sys._getframe())}
+
+
+# CPython 3.11: PyFrameObject.f_frame, and in _PyInterpreterFrame f_code,
+# frame_obj and where localsplus starts
+_F_FRAME, _IF_CODE, _IF_FRAME_OBJ, _IF_LOCALSPLUS = 24, 32, 40, 72
+
+
+def _dead_datastack(frame) -> list:
+    """CPython keeps its frames on a data stack of its own (chunks it
+    mmaps); what lies beyond the innermost frame (this one) are the dead
+    frames of earlier, deeper calls — the test's own — whose slots still hold
+    the objects they used: as for a C stack below its stack pointer, never
+    roots.  Returns [(lo, hi)]: from the end of `frame` to the end of its
+    chunk (whose header, {previous, size, top}, starts a page at or below
+    it), or [] when this is not a CPython 3.11 frame laid out as expected."""
+    if sys.implementation.name != "cpython" or sys.version_info[:2] != (3, 11):
+        return []
+    try:
+        iframe = ctypes.c_void_p.from_address(id(frame) + _F_FRAME).value
+        if not iframe or ctypes.c_void_p.from_address(iframe + _IF_CODE).value != id(frame.f_code) \
+                or ctypes.c_void_p.from_address(iframe + _IF_FRAME_OBJ).value != id(frame):
+            return []
+        code = frame.f_code
+        slots = len(code.co_varnames) + len(code.co_cellvars) + len(code.co_freevars) + code.co_stacksize
+        end = (iframe + _IF_LOCALSPLUS + 8 * slots + 7) & ~7
+        region = next((m for m in read_regions(os.getpid()) if m.start <= iframe < m.end), None)
+        if region is None:
+            return []
+        a = iframe & ~4095
+        while a >= region.start:
+            size = ctypes.c_uint64.from_address(a + 8).value     # _PyStackChunk.size
+            if size and size % 4096 == 0 and a + size > iframe and a + size <= region.end:
+                return [(end, a + size)] if a + size > end else []
+            a -= 4096
+    except (ValueError, OSError):
+        pass
+    return []
 
 
 # --- one snapshot of the process's writable memory -------------------------------
@@ -462,7 +501,8 @@ def classify_image(maps: Sequence[Region], snap: Snapshot, starts, sizes, *, con
             cand_chunks.append((s, s + size))
 
     # roots: the mappings as for a launched process (allocator memory out) ...
-    holes = exclude + glibc_heap.allocator_ranges(maps, snap.read, main_arena) + mmapped
+    dead = [tuple(r) for r in context.get("dead", ())] if context else []
+    holes = exclude + dead + glibc_heap.allocator_ranges(maps, snap.read, main_arena) + mmapped
     sps = [int(context["sp"])] if context and alive(context.get("tid")) else []
     mapped_roots = root_ranges(maps, sps, holes)
     # ... plus the live chunks of the heaps that are not candidates
