@@ -403,7 +403,7 @@ class Tracer:
         thread's registers and stack slots stay there as stale words, and the
         waiting thread's stack is a root; that thread's stack is not."""
         if c is not self._local:
-            return self._classify_window_of(c, scan, context, [])
+            return self._classify_window_of(c, scan, context, lambda: [])
         if self._window_reader is None:
             import concurrent.futures
 
@@ -418,11 +418,14 @@ class Tracer:
             sp = own_context()["sp"]
             self._reader_stack = next(((m.start, m.end) for m in read_regions(os.getpid()) if m.start <= sp < m.end),
                                       (sp, sp))
-        # the buffers that hold the block map's keys, and this thread's stack, are never roots
-        return self._classify_window_of(c, scan, context, self._maps.scratch_ranges() + [self._reader_stack])
+        # the buffers that hold the block map's keys (made by the first walk:
+        # asked for after it), and this thread's stack, are never roots
+        return self._classify_window_of(c, scan, context,
+                                        lambda: self._maps.scratch_ranges() + [self._reader_stack])
 
-    def _classify_window_of(self, c: Client, scan: str, context: dict | None, exclude: list):
+    def _classify_window_of(self, c: Client, scan: str, context: dict | None, excluded):
         blocks = self._maps.window_addresses(c.window_serial)
+        exclude = excluded()
         if not any(scan == "all" or ext for _, _, _, ext in blocks):
             return None, "no block that could count was live at the window's end: nothing to classify"
         kinds: dict[int, str] = {}
