@@ -538,12 +538,21 @@ def serve(rfile=None, wfile=None) -> None:
     # warm up (numpy's first calls) while pytest starts, not at the first window
     classify(np.array([16], dtype=np.uint64), np.array([8], dtype=np.uint64), [(0, np.zeros(4, np.uint64))],
              [(16, np.zeros(1, np.uint64))])
-    for line in rfile:
+    profile = os.environ.get("PYTEST_MEMLEAK_EBPF_SCAN_PROFILE")   # a path: cProfile each scan (diagnosis)
+    for n, line in enumerate(rfile):
         try:
             req = json.loads(line)
             blocks = req["blocks"]
-            scan = scan_window(int(req["pid"]), [a for a, _ in blocks], [s for _, s in blocks],
-                               context=req.get("context"), exclude=[tuple(r) for r in req.get("exclude", ())])
+            args = (int(req["pid"]), [a for a, _ in blocks], [s for _, s in blocks])
+            kw = {"context": req.get("context"), "exclude": [tuple(r) for r in req.get("exclude", ())]}
+            if profile:
+                import cProfile
+
+                prof = cProfile.Profile()
+                scan = prof.runcall(scan_window, *args, **kw)
+                prof.dump_stats(f"{profile}.{n}")
+            else:
+                scan = scan_window(*args, **kw)
             answer = {"kinds": "".join(map(str, scan.kinds.tolist())), "seconds": scan.seconds,
                       "root_bytes": scan.root_bytes, "live_heap_bytes": scan.live_heap_bytes,
                       "snapshot_bytes": scan.snapshot_bytes, "phases": scan.phases}
