@@ -19,6 +19,7 @@ function name):
 from __future__ import annotations
 
 import os
+import sys
 import time
 from dataclasses import dataclass
 
@@ -221,6 +222,11 @@ class LeakEngine:
 
             gc.collect()
         if collect and self._kinds_wanted:
+            # CPython's type attribute cache holds borrowed pointers, stale once
+            # a type changes or goes (a dangling pointer to a freed object's
+            # address, which a leaked block may now have): empty it before the
+            # scan (it refills on the next lookups)
+            sys._clear_type_cache()
             self.tracer.close_window(self.settings.in_process)
         else:
             self.tracer.close_window()
