@@ -154,6 +154,7 @@ class Snapshot:
         self.pid = 0
         # plain lists for the lookups done one word at a time (free lists)
         self._lo, self._hi, self._off = self.lo.tolist(), self.hi.tolist(), self.off.tolist()
+        self._mv = memoryview(self.words) if self.words.size else None   # ints at once, no numpy scalars
 
     @classmethod
     def of_process(cls, pid: int, maps: Sequence[Region]) -> "Snapshot":
@@ -220,7 +221,7 @@ class Snapshot:
         i = self._find(addr)
         if i < 0 or addr + 8 > self._hi[i] or addr % 8:
             return None
-        return int(self.words[(self._off[i] + addr - self._lo[i]) >> 3])
+        return self._mv[(self._off[i] + addr - self._lo[i]) >> 3]
 
     def view(self, lo: int, hi: int) -> np.ndarray:
         """The words of [lo, hi) (8-aligned, inside one mapping): a view."""
@@ -243,13 +244,15 @@ class _ChunkSizes:
 
     def __init__(self, snap: Snapshot, heaps: List[Range]):
         self.snap = snap
-        self.heaps = heaps
+        self.heaps = sorted(heaps)
+        self._lo = [lo for lo, _ in self.heaps]
 
     def get(self, chunk: int, default=None):
         """Its size, when its header is readable and the chunk fits in its heap."""
-        end = next((hi for lo, hi in self.heaps if lo <= chunk < hi), None)
-        if end is None:
+        i = bisect.bisect_right(self._lo, chunk) - 1
+        if i < 0 or chunk >= self.heaps[i][1]:
             return default
+        end = self.heaps[i][1]
         w = self.snap.word(chunk + 8)
         if w is None:
             return default
