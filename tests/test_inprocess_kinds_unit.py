@@ -235,3 +235,11 @@ def test_only_words_near_the_blocks_reach_the_exact_look_up():
     assert ip.near_blocks([words], starts, sizes, clusters=2).tolist() == [100, 105, 150, 205, 10**12 + 3, 10**12 + 54]
     assert ip.near_blocks([words[:5], words[5:]], starts, sizes).tolist() == [100, 105, 205, 10**12 + 3, 10**12 + 54]
     assert ip.near_blocks([words], starts[:0], sizes[:0]).size == 0
+
+
+def test_live_words_leave_out_every_word_a_hole_touches():
+    words = np.arange(10, dtype=np.uint64)      # word i at 1000 + 8 i
+    holes = [(1008, 1016), (1012, 1030), (1060, 2000), (900, 1001)]
+    assert ip.live_words(words, 1000, holes).tolist() == [4, 5, 6]
+    assert ip.live_words(words, 1000, []).tolist() == list(range(10))
+    assert ip.live_words(words, 1000, [(0, 5000)]).size == 0

@@ -348,21 +348,22 @@ def near_blocks(arrays: Sequence[np.ndarray], starts: np.ndarray, sizes: np.ndar
 
 def live_words(words: np.ndarray, base: int, holes: Sequence[Range]) -> np.ndarray:
     """The words of ``words`` (at ``base``) outside every hole (half-open
-    byte ranges; a word partly inside one is out), in order: one mask over
-    the whole heap, not a slice per live chunk."""
+    byte ranges; a word partly inside one is out), in order: the holes
+    merged, the words between them joined in one copy."""
     n = words.size
     if not holes or n == 0:
         return words
     end = base + 8 * n
-    h = np.array([(max(a, base), min(b, end)) for a, b in holes if a < end and b > base],
-                 dtype=np.int64).reshape(-1, 2) - base
-    lo = h[:, 0] // 8
-    hi = (h[:, 1] + 7) // 8
-    keep = hi > lo
-    depth = np.zeros(n + 1, dtype=np.int32)
-    np.add.at(depth, lo[keep], 1)
-    np.add.at(depth, hi[keep], -1)
-    return words[np.cumsum(depth[:-1]) == 0]
+    keep = []
+    at = 0                                  # first word index not yet decided
+    for lo, hi in sorted((max(a, base), min(b, end)) for a, b in holes if a < end and b > base):
+        wlo, whi = (lo - base) // 8, (hi - base + 7) // 8
+        if wlo > at:
+            keep.append(words[at:wlo])
+        at = max(at, whi)
+    if at < n:
+        keep.append(words[at:])
+    return np.concatenate(keep) if keep else words[:0]
 
 
 def find_main_arena(maps: Sequence[Region], snap: Snapshot) -> Optional[int]:
