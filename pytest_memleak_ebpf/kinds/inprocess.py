@@ -470,6 +470,31 @@ def scan_window(pid: int, starts, sizes, *, context: Optional[dict] = None,
                       **stats)
 
 
+def _explain(path, maps, roots, *, heap_roots, result, registers) -> None:
+    """Append, for every block that is not lost, the places in the root
+    memory holding a start pointer to it (mapping or heap), as a JSON line."""
+    from .classify import REACHABLE, POSSIBLE
+
+    keep = np.nonzero((result.kinds == REACHABLE) | (result.kinds == POSSIBLE))[0]
+    out = []
+    for b in keep.tolist():
+        st = int(result.starts[b])
+        hits = []
+        for lo, w in roots:
+            if lo == 0 or w.size == 0:
+                continue
+            idx = np.nonzero((w >= np.uint64(st)) & (w < np.uint64(st + max(int(result.sizes[b]), 1))))[0][:4]
+            heap = any(lo == h for h, _ in heap_roots)   # its live words are joined: no address
+            for i in idx.tolist():
+                where = "live heap chunk" if heap else next(
+                    (f"{m.path or 'anon'} {m.perms} {m.start:#x}" for m in maps if m.start <= lo + 8 * i < m.end), "?")
+                hits.append([-1 if heap else lo + 8 * i, where, int(w[i]) - st])
+        out.append({"start": st, "size": int(result.sizes[b]), "kind": int(result.kinds[b]), "hits": hits[:8],
+                    "register": st in registers})
+    with open(path, "a") as f:
+        f.write(json.dumps(out) + "\n")
+
+
 def classify_image(maps: Sequence[Region], snap: Snapshot, starts, sizes, *, context: Optional[dict] = None,
                    exclude: Iterable[Range] = (), is_vtable=None, alive=lambda tid: True):
     """The classification of the blocks ``starts``/``sizes`` in the image
@@ -522,9 +547,13 @@ def classify_image(maps: Sequence[Region], snap: Snapshot, starts, sizes, *, con
     segs = _block_segments(starts[order], sizes[order], maps, gap=256)
     contents = [(lo, snap.view(lo, hi)) for lo, hi in segs]
     registers = [int(r) for r in context.get("registers", ())] if context else []
+    root_list = roots
     roots = [(0, near_blocks([w for _, w in roots], starts, sizes))]
     result = classify(starts, sizes, roots, contents, registers=registers, is_vtable=is_vtable,
                       hazard_offsets=glibc_heap.hazard_offsets(sizes))
+    why = os.environ.get("PYTEST_MEMLEAK_EBPF_SCAN_ROOTS")   # a path: where start pointers were found (diagnosis)
+    if why:
+        _explain(why, maps, root_list, heap_roots=heaps, result=result, registers=registers)
     return result, {"root_bytes": sum(hi - lo for lo, hi in mapped_roots) + live_heap,
                     "live_heap_bytes": live_heap, "tcaches": len(tcaches)}
 
