@@ -41,6 +41,10 @@ Everything is read once, in one pass, into one snapshot (numpy); the heap's
 lists are followed in the snapshot, and the classification
 (:func:`.classify.classify`: start and interior pointers, memcheck's
 heuristics, the clique pass) is vectorised over its words.
+
+Diagnosis, in the helper's environment: PYTEST_MEMLEAK_EBPF_SCAN_PROFILE=PATH
+writes a cProfile of each scan to PATH.N; PYTEST_MEMLEAK_EBPF_SCAN_ROOTS=FILE
+appends, per scan, where the pointers to each block that is not lost lie.
 """
 
 from __future__ import annotations
