@@ -113,6 +113,19 @@ class InProcess:
     lost_handoffs: int = 0
     lost_stacks: int = 0
     counted: Amount = field(default_factory=Amount)  # mode filter (growth: per repetition), before suppressions
+    reachability: dict[str, Amount] = field(default_factory=dict)  # kind -> outstanding of that kind
+    classified: bool = False       # its blocks were classified at the window's close
+    reason: str | None = None      # why not
+    kinds: frozenset = frozenset((UNCLASSIFIED,))   # the kinds that count
+
+    def kind_amount(self, *kinds: str) -> Amount:
+        out = Amount()
+        for k in kinds:
+            a = self.reachability.get(k)
+            if a is not None:
+                out.bytes += a.bytes
+                out.blocks += a.blocks
+        return out
 
     def to_json(self) -> dict:
         return {
@@ -120,6 +133,8 @@ class InProcess:
             "outstanding": asdict(self.outstanding),
             "leaked": asdict(self.leaked),
             "allocated": asdict(self.allocated),
+            "reachability": {k: asdict(self.reachability.get(k, Amount())) for k in KINDS},
+            "classified": self.classified, **({} if self.classified else {"reason": self.reason}),
             "stacks": [s.to_json() for s in self.stacks],
             "growth": self.growth,
         }
@@ -241,11 +256,13 @@ def _window_amount(blocks: Mapping[str, Iterable[tuple[int, int, int]]]) -> Amou
     return out
 
 
-def in_process_counted(mode: str, blocks: Mapping[str, Sequence[tuple[int, int, int]]]) -> dict[str, list]:
-    """The window's blocks that count ({kind: records}): leak kinds only and,
-    in mode "extensions", only blocks with an extension return address on
-    their stack (ext_ip); mode "all" counts every block."""
-    return {k: [b for b in recs if mode == "all" or b[2]] for k, recs in blocks.items() if k in LEAK_KINDS}
+def in_process_counted(mode: str, blocks: Mapping[str, Sequence[tuple[int, int, int]]],
+                       kinds=LEAK_KINDS) -> dict[str, list]:
+    """The window's blocks that count ({kind: records}): those of `kinds`
+    (the budget's; growth mode's window: LEAK_KINDS) and, in mode
+    "extensions", only blocks with an extension return address on their
+    stack (ext_ip); mode "all" counts every block."""
+    return {k: [b for b in recs if mode == "all" or b[2]] for k, recs in blocks.items() if k in kinds}
 
 
 def in_process_amount(mode: str, blocks: Mapping[str, Sequence[tuple[int, int, int]]]) -> Amount:
@@ -254,17 +271,19 @@ def in_process_amount(mode: str, blocks: Mapping[str, Sequence[tuple[int, int, i
 
 
 def in_process_groups(mode: str, blocks: Mapping[str, Sequence[tuple[int, int, int]]],
-                      growth: dict | None) -> tuple[Amount, dict | None, list[tuple[int, int, str, Amount]]]:
+                      growth: dict | None, kinds=LEAK_KINDS,
+                      ) -> tuple[Amount, dict | None, list[tuple[int, int, str, Amount]]]:
     """The counted figure of an in-process window, the growth verdict, and
-    the groups of blocks the report shows, largest first: (stack hash,
-    extension return address or 0, kind, amount).
+    the groups of blocks the report shows: (stack hash, extension return
+    address or 0, kind, amount), the kinds that count first, then largest.
 
     mode "extensions": only blocks with a return address into an extension
     module on their stack (ext_ip) count; "all": every block counts. Only
-    leak kinds count. In growth mode `growth["per_repetition"]` holds the
-    counted figures after each measured repetition; only memory that grew in
-    every repetition counts, per repetition."""
-    counted = in_process_counted(mode, blocks)
+    `kinds` count (a classified window's other kinds are shown too). In
+    growth mode `growth["per_repetition"]` holds the counted figures after
+    each measured repetition; only memory that grew in every repetition
+    counts, per repetition."""
+    counted = in_process_counted(mode, blocks, kinds)
     amount = _window_amount(counted)
     if growth is not None:
         reps = growth["per_repetition"]
@@ -278,8 +297,11 @@ def in_process_groups(mode: str, blocks: Mapping[str, Sequence[tuple[int, int, i
         m = max(len(reps), 1)
         amount = Amount(amount.bytes // m, amount.blocks // m) if growing else Amount()
     per: dict[tuple[int, int, str], Amount] = {}
-    if amount.blocks or amount.bytes:
-        for kind, records in counted.items():
+    shown = counted
+    if growth is None and set(blocks) - set(counted):   # a classified window: its other kinds too
+        shown = in_process_counted(mode, blocks, tuple(blocks))
+    if amount.blocks or amount.bytes or shown is not counted:
+        for kind, records in shown.items():
             for size, h, ext in records:
                 a = per.get((h, ext, kind))
                 if a is None:
@@ -287,7 +309,8 @@ def in_process_groups(mode: str, blocks: Mapping[str, Sequence[tuple[int, int, i
                 a.bytes += size
                 a.blocks += 1
     groups = [(h, ext, kind, a) for (h, ext, kind), a in
-              sorted(per.items(), key=lambda kv: (-kv[1].bytes, -kv[1].blocks, kv[0]))]
+              sorted(per.items(), key=lambda kv: (kv[0][2] not in kinds, _KIND_RANK.get(kv[0][2], 1),
+                                                  -kv[1].bytes, -kv[1].blocks, kv[0]))]
     return amount, growth, groups
 
 
@@ -298,11 +321,17 @@ def account_in_process(
     growth: dict | None,
     groups: Sequence[tuple[Amount, str, Sequence[dict], dict | None]],
     counters: Mapping[str, int] | None,
+    *,
+    classified: bool = False,
+    reason: str | None = None,
+    kinds=LEAK_KINDS,
 ) -> InProcess:
     """In-process figures of a window: its classified live (size, stack,
     ext_ip) blocks, what counted and the growth verdict (in_process_groups),
     and each shown group as (amount, kind, resolved stack frames, resolved
-    frame of the extension return address found on the stack or None)."""
+    frame of the extension return address found on the stack or None).
+    classified/reason: whether the window's blocks were classified (why
+    not); kinds: the kinds that count."""
     counters = counters or {}
     out = []
     for amount, kind, frames, ext_frame in groups:
@@ -319,7 +348,13 @@ def account_in_process(
         stacks=out, growth=growth,
         lost_blocks=counters.get("lost_blocks", 0), lost_handoffs=counters.get("lost_handoffs", 0),
         lost_stacks=counters.get("lost_stacks", 0),
+        reachability=_window_reachability(blocks), classified=classified, reason=None if classified else reason,
+        kinds=frozenset(kinds),
     )
+
+
+def _window_reachability(blocks: Mapping[str, Sequence[tuple]]) -> dict[str, Amount]:
+    return {k: _window_amount({k: blocks[k]}) for k in KINDS if blocks.get(k)}
 
 
 def account(

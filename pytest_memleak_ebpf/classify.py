@@ -9,8 +9,12 @@ from the roots); a block the scan did not see, and every block of a process
 that was not scanned, is "unclassified", with the reason (`Classified.reasons`).
 Which kinds count against the budget is the budget's (marks.Budget.kinds).
 
-The pytest process's own window (in-process) is not classified here: its
-blocks stay "unclassified" and count as before.
+The pytest process's own window (in-process) is classified at its close,
+when the test's kinds are not `all` (tracer close_window,
+kinds/inprocess.py): its blocks then come per kind the same way; a window
+that was not (kinds=all, growth mode, nothing that could count, a scan that
+failed) has its blocks "unclassified", with the reason
+(`Classified.in_process_reason`).
 
 Records keep the tracer's shapes: a process's (bytes, stack, blocks) summed
 per stack, an in-process window's (size, stack, ext_ip) per block."""
@@ -22,14 +26,14 @@ from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
 __all__ = ["UNCLASSIFIED", "KINDS", "LOST_KINDS", "DEFAULT_KINDS", "LEAK_KINDS", "Classified", "classify",
-           "classify_blocks", "unclassified_reason", "parse_kinds", "wants_kinds"]
+           "classify_blocks", "classify_window", "unclassified_reason", "parse_kinds", "wants_kinds"]
 
 DEFINITE, INDIRECT, POSSIBLE, REACHABLE = "definite", "indirect", "possible", "reachable"
 UNCLASSIFIED = "unclassified"
 KINDS: tuple[str, ...] = (DEFINITE, INDIRECT, POSSIBLE, REACHABLE, UNCLASSIFIED)   # report order
 LOST_KINDS = (DEFINITE, INDIRECT)
 DEFAULT_KINDS: frozenset = frozenset((DEFINITE, INDIRECT, UNCLASSIFIED))  # what counts by default
-LEAK_KINDS: tuple[str, ...] = (UNCLASSIFIED,)   # kinds that count in the in-process window
+LEAK_KINDS: tuple[str, ...] = (UNCLASSIFIED,)   # kinds that count in growth mode's window (never classified)
 
 Kinds = Mapping[str, Sequence[tuple]]          # kind -> records
 
@@ -39,11 +43,27 @@ class Classified:
     processes: dict[int, Kinds] = field(default_factory=dict)   # serial -> kind -> records
     in_process: Kinds = field(default_factory=dict)             # the window's blocks, kind -> records
     reasons: dict[int, str] = field(default_factory=dict)       # unscanned serials: why
+    in_process_classified: bool = False                         # the window's blocks have kinds
+    in_process_reason: str | None = None                        # why not
 
 
 def classify_blocks(records: Sequence[tuple]) -> Kinds:
     """Blocks of an owner nobody scanned: all "unclassified"."""
     return {UNCLASSIFIED: records} if records else {}
+
+
+def classify_window(records: Sequence[tuple], kinds: Kinds | None, reason: str | None,
+                    wanted: bool) -> tuple[Kinds, bool, str | None]:
+    """An in-process window's blocks by kind, whether they were classified,
+    and why not: `kinds` the scan's records per kind (None: not scanned)."""
+    if kinds is not None:
+        merged = {k: list(v) for k, v in kinds.items() if v}
+        if records:
+            merged[UNCLASSIFIED] = merged.get(UNCLASSIFIED, []) + list(records)
+        return merged, True, None
+    if not wanted:
+        reason = "leak kinds were not asked for (kinds=all)"
+    return classify_blocks(records), False, reason or "it was not scanned"
 
 
 def unclassified_reason(process: Mapping, scan_reason: str | None, wanted: bool) -> str:
@@ -68,12 +88,15 @@ def unclassified_reason(process: Mapping, scan_reason: str | None, wanted: bool)
 
 def classify(blocks: Mapping[int, Sequence[tuple]], inproc_blocks: Sequence[tuple] = (), *,
              kinds: Mapping[int, Kinds] | None = None, processes: Sequence[Mapping] = (),
-             scan_reasons: Mapping[int, str] | None = None, scanned=(), wanted: bool = False) -> Classified:
+             scan_reasons: Mapping[int, str] | None = None, scanned=(), wanted: bool = False,
+             inproc_kinds: Kinds | None = None, inproc_reason: str | None = None) -> Classified:
     """A test's blocks (tracer.RawTest .blocks: unscanned images; .kinds:
-    scanned images' records per kind; .inproc_blocks) by kind. `wanted`: the
+    scanned images' records per kind; .inproc_blocks, or .inproc_kinds when
+    the window was classified, else .inproc_reason) by kind. `wanted`: the
     test asked for leak kinds (its processes were paused)."""
-    out = Classified({serial: classify_blocks(recs) for serial, recs in blocks.items()},
-                     classify_blocks(inproc_blocks))
+    out = Classified({serial: classify_blocks(recs) for serial, recs in blocks.items()})
+    out.in_process, out.in_process_classified, out.in_process_reason = classify_window(
+        inproc_blocks, inproc_kinds, inproc_reason, wanted)
     for serial, per in (kinds or {}).items():
         merged = dict(out.processes.get(serial, {}))
         for kind, recs in per.items():

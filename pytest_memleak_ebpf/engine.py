@@ -9,7 +9,7 @@ pattern, which asks elf.py for a module's constructors when a frame has no
 function name):
 
   tracer.RawTest
-    -> classify.classify          a kind per live block (from the scans at exit)
+    -> classify.classify          a kind per live block (the scans' kinds, or "unclassified")
     -> resolve.Resolver           frames, once, through the session's one cache
     -> accounting                 per-process / in-process figures and stacks
     -> suppressions.apply         which stacks are hidden (defaults, files, marker)
@@ -20,12 +20,13 @@ function name):
 from __future__ import annotations
 
 import os
+import sys
 import time
 from dataclasses import dataclass
 
 from .accounting import (Amount, InProcess, TestLeakResult, account, account_in_process, in_process_amount,
                          in_process_groups, stack_hashes)
-from .classify import classify, classify_blocks
+from .classify import LEAK_KINDS, classify, classify_blocks, classify_window
 from .marks import Budget
 from .suppressions import apply as match_suppressions
 from .report import render_problems
@@ -42,6 +43,7 @@ class Settings:
     on_incomplete: str = "error"          # "error" | "warn"
     in_process: str = "extensions"        # "extensions" | "all" | "off"
     in_process_scope: str = "call"        # "call" | "test" (setup + call + teardown)
+    in_process_kinds: bool = False        # classify the window's blocks (kinds/inprocess.py): opt-in
     own_modules: frozenset = frozenset()  # modules the plugin itself loaded (never extensions)
     suppressions: tuple = ()              # default + files (Suppression objects)
     flamegraph_dir: str | None = None
@@ -56,6 +58,17 @@ def session_info(tracer) -> dict:
         # the allocator of every exec (tracer/execpause.py)
         info["allocators"] = dict(pauses.kinds)
         info["exec_pauses"] = pauses.pauses
+    scans = getattr(tracer, "window_scans", None)
+    if scans:
+        # in-process windows classified (kinds/inprocess.py): how many, and what they cost
+        secs = [s[0] for s in scans]
+        phases: dict = {}
+        for s in scans:
+            for k, v in s[3].items():
+                phases[k] = round(phases.get(k, 0.0) + v, 3)
+        info["in_process_scans"] = {"windows": len(scans), "seconds": round(sum(secs), 3),
+                                    "max_seconds": round(max(secs), 3),
+                                    "max_root_bytes": max(s[1] for s in scans), "phase_seconds": phases}
     return info
 
 
@@ -117,13 +130,16 @@ class LeakEngine:
                 exe_paths[serial] = paths[0]
         classified = classify(raw.blocks, raw.inproc_blocks, kinds=raw.kinds, processes=raw.processes,
                               scan_reasons=raw.unclassified, scanned=raw.scanned,
-                              wanted=self._kinds_wanted)
+                              wanted=self._kinds_wanted, inproc_kinds=raw.inproc_kinds,
+                              inproc_reason=raw.inproc_reason or self._inproc_off())
         in_process = None
         if self._empty_window:
             self._empty_window = False
-            in_process = self._in_process({}, {}, {}, self._growth)
+            in_process = self._in_process({}, {}, {}, self._growth, budget,
+                                          reason="no extension module was loaded: nothing was recorded")
         elif raw.inproc_counters is not None:
-            in_process = self._in_process(classified.in_process, raw.stacks, raw.inproc_counters, self._growth)
+            in_process = self._in_process(classified.in_process, raw.stacks, raw.inproc_counters, self._growth, budget,
+                                          classified.in_process_classified, classified.in_process_reason)
         self._growth = None
         hashes: set[int] = set()
         for blocks in classified.processes.values():
@@ -147,11 +163,15 @@ class LeakEngine:
         self.results.append(result)
         return result
 
-    def _in_process(self, blocks, stacks, counters, growth) -> InProcess:
+    def _in_process(self, blocks, stacks, counters, growth, budget, is_classified=False, reason=None) -> InProcess:
         """The window's figures: what counts and which groups of blocks are
         shown (accounting), their frames resolved in that order, then the
-        InProcess (accounting)."""
-        counted, growth, groups = in_process_groups(self.settings.in_process, blocks, growth)
+        InProcess (accounting). What counts is the budget's kinds; growth
+        mode's window is never classified (it counts what grows)."""
+        kinds = LEAK_KINDS if growth is not None else budget.kinds
+        if growth is not None:
+            reason = "growth mode counts what grows in every repetition (not classified)"
+        counted, growth, groups = in_process_groups(self.settings.in_process, blocks, growth, kinds)
         if growth is not None:
             # growth mode: stacks on the headline's scale, per measured repetition
             m = max(len(growth["per_repetition"]), 1)
@@ -161,7 +181,8 @@ class LeakEngine:
         for h, ext, kind, amount in groups:
             frames = self.resolver.own_stack(stacks.get(h) if h else None)
             resolved.append((amount, kind, frames, self.resolver.extension_frame(ext) if ext else None))
-        return account_in_process(self.settings.in_process, blocks, counted, growth, resolved, counters)
+        return account_in_process(self.settings.in_process, blocks, counted, growth, resolved, counters,
+                                  classified=is_classified, reason=reason, kinds=kinds)
 
     # -- in-process windows -------------------------------------------------
 
@@ -191,16 +212,27 @@ class LeakEngine:
         self.tracer.open_window()
 
     def close_window(self, *, collect: bool = False) -> None:
-        """collect: run gc.collect() first (inside the window, so the frees
-        it makes are recorded) — skipped in extensions mode when no extension
-        module is loaded, as nothing could count then."""
+        """collect: the window ends a test's call (or whole test): run
+        gc.collect() first (inside the window, so the frees it makes are
+        recorded) — skipped in extensions mode when no extension module is
+        loaded, as nothing could count then — and, when the test's kinds are
+        not `all`, have its blocks classified (growth mode closes its window
+        without: it counts what grows)."""
         if self._empty_window:
             return
         if collect and (self.settings.in_process == "all" or self._extension_ranges()):
             import gc
 
             gc.collect()
-        self.tracer.close_window()
+        if collect and self._kinds_wanted and self.settings.in_process_kinds:
+            # CPython's type attribute cache holds borrowed pointers, stale once
+            # a type changes or goes (a dangling pointer to a freed object's
+            # address, which a leaked block may now have): empty it before the
+            # scan (it refills on the next lookups)
+            sys._clear_type_cache()
+            self.tracer.close_window(self.settings.in_process)
+        else:
+            self.tracer.close_window()
         self.resolver.forget_maps()  # read lazily: only leaking stacks need it
 
     def snapshot(self) -> dict:
@@ -217,14 +249,22 @@ class LeakEngine:
         """Scope "test": the window that spanned setup, call and teardown ends
         now; add its figures to the test's result and re-evaluate the budget."""
         self.close_window(collect=True)
-        blocks, counters, stacks = self.tracer.collect_window()
+        blocks, counters, stacks, (kinds, reason) = self.tracer.collect_window()
         if counters is None:   # the window was empty (no extension module)
-            blocks, stacks = [], {}
+            blocks, stacks, kinds = [], {}, None
         t0 = time.monotonic()
-        result.in_process = self._in_process(classify_blocks(blocks), stacks, counters, None)
+        per_kind, is_classified, reason = classify_window(blocks, kinds, reason or self._inproc_off(),
+                                                          self._kinds_wanted)
+        result.in_process = self._in_process(per_kind, stacks, counters, None, budget, is_classified, reason)
         render_problems(result, settle(result, match_suppressions(result, self._suppressions(budget))))
         self.report_seconds += time.monotonic() - t0
         return result
+
+    def _inproc_off(self) -> str | None:
+        """Why the window was not scanned when kinds are wanted but the scan is off."""
+        if self.settings.in_process_kinds:
+            return None
+        return "in-process leak kinds are off (--ebpf-leaks-in-process-kinds turns them on)"
 
     def _suppressions(self, budget: Budget) -> list:
         """The session's suppressions plus the test's marker's own."""

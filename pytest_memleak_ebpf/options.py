@@ -162,6 +162,9 @@ def add_options(parser: pytest.Parser) -> None:
                  "stack passes through an extension module (extensions, default), all, or off")
     _valued(group, "--ebpf-leaks-suppressions", "FILE", action="append",
             help="LSan-style suppression file (leak:<pattern> lines); may be given several times")
+    group.addoption("--ebpf-leaks-in-process-kinds", action="store_true", default=None,
+                    help="classify the pytest process's own window's blocks too (scan its memory at the "
+                         "window's end): caches kept reachable no longer count; figures may move (README)")
     group.addoption("--ebpf-leaks-no-default-suppressions", action="store_true", default=None,
                     help="do not suppress the memory glibc, ld.so and libstdc++ keep on purpose until exit")
     group.addoption("--ebpf-leaks-gen-suppressions", action="store_true", default=None,
@@ -186,6 +189,8 @@ def add_options(parser: pytest.Parser) -> None:
     parser.addini("ebpf_leaks_max_processes", default="", help="process map capacity")
     parser.addini("ebpf_leaks_on_incomplete", default="error", help="error|warn")
     parser.addini("ebpf_leaks_in_process", default="extensions", help="extensions|all|off")
+    parser.addini("ebpf_leaks_in_process_kinds", type="bool", default=False,
+                  help="classify the pytest process's own window's blocks too (default false)")
     parser.addini("ebpf_leaks_suppressions", type="paths", default=[], help="suppression files")
     parser.addini("ebpf_leaks_default_suppressions", type="bool", default=True,
                   help="suppress memory glibc/ld.so/libstdc++ keep until exit (default true)")
@@ -254,6 +259,12 @@ def _suppressions(config: pytest.Config) -> list:
     return sups if no_defaults else list(DEFAULT_SUPPRESSIONS) + sups
 
 
+def _flag(config: pytest.Config, name: str) -> bool:
+    """A store_true option (None when not given) falling back to its bool ini."""
+    given = config.getoption(name)
+    return bool(_ini(config, name)) if given is None else bool(given)
+
+
 def read_settings(config: pytest.Config):
     """The session's engine Settings from the command line and the ini file."""
     from .engine import Settings
@@ -266,6 +277,7 @@ def read_settings(config: pytest.Config):
                               kinds=_value(config, "ebpf_leaks_kinds")),
         in_process=_value(config, "ebpf_leaks_in_process"),
         in_process_scope=_value(config, "ebpf_leaks_in_process_scope"),
+        in_process_kinds=_flag(config, "ebpf_leaks_in_process_kinds"),
         suppressions=tuple(_suppressions(config)),
         wait=_value(config, "ebpf_leaks_wait"),
         flamegraph_dir=_value(config, "ebpf_leaks_flamegraph") or None,

@@ -251,13 +251,15 @@ def top_stacks(result: TestLeakResult, *, max_stacks: int = 10, max_frames: int 
     ]
     if result.in_process is not None:
         entries += [(s, None) for s in result.in_process.stacks if not s.suppressed]
-    entries.sort(key=lambda e: (_KIND_ORDER.get(e[0].kind, 1) if e[1] is not None else 1, -e[0].bytes, -e[0].blocks))
+    entries.sort(key=lambda e: (_KIND_ORDER.get(e[0].kind, 1) if e[1] is not None or result.in_process.classified
+                                else 1, -e[0].bytes, -e[0].blocks))
     lines = []
     truncated_hint = False
     per = " per repetition" if result.in_process is not None and result.in_process.growth else ""
     for i, (s, p) in enumerate(entries[:max_stacks], 1):
         origin = f"pid {p.pid} ({p.comm})" if p is not None else "the pytest process (in-process)"
-        kind = f" {KIND_TEXT.get(s.kind, s.kind)}" if p is not None else per
+        named = p is not None or result.in_process.classified   # an unclassified window's stacks: as before
+        kind = f" {KIND_TEXT.get(s.kind, s.kind)}" if named else per
         lines.append(f"  #{i} {format_bytes(s.bytes)} in {format_blocks(s.blocks)}{kind} from {origin}:")
         for f in s.frames[:max_frames]:
             lines.append(f"      {'(found on the stack) ' if f.get('scanned') else ''}{format_frame(f)}")
@@ -279,6 +281,16 @@ def top_stacks(result: TestLeakResult, *, max_stacks: int = 10, max_frames: int 
     return lines
 
 
+def _window_kinds_text(ip) -> str:
+    """`` (lost ..., possible ..., reachable ..., unclassified ...)`` of a
+    classified window's outstanding blocks, as the process table gives them."""
+    if not ip.classified:
+        return ""
+    parts = [("lost", ip.kind_amount("definite", "indirect")), ("possible", ip.kind_amount("possible")),
+             ("reachable", ip.kind_amount("reachable")), ("unclassified", ip.kind_amount("unclassified"))]
+    return " (" + ", ".join(f"{name} {_amount_text(a)}" for name, a in parts) + ")"
+
+
 def in_process_lines(result: TestLeakResult) -> list[str]:
     ip = result.in_process
     if ip is None:
@@ -293,8 +305,8 @@ def in_process_lines(result: TestLeakResult) -> list[str]:
     else:
         lines = [f"  in-process ({ip.mode}): leaked {format_bytes(ip.leaked.bytes)} in "
                  f"{format_blocks(ip.leaked.blocks)}; outstanding {format_bytes(ip.outstanding.bytes)} in "
-                 f"{format_blocks(ip.outstanding.blocks)}; allocated {format_bytes(ip.allocated.bytes)} in "
-                 f"{format_blocks(ip.allocated.blocks)}"]
+                 f"{format_blocks(ip.outstanding.blocks)}{_window_kinds_text(ip)}; allocated "
+                 f"{format_bytes(ip.allocated.bytes)} in {format_blocks(ip.allocated.blocks)}"]
     if ip.growth:
         g = ip.growth
         reps = ", ".join(f"+{d['bytes']:,} B/{d['blocks']:,}" for d in g.get("deltas", []))
@@ -399,7 +411,7 @@ def gen_suppressions(results, summary=None) -> str:
             for s in p.stacks:
                 if id(s) in matched or not (s.blocks or s.bytes):
                     continue
-                if p is not in_process and s.kind not in counts:
+                if s.kind not in (p.kinds if p is in_process else counts):
                     continue   # a kind the budget does not count (still reachable, ...)
                 where = f"{who} in {r.nodeid}"
                 if not getattr(s, "captured", True):

@@ -75,7 +75,7 @@ def decide(result: TestLeakResult, summary=None) -> Verdict:
     if ip is not None:
         supp = Amount()
         for s in ip.stacks:
-            if id(s) in hidden:
+            if id(s) in hidden and s.kind in ip.kinds:   # a suppressed stack of a kind that counts
                 supp.bytes += s.bytes
                 supp.blocks += s.blocks
         leaked = Amount(ip.counted.bytes, ip.counted.blocks) if ip.growth else _minus(ip.counted, supp)

@@ -37,7 +37,7 @@ def test_own_frames_are_named_from_the_first_test(pytester, run_plugin, leakext)
         def test_objects_second():
             leakext.leak_objects(2)
     """)
-    result, doc = run_plugin()
+    result, doc = run_plugin("--ebpf-leaks-kinds=all")
     out = result.stdout.str()
     first, second = doc["tests"]
     assert first["in_process"]["leaked"] == {"bytes": 3000, "blocks": 3}
@@ -68,7 +68,7 @@ def test_only_return_addresses_found_on_the_stack_are_frames(pytester, run_plugi
         def test_inside_code():
             leakext.leak_planted(2, "code")
     """)
-    result, doc = run_plugin()
+    result, doc = run_plugin("--ebpf-leaks-kinds=all")
     out = result.stdout.str()
     t = {x["nodeid"].split("::")[-1]: x["in_process"] for x in doc["tests"]}
     for name in t:

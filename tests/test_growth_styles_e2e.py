@@ -130,7 +130,7 @@ def test_testcase_setup_and_teardown_follow_the_scope(pytester, run_plugin, leak
     result, doc = run_plugin()
     (t,) = doc["tests"]
     assert t["in_process"]["leaked"] == {"bytes": 0, "blocks": 0} and t["outcome"] == "passed"
-    result, doc = run_plugin("--ebpf-leaks-in-process-scope=test")
+    result, doc = run_plugin("--ebpf-leaks-in-process-scope=test", "--ebpf-leaks-kinds=all")
     (t,) = doc["tests"]
     assert t["in_process"]["leaked"] == {"bytes": 1030, "blocks": 3} and t["outcome"] == "error"
     assert "ERROR at teardown of Case.test_method" in result.stdout.str()

@@ -45,7 +45,7 @@ def test_extension_leaks_are_exact(pytester, run_plugin, leakext, dist, monkeypa
             leakext.leak(2, 48)
     """)
     junit = pytester.path / "junit.xml"
-    result, doc = run_plugin(f"--junitxml={junit}", *dist)
+    result, doc = run_plugin(f"--junitxml={junit}", "--ebpf-leaks-kinds=all", *dist)
     out = result.stdout.str()
     assert "ebpf-leaks: in-process checking: extensions" in out or "in-process checking: extensions" in out
     assert "PYTHONMALLOC=malloc" in out
@@ -82,6 +82,8 @@ def test_extension_leaks_are_exact(pytester, run_plugin, leakext, dist, monkeypa
 
 
 def test_cache_fails_without_growth_mode(pytester, run_plugin, leakext):
+    """With every outstanding block counting (kinds=all): at the default
+    kinds the cache is still reachable and passes (test_inprocess_kinds_e2e.py)."""
     moddir, expected = leakext
     pytester.makeconftest(f"import sys; sys.path.insert(0, {moddir!r})")
     pytester.makepyfile(test_cache="""
@@ -89,7 +91,7 @@ def test_cache_fails_without_growth_mode(pytester, run_plugin, leakext):
         def test_cache():
             leakext.cache_once()
     """)
-    result, doc = run_plugin()
+    result, doc = run_plugin("--ebpf-leaks-kinds=all")
     (t,) = doc["tests"]
     assert t["outcome"] == "failed" and t["in_process"]["leaked"]["blocks"] == 1
     assert t["in_process"]["leaked"]["bytes"] == expected.CACHE_ONCE_BYTES
@@ -105,7 +107,7 @@ def test_in_process_off_and_all(pytester, run_plugin, leakext):
     """)
     result, doc = run_plugin("--ebpf-leaks-in-process=off")
     assert doc["tests"][0]["in_process"] is None and doc["tests"][0]["outcome"] == "passed"
-    result, doc = run_plugin("--ebpf-leaks-in-process=all", "--ebpf-leaks-budget=1 MiB")
+    result, doc = run_plugin("--ebpf-leaks-in-process=all", "--ebpf-leaks-budget=1 MiB", "--ebpf-leaks-kinds=all")
     t = doc["tests"][0]
     assert t["in_process"]["mode"] == "all" and t["in_process"]["leaked"]["bytes"] >= 10
     result = pytester.runpytest_subprocess("--ebpf-leaks", "--ebpf-leaks-in-process=some")
@@ -134,7 +136,7 @@ def test_scope_test_widens_the_window_to_setup_and_teardown(pytester, run_plugin
         def test_balanced(balanced_fixture):
             pass
     """)
-    result, doc = run_plugin("--ebpf-leaks-in-process-scope=test")
+    result, doc = run_plugin("--ebpf-leaks-in-process-scope=test", "--ebpf-leaks-kinds=all")
     tests = {t["nodeid"].split("::")[-1]: t for t in doc["tests"]}
     t = tests["test_fixture_leaks"]
     assert t["in_process"]["leaked"] == {"bytes": 1030, "blocks": 3}

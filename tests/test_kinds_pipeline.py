@@ -150,9 +150,17 @@ def test_reports_name_the_kinds():
                                   ("leak_possible_bytes", 30), ("leak_reachable_bytes", 160)]
 
 
-def test_the_in_process_window_is_never_classified():
+def test_the_in_process_window_has_the_kinds_its_scan_gave():
+    """Classified at the window's close (kinds/inprocess.py): its records per
+    kind; a window not scanned is unclassified, with the reason."""
+    c = cl.classify({}, [], inproc_kinds={"definite": [(100, 3, 7)], "reachable": [(50, 4, 7)]}, wanted=True)
+    assert c.in_process == {"definite": [(100, 3, 7)], "reachable": [(50, 4, 7)]} and not c.reasons
+    assert c.in_process_classified and c.in_process_reason is None
     c = cl.classify({}, [(100, 3, 0), (50, 4, 7)])
     assert c.in_process == {"unclassified": [(100, 3, 0), (50, 4, 7)]} and not c.reasons
+    assert not c.in_process_classified and c.in_process_reason == "leak kinds were not asked for (kinds=all)"
+    c = cl.classify({}, [(100, 3, 0)], inproc_reason="the scan timed out (over 10 s)", wanted=True)
+    assert c.in_process == {"unclassified": [(100, 3, 0)]} and c.in_process_reason == "the scan timed out (over 10 s)"
 
 
 def _state_soon(pid, want, seconds=5.0):

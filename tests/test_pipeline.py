@@ -267,7 +267,7 @@ class FakeTracer:
     def open_window(self):
         self.windows.append("open")
 
-    def close_window(self):
+    def close_window(self, scan=None):
         self.windows.append("close")
 
     def collect_window(self):
@@ -301,7 +301,8 @@ def test_engine_runs_the_pipeline_once_per_test():
 
 def test_engine_whole_test_window_and_empty_window():
     raw = RawTest(processes=[], blocks={}, stacks={})
-    window = ([(64, 5, 0), (32, 0, 0)], {"alloc_bytes": 500, "alloc_blocks": 9}, {5: [(1, "aa" * 20, 0x30)]})
+    window = ([(64, 5, 0), (32, 0, 0)], {"alloc_bytes": 500, "alloc_blocks": 9}, {5: [(1, "aa" * 20, 0x30)]},
+              (None, None))
     eng = _engine(raw, window, in_process="all", in_process_scope="test")
     eng.begin()
     r = eng.finish("t.py::y", Budget(0, None))

@@ -46,6 +46,9 @@ class RawTest:
     # in-process (the pytest process's own blocks from its last window)
     inproc_blocks: list[tuple[int, int, int]] = field(default_factory=list)  # (size, stack, ext_ip)
     inproc_counters: dict | None = None
+    # the window's blocks per kind when it was classified at its close (kinds/inprocess.py), else None
+    inproc_kinds: dict[str, list[tuple[int, int, int]]] | None = None
+    inproc_reason: str | None = None                                  # why it was not classified
     # leak kinds: images scanned at exit / at the test's end (exitpause.py)
     kinds: dict[int, dict[str, list[tuple[int, int, int]]]] = field(default_factory=dict)  # serial -> kind -> records
     unclassified: dict[int, str] = field(default_factory=dict)  # serial -> why its blocks have no kind
@@ -59,6 +62,7 @@ class Sweep:
     blocks: dict = field(default_factory=dict)       # serial -> [(bytes, stack, blocks)]
     kinds: dict = field(default_factory=dict)        # scanned serials: serial -> kind -> [(bytes, stack, blocks)]
     inproc: list = field(default_factory=list)       # the closed window's (size, stack, ext_ip)
+    inproc_kinds: dict | None = None                 # the same per kind, when the window was classified
     referenced: set = field(default_factory=set)     # stacks of the blocks left in the map
     frames: dict = field(default_factory=dict)       # stack hash -> frames (looked up)
     started_ns: int = field(default_factory=time.monotonic_ns)
@@ -76,6 +80,12 @@ class TestRecords:
     live: set[int]                               # images still owned by someone
     t0: int                                      # monotonic ns when the collection began
     kinds: dict = field(default_factory=dict)    # scanned serials: serial -> kind -> records
+    inproc_kinds: dict | None = None             # the window's records per kind (classified), else None
+
+
+def _window_records(sweep: Sweep) -> list:
+    """Every record of the sweep's window, classified or not."""
+    return sweep.inproc + [r for recs in (sweep.inproc_kinds or {}).values() for r in recs]
 
 
 def counters_of(v) -> dict:
@@ -179,14 +189,17 @@ class Collector:
     # -- one test ---------------------------------------------------------
 
     def collect_test(self, test_id: int, *, active: set[int], window_serial: int, window_allocs: bool,
-                     windows: set[int], single_client: bool, block_kinds=None) -> TestRecords:
+                     windows: set[int], single_client: bool, block_kinds=None,
+                     window_kinds: dict | None = None) -> TestRecords:
         """Take out the records of test `test_id`: its processes (those still
         running stop being tracked), their blocks and stacks, and the blocks
         of the closed in-process window `window_serial` (-1: none; walked
         only when window_allocs). `active`: the tests running now (other
         clients'); `windows`: other in-process windows whose blocks stay.
         block_kinds(serials) -> {serial: {address: kind}} of the images that
-        were scanned (their blocks are summed per kind and stack)."""
+        were scanned (their blocks are summed per kind and stack).
+        window_kinds: {address: kind} of the window's blocks, when it was
+        classified at its close (its records then come per kind)."""
         # Records made from now on belong to live processes: serials are
         # monotonic time, so anything older that no live process or active
         # test owns is garbage (a process that outlived its test).
@@ -209,34 +222,54 @@ class Collector:
         if procs or window_allocs:
             sweep = self.sweep_blocks(procs, window_serial, live=live, t0=t0, windows=windows,
                                       single_client=single_client,
-                                      kinds=block_kinds(procs.keys()) if block_kinds else None)
+                                      kinds=block_kinds(procs.keys()) if block_kinds else None,
+                                      window_kinds=window_kinds)
             blocks = self.remap_ip_stacks(sweep, live, t0)
             kinds = {serial: {kind: blocks.pop((serial, kind)) for kind in per} for serial, per in sweep.kinds.items()}
-            inproc = sweep.inproc
-            wanted = {h for bl in blocks.values() for _, h, _ in bl if h} | {h for _, h, _ in sweep.inproc if h}
+            inproc, inproc_kinds = sweep.inproc, sweep.inproc_kinds
+            wanted = {h for bl in blocks.values() for _, h, _ in bl if h} | {h for _, h, _ in _window_records(sweep) if h}
             wanted |= {h for per in kinds.values() for bl in per.values() for _, h, _ in bl if h}
             frames = {**sweep.frames, **self.stack_frames(wanted - sweep.frames.keys())}
             stacks = {h: frames[h] for h in wanted if h in frames}
             self.collect_stack_garbage(sweep)
         else:
-            blocks, stacks, inproc, kinds = {}, {}, [], {}
-        return TestRecords(procs, blocks, stacks, inproc, live, t0, kinds)
+            blocks, stacks, inproc, kinds, inproc_kinds = {}, {}, [], {}, None
+        return TestRecords(procs, blocks, stacks, inproc, live, t0, kinds, inproc_kinds)
 
-    def collect_window(self, window_serial: int, *, windows: set[int], single_client: bool):
+    def collect_window(self, window_serial: int, *, windows: set[int], single_client: bool,
+                       window_kinds: dict | None = None):
         """A closed window's live blocks (taken out) and their stacks, outside
-        a test: every test's images stay."""
+        a test: every test's images stay. With window_kinds ({address:
+        kind}), the blocks come per kind: (records, stacks, {kind: records})."""
         t0 = time.monotonic_ns()
         live = self.tracked_serials() | {int_of(k) for k in self.procs.keys()}   # other clients' tests' images
-        sweep = self.sweep_blocks({}, window_serial, live=live, t0=t0, windows=windows, single_client=single_client)
-        inproc = sweep.inproc
-        stacks = self.stack_frames({h for _, h, _ in inproc if h})
+        sweep = self.sweep_blocks({}, window_serial, live=live, t0=t0, windows=windows, single_client=single_client,
+                                  window_kinds=window_kinds)
+        stacks = self.stack_frames({h for _, h, _ in _window_records(sweep) if h})
         self.collect_stack_garbage(sweep)
-        return inproc, stacks
+        if window_kinds is None:
+            return sweep.inproc, stacks
+        return sweep.inproc, stacks, sweep.inproc_kinds
 
     def window_blocks(self, serial: int) -> list[tuple[int, int, int]]:
         """The live blocks of window `serial`, left in the map."""
         pick = lambda k, v: (v.size, v.stack, v.ext_ip) if v.serial == serial else None  # noqa: E731
         return [r for _, _, results in self.chunks(self.blocks, pick) for r in results if r is not None]
+
+    def window_addresses(self, serial: int) -> list[tuple[int, int, int, int]]:
+        """(tgid, address, size, ext_ip) of the live blocks of window
+        `serial`, left in the map (what a scan of the window classifies)."""
+        pick = lambda k, v: (k.tgid, k.addr, v.size, v.ext_ip) if v.serial == serial else None  # noqa: E731
+        return [r for _, _, results in self.chunks(self.blocks, pick) for r in results if r is not None]
+
+    def scratch_ranges(self) -> list[tuple[int, int]]:
+        """The address ranges of this process's batch buffers: they hold
+        copies of block addresses (keys), never roots of a scan of it."""
+        out = []
+        for bufs in self._batch_bufs.values():
+            for b in (bufs if isinstance(bufs, tuple) else (bufs,)):
+                out.append((ctypes.addressof(b), ctypes.addressof(b) + ctypes.sizeof(b)))
+        return out
 
     def read_counters(self) -> list[int]:
         return [int(v.value) for v in self.counters.values()]
@@ -254,15 +287,19 @@ class Collector:
         return sum(1 for _, v in self.tracked.items() if not int(v.flags) & TF_ROOT and int(v.test_id) == test_id)
 
     def sweep_blocks(self, procs: dict, wserial: int, *, live: set, t0: int, windows: set[int],
-                     single_client: bool, kinds: dict | None = None) -> Sweep:
+                     single_client: bool, kinds: dict | None = None, window_kinds: dict | None = None) -> Sweep:
         """One walk of the live-block map: the blocks of `procs` (finished or
         untracked images of the test, per serial and stack) and of the closed
         window `wserial` are taken out; garbage (older than t0, owned by
         nothing live) is deleted; everything else stays, its stacks noted.
         kinds: {serial: {address: kind}} of scanned images, whose blocks are
         summed per (serial, kind) and stack (Sweep.kinds; an address the scan
-        did not see is "unclassified")."""
+        did not see is "unclassified"); window_kinds: {address: kind} of the
+        window's blocks (Sweep.inproc_kinds)."""
         s = Sweep(started_ns=t0)
+        if window_kinds is not None:
+            s.inproc_kinds = {}
+        wkinds = s.inproc_kinds
         agg: dict = {}   # serial, or (serial, kind) of a scanned image -> stack -> [bytes, blocks]
         kinds = kinds or {}
         inproc = s.inproc
@@ -280,7 +317,11 @@ class Collector:
                 a[1] += 1
                 return DELETE
             if serial == wserial:
-                inproc.append((v.size, v.stack, v.ext_ip))
+                if wkinds is None:
+                    inproc.append((v.size, v.stack, v.ext_ip))
+                else:
+                    wkinds.setdefault(window_kinds.get(k.addr, "unclassified"), []).append(
+                        (v.size, v.stack, v.ext_ip))
                 return DELETE
             if serial in live or serial in windows or serial >= t0_serial:
                 referenced.add(v.stack)

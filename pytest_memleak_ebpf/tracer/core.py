@@ -49,6 +49,8 @@ class Client:
     ext_pages: set | None = None
     forked: bool = False                 # a worker the kernel made a root at fork
     kinds: bool = False                  # the current test wants leak kinds (TF_KINDS)
+    window_kinds: dict | None = None     # the closed window's {address: kind}, when it was classified
+    window_reason: str | None = None     # why it was not (a scan was asked for)
 
 
 def _quietly(fn) -> None:
@@ -107,6 +109,14 @@ class Tracer:
         self.exec_pauses = ExecPauses(self, self.probes, self.watchdog)
         self._pauser = exitpause.Pauser(self._maps.image_blocks, self.watchdog, self._hold, self._release,
                                         allocator_kind=self._allocator_kind)
+        # in-process scans: (seconds, root bytes, blocks, {phase: seconds})
+        self.window_scans: list[tuple[float, int, int, dict]] = []
+        from ..kinds.inprocess import WindowScanner
+
+        # started before any test: a process made during a test would be one of the test's
+        self._window_scanner = WindowScanner()
+        self._window_reader = None          # the thread that classifies this process's own windows
+        self._reader_stack: tuple[int, int] | None = None
         self.bpf[b"events"].open_ring_buffer(self._on_event)
         self._poller = threading.Thread(target=self._poll_loop, name="memleak-ebpf-events", daemon=True)
         self._poller.start()
@@ -375,8 +385,14 @@ class Tracer:
             c.in_window = True
         return c.window_serial
 
-    def close_window(self, c: Client | None = None) -> dict:
-        """Stop recording the root's allocations; returns its lifetime counters."""
+    def close_window(self, scan: str | None = None, context: dict | None = None, c: Client | None = None) -> dict:
+        """Stop recording the root's allocations; returns its lifetime counters.
+
+        scan ("extensions" or "all"): classify the window's live blocks now
+        (kinds/inprocess.py), when one of them could count ("extensions":
+        one with an extension's return address on its stack). The root
+        process waits meanwhile: `context` is its waiting thread's
+        (kinds.inprocess.own_context; taken here for this process's own)."""
         c = self._client(c)
         with self._lock:
             counters = dict.fromkeys(COUNTERS, 0)
@@ -389,7 +405,63 @@ class Tracer:
                 self._set_root_fields(tgid, flags=self._root_flags(c))
             c.window_counters = counters
             c.in_window = False
+            c.window_kinds = c.window_reason = None
+            if scan is not None:
+                if context is None and c is self._local:
+                    from ..kinds.inprocess import own_context
+
+                    context = own_context()
+                c.window_kinds, c.window_reason = self._classify_window(c, scan, context)
             return counters
+
+    def _classify_window(self, c: Client, scan: str, context: dict | None) -> tuple[dict | None, str | None]:
+        """({address: kind}, None), or (None, why not) of the closed window's blocks.
+
+        For this process's own window the block map is read, and the scan
+        asked for, by a thread of its own: the addresses that pass through a
+        thread's registers and stack slots stay there as stale words, and the
+        waiting thread's stack is a root; that thread's stack is not."""
+        if c is not self._local:
+            return self._classify_window_of(c, scan, context, lambda: [])
+        if self._window_reader is None:
+            import concurrent.futures
+
+            self._window_reader = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="memleak-ebpf-window")
+        return self._window_reader.submit(self._classify_own_window, c, scan, context).result()
+
+    def _classify_own_window(self, c: Client, scan: str, context: dict | None):
+        from ..kinds.inprocess import own_context
+        from ..procmaps import read_regions
+
+        if self._reader_stack is None:
+            sp = own_context()["sp"]
+            self._reader_stack = next(((m.start, m.end) for m in read_regions(os.getpid()) if m.start <= sp < m.end),
+                                      (sp, sp))
+        # the buffers that hold the block map's keys (made by the first walk:
+        # asked for after it), and this thread's stack, are never roots
+        return self._classify_window_of(c, scan, context,
+                                        lambda: self._maps.scratch_ranges() + [self._reader_stack])
+
+    def _classify_window_of(self, c: Client, scan: str, context: dict | None, excluded):
+        blocks = self._maps.window_addresses(c.window_serial)
+        exclude = excluded()
+        if not any(scan == "all" or ext for _, _, _, ext in blocks):
+            return None, "no block that could count was live at the window's end: nothing to classify"
+        kinds: dict[int, str] = {}
+        reasons = []
+        for tgid in c.roots:
+            mine = [(a, s) for t, a, s, _ in blocks if t == tgid]
+            if not mine:
+                continue
+            out = self._window_scanner.scan(tgid, mine, context, exclude)
+            if out.kinds is None:
+                reasons.append(out.reason)
+            else:
+                kinds.update(out.kinds)
+            self.window_scans.append((out.seconds, out.root_bytes, len(mine), out.phases))
+        if reasons:
+            return None, reasons[0]
+        return kinds, None
 
     def window_snapshot(self, c: Client | None = None) -> list[tuple[int, int, int]]:
         """The current window's live root blocks, without removing them.
@@ -405,15 +477,20 @@ class Tracer:
                     self._set_root_fields(tgid, flags=self._root_flags(c) | TF_ALLOCS)
         return out
 
-    def collect_window(self, c: Client | None = None) -> tuple[list[tuple[int, int, int]], dict | None, dict]:
+    def collect_window(self, c: Client | None = None) -> tuple[list[tuple[int, int, int]], dict | None, dict,
+                                                               tuple[dict | None, str | None]]:
         """After close_window() outside a test: the closed window's live blocks,
-        counters and their stacks (used when the window spanned a whole test)."""
+        counters, their stacks and (its blocks per kind or None, why not
+        classified) — used when the window spanned a whole test."""
         c = self._client(c)
         with self._lock:
-            inproc, stacks = self._maps.collect_window(c.window_serial, windows=self._window_serials(),
-                                                       single_client=len(self._clients) <= 1)
+            got = self._maps.collect_window(c.window_serial, windows=self._window_serials(),
+                                            single_client=len(self._clients) <= 1, window_kinds=c.window_kinds)
+            inproc, stacks = got[:2]
+            kinds = (got[2] if len(got) > 2 else None, c.window_reason)
             counters, c.window_counters = c.window_counters, None
-        return inproc, counters, stacks
+            c.window_kinds = c.window_reason = None
+        return inproc, counters, stacks, kinds
 
     # -- per test -------------------------------------------------------
 
@@ -465,7 +542,8 @@ class Tracer:
                 test_id, active=active, window_serial=c.window_serial if window_closed else -1,
                 window_allocs=window_closed and raw.inproc_counters.get("alloc_blocks", 0) > 0,
                 windows=self._window_serials(), single_client=len(self._clients) <= 1,
-                block_kinds=self._block_kinds if c.kinds else None)
+                block_kinds=self._block_kinds if c.kinds else None,
+                window_kinds=c.window_kinds if window_closed else None)
             procs = rec.processes
             outcomes = self._pauser.take(procs)
             raw.kinds = rec.kinds
@@ -473,6 +551,10 @@ class Tracer:
             raw.scanned = {s for s, o in outcomes.items() if o.kinds is not None}
             self._pauser.forget_older(serial_at(rec.t0 - 600 * 10**9))
             raw.inproc_blocks = rec.inproc_blocks
+            if window_closed:
+                raw.inproc_kinds = rec.inproc_kinds if c.window_kinds is not None else None
+                raw.inproc_reason = c.window_reason
+                c.window_kinds = c.window_reason = None
             paths = {s: self._paths.pop(s) for s in list(self._paths) if s in procs}
             # paths of images nothing will report (exec'd away, ended with their test)
             t0_serial = serial_at(rec.t0)
@@ -501,6 +583,9 @@ class Tracer:
         self._closed = True
         self._links += self.exec_pauses.close()
         _quietly(self.watchdog.close)
+        _quietly(self._window_scanner.close)
+        if self._window_reader is not None:
+            _quietly(lambda: self._window_reader.shutdown(wait=False))
         with self._lock:
             # Each detach waits for an RCU grace period; done side by side the
             # waits overlap (6 tracepoints: 0.45 s one after another, 0.25 s at once).

@@ -41,8 +41,10 @@ class TracerAPI(Protocol):
     def open_window(self) -> int:
         """Start recording this process's own allocations: the window's serial."""
 
-    def close_window(self) -> dict:
-        """Stop recording them: the window's counters."""
+    def close_window(self, scan: str | None = None) -> dict:
+        """Stop recording them: the window's counters. scan ("extensions" or
+        "all"): classify the window's live blocks against this process's
+        memory now (leak kinds)."""
 
     def in_window(self) -> bool:
         """Whether a window is open."""
@@ -50,8 +52,10 @@ class TracerAPI(Protocol):
     def window_snapshot(self) -> list[tuple[int, int, int]]:
         """The open window's live blocks, left in place."""
 
-    def collect_window(self) -> tuple[list[tuple[int, int, int]], dict | None, dict]:
-        """The closed window's blocks (taken out), counters and stacks."""
+    def collect_window(self) -> tuple[list[tuple[int, int, int]], dict | None, dict,
+                                      tuple[dict | None, str | None]]:
+        """The closed window's blocks (taken out), counters, stacks, and
+        (its blocks per kind when classified, else None; why not)."""
 
     def close(self) -> None:
         """Release the tracer (or the connection to it)."""

@@ -195,9 +195,16 @@ class RemoteTracer:
         self._in_window = True
         return serial
 
-    def close_window(self) -> dict:
+    def close_window(self, scan: str | None = None) -> dict:
+        """scan: classify the window's blocks (Tracer.close_window); the
+        controller reads this process's memory while this thread waits for
+        the reply, whose registers and stack pointer go with the request."""
         self._in_window = False
-        return self._call("close_window")
+        if scan is None:
+            return self._call("close_window")
+        from ..kinds.inprocess import own_context
+
+        return self._call("close_window", scan, own_context())
 
     def in_window(self) -> bool:
         return self._in_window
