@@ -50,6 +50,17 @@ class StackLeak:
                 "suppressed": self.suppressed, "suppression": self.suppression, "kind": self.kind}
 
 
+def _kinds_sum(reachability: dict, kinds) -> Amount:
+    """The outstanding amount of these kinds (reachability: kind -> Amount)."""
+    out = Amount()
+    for k in kinds:
+        a = reachability.get(k)
+        if a is not None:
+            out.bytes += a.bytes
+            out.blocks += a.blocks
+    return out
+
+
 @dataclass
 class ProcessLeak:
     pid: int
@@ -76,13 +87,7 @@ class ProcessLeak:
     reason: str | None = None         # why not classified
 
     def kind_amount(self, *kinds: str) -> Amount:
-        out = Amount()
-        for k in kinds:
-            a = self.reachability.get(k)
-            if a is not None:
-                out.bytes += a.bytes
-                out.blocks += a.blocks
-        return out
+        return _kinds_sum(self.reachability, kinds)
 
     def to_json(self) -> dict:
         return {
@@ -119,13 +124,7 @@ class InProcess:
     kinds: frozenset = frozenset((UNCLASSIFIED,))   # the kinds that count
 
     def kind_amount(self, *kinds: str) -> Amount:
-        out = Amount()
-        for k in kinds:
-            a = self.reachability.get(k)
-            if a is not None:
-                out.bytes += a.bytes
-                out.blocks += a.blocks
-        return out
+        return _kinds_sum(self.reachability, kinds)
 
     def to_json(self) -> dict:
         return {
