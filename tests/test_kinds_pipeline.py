@@ -268,6 +268,8 @@ time.sleep(60)
         assert pending_tgids(fd) == []
     finally:
         owner.kill()
+        owner.wait()
+        owner.stdout.close()
         child.kill()
         child.wait()
         os.close(fd)

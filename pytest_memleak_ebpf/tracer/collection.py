@@ -93,6 +93,18 @@ def counters_of(v) -> dict:
     return {name: int(getattr(v, name)) for name in COUNTERS}
 
 
+def _view(buf, n: int, names: tuple[str, ...]) -> np.ndarray:
+    """The first n entries of a ctypes array of Structures as a numpy array of
+    the named (unsigned integer) fields, read in place through a plain byte
+    view (numpy's ctypes bridge warns about the format ctypes reports)."""
+    st = buf._type_
+    dt = np.dtype({"names": list(names),
+                   "formats": [f"<u{ctypes.sizeof(dict(st._fields_)[f])}" for f in names],
+                   "offsets": [getattr(st, f).offset for f in names], "itemsize": ctypes.sizeof(st)})
+    raw = (ctypes.c_ubyte * ctypes.sizeof(buf)).from_buffer(buf)
+    return np.frombuffer(raw, dtype=dt, count=n)
+
+
 def serial_at(t_ns: int) -> int:
     """The smallest image serial the BPF program makes at time t_ns or later."""
     return t_ns << SERIAL_CPU_BITS
@@ -351,8 +363,8 @@ class Collector:
         # vectorised over each batch (a paused process's scan needs its own
         # blocks among every live block of the session)
         for keys, vals, n in self.chunks(self.blocks, None):
-            k = np.ctypeslib.as_array(keys)[:n]
-            v = np.ctypeslib.as_array(vals)[:n]
+            k = _view(keys, n, ("tgid", "addr"))
+            v = _view(vals, n, ("serial", "size"))
             mine = (k["tgid"] == tgid) & (v["serial"] == serial)
             out += zip(k["addr"][mine].tolist(), v["size"][mine].tolist())
         return out
