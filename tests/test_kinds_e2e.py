@@ -32,7 +32,7 @@ if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
 import kinds_harness as harness  # noqa: E402
-from test_kinds_real_programs import _programs  # noqa: E402
+from test_kinds_real_programs import _programs, program_inputs  # noqa: E402
 from test_kinds_valgrind import CXX_HEURISTICS, EXPECTED  # noqa: E402
 from pytest_memleak_ebpf.tracer.exitpause import SCAN_SECONDS, WATCHDOG_SECONDS, process_state  # noqa: E402
 
@@ -157,12 +157,7 @@ def test_distro_programs_verdict_matches_valgrind(tmp_path, pytester, run_plugin
     env = {"LD_PRELOAD": preload} if preload else {}
     opts = [f"--soname-synonyms=somalloc=*{alloc}*"] if preload else []
     w = tmp_path
-    (w / "nums.txt").write_text("".join(f"{(i * 7919) % 2000}\n" for i in range(2000)))
-    (w / "a.txt").write_text("hello\nworld\n")
-    (w / "b.txt").write_text("hello\nthere\n")
-    (w / "expr.bc").write_text("scale=20\n4*a(1)\nquit\n")
-    (w / "Makefile").write_text("all:\n\t@true\n")
-    (w / "gnupg").mkdir(mode=0o700)
+    program_inputs(w)
     progs = {n: [str(a) for a in argv] for n, argv in _programs(w).items() if shutil.which(str(argv[0]))}
     assert len(progs) >= 25
     pytester.makepyfile(test_progs=f"""
@@ -252,6 +247,15 @@ class _Inner:
             self.proc.wait()
 
 
+def _wait_continued(pid: int, since: float, limit: float) -> float:
+    """Until `pid` is no longer stopped, within `limit` seconds of `since`;
+    how long after `since` that was."""
+    while process_state(pid) in ("T", "t"):
+        assert time.monotonic() - since < limit, "still stopped: the watchdog did not continue it"
+        time.sleep(0.005)
+    return time.monotonic() - since
+
+
 def _runs_on_and_exits(pid: int, since: float) -> None:
     while process_state(pid) not in (None, "Z"):
         assert time.monotonic() - since < 30
@@ -274,9 +278,7 @@ def test_big():
         inner.wait_stopped(pid)
         inner.kill()
         killed = time.monotonic()
-        while process_state(pid) in ("T", "t"):
-            assert time.monotonic() - killed < SCAN_SECONDS / 2, "still stopped: the watchdog did not resume it"
-            time.sleep(0.005)
+        _wait_continued(pid, killed, SCAN_SECONDS / 2)
         _runs_on_and_exits(pid, killed)
     finally:
         inner.kill()
@@ -319,10 +321,7 @@ def test_wait():
         stopped = inner.wait_stopped(pid)
         if then == "killed":
             inner.kill()
-        while process_state(pid) in ("T", "t"):
-            assert time.monotonic() - stopped < WATCHDOG_SECONDS + 3, "still stopped: the watchdog did not continue it"
-            time.sleep(0.005)
-        waited = time.monotonic() - stopped
+        waited = _wait_continued(pid, stopped, WATCHDOG_SECONDS + 3)
         if then == "killed":
             assert waited < 2, waited
         else:

@@ -72,15 +72,20 @@ VERDICT_ONLY = {"git-status", "ps", "curl", "gpg", "sh-pipeline"}
 NAMES = [n for n in _programs(Path(".")) if n not in VERDICT_ONLY]
 
 
-@pytest.fixture(scope="module")
-def work(tmp_path_factory):
-    w = tmp_path_factory.mktemp("kinds_work")
+def program_inputs(w: Path) -> None:
+    """The files _programs(w) reads, written into w."""
     (w / "nums.txt").write_text("".join(f"{(i * 7919) % 2000}\n" for i in range(2000)))
     (w / "a.txt").write_text("hello\nworld\n")
     (w / "b.txt").write_text("hello\nthere\n")
     (w / "expr.bc").write_text("scale=20\n4*a(1)\nquit\n")
     (w / "Makefile").write_text("all:\n\t@true\n")
     (w / "gnupg").mkdir(mode=0o700)
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    w = tmp_path_factory.mktemp("kinds_work")
+    program_inputs(w)
     built = harness.build(w / "build")
     return w, built
 
