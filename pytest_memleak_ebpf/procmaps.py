@@ -89,3 +89,15 @@ def locate(maps, ip: int) -> tuple[str, int] | None:
         if start <= ip < end:
             return path, ip - start + off
     return None
+
+
+def process_state(pid: int) -> str | None:
+    """The state letter of /proc/PID/stat (``T`` stopped, ``Z`` zombie), or
+    None when the process is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            s = f.read()
+    except OSError:
+        return None
+    return s[s.rindex(")") + 2]
+

@@ -26,6 +26,7 @@ import threading
 import time
 
 from .. import allocators as _allocators
+from ..procmaps import process_state
 from . import probes as _probes
 from .abi import PAUSE_KEYED, PAUSE_STOPPED, SERIAL_CPU_BITS, TF_ALLOCS, Pause
 
@@ -41,14 +42,6 @@ def _host(path: str) -> str:
     """The file to probe: a path of another root (/proc/PID/root/...) as it
     is (realpath would leave that root), any other resolved."""
     return path if path.startswith("/proc/") else os.path.realpath(path)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except (OSError, IndexError):
-        return False
 
 
 def _absolute_list(raw: bytes) -> bool:
@@ -171,7 +164,8 @@ class ExecPauses:
                     aid = self._handle(tgid, path, flags, serial)
                 finally:
                     self._resume_recording(paused)
-            if aid and flags & PAUSE_STOPPED and not self._still_pending(tgid) and _alive(tgid):
+            if aid and flags & PAUSE_STOPPED and not self._still_pending(tgid) \
+                    and process_state(tgid) not in (None, "Z", "X"):
                 # the watchdog's time limit passed (pytest stalled): it ran on before the answer
                 a = self.answers[aid - 1]
                 aid = self._id(_answer(a["kind"], a["module"], False, (

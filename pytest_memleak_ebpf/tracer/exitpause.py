@@ -20,6 +20,8 @@ import signal
 import time
 from dataclasses import dataclass, field
 
+from ..procmaps import process_state
+
 
 SCAN_SECONDS = 5.0          # time limit of one scan: then the process is resumed, its blocks unclassified
 STOP_WAIT_SECONDS = 1.0     # how long a SIGSTOPped process may take to group-stop
@@ -34,15 +36,6 @@ class Outcome:
     reason: str | None = None           # set when kinds is None
     seconds: float = 0.0
     summary: dict = field(default_factory=dict)
-
-
-def process_state(pid: int) -> str | None:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            s = f.read()
-    except OSError:
-        return None
-    return s[s.rindex(")") + 2]
 
 
 def wait_stopped(pid: int, seconds: float = STOP_WAIT_SECONDS) -> bool:
