@@ -79,6 +79,14 @@ def tracer_config(settings: Settings):
                         max_procs=settings.max_processes)
 
 
+def new_tracer(settings: Settings):
+    """This process's own tracer for a session with `settings` (the window
+    scanner only when in-process leak kinds are on)."""
+    from .tracer import Tracer
+
+    return Tracer(tracer_config(settings), window_scans=settings.in_process_kinds)
+
+
 class LeakEngine:
     def __init__(self, settings: Settings, tracer=None):
         """tracer: the xdist controller's (tracer.server.RemoteTracer); by default
@@ -87,9 +95,7 @@ class LeakEngine:
 
         self.settings = settings
         if tracer is None:
-            from .tracer import Tracer
-
-            tracer = Tracer(tracer_config(settings))
+            tracer = new_tracer(settings)
         self.tracer = tracer
         self.resolver = Resolver()
         self._growth: dict | None = None
@@ -215,12 +221,13 @@ class LeakEngine:
         """collect: the window ends a test's call (or whole test): run
         gc.collect() first (inside the window, so the frees it makes are
         recorded) — skipped in extensions mode when no extension module is
-        loaded, as nothing could count then — and, when the test's kinds are
+        loaded, and whenever no block that could count is live in the window,
+        as it could change no figure then — and, when the test's kinds are
         not `all`, have its blocks classified (growth mode closes its window
         without: it counts what grows)."""
         if self._empty_window:
             return
-        if collect and (self.settings.in_process == "all" or self._extension_ranges()):
+        if collect and (self.settings.in_process == "all" or self._extension_ranges()) and self._holds_counted():
             import gc
 
             gc.collect()
@@ -234,6 +241,14 @@ class LeakEngine:
         else:
             self.tracer.close_window()
         self.resolver.forget_maps()  # read lazily: only leaking stacks need it
+
+    def _holds_counted(self) -> bool:
+        """Whether a block that could count is live in the open window: only
+        then is a full collection worth its cost (tens of ms in a process
+        with many objects) — it can only free the window's blocks, and with
+        none that could count it changes no figure. (What it skips: a
+        finalizer of the test's cyclic garbage that would allocate.)"""
+        return self.snapshot()["blocks"] > 0
 
     def snapshot(self) -> dict:
         """Counted in-process figures now (growth mode, inside a window)."""
@@ -262,9 +277,9 @@ class LeakEngine:
 
     def _inproc_off(self) -> str | None:
         """Why the window was not scanned when kinds are wanted but the scan is off."""
-        if self.settings.in_process_kinds:
-            return None
-        return "in-process leak kinds are off (--ebpf-leaks-in-process-kinds turns them on)"
+        from .kinds.inprocess import KINDS_OFF
+
+        return None if self.settings.in_process_kinds else KINDS_OFF
 
     def _suppressions(self, budget: Budget) -> list:
         """The session's suppressions plus the test's marker's own."""

@@ -79,13 +79,12 @@ def _load(make):
 def _new_tracer(settings):
     """This process's own tracer, after the preflight checks."""
     from .bccloader import load_bcc
-    from .engine import tracer_config
+    from .engine import new_tracer
     from .preflight import run_all
-    from .tracer import Tracer
 
     run_all()
     load_bcc()
-    return Tracer(tracer_config(settings))
+    return new_tracer(settings)
 
 
 def _controller_tracer(config: pytest.Config):

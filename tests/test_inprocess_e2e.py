@@ -150,3 +150,76 @@ def test_scope_test_widens_the_window_to_setup_and_teardown(pytester, run_plugin
     result, doc = run_plugin()
     t = {x["nodeid"].split("::")[-1]: x for x in doc["tests"]}["test_fixture_leaks"]
     assert t["in_process"]["leaked"] == {"bytes": 0, "blocks": 0} and t["outcome"] == "passed"
+
+
+def test_full_collection_only_when_a_block_that_could_count_is_live(pytester, run_plugin, leakext):
+    """The window's gc.collect() (tens of ms in a process with many objects)
+    runs only when a block that could count is live at the window's end: an
+    extension's block held only by a reference cycle is freed by it (the test
+    passes, exactly 0 B), while a test whose window holds nothing that could
+    count pays no collection. Automatic collection is off in the inner
+    session, so every full collection is an explicit one."""
+    moddir, _ = leakext
+    pytester.makeconftest(f"""
+        import gc, json, sys
+        import pytest
+        sys.path.insert(0, {moddir!r})
+        gc.disable()
+        FULL = [0]
+        gc.callbacks.append(lambda phase, info: FULL.__setitem__(0, FULL[0] + (phase == "start"
+                                                                              and info["generation"] == 2)))
+        COUNTS = {{}}
+
+        @pytest.hookimpl(wrapper=True, tryfirst=True)
+        def pytest_runtest_call(item):
+            before = FULL[0]
+            try:
+                return (yield)
+            finally:
+                COUNTS[item.name] = FULL[0] - before
+
+        def pytest_sessionfinish(session):
+            with open("gc_counts.json", "w") as f:
+                json.dump(COUNTS, f)
+    """)
+    pytester.makepyfile(test_gc="""
+        import leakext
+        def test_cycle_holds_an_extension_block():
+            a = [leakext.hold(500)]
+            a.append(a)
+            del a
+        def test_nothing_that_could_count():
+            b = [bytes(100) for _ in range(10)]
+            b.append(b)
+            del b
+        def test_extension_block_freed_by_the_test():
+            c = leakext.hold(300)
+            del c
+    """)
+    result, doc = run_plugin("--ebpf-leaks-kinds=all")
+    tests = {t["nodeid"].split("::")[-1]: t for t in doc["tests"]}
+    assert {n: t["outcome"] for n, t in tests.items()} == dict.fromkeys(tests, "passed"), result.stdout.str()
+    assert tests["test_cycle_holds_an_extension_block"]["in_process"]["leaked"] == {"bytes": 0, "blocks": 0}
+    counts = json.loads((pytester.path / "gc_counts.json").read_text())
+    assert counts == {"test_cycle_holds_an_extension_block": 1, "test_nothing_that_could_count": 0,
+                      "test_extension_block_freed_by_the_test": 0}
+
+
+@pytest.mark.parametrize("kinds", [[], ["--ebpf-leaks-in-process-kinds"]], ids=["default", "in-process-kinds"])
+def test_a_session_with_warnings_as_errors_ends_cleanly(pytester, run_plugin, leakext, kinds):
+    """A project whose ini turns every warning into an error (as many do):
+    nothing the plugin opened is left for the garbage collector (an unclosed
+    pipe of the window scanner made pytest end with a traceback)."""
+    moddir, _ = leakext
+    pytester.makeini("[pytest]\nfilterwarnings =\n    error\n")
+    pytester.makeconftest(f"import sys; sys.path.insert(0, {moddir!r})")
+    pytester.makepyfile(test_w="""
+        import leakext
+        def test_clean():
+            leakext.clean(10)
+    """)
+    result, doc = run_plugin(*kinds)
+    err = result.stderr.str() + result.stdout.str()
+    assert result.ret == 0, err
+    assert "ResourceWarning" not in err and "Traceback" not in err, err
+    assert [t["outcome"] for t in doc["tests"]] == ["passed"]

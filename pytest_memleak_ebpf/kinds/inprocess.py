@@ -614,6 +614,10 @@ class Outcome:
     phases: Dict[str, float] = dataclasses.field(default_factory=dict)
 
 
+# why a window's blocks were not classified when in-process leak kinds are not on
+KINDS_OFF = "in-process leak kinds are off (--ebpf-leaks-in-process-kinds turns them on)"
+
+
 class WindowScanner:
     """The helper process that classifies in-process windows.  Start it
     before any test (a process the pytest process creates during a test is
@@ -691,3 +695,7 @@ class WindowScanner:
         except subprocess.TimeoutExpired:
             p.kill()
             p.wait()
+        try:
+            p.stdout.close()
+        except OSError:
+            pass

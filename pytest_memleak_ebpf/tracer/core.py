@@ -62,7 +62,7 @@ class Tracer:
     """source: the BPF C source to compile (default: the shipped one)."""
 
     def __init__(self, config: TracerConfig | None = None, *, libc: str | None = None,
-                 source: Path | None = None):
+                 source: Path | None = None, window_scans: bool = True):
         from ..bccloader import load_bcc
 
         self.config = config or TracerConfig()
@@ -113,8 +113,9 @@ class Tracer:
         self.window_scans: list[tuple[float, int, int, dict]] = []
         from ..kinds.inprocess import WindowScanner
 
-        # started before any test: a process made during a test would be one of the test's
-        self._window_scanner = WindowScanner()
+        # started before any test (a process made during a test would be one of the test's),
+        # when in-process windows may be classified (window_scans)
+        self._window_scanner = WindowScanner() if window_scans else None
         self._window_reader = None          # the thread that classifies this process's own windows
         self._reader_stack: tuple[int, int] | None = None
         self.bpf[b"events"].open_ring_buffer(self._on_event)
@@ -453,6 +454,10 @@ class Tracer:
             mine = [(a, s) for t, a, s, _ in blocks if t == tgid]
             if not mine:
                 continue
+            if self._window_scanner is None:
+                from ..kinds.inprocess import KINDS_OFF
+
+                return None, KINDS_OFF
             out = self._window_scanner.scan(tgid, mine, context, exclude)
             if out.kinds is None:
                 reasons.append(out.reason)
@@ -583,7 +588,8 @@ class Tracer:
         self._closed = True
         self._links += self.exec_pauses.close()
         _quietly(self.watchdog.close)
-        _quietly(self._window_scanner.close)
+        if self._window_scanner is not None:
+            _quietly(self._window_scanner.close)
         if self._window_reader is not None:
             _quietly(lambda: self._window_reader.shutdown(wait=False))
         with self._lock:
