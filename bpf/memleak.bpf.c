@@ -629,10 +629,9 @@ static __always_inline int gen_return(struct pt_regs *ctx, u32 fn)
 
 /* free is entry-only; the loader may place it after the prologue's
  * single-stepped instructions (argument registers intact there). */
-static __always_inline int free_body(struct pt_regs *ctx)
+static __always_inline int free_body(struct pt_regs *ctx, u64 addr)
 {
     u32 tgid = bpf_get_current_pid_tgid() >> 32;
-    u64 addr = PT_REGS_PARM1(ctx);
     if (!addr)
         return 1;
     struct track_t *t = recording(tgid);
@@ -659,21 +658,28 @@ static u64 (*attach_cookie)(void *ctx) = (void *)BPF_FUNC_get_attach_cookie;
  * no probe. */
 static __always_inline int entry_dispatch(struct pt_regs *ctx, u32 fn)
 {
+    /* CTX_ARG_FN_BIT: the arguments follow a context pointer */
+    u64 r1 = PT_REGS_PARM1(ctx), r2 = PT_REGS_PARM2(ctx), r3 = PT_REGS_PARM3(ctx), r4 = PT_REGS_PARM4(ctx);
+    /* values, not register slots, are chosen: the verifier refuses a ctx
+     * pointer moved by a computed offset */
+    asm volatile("" : "+r"(r1), "+r"(r2), "+r"(r3), "+r"(r4));
+    int shift = fn & CTX_ARG_FN_BIT;
+    u64 p1 = shift ? r2 : r1, p2 = shift ? r3 : r2, p3 = shift ? r4 : r3;
     switch (fn & NEST_FN_MASK) {
     case FN_FREE:
-        return free_body(ctx);
+        return free_body(ctx, p1);
     case FN_MALLOC:
     case FN_VALLOC:
     case FN_PVALLOC:
-        return gen_entry(fn, PT_REGS_PARM1(ctx), 0);
+        return gen_entry(fn, p1, 0);
     case FN_REALLOCARRAY:
-        return gen_entry(fn, PT_REGS_PARM1(ctx), mul_or_max(PT_REGS_PARM2(ctx), PT_REGS_PARM3(ctx)));
+        return gen_entry(fn, p1, mul_or_max(p2, p3));
     case FN_POSIX_MEMALIGN:
-        return gen_entry(fn, PT_REGS_PARM1(ctx), PT_REGS_PARM3(ctx));
+        return gen_entry(fn, p1, p3);
     case FN_CALLOC:
     case FN_REALLOC:
     case FN_MEMALIGN:
-        return gen_entry(fn, PT_REGS_PARM1(ctx), PT_REGS_PARM2(ctx));
+        return gen_entry(fn, p1, p2);
     }
     return 1;
 }
@@ -700,7 +706,7 @@ PER_SITE(posix_memalign, FN_POSIX_MEMALIGN)
 PER_SITE(memalign, FN_MEMALIGN)
 PER_SITE(valloc, FN_VALLOC)
 PER_SITE(pvalloc, FN_PVALLOC)
-int free_entry(struct pt_regs *ctx)           { free_body(ctx); return 0; }
+int free_entry(struct pt_regs *ctx)           { free_body(ctx, PT_REGS_PARM1(ctx)); return 0; }
 /* other allocators' sites (NEST_FN_BIT) */
 PER_SITE(malloc_nest, FN_MALLOC | NEST_FN_BIT)
 PER_SITE(calloc_nest, FN_CALLOC | NEST_FN_BIT)
@@ -753,7 +759,7 @@ int alloc_session(struct pt_regs *ctx)
 
 int free_entry(struct pt_regs *ctx)
 {
-    free_body(ctx);
+    free_body(ctx, PT_REGS_PARM1(ctx));
     return 0;
 }
 #endif

@@ -32,6 +32,11 @@
  * the block only when no nested call did. glibc's own sites never carry it. */
 #define NEST_FN_BIT        0x100
 #define NEST_FN_MASK       0xff
+/* Added to a site's id when the function's arguments follow a context
+ * pointer: CPython's pymalloc functions (_PyObject_Malloc(ctx, size),
+ * _PyObject_Free(ctx, p), ...), probed in the pytest process while a test's
+ * in-process window is open (tracer/probes.py PYMALLOC_SITES). */
+#define CTX_ARG_FN_BIT     0x200
 
 /* track_t.flags */
 #define TF_ROOT            1   /* the pytest process: children are tracked */

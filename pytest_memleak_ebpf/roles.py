@@ -101,6 +101,21 @@ def _controller_tracer(config: pytest.Config):
         return None
 
 
+def _probe_pymalloc(tracer, settings) -> str | None:
+    """Have this process's windows probe its pymalloc, when in-process
+    checking is on and pymalloc serves Python objects: None when they will,
+    else why not ("" when nothing was asked)."""
+    from .inprocess import free_threaded, pymalloc_active
+
+    if settings.in_process == "off" or free_threaded() or not pymalloc_active():
+        return ""
+    if settings.in_process_kinds:
+        # a freed pymalloc block keeps its words, and the scan cannot tell it from a live one
+        return ("in-process leak kinds tell live heap memory from free chunks through glibc's own lists, "
+                "so Python objects must come from malloc")
+    return tracer.enable_pymalloc_probes()
+
+
 # -- the header ----------------------------------------------------------------
 
 _ATTACH = {"session": "3 uprobe session/multi links", "multi": "2 uprobe_multi links", "perf": "a perf event per probe"}
@@ -390,14 +405,17 @@ class Checker:
 class Standalone(Checker):
     """A session without xdist: checks its tests, reports them."""
 
-    def __init__(self, config: pytest.Config, engine, notes: list[str]):
+    def __init__(self, config: pytest.Config, engine, notes: list[str], probe_problem: str | None = ""):
         super().__init__(config, engine)
         self.notes = notes   # the header's in-process notes
+        self.probe_problem = probe_problem   # None: pymalloc is probed in the windows (_probe_pymalloc)
 
     @classmethod
     def start(cls, config: pytest.Config, settings) -> "Standalone":
-        notes = reexec.in_process_notes() if settings.in_process != "off" else []
-        return cls(config, cls._load_engine(config, settings), notes)
+        engine = cls._load_engine(config, settings)
+        problem = _probe_pymalloc(engine.tracer, settings)
+        notes = reexec.in_process_notes(probe_problem=problem) if settings.in_process != "off" else []
+        return cls(config, engine, notes, problem)
 
     def pytest_report_header(self, config: pytest.Config) -> list[str]:
         lines = _tracer_lines(self.engine.tracer, self.engine.settings)
@@ -411,9 +429,11 @@ class Standalone(Checker):
         are visible; a session without extensions keeps pymalloc's speed."""
         if session.config.getoption("collectonly"):
             return
-        why = reexec.restart_reason(self.engine.settings.in_process, self.engine.settings.own_modules)
+        why = reexec.restart_reason(self.engine.settings.in_process, self.engine.settings.own_modules,
+                                    probed=self.probe_problem is None)
         if why is not None:
-            self.notes = reexec.in_process_notes(restart=True, why=why, before_exec=self.engine.close)
+            self.notes = reexec.in_process_notes(probe_problem=self.probe_problem, restart=True, why=why,
+                                                 before_exec=self.engine.close)
 
     def pytest_terminal_summary(self, terminalreporter, exitstatus, config) -> None:
         from .report import summary_lines, write_summary
@@ -445,7 +465,9 @@ class DistWorker(Checker):
 
     @classmethod
     def start(cls, config: pytest.Config, settings) -> "DistWorker":
-        return cls(config, cls._load_engine(config, settings))
+        engine = cls._load_engine(config, settings)
+        _probe_pymalloc(engine.tracer, settings)
+        return cls(config, engine)
 
     @staticmethod
     def _tracer(config: pytest.Config, settings):
@@ -488,9 +510,11 @@ class DistController:
         tracer = _load(lambda: _new_tracer(settings))
         tracer.add_spawner(os.getpid())
         server = TracerServer(tracer)
-        # workers cannot restart themselves (and the controller does not collect):
+        # workers cannot restart themselves (and the controller does not collect): their
+        # pymalloc is probed in their windows when it can be (they run this interpreter), else
         # the header says how to make Python objects visible
-        notes = reexec.in_process_notes() if settings.in_process != "off" else []
+        notes = (reexec.in_process_notes(probe_problem=tracer.pymalloc_problem(os.getpid()))
+                 if settings.in_process != "off" else [])
         return cls(config, settings, tracer, server, notes)
 
     def pytest_report_header(self, config):

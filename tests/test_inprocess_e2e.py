@@ -15,13 +15,18 @@ def leakext(leakext_moddir, leakext_expected):
     return str(leakext_moddir), leakext_expected
 
 
-@pytest.mark.parametrize("dist", [[], ["-n", "2"]], ids=["single", "xdist"])
-def test_extension_leaks_are_exact(pytester, run_plugin, leakext, dist, monkeypatch):
-    """Also under xdist, where each worker's windows go through the
-    controller's tracer (workers cannot restart with PYTHONMALLOC=malloc)."""
+@pytest.mark.parametrize("dist,allocator", [([], "pymalloc"), ([], "malloc"), (["-n", "2"], "pymalloc")],
+                         ids=["single-pymalloc", "single-malloc", "xdist-pymalloc"])
+def test_extension_leaks_are_exact(pytester, run_plugin, leakext, dist, allocator, monkeypatch):
+    """With the interpreter's own allocator (pymalloc: its functions are
+    probed in the window, no restart) and with PYTHONMALLOC=malloc (every
+    Python object from malloc); also under xdist, where each worker's windows
+    go through the controller's tracer, which probes the worker's pymalloc."""
     moddir, expected = leakext
-    if dist:
+    if allocator == "malloc":
         monkeypatch.setenv("PYTHONMALLOC", "malloc")
+    else:
+        monkeypatch.delenv("PYTHONMALLOC", raising=False)
     obj = expected.BYTES_OBJECT_SIZE
     pytester.makeconftest(f"import sys; sys.path.insert(0, {moddir!r})")
     pytester.makepyfile(test_ext="""
@@ -48,7 +53,11 @@ def test_extension_leaks_are_exact(pytester, run_plugin, leakext, dist, monkeypa
     result, doc = run_plugin(f"--junitxml={junit}", "--ebpf-leaks-kinds=all", *dist)
     out = result.stdout.str()
     assert "ebpf-leaks: in-process checking: extensions" in out or "in-process checking: extensions" in out
-    assert "PYTHONMALLOC=malloc" in out
+    if allocator == "malloc":
+        assert "PYTHONMALLOC=malloc: Python objects are visible to the tracer" in out
+    elif not dist:
+        assert "pymalloc kept: Python objects are seen through CPython's pymalloc functions" in out
+        assert "restarting pytest" not in out
     tests = {t["nodeid"].split("::")[-1]: t for t in doc["tests"]}
     ip = {name: t["in_process"] for name, t in tests.items()}
     assert ip["test_clean"]["leaked"] == {"bytes": 0, "blocks": 0}

@@ -163,3 +163,17 @@ def test_marker_failure_keeps_its_reported_name():
     # pytest shows "<module>.<name>: <message>" in the terminal and in JUnit's failure message
     assert f"{roles._MarkerFailure.__module__}.{roles._MarkerFailure.__qualname__}" == \
         "pytest_memleak_ebpf.plugin._MarkerFailure"
+
+
+def test_no_restart_when_pymalloc_is_probed(pymalloc, monkeypatch, capsys):
+    """pymalloc's functions probed in the windows: Python objects are seen,
+    nothing restarts; a reason it cannot be probed is shown, and the restart
+    happens as before."""
+    monkeypatch.setattr(os, "execve", lambda *a: pytest.fail("restarted although pymalloc is probed"))
+    assert reexec.restart_reason("all", frozenset(), probed=True) is None
+    assert reexec.in_process_notes(probe_problem=None, restart=True, why="(x) ") == [reexec.PYMALLOC_PROBED_NOTE]
+    assert capsys.readouterr().out == ""
+    monkeypatch.setenv(reexec.REEXEC_ENV, "0")
+    assert reexec.in_process_notes(probe_problem="the perf attach mode cannot probe one process only",
+                                   restart=True, why="(x) ") == [
+        "pymalloc cannot be probed here: the perf attach mode cannot probe one process only", reexec._PYMALLOC_NOTE]

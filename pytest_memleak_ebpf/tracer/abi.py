@@ -176,6 +176,7 @@ FN_POSIX_MEMALIGN, FN_MEMALIGN, FN_VALLOC, FN_PVALLOC = (_d("FN_POSIX_MEMALIGN")
                                                          _d("FN_VALLOC"), _d("FN_PVALLOC"))
 FN_FREE = _d("FN_FREE")
 NEST_FN_BIT = _d("NEST_FN_BIT")
+CTX_ARG_FN_BIT = _d("CTX_ARG_FN_BIT")
 PAUSE_STOPPED, PAUSE_KEYED = _d("PAUSE_STOPPED"), _d("PAUSE_KEYED")
 # track_t.flags, proc_t.flags, event_t.type
 TF_ROOT, TF_ALLOCS, TF_SPAWNER, TF_SPAWNED, TF_RING = (_d("TF_ROOT"), _d("TF_ALLOCS"), _d("TF_SPAWNER"),

@@ -51,6 +51,8 @@ class Client:
     kinds: bool = False                  # the current test wants leak kinds (TF_KINDS)
     window_kinds: dict | None = None     # the closed window's {address: kind}, when it was classified
     window_reason: str | None = None     # why it was not (a scan was asked for)
+    pymalloc: bool = False               # its windows probe its interpreter's pymalloc (enable_pymalloc_probes)
+    pymalloc_links: list | None = None   # the open window's pymalloc links
 
 
 def _quietly(fn) -> None:
@@ -117,6 +119,8 @@ class Tracer:
         # when in-process windows may be classified (window_scans)
         self._window_scanner = WindowScanner() if window_scans else None
         self._window_reader = None          # the thread that classifies this process's own windows
+        self._pymalloc_placed: dict[int, tuple[str, list] | str] = {}   # root -> (binary, sites) or why not
+        self._detaching: list[threading.Thread] = []
         self._reader_stack: tuple[int, int] | None = None
         self.bpf[b"events"].open_ring_buffer(self._on_event)
         self._poller = threading.Thread(target=self._poll_loop, name="memleak-ebpf-events", daemon=True)
@@ -281,6 +285,10 @@ class Tracer:
                 delete(self.bpf[b"ext"], self.bpf[b"ext"].Key(tgid))
             if c.ext_pages:
                 self._set_ext_keys(c, set())
+            self._detach_later(c.pymalloc_links or [])
+            c.pymalloc_links = None
+            for tgid in c.roots:
+                self._pymalloc_placed.pop(tgid, None)
 
     def _pidmap_or(self, tgid: int) -> None:
         pm = self.bpf[b"pidmap"]
@@ -375,10 +383,64 @@ class Tracer:
             for page in pages - old:
                 table[table.Key(tgid, 0, page)] = table.Leaf(1)
 
+    # -- CPython's pymalloc in a root's windows ----------------------------
+
+    def pymalloc_problem(self, tgid: int) -> str | None:
+        """Why the pymalloc functions of process `tgid`'s interpreter cannot
+        be probed in its windows, or None when they can."""
+        if self.attach_mode not in ("session", "multi"):
+            return (f"the {self.attach_mode} attach mode cannot probe one process only "
+                    f"(uprobe_multi links, Linux 6.6+, can)")
+        got = self._pymalloc_placed.get(tgid)
+        if got is None:
+            try:
+                got = _probes.place_pymalloc(tgid)
+            except LookupError as exc:
+                got = str(exc)
+            self._pymalloc_placed[tgid] = got
+        return got if isinstance(got, str) else None
+
+    def enable_pymalloc_probes(self, c: Client | None = None) -> str | None:
+        """Have the client's windows probe its interpreter's pymalloc
+        (probes.PYMALLOC_SITES, in its roots only, attached while a window is
+        open): Python objects are then seen without PYTHONMALLOC=malloc.
+        Returns None, or why it cannot be done (nothing is enabled then)."""
+        c = self._client(c)
+        for tgid in c.roots:
+            problem = self.pymalloc_problem(tgid)
+            if problem is not None:
+                return problem
+        c.pymalloc = True
+        return None
+
+    def _attach_pymalloc(self, c: Client) -> None:
+        links: list[int] = []
+        try:
+            for tgid in c.roots:
+                binary, placed = self._pymalloc_placed[tgid]
+                links += _probes.attach_pymalloc(self.bpf, self.attach_mode, binary, placed, tgid)
+        except (OSError, ValueError) as exc:
+            self._detach_later(links)
+            raise RuntimeError(f"CPython's pymalloc could not be probed for this test's window ({exc}): "
+                               f"Python objects made in it would not be seen") from None
+        c.pymalloc_links = links
+
+    def _detach_later(self, links: list[int]) -> None:
+        """Close pymalloc links off the test's path: a uprobe's release waits
+        for an RCU grace period. Tracer.close waits for these."""
+        if not links:
+            return
+        th = threading.Thread(target=lambda: [_quietly(lambda fd=fd: os.close(fd)) for fd in links],
+                              name="memleak-ebpf-detach", daemon=True)
+        th.start()
+        self._detaching = [t for t in self._detaching if t.is_alive()] + [th]
+
     def open_window(self, c: Client | None = None) -> int:
         """Start recording the root's own allocations; returns the window's serial."""
         c = self._client(c)
         with self._lock:
+            if c.pymalloc and c.pymalloc_links is None:
+                self._attach_pymalloc(c)
             self._next_window += 1
             c.window_serial = WINDOW_SERIAL | self._next_window
             for tgid in c.roots:
@@ -404,6 +466,8 @@ class Tracer:
                 except KeyError:
                     pass
                 self._set_root_fields(tgid, flags=self._root_flags(c))
+            links, c.pymalloc_links = c.pymalloc_links, None
+            self._detach_later(links or [])
             c.window_counters = counters
             c.in_window = False
             c.window_kinds = c.window_reason = None
@@ -587,6 +651,11 @@ class Tracer:
             return
         self._closed = True
         self._links += self.exec_pauses.close()
+        for c in self._clients:
+            self._links += c.pymalloc_links or []
+            c.pymalloc_links = None
+        for th in self._detaching:
+            th.join()
         _quietly(self.watchdog.close)
         if self._window_scanner is not None:
             _quietly(self._window_scanner.close)

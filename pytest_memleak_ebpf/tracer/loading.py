@@ -359,16 +359,17 @@ def _bpf_syscall(cmd: int, attr) -> int:
 
 
 def link_uprobe_multi(prog_fd: int, path: str, sites: list[tuple[int, int]], retprobe: bool,
-                      attach_type: int = BPF_TRACE_UPROBE_MULTI) -> int:
+                      attach_type: int = BPF_TRACE_UPROBE_MULTI, pid: int = 0) -> int:
     """BPF_LINK_CREATE of a uprobe_multi (or session) link: prog_fd on every (file offset,
-    cookie) of `path`. Returns the link fd; OSError when the kernel refuses."""
+    cookie) of `path`; pid: in that process only (0: in every process). Returns the link
+    fd; OSError when the kernel refuses."""
     n = len(sites)
     offsets = (ctypes.c_uint64 * n)(*[o for o, _ in sites])
     cookies = (ctypes.c_uint64 * n)(*[c for _, c in sites])
     cpath = ctypes.create_string_buffer(os.fsencode(path))
     attr = LinkCreateUprobeMulti(prog_fd=prog_fd, attach_type=attach_type, path=ctypes.addressof(cpath),
                                  offsets=ctypes.addressof(offsets), cookies=ctypes.addressof(cookies), cnt=n,
-                                 uprobe_flags=BPF_F_UPROBE_MULTI_RETURN if retprobe else 0)
+                                 uprobe_flags=BPF_F_UPROBE_MULTI_RETURN if retprobe else 0, pid=pid)
     try:
         return _bpf_syscall(_BPF_LINK_CREATE, attr)
     except OSError as e:

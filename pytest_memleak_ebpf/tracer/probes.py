@@ -46,6 +46,76 @@ ALLOCATOR_SITES: tuple[AllocatorSite, ...] = (
     AllocatorSite("free", abi.FN_FREE, ("rdi",), False, "free", "free_entry"),
 )
 
+# CPython's pymalloc: the allocator of Python objects (PyObject_*) and of
+# PyMem_* unless PYTHONMALLOC says otherwise. Its functions are the targets of
+# the allocator table the public entry points call through, so no caller can
+# inline past them; their arguments follow the table's context pointer
+# (CTX_ARG_FN_BIT). A request over 512 B goes on to malloc, which libc's probes
+# record: the pymalloc return finds that block recorded by the nested call
+# (NEST_FN_BIT). Probed in a pytest process only, while a window is open
+# (attach_pymalloc).
+_PYMALLOC_BITS = abi.NEST_FN_BIT | abi.CTX_ARG_FN_BIT
+PYMALLOC_SITES: tuple[AllocatorSite, ...] = (
+    AllocatorSite("_PyObject_Malloc", abi.FN_MALLOC | _PYMALLOC_BITS, ("rsi",), True, "", "alloc_session"),
+    AllocatorSite("_PyObject_Calloc", abi.FN_CALLOC | _PYMALLOC_BITS, ("rsi", "rdx"), True, "", "alloc_session"),
+    AllocatorSite("_PyObject_Realloc", abi.FN_REALLOC | _PYMALLOC_BITS, ("rsi", "rdx"), True, "", "alloc_session"),
+    AllocatorSite("_PyObject_Free", abi.FN_FREE | abi.CTX_ARG_FN_BIT, ("rsi",), False, "", "alloc_session"),
+)
+
+
+def interpreter_objects(tgid: int) -> list[str]:
+    """The files process `tgid` maps that may hold CPython's pymalloc: its
+    libpython, then its executable."""
+    maps = [m.path for m in read_maps(f"/proc/{tgid}/maps")]
+    out = [p for p in dict.fromkeys(maps) if os.path.basename(p).startswith("libpython")]
+    try:
+        out.append(os.path.realpath(f"/proc/{tgid}/exe"))
+    except OSError:
+        pass
+    return out
+
+
+def place_pymalloc(tgid: int) -> tuple[str, list[PlacedSite]]:
+    """(binary, its placed PYMALLOC_SITES) of process `tgid`'s interpreter;
+    LookupError saying why when no object it maps has all four functions."""
+    tried = []
+    for binary in interpreter_objects(tgid):
+        try:
+            placed, _ = place_sites(binary, PYMALLOC_SITES)
+        except Exception as exc:   # noqa: BLE001 - unreadable or not ELF: the next candidate
+            tried.append(f"{binary}: {exc}")
+            continue
+        if len(placed) == len(PYMALLOC_SITES):
+            return binary, placed
+        tried.append(f"{binary} lacks " + ", ".join(sorted({s.function for s in PYMALLOC_SITES}
+                                                           - {p.site.function for p in placed})))
+    raise LookupError("CPython's pymalloc functions (_PyObject_Malloc, ...) were not found in its symbol "
+                      "tables (" + ("; ".join(tried) or "no interpreter mapped") + ")")
+
+
+def attach_pymalloc(bpf, mode: str, binary: str, placed: list[PlacedSite], pid: int) -> list[int]:
+    """Links of the placed pymalloc sites in process `pid` only: a uprobe
+    session link (mode session), or an entry and a return uprobe_multi link
+    (multi). The perf mode cannot filter by process: ValueError."""
+    sites = [(p.file_offset, p.site.fn_id) for p in placed]
+    if mode == "session":
+        prog = bpf.load_func(b"alloc_session", bpf.KPROBE, attach_type=BPF_TRACE_UPROBE_SESSION)
+        return [link_uprobe_multi(prog.fd, binary, sites, False, attach_type=BPF_TRACE_UPROBE_SESSION, pid=pid)]
+    if mode == "multi":
+        entry_name, return_name = MULTI_PROGRAMS
+        entry = bpf.load_func(entry_name.encode(), bpf.KPROBE, attach_type=BPF_TRACE_UPROBE_MULTI)
+        ret = bpf.load_func(return_name.encode(), bpf.KPROBE, attach_type=BPF_TRACE_UPROBE_MULTI)
+        links = [link_uprobe_multi(entry.fd, binary, sites, False, pid=pid)]
+        try:
+            links.append(link_uprobe_multi(ret.fd, binary, [(p.file_offset, p.site.fn_id) for p in placed
+                                                            if p.site.has_return], True, pid=pid))
+        except OSError:
+            os.close(links[0])
+            raise
+        return links
+    raise ValueError(f"the {mode} attach mode cannot probe one process only")
+
+
 @dataclass(frozen=True)
 class ExitSite:
     """A libc function where a process ends on purpose: its uprobe program

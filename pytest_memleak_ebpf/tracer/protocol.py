@@ -38,6 +38,10 @@ class TracerAPI(Protocol):
     def set_extension_pages(self, ranges) -> None:
         """Executable address ranges of extension modules in this process."""
 
+    def enable_pymalloc_probes(self) -> str | None:
+        """Probe this process's pymalloc in its windows (Python objects seen
+        without PYTHONMALLOC=malloc): None, or why it cannot be done."""
+
     def open_window(self) -> int:
         """Start recording this process's own allocations: the window's serial."""
 

@@ -27,7 +27,7 @@ from .probes import ProbeInfo
 SOCKET_KEY = "ebpf_leaks_tracer"       # workerinput key: the server's address
 _LEN = struct.Struct("<Q")
 _OPS = ("begin_test", "end_test", "running", "open_window", "close_window", "window_snapshot",
-        "collect_window", "set_extension_pages")
+        "collect_window", "set_extension_pages", "enable_pymalloc_probes")
 
 
 class TracerServerError(RuntimeError):
@@ -189,6 +189,9 @@ class RemoteTracer:
 
     def set_extension_pages(self, ranges) -> None:
         self._call("set_extension_pages", list(ranges))
+
+    def enable_pymalloc_probes(self) -> str | None:
+        return self._call("enable_pymalloc_probes")
 
     def open_window(self) -> int:
         serial = self._call("open_window")
