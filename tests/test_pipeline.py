@@ -273,6 +273,9 @@ class FakeTracer:
     def collect_window(self):
         return self.window
 
+    def window_snapshot(self):
+        return list(self.window[0]) if self.window else []
+
     def close(self):
         pass
 
