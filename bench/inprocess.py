@@ -3,8 +3,10 @@
 
 Runs a generated suite of N tests calling the example project's C extension
 (kvext.parse_pairs, clean) under: plain pytest, --ebpf-leaks with in-process
-checking off, and --ebpf-leaks (extensions mode: restarts with
-PYTHONMALLOC=malloc). Medians of several whole-session runs (wall and CPU of
+checking off, --ebpf-leaks (extensions mode: pymalloc kept, its functions
+probed in each test's window), and --ebpf-leaks in a session started with
+PYTHONMALLOC=malloc (every Python allocation meets the libc probes, as after
+the restart used where pymalloc cannot be probed). Medians of several whole-session runs (wall and CPU of
 the pytest process tree). Writes bench/inprocess.json and prints a table.
 
     .venv/bin/python bench/inprocess.py [--tests 300] [--runs 3]
@@ -34,8 +36,9 @@ def test_parse(i):
 
 def session(cwd, args):
     env = dict(os.environ)
-    if args and args[0] == "ENV:REEXEC=0":
-        env["PYTEST_MEMLEAK_EBPF_REEXEC"] = "0"
+    while args and args[0].startswith("ENV:"):
+        key, _, value = args[0][4:].partition("=")
+        env[key] = value
         args = args[1:]
     r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.monotonic()
@@ -65,9 +68,9 @@ def main():
         cases = {
             "plain pytest": [target],
             "--ebpf-leaks --ebpf-leaks-in-process=off": ["--ebpf-leaks", "--ebpf-leaks-in-process=off", target],
-            "--ebpf-leaks, PYTEST_MEMLEAK_EBPF_REEXEC=0 (in-process: extensions, pymalloc kept)":
-                ["ENV:REEXEC=0", "--ebpf-leaks", target],
-            "--ebpf-leaks (in-process: extensions, PYTHONMALLOC=malloc restart)": ["--ebpf-leaks", target],
+            "--ebpf-leaks (in-process: extensions, pymalloc probed in the windows)": ["--ebpf-leaks", target],
+            "--ebpf-leaks with PYTHONMALLOC=malloc (in-process: extensions)":
+                ["ENV:PYTHONMALLOC=malloc", "--ebpf-leaks", target],
         }
         res = {}
         for name, args in cases.items():
