@@ -106,11 +106,13 @@ class ProcessMemory:
             return self._buf[o:o + n]
         return None
 
-    def words_many(self, ranges: Sequence[Tuple[int, int]]) -> List[np.ndarray]:
+    def words_many(self, ranges: Sequence[Tuple[int, int]], one_buffer: bool = False) -> List[np.ndarray]:
         """The aligned 8-byte words of each ``(addr, length)`` (addr
         8-aligned), as uint64 arrays (views of the prefetched buffer when it
         holds them: do not write to them); a range that cannot be read
-        wholly comes back shorter."""
+        wholly comes back shorter. ``one_buffer``: unless the prefetched
+        buffer holds them all, every range is read into one new buffer, in
+        order (classify then joins them without a copy)."""
         out: List[np.ndarray] = [None] * len(ranges)   # type: ignore[list-item]
         todo = []
         for i, (addr, n) in enumerate(ranges):
@@ -122,6 +124,8 @@ class ProcessMemory:
                 out[i] = c[:n // 8 * 8].view(np.uint64)
             else:
                 todo.append(i)
+        if todo and one_buffer:
+            todo = [i for i, (_, n) in enumerate(ranges) if n >= 8]
         if todo:
             # straight into one buffer, in pieces of at most _CHUNK
             pieces = []                      # (range index, addr, length)

@@ -166,7 +166,8 @@ def scan_process(pid: int, starts, sizes, *, exclude: Iterable[Range] = (),
         # block contents: the allocator's memory, read in big pieces
         order = np.argsort(starts)
         segs = _block_segments(starts[order], sizes[order], maps)
-        heap_words = list(zip((lo for lo, _ in segs), mem.words_many([(lo, hi - lo) for lo, hi in segs])))
+        heap_words = list(zip((lo for lo, _ in segs), mem.words_many([(lo, hi - lo) for lo, hi in segs],
+                                                                     one_buffer=True)))
         regs = [r[name] for r in registers.values() for name in GP_REGS]
         result = classify(starts, sizes, root_words, heap_words, registers=regs,
                           is_vtable=VtableCheck(maps, mem.read),
