@@ -309,15 +309,20 @@ def scan_once(pid: int, blocks, starts, sizes) -> dict:
     # the split: wrap what scan_process calls (module attributes, restored after)
     split = {"registers": 0.0, "read": 0.0, "classify": 0.0}
     phases: dict = {}
-    orig = (roots.classify, roots.ProcessMemory.read_many, roots.thread_registers)
+    PM = M.ProcessMemory
+    orig = (roots.classify, PM.read_many, roots.thread_registers, PM.prefetch, PM.words_many)
+    depth = [0]
 
     def timed(key, fn):
         def w(*a, **k):
             t = time.perf_counter()
+            depth[0] += 1
             try:
                 return fn(*a, **k)
             finally:
-                split[key] += time.perf_counter() - t
+                depth[0] -= 1
+                if depth[0] == 0 or key != "read":     # a read inside a read counts once
+                    split[key] += time.perf_counter() - t
         return w
 
     C = importlib.import_module("pytest_memleak_ebpf.kinds.classify")
@@ -326,14 +331,14 @@ def scan_once(pid: int, blocks, starts, sizes) -> dict:
         return C.classify(*a, timings=phases, **k)
 
     roots.classify = timed("classify", classify)
-    M.ProcessMemory.read_many = timed("read", orig[1])
+    PM.read_many, PM.prefetch, PM.words_many = timed("read", orig[1]), timed("read", orig[3]), timed("read", orig[4])
     roots.thread_registers = timed("registers", orig[2])
     try:
         t0 = time.perf_counter()
         sc = roots.scan_process(pid, starts, sizes)
         total = time.perf_counter() - t0
     finally:
-        roots.classify, M.ProcessMemory.read_many, roots.thread_registers = orig
+        roots.classify, PM.read_many, roots.thread_registers, PM.prefetch, PM.words_many = orig
     return {"exitpause_scan_s": whole, "outcome_seconds": out.seconds, "scan_process_s": total,
             "registers_s": split["registers"], "read_s": split["read"], "classify_s": split["classify"],
             "classify_phases_s": phases, "rest_s": total - sum(split.values()),
@@ -590,7 +595,7 @@ def markdown(res: dict) -> str:
         L.append("**A 100 MB heap** (`kinds_heap`: 1,000,000 blocks of 96 B in chains of 10 and 8 of 1 MiB, "
                  "stopped at exit; seconds, median of the runs, first run in brackets):\n")
         L.append("| case | blocks | exitpause.scan (the Pauser's path) | scan_process | registers | reading "
-                 "(process_vm_readv) | classify | of which: blocks / pointers / marking / cliques | rest | "
+                 "(process_vm_readv: prefetch, words_many, read_many) | classify | of which: blocks / pointers / marking / cliques | rest | "
                  "kinds exact |")
         L.append("|---|---|---|---|---|---|---|---|---|---|")
         for key, d in hp.get("cases", {}).items():
