@@ -158,7 +158,8 @@ def scan_process(pid: int, starts, sizes, *, exclude: Iterable[Range] = (),
         main_arena = am.main_arena
         holes = list(exclude) + subtract(am.ranges, am.keep)
         main = registers.get(pid)
-        exit_frames = exitframe.exit_path_hole(maps, main["rsp"], mem.read) if main else None
+        exit_frames = exitframe.exit_path_hole(maps, main["rsp"], mem.read,
+                                               lambda a, n: mem.words_many([(a, n)])[0]) if main else None
         if exit_frames:
             holes.append(exit_frames)
         roots = root_ranges(maps, [r["rsp"] for r in registers.values()], holes)
