@@ -93,8 +93,9 @@ import json, os, time
 # pytest with PYTHONMALLOC=malloc (README, "C extension modules"), which a plain
 # test session never pays. The wrapping is done at session start, once the
 # plugin has imported them itself.
-_rec = {"at_exit": [], "scan": [], "blocks": [], "wait_stopped": [], "take_blocks": [], "registers": [],
-        "scan_process": []}
+_rec = {"at_exit": [], "scan": [], "blocks": [], "wait_stopped": [], "take_blocks": [], "stop_registers": [],
+        "registers": [], "scan_process": []}
+_pausers = []
 
 
 def _timed(key, fn):
@@ -125,6 +126,8 @@ def scan_stopped(self, tgid, serial):
     if not hasattr(self, "_bench_wrapped"):
         self._bench_wrapped = True
         self.take_blocks = _timed("take_blocks", self.take_blocks)
+        self.stop_registers = _timed("stop_registers", self.stop_registers)
+        _pausers.append(self)
     return _orig["scan_stopped"](self, tgid, serial)
 
 
@@ -133,14 +136,16 @@ def pytest_sessionstart(session):
     _orig.update(scan=exitpause.scan, scan_stopped=exitpause.Pauser._scan_stopped)
     exitpause.Pauser.at_exit = _timed("at_exit", exitpause.Pauser.at_exit)
     exitpause.Pauser._scan_stopped = scan_stopped
-    watchdog.Watchdog.registers = _timed("registers", watchdog.Watchdog.registers)
+    # the registers: the BPF record of the stop, or ptrace through the watchdog
+    exitpause.Pauser.registers = _timed("registers", exitpause.Pauser.registers)
     exitpause.wait_stopped = _timed("wait_stopped", exitpause.wait_stopped)
     exitpause.scan = scan
 
 
 def pytest_sessionfinish(session):
     with open(os.environ["KINDS_BENCH_PROBE"], "w") as f:
-        json.dump(dict(_rec, pythonmalloc=os.environ.get("PYTHONMALLOC")), f)
+        sources = {k: sum(p.register_sources.get(k, 0) for p in _pausers) for k in ("bpf", "ptrace")}
+        json.dump(dict(_rec, pythonmalloc=os.environ.get("PYTHONMALLOC"), register_sources=sources), f)
 '''
 
 # the test helpers: each run of a command timed inside the test
@@ -262,7 +267,8 @@ def bench_small(cfg: dict, res: dict) -> None:
         "added_per_process_ms": ms(m_def - m_all),
         "pauser_at_exit_ms": ms(med(pr.get("at_exit", []))),
         "pauser_scan_ms": ms(med(scans)),
-        "pauser_split_ms": {k: ms(med(v)) for k, v in pr.items() if k not in ("blocks", "pythonmalloc")},
+        "pauser_split_ms": {k: ms(med(v)) for k, v in pr.items() if isinstance(v, list) and k != "blocks"},
+        "register_sources": pr.get("register_sources"),
         "pythonmalloc": pr.get("pythonmalloc"),
         "pauses": len(pr.get("at_exit", [])),
         "blocks_per_scan": med(pr.get("blocks", [])),
@@ -303,15 +309,20 @@ def scan_once(pid: int, blocks, starts, sizes) -> dict:
     # the split: wrap what scan_process calls (module attributes, restored after)
     split = {"registers": 0.0, "read": 0.0, "classify": 0.0}
     phases: dict = {}
-    orig = (roots.classify, roots.ProcessMemory.read_many, roots.thread_registers)
+    PM = M.ProcessMemory
+    orig = (roots.classify, PM.read_many, roots.thread_registers, PM.prefetch, PM.words_many)
+    depth = [0]
 
     def timed(key, fn):
         def w(*a, **k):
             t = time.perf_counter()
+            depth[0] += 1
             try:
                 return fn(*a, **k)
             finally:
-                split[key] += time.perf_counter() - t
+                depth[0] -= 1
+                if depth[0] == 0 or key != "read":     # a read inside a read counts once
+                    split[key] += time.perf_counter() - t
         return w
 
     C = importlib.import_module("pytest_memleak_ebpf.kinds.classify")
@@ -320,14 +331,14 @@ def scan_once(pid: int, blocks, starts, sizes) -> dict:
         return C.classify(*a, timings=phases, **k)
 
     roots.classify = timed("classify", classify)
-    M.ProcessMemory.read_many = timed("read", orig[1])
+    PM.read_many, PM.prefetch, PM.words_many = timed("read", orig[1]), timed("read", orig[3]), timed("read", orig[4])
     roots.thread_registers = timed("registers", orig[2])
     try:
         t0 = time.perf_counter()
         sc = roots.scan_process(pid, starts, sizes)
         total = time.perf_counter() - t0
     finally:
-        roots.classify, M.ProcessMemory.read_many, roots.thread_registers = orig
+        roots.classify, PM.read_many, roots.thread_registers, PM.prefetch, PM.words_many = orig
     return {"exitpause_scan_s": whole, "outcome_seconds": out.seconds, "scan_process_s": total,
             "registers_s": split["registers"], "read_s": split["read"], "classify_s": split["classify"],
             "classify_phases_s": phases, "rest_s": total - sum(split.values()),
@@ -448,6 +459,7 @@ def bench_many(cfg: dict, res: dict) -> None:
         "pauser_at_exit_ms": ms(med((last["probe"] or {}).get("at_exit", []))),
         "pauser_split_ms": {k: ms(med(v)) for k, v in (last["probe"] or {}).items()
                             if isinstance(v, list) and k != "blocks"},
+        "register_sources": (last["probe"] or {}).get("register_sources"),
         # the block map holds every exited process's blocks until the test ends: does listing one
         # process's blocks grow with it?
         "take_blocks_ms_first_last_100": [ms(med((last["probe"] or {}).get("take_blocks", [])[1:101])),
@@ -535,14 +547,24 @@ def _f(x, nd=2, unit=""):
     return f"{x:,.{nd}f}{unit}"
 
 
-def _split_text(sp: dict) -> str:
+_SPLIT = ("wait_stopped", "take_blocks", "stop_registers", "registers", "scan_process")
+
+
+def _sources_text(src) -> str:
+    if not src:
+        return ""
+    return f" ({src.get('bpf', 0)} from the BPF record of the stop, {src.get('ptrace', 0)} through ptrace)"
+
+
+def _split_text(sp: dict, src=None) -> str:
     if not sp:
         return ""
     return (f"Per pause, in the Pauser (ms): waiting for the stop {_f(sp.get('wait_stopped'), 3)}, listing the "
-            f"process's blocks from the BPF map (take_blocks) {_f(sp.get('take_blocks'), 3)}, the threads' "
-            f"registers through the watchdog {_f(sp.get('registers'), 3)}, roots.scan_process "
-            f"{_f(sp.get('scan_process'), 3)}; the rest (SIGCONT, watchdog lines, the kinds dict) "
-            f"{_f((sp.get('at_exit') or 0) - sum(sp.get(k) or 0 for k in ('wait_stopped', 'take_blocks', 'registers', 'scan_process')), 3)}.")
+            f"process's blocks from the BPF map (take_blocks) {_f(sp.get('take_blocks'), 3)}, taking the BPF "
+            f"record of the registers at the stop {_f(sp.get('stop_registers'), 3)}, the threads' registers "
+            f"{_f(sp.get('registers'), 3)}{_sources_text(src)}, roots.scan_process "
+            f"{_f(sp.get('scan_process'), 3)}; the rest (SIGCONT, the kinds dict) "
+            f"{_f((sp.get('at_exit') or 0) - sum(sp.get(k) or 0 for k in _SPLIT), 3)}.")
 
 
 def markdown(res: dict) -> str:
@@ -567,13 +589,13 @@ def markdown(res: dict) -> str:
                  f"SIGCONT) {_f(sm['pauser_at_exit_ms'], 3)} ms, of which the scan (Outcome.seconds) "
                  f"{_f(sm['pauser_scan_ms'], 3)} ms; {sm['pauses']} pauses, "
                  f"{sm['classified']['classified']}/{sm['classified']['processes']} processes classified. "
-                 + _split_text(sm.get("pauser_split_ms") or {}) + "\n")
+                 + _split_text(sm.get("pauser_split_ms") or {}, sm.get("register_sources")) + "\n")
     hp = res.get("heap")
     if hp:
         L.append("**A 100 MB heap** (`kinds_heap`: 1,000,000 blocks of 96 B in chains of 10 and 8 of 1 MiB, "
                  "stopped at exit; seconds, median of the runs, first run in brackets):\n")
         L.append("| case | blocks | exitpause.scan (the Pauser's path) | scan_process | registers | reading "
-                 "(process_vm_readv) | classify | of which: blocks / pointers / marking / cliques | rest | "
+                 "(process_vm_readv: prefetch, words_many, read_many) | classify | of which: blocks / pointers / marking / cliques | rest | "
                  "kinds exact |")
         L.append("|---|---|---|---|---|---|---|---|---|---|")
         for key, d in hp.get("cases", {}).items():
@@ -612,8 +634,8 @@ def markdown(res: dict) -> str:
             L.append(f"Per pause (default kinds, ms): {_f(sp.get('at_exit'), 3)} in the Pauser — waiting for the "
                      f"stop {_f(sp.get('wait_stopped'), 3)}, listing the blocks from the BPF map "
                      f"{_f(sp.get('take_blocks'), 3)} (first 100 processes {_f(fl[0], 3)}, last 100 {_f(fl[1], 3)}: the "
-                     f"map holds every exited process's blocks until the test ends), registers through the "
-                     f"watchdog {_f(sp.get('registers'), 3)}, scan_process {_f(sp.get('scan_process'), 3)}; "
+                     f"map holds every exited process's blocks until the test ends), registers "
+                     f"{_f(sp.get('registers'), 3)}{_sources_text(mn.get('register_sources'))}, scan_process {_f(sp.get('scan_process'), 3)}; "
                      f"{mn['classified']['classified']}/{mn['classified']['processes']} processes classified.")
         L.append("")
     rl = res.get("real")

@@ -110,6 +110,9 @@ BPF_F_TABLE("hash", struct resolved_key_t, u32, resolved, MAX_RESOLVED, BPF_F_NO
  * watchdog continues every one left here when pytest dies) */
 BPF_F_TABLE("hash", u32, struct resolved_key_t, pending, MAX_PENDING, BPF_F_NO_PREALLOC);
 BPF_PERCPU_ARRAY(rkey_scratch, struct resolved_key_t, 1);
+/* tgid -> its registers at its stop at exit (stop_registers below); LRU: an
+ * entry userspace never took goes by itself */
+BPF_TABLE("lru_hash", u32, struct stop_regs_t, stop_regs, MAX_PENDING);
 struct envbuf_t {
     char b[ENV_STR_MAX];
 };
@@ -1098,11 +1101,44 @@ TRACEPOINT_PROBE(syscalls, sys_enter_exit_group)
     return 0;
 }
 
+/* ---- registers at the stop at exit (leak kinds) -----------------------
+ * The thread of an image paused at exit (its `pending` key PENDING_AT_EXIT)
+ * that dequeues SIGSTOP is about to group-stop with the user registers the
+ * kernel saved on its way in: copied here (memleak.h stop_regs_t), so that
+ * userspace needs no ptrace round trip for a single-threaded process. Needs
+ * bpf_task_pt_regs (HAVE_TASK_PT_REGS) and the BTF offset of fs_base. */
+#if defined(HAVE_TASK_PT_REGS) && defined(OFF_TASK_FSBASE)
+static __always_inline void stop_registers(u64 id)
+{
+    u32 tgid = id >> 32;
+    struct resolved_key_t *k = pending.lookup(&tgid);
+    if (!k || k->dev != PENDING_AT_EXIT)
+        return;
+    struct track_t *t = tracked.lookup(&tgid);
+    if (!t)
+        return;
+    struct stop_regs_t r = {};
+    r.serial = t->serial;
+    r.tid = (u32)id;
+    bpf_probe_read_kernel(&r.regs, sizeof(r.regs), (void *)bpf_task_pt_regs(bpf_get_current_task_btf()));
+    bpf_probe_read_kernel(&r.fs_base, sizeof(r.fs_base), (void *)(bpf_get_current_task() + OFF_TASK_FSBASE));
+    stop_regs.update(&tgid, &r);
+}
+#else
+static __always_inline void stop_registers(u64 id) {}
+#endif
+
 /* A signal whose default action terminates the process, delivered with
- * SIG_DFL (or SIGKILL): the process dies of it. */
+ * SIG_DFL (or SIGKILL): the process dies of it. SIGSTOP: stop_registers. */
 TRACEPOINT_PROBE(signal, signal_deliver)
 {
     int sig = args->sig;
+    if (sig == 19) {
+        u64 id = bpf_get_current_pid_tgid();
+        if (maybe_tracked(id >> 32))
+            stop_registers(id);
+        return 0;
+    }
     if (sig != 9 && args->sa_handler != 0)
         return 0;
     switch (sig) {

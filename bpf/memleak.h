@@ -264,4 +264,20 @@ struct pause_t {
     char path[EVENT_PATH_LEN];
 };
 
+/* The registers of a thread at its stop (leak kinds, exitpause.py): when a
+ * thread of a tracked image listed in `pending` for a pause at exit
+ * (PENDING_AT_EXIT) dequeues SIGSTOP, the signal_deliver tracepoint copies
+ * its user registers as the kernel saved them (x86-64 struct pt_regs: the
+ * first STOP_REGS words of struct user_regs_struct, r15 ... ss) and its
+ * fs_base, keyed by tgid. Those are the registers ptrace would read during
+ * the stop: userspace takes them instead when the image has that one thread. */
+#define STOP_REGS          21
+struct stop_regs_t {
+    u64 serial;          /* the image (track_t.serial) */
+    u32 tid;             /* the thread that took the stop */
+    u32 pad;
+    u64 fs_base;
+    u64 regs[STOP_REGS];
+};
+
 #endif

@@ -372,3 +372,42 @@ def test_long_chains_reachable_then_possible():
     assert kinds(c) == [REACHABLE] * 60 + [POSSIBLE] * 40 + [DEFINITE] + [INDIRECT] * 99
     assert kinds(m.run(heuristics=())) == kinds(c)
     assert kinds(c) == _reference(m)
+
+
+def test_segments_read_into_one_buffer_are_joined_without_a_copy_and_classify_the_same():
+    """classify's block words: segments that lie one after the other in one
+    buffer (ProcessMemory.words_many(one_buffer=True)) are one view of it;
+    others are concatenated; the kinds are the same either way."""
+    import importlib
+
+    C = importlib.import_module("pytest_memleak_ebpf.kinds.classify")
+    buf = np.arange(64, dtype=np.uint8).view(np.uint64).copy().view(np.uint8)   # 8 words
+    a, b = buf[:24].view(np.uint64), buf[24:64].view(np.uint64)
+    j = C._joined([a, b])
+    assert j.tolist() == a.tolist() + b.tolist() and j.ctypes.data == a.ctypes.data    # a view
+    far = np.array([7, 8], dtype=np.uint64)
+    k = C._joined([a, far])
+    assert k.tolist() == a.tolist() + [7, 8] and k.ctypes.data != a.ctypes.data      # a copy
+    assert C._joined([b[1:], a]).tolist() == b.tolist()[1:] + a.tolist()             # not in order: a copy
+    # a lost list: the same kinds whether its words come as one view or as copies
+    starts = np.array([HEAP + 0x10, HEAP + 0x40, HEAP + 0x70], dtype=np.uint64)
+    sizes = np.array([32, 32, 32], dtype=np.uint64)
+    words = np.zeros(0x90 // 8, dtype=np.uint64)
+    words[0x10 // 8], words[0x40 // 8] = HEAP + 0x40, HEAP + 0x70
+    one = words.view(np.uint8)
+    seg1, seg2 = one[:0x40].view(np.uint64), one[0x40:].view(np.uint64)
+    roots = [(ROOT, np.array([HEAP + 0x70 + 8], dtype=np.uint64))]     # an interior pointer to the last
+    r1 = classify(starts, sizes, roots, [(HEAP, seg1), (HEAP + 0x40, seg2)])
+    r2 = classify(starts, sizes, roots, [(HEAP, seg1.copy()), (HEAP + 0x40, seg2.copy())])
+    assert r1.kinds.tolist() == r2.kinds.tolist() == [DEFINITE, INDIRECT, POSSIBLE]
+
+
+def test_word_ranges_are_found_a_chunk_at_a_time(monkeypatch):
+    import importlib
+
+    C = importlib.import_module("pytest_memleak_ebpf.kinds.classify")
+    rng = np.random.default_rng(5)
+    v = rng.integers(0, 1000, 10_000).astype(np.uint64)
+    want = np.nonzero((v >= 300) & (v < 310))[0].tolist()
+    monkeypatch.setattr(C, "_CHUNK_WORDS", 777)
+    assert C._in_range(v, np.uint64(300), np.uint64(310)).tolist() == want and len(want) > 50

@@ -80,6 +80,57 @@ def test_case(argv):
             assert _ours(p) == EXPECTED[case]
 
 
+# the inner session's conftest: no registers through ptrace (the watchdog's)
+PTRACE_OFF = """
+def pytest_sessionstart(session):
+    from pytest_memleak_ebpf.tracer import watchdog
+
+    def registers(self, pid, timeout):
+        raise OSError("ptrace is off in this test")
+    watchdog.Watchdog.registers = registers
+"""
+
+
+def _stop_registers_in_bpf() -> bool:
+    from pytest_memleak_ebpf.tracer import kernel_offsets, loading
+
+    return loading.has_task_pt_regs() and any(f.startswith("-DOFF_TASK_FSBASE=") for f in kernel_offsets.cflags())
+
+
+@pytest.mark.skipif(not _stop_registers_in_bpf(), reason="this kernel has no bpf_task_pt_regs or no BTF offset "
+                                                         "of fs_base: the registers come through ptrace")
+def test_the_registers_at_the_stop_come_from_the_bpf_program(built, cbuild, pytester, run_plugin):
+    """With ptrace's registers unavailable, a single-threaded process is
+    classified from the registers the BPF program copied at its stop:
+    tests/fixtures/kinds/in_register.c keeps its one pointer to a block in
+    rbx at _exit (valgrind: 100 bytes still reachable, 50 lost; without the
+    registers both would be lost), and the kinds fixtures (all
+    single-threaded but `thread`) equal valgrind's. A process with two
+    threads still needs ptrace: unclassified here, saying why."""
+    reg = cbuild("in_register", (harness.FIXTURES / "in_register.c").read_text())
+    single = [c for c in EXPECTED if c != "thread"]
+    runs = [[reg, "-"]] + [[str(built["cases"]), c] for c in single] + [[str(built["cases"]), "thread"]]
+    pytester.makeconftest(PTRACE_OFF)
+    pytester.makepyfile(test_regs=f"""
+import subprocess, pytest
+@pytest.mark.parametrize("argv", {runs!r}, ids=lambda a: a[1])
+def test_case(argv):
+    subprocess.run(argv[:1] if argv[1] == "-" else argv, check=True)
+""")
+    result, doc = run_plugin("--ebpf-leaks-budget=1GiB")
+    assert result.ret == 0, result.stdout.str()
+    tests = _by_test(doc)
+    (p,) = tests["-"]["processes"]
+    assert p["classified"], p.get("reason")
+    assert _ours(p) == tuple(harness.run_valgrind([reg]).kinds[k] for k in FOUR) == ((50, 1), (0, 0), (0, 0), (100, 1))
+    for case in single:
+        (p,) = tests[case]["processes"]
+        assert p["classified"], (case, p.get("reason"))
+        assert _ours(p) == EXPECTED[case], (case, _ours(p))
+    (p,) = tests["thread"]["processes"]
+    assert not p["classified"] and "ptrace is off in this test" in p["reason"], p
+
+
 def test_a_pointer_left_in_the_exit_paths_frames_is_no_root(built, pytester, run_plugin):
     """tests/fixtures/kinds/stale.c at 12 depths: the lost block's pointer is
     left in a dead stack slot, at some depths one that exit's frames reserve

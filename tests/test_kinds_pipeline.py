@@ -337,3 +337,41 @@ def test_a_default_suppression_never_hides_a_lost_stack():
     mine = [Suppression(pattern="^f5$", source="leaks.supp:1")]
     settle(r, apply(r, defaults + mine))
     assert (p10.leaked.bytes, p10.leaked.blocks) == (0, 0)
+
+
+def test_the_registers_of_a_stop_come_from_its_bpf_record_when_the_process_has_that_one_thread():
+    """Pauser.registers: the BPF program's record of the stop (memleak.h
+    stop_regs_t) is the answer for a process whose one thread took the stop;
+    a record of another image (serial), of another thread, or a process with
+    more threads goes to ptrace (the watchdog)."""
+    from pytest_memleak_ebpf.tracer.exitpause import Pauser, StopRegisters
+
+    class Watchdog:
+        asked = []
+
+        def registers(self, pid, timeout):
+            self.asked.append(pid)
+            return {pid: {"rsp": 1}, pid + 1: {"rsp": 2}}
+
+    one = subprocess.Popen(["sleep", "30"])
+    two = subprocess.Popen([sys.executable, "-c", "import threading, time\n"
+                            "threading.Thread(target=time.sleep, args=(30,), daemon=True).start()\n"
+                            "print(flush=True)\ntime.sleep(30)"], stdout=subprocess.PIPE)
+    try:
+        two.stdout.readline()       # its second thread runs
+        wd = Watchdog()
+        p = Pauser(None, wd, None, None)
+        regs = {"rsp": 0x7FFF0000, "rbx": 0x1234, "fs_base": 0x7F000000}
+        assert p.registers(one.pid, 7, StopRegisters(7, one.pid, regs)) == {one.pid: regs}
+        assert wd.asked == [] and p.register_sources == {"bpf": 1, "ptrace": 0}
+        for pid, rec in ((one.pid, StopRegisters(8, one.pid, regs)),          # another image's
+                         (one.pid, StopRegisters(7, one.pid + 1, regs)),      # another thread's
+                         (one.pid, None),                                     # none
+                         (two.pid, StopRegisters(7, two.pid, regs))):         # two threads
+            assert p.registers(pid, 7, rec) == {pid: {"rsp": 1}, pid + 1: {"rsp": 2}}
+        assert wd.asked == [one.pid, one.pid, one.pid, two.pid]
+        assert p.register_sources == {"bpf": 1, "ptrace": 4}
+    finally:
+        for proc in (one, two):
+            proc.kill()
+            proc.wait()

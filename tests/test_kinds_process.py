@@ -85,6 +85,45 @@ def test_memory_reads_with_process_vm_readv_and_proc_mem(built, monkeypatch):
     assert proc.wait(timeout=10) == 7
 
 
+def test_prefetched_mappings_serve_the_reads_inside_them(built, monkeypatch):
+    """ProcessMemory.prefetch reads the writable mappings in one go, leaving
+    out a range that cannot be read (page 0) and going on after it; reads
+    inside what it kept (read, read_many, words_many) give the same bytes as
+    reading the process, without a further process_vm_readv; a range it does
+    not hold wholly is read from the process."""
+    proc, marker = _stopped(built["stopper"])
+    try:
+        maps = procmaps.read_regions(proc.pid)
+        rw = [(m.start, m.end - m.start) for m in maps if m.readable and m.writable and m.path != "[vvar]"]
+        holder = next((a, n) for a, n in rw if a <= marker < a + n)
+        with memory.ProcessMemory(proc.pid) as plain:
+            want = {r: plain.read(*r) for r in rw}
+        with memory.ProcessMemory(proc.pid) as mem:
+            kept = mem.prefetch([(0, 4096)] + rw)       # page 0 first: the first call stops there
+            assert kept == sum(n for _, n in rw)
+            calls = []
+            real = memory._process_vm_readv
+            monkeypatch.setattr(memory, "_process_vm_readv", lambda *a: calls.append(a[2]) or real(*a))
+            for r in rw:
+                assert mem.read(*r) == want[r]
+            assert mem.read_many([(marker, 16), (marker + 24, 8)]) == [want[holder][marker - holder[0]:][:16],
+                                                                        want[holder][marker - holder[0] + 24:][:8]]
+            words = mem.words_many([(marker, 32), (holder[0], holder[1])])
+            assert words[0].tolist() == [0x1122334455667788, 0x99AABBCCDDEEFF00, 0, 0x0123456789ABCDEF]
+            assert words[1].tobytes() == want[holder]
+            assert calls == []
+            # not held wholly: read from the process
+            assert mem.read(8, 64) == b"" and calls == [1]
+            assert mem.words_many([(marker, 32)])[0].size == 4 and len(calls) == 1
+        with memory.ProcessMemory(proc.pid) as mem:     # nothing prefetched: straight into numpy
+            got = mem.words_many([(marker, 32), (8, 64), (holder[0], holder[1])])
+            assert got[0].tolist()[:2] == [0x1122334455667788, 0x99AABBCCDDEEFF00]
+            assert got[1].size == 0 and got[2].tobytes() == want[holder]
+    finally:
+        os.kill(proc.pid, signal.SIGCONT)
+    assert proc.wait(timeout=10) == 7
+
+
 CASES = ["list", "tree", "cycle", "interior", "mmap_tls", "thread", "freed", "big", "family", "hazard"]
 
 

@@ -137,7 +137,7 @@ class _Blocks:
         if self.n == 0 or values.size == 0:
             e = np.zeros(0, dtype=np.int64)
             return e, e, np.zeros(0, dtype=bool)
-        cand = np.nonzero((values >= self.lo) & (values < self.hi))[0]
+        cand = _in_range(values, self.lo, self.hi)
         v = values[cand]
         idx = np.searchsorted(self.starts, v, side="right").astype(np.int64) - 1
         ok = idx >= 0
@@ -147,6 +147,52 @@ class _Blocks:
             ok &= ~((v == self.hazard[idx_c]) & (self.hazard[idx_c] != 0))
         cand, idx, v = cand[ok], idx_c[ok], v[ok]
         return cand, idx, v == self.starts[idx]
+
+
+_CHUNK_WORDS = 1 << 20
+
+
+def _in_range(values: np.ndarray, lo, hi) -> np.ndarray:
+    """Positions of the values in [lo, hi), a chunk at a time (the
+    temporaries of a big array stay small and in cache)."""
+    if values.size <= _CHUNK_WORDS:
+        return np.nonzero((values >= lo) & (values < hi))[0]
+    a = np.empty(_CHUNK_WORDS, dtype=bool)
+    b = np.empty(_CHUNK_WORDS, dtype=bool)
+    out = []
+    for i in range(0, values.size, _CHUNK_WORDS):
+        v = values[i:i + _CHUNK_WORDS]
+        x, y = a[:v.size], b[:v.size]
+        np.greater_equal(v, lo, out=x)
+        np.less(v, hi, out=y)
+        np.logical_and(x, y, out=x)
+        out.append(np.flatnonzero(x) + i)
+    return np.concatenate(out)
+
+
+def _root_base(a: np.ndarray) -> np.ndarray:
+    while isinstance(a.base, np.ndarray):
+        a = a.base
+    return a
+
+
+def _joined(arrays: Sequence[np.ndarray]) -> np.ndarray:
+    """The uint64 arrays one after the other: a view, with no copy, when they
+    lie one after the other in one buffer (ProcessMemory.words_many reads
+    the blocks' segments so), else a concatenation."""
+    if not arrays:
+        return np.zeros(0, dtype=np.uint64)
+    if len(arrays) == 1:
+        return arrays[0]
+    base = _root_base(arrays[0])
+    if base.ndim == 1 and base.flags.c_contiguous and all(a.flags.c_contiguous for a in arrays) \
+            and all(_root_base(a) is base for a in arrays[1:]) \
+            and all(a.ctypes.data + a.nbytes == b.ctypes.data for a, b in zip(arrays, arrays[1:])):
+        off = arrays[0].ctypes.data - base.ctypes.data
+        n = sum(a.size for a in arrays)
+        flat = base.view(np.uint8) if base.dtype != np.uint8 else base
+        return flat[off:off + 8 * n].view(np.uint64)
+    return np.concatenate(arrays)
 
 
 class _Contents:
@@ -162,7 +208,7 @@ class _Contents:
         offs = np.zeros(len(segs) + 1, dtype=np.int64)
         if segs:
             offs[1:] = np.cumsum([w.size for _, w in segs])
-        self.words = np.concatenate([w for _, w in segs]) if segs else np.zeros(0, dtype=np.uint64)
+        self.words = _joined([w for _, w in segs])
         n = blocks.n
         # word range [wlo, whi) of each block in self.words; empty if not covered
         first = (blocks.starts + np.uint64(7)) & ~np.uint64(7)

@@ -67,10 +67,12 @@ def _libc_exit(maps: Sequence[Region]) -> Optional[Tuple[int, Sequence[Region]]]
     return first.start + off, code
 
 
-def exit_path_hole(maps: Sequence[Region], main_sp: int, read: Callable[[int, int], bytes]) -> Optional[Range]:
+def exit_path_hole(maps: Sequence[Region], main_sp: int, read: Callable[[int, int], bytes],
+                   words: Optional[Callable[[int, int], np.ndarray]] = None) -> Optional[Range]:
     """The main thread's exit path frames, ``[sp - 128, return slot)`` (see
     the module's text), or None when the process is not inside the ``exit``
-    that ``__libc_start_call_main`` called."""
+    that ``__libc_start_call_main`` called. ``words(addr, n)``: the aligned
+    words there as a uint64 array (else they come from ``read``)."""
     found = _libc_exit(maps)
     if found is None:
         return None
@@ -79,11 +81,15 @@ def exit_path_hole(maps: Sequence[Region], main_sp: int, read: Callable[[int, in
     if stack is None:
         return None
     lo = max(stack.start, (main_sp - RED_ZONE) & ~7)
-    try:
-        data = read(lo, stack.end - lo)
-    except OSError:
-        return None
-    words = np.frombuffer(data[:len(data) // 8 * 8], dtype=np.uint64)
+    if words is not None:
+        stack_words = words(lo, stack.end - lo)
+    else:
+        try:
+            data = read(lo, stack.end - lo)
+        except OSError:
+            return None
+        stack_words = np.frombuffer(data[:len(data) // 8 * 8], dtype=np.uint64)
+    words = stack_words
     in_code = np.zeros(words.size, dtype=bool)
     for m in code:
         in_code |= (words >= np.uint64(m.start + 5)) & (words < np.uint64(m.end))

@@ -126,10 +126,40 @@ def _looks_like_arena(w: np.ndarray, i: int, base: int) -> bool:
     return nxt != 0 and nxt % 8 == 0
 
 
+#: where main_arena was found last in each file's data: (path, device, inode,
+#: file offset of the mapping) -> its offset in that mapping (it is a static
+#: of the file: every process of the same build has it at the same place)
+_ARENA_AT: Dict[Tuple[str, str, int, int], int] = {}
+
+
+def _file_key(maps: Sequence[Region], lo: int):
+    m = next((m for m in maps if m.start == lo), None)
+    return (m.path, m.dev, m.inode, m.offset) if m is not None and m.file_backed else None
+
+
 def find_main_arena(maps: Sequence[Region], read: ReadFn, static: bool = False) -> Optional[int]:
     """Address of libc's ``main_arena``, or None (no libc...); ``static``: in
-    a statically linked executable's data."""
-    for lo, hi in _libc_data_ranges(maps, static):
+    a statically linked executable's data. Where it was found in a file's
+    data is tried first (the same test as the search's decides)."""
+    data = _libc_data_ranges(maps, static)
+    for lo, hi in data:
+        key = _file_key(maps, lo)
+        off = _ARENA_AT.get(key) if key else None
+        if off is not None and lo + off + ARENA_SIZE <= hi:
+            w = _words(read, lo + off, ARENA_SIZE)
+            if _looks_like_arena(w, 0, lo + off):
+                return lo + off
+    found = _search_main_arena(data, read)
+    if found is not None:
+        for lo, hi in data:
+            key = _file_key(maps, lo)
+            if key and lo <= found < hi:
+                _ARENA_AT[key] = found - lo
+    return found
+
+
+def _search_main_arena(data: Sequence[Tuple[int, int]], read: ReadFn) -> Optional[int]:
+    for lo, hi in data:
         w = _words(read, lo, hi - lo).astype(np.int64)
         if w.size < ARENA_SIZE // 8:
             continue

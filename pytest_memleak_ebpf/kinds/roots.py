@@ -148,6 +148,9 @@ def scan_process(pid: int, starts, sizes, *, exclude: Iterable[Range] = (),
     sizes = np.asarray(sizes, dtype=np.uint64)
     maps = read_regions(pid)
     with ProcessMemory(pid) as mem:
+        # the small writable mappings at once: the allocator's structures, the
+        # exit path's frames and the roots are read from them
+        mem.prefetch(prefetch_ranges(maps))
         if registers is None:
             registers = thread_registers(pid)
         threads = [allocmem.Thread(r["rsp"], r.get("fs_base", 0)) for r in registers.values()]
@@ -155,22 +158,40 @@ def scan_process(pid: int, starts, sizes, *, exclude: Iterable[Range] = (),
         main_arena = am.main_arena
         holes = list(exclude) + subtract(am.ranges, am.keep)
         main = registers.get(pid)
-        exit_frames = exitframe.exit_path_hole(maps, main["rsp"], mem.read) if main else None
+        exit_frames = exitframe.exit_path_hole(maps, main["rsp"], mem.read,
+                                               lambda a, n: mem.words_many([(a, n)])[0]) if main else None
         if exit_frames:
             holes.append(exit_frames)
         roots = root_ranges(maps, [r["rsp"] for r in registers.values()], holes)
-        datas = mem.read_many([(lo, hi - lo) for lo, hi in roots])
-        root_words = [(lo, np.frombuffer(d[:len(d) // 8 * 8], dtype=np.uint64)) for (lo, _), d in zip(roots, datas)]
+        root_words = list(zip((lo for lo, _ in roots), mem.words_many([(lo, hi - lo) for lo, hi in roots])))
         # block contents: the allocator's memory, read in big pieces
         order = np.argsort(starts)
         segs = _block_segments(starts[order], sizes[order], maps)
-        seg_data = mem.read_many([(lo, hi - lo) for lo, hi in segs])
-        heap_words = [(lo, np.frombuffer(d[:len(d) // 8 * 8], dtype=np.uint64)) for (lo, _), d in zip(segs, seg_data)]
+        heap_words = list(zip((lo for lo, _ in segs), mem.words_many([(lo, hi - lo) for lo, hi in segs],
+                                                                     one_buffer=True)))
         regs = [r[name] for r in registers.values() for name in GP_REGS]
         result = classify(starts, sizes, root_words, heap_words, registers=regs,
                           is_vtable=VtableCheck(maps, mem.read),
                           hazard_offsets=am.hazard if hazard else None)
     return Scan(result, roots, registers, main_arena, sum(hi - lo for lo, hi in roots))
+
+
+#: a writable mapping up to this size is read at the scan's start (prefetch_ranges)
+PREFETCH_MAPPING = 16 << 20
+PREFETCH_TOTAL = 256 << 20
+
+
+def prefetch_ranges(maps: Sequence[Region]) -> List[Range]:
+    """The readable and writable mappings (devices excepted) of at most
+    PREFETCH_MAPPING bytes each, PREFETCH_TOTAL in all, as (addr, length)."""
+    out, total = [], 0
+    for m in maps:
+        n = m.end - m.start
+        if m.readable and m.writable and n <= PREFETCH_MAPPING and total + n <= PREFETCH_TOTAL \
+                and not _is_device(m):
+            out.append((m.start, n))
+            total += n
+    return out
 
 
 def _block_segments(starts: np.ndarray, sizes: np.ndarray, maps: Sequence[Region],

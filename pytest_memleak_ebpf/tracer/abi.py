@@ -186,6 +186,7 @@ EV_EXEC, EV_OPEN = _d("EV_EXEC"), _d("EV_OPEN")
 TF_KINDS, TF_VFORK = _d("TF_KINDS"), _d("TF_VFORK")
 EV_EXIT_STOPPED, EV_EXIT_TRACED, EV_EXIT_UNPAUSED = _d("EV_EXIT_STOPPED"), _d("EV_EXIT_TRACED"), _d("EV_EXIT_UNPAUSED")
 PENDING_AT_EXIT = _d("PENDING_AT_EXIT")
+STOP_REGS = _d("STOP_REGS")
 # the counters array
 CTR_LOST_PROCS, CTR_LOST_EVENTS, CTR_LOST_STACKS, CTR_NEW_STACKS = (_d("CTR_LOST_PROCS"), _d("CTR_LOST_EVENTS"),
                                                                      _d("CTR_LOST_STACKS"), _d("CTR_NEW_STACKS"))

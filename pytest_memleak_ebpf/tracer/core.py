@@ -22,7 +22,7 @@ from pathlib import Path
 from ..preflight import ATTACH_ENV, ATTACH_MODES
 from . import exitpause, kernel_offsets, loading, probes as _probes
 from .abi import (CTR_LOST_EVENTS, CTR_LOST_PROCS, CTR_PAUSE_EVENTS, EV_EXIT_STOPPED, EV_EXIT_TRACED,
-                  EV_EXIT_UNPAUSED, PENDING_AT_EXIT, TF_ALLOCS, TF_KINDS, TF_ROOT, TF_SPAWNED, TF_SPAWNER)
+                  EV_EXIT_UNPAUSED, PENDING_AT_EXIT, STOP_REGS, TF_ALLOCS, TF_KINDS, TF_ROOT, TF_SPAWNED, TF_SPAWNER)
 from .collection import COUNTERS, Collector, RawTest, absolute_path, counters_of, decode_event, delete, serial_at
 from .execpause import ExecPauses
 from .loading import TracerConfig
@@ -109,8 +109,9 @@ class Tracer:
         self._pending = self.bpf[b"pending"]
         self.watchdog = Watchdog(self._pending.map_fd, exitpause.WATCHDOG_SECONDS)
         self.exec_pauses = ExecPauses(self, self.probes, self.watchdog)
+        self._stop_regs = self.bpf[b"stop_regs"]
         self._pauser = exitpause.Pauser(self._maps.image_blocks, self.watchdog, self._hold, self._release,
-                                        allocator_kind=self._allocator_kind)
+                                        allocator_kind=self._allocator_kind, stop_registers=self._stop_registers)
         # in-process scans: (seconds, root bytes, blocks, {phase: seconds})
         self.window_scans: list[tuple[float, int, int, dict]] = []
         from ..kinds.inprocess import WindowScanner
@@ -143,6 +144,24 @@ class Tracer:
             del self._pending[self._pending.Key(tgid)]
         except KeyError:
             pass
+
+    def _stop_registers(self, tgid: int) -> exitpause.StopRegisters | None:
+        """Take the BPF program's record of `tgid`'s registers at its stop
+        (memleak.h stop_regs_t), or None."""
+        from ..kinds.ptrace import USER_REGS
+
+        key = self._stop_regs.Key(tgid)
+        try:
+            r = self._stop_regs[key]
+        except KeyError:
+            return None
+        try:
+            del self._stop_regs[key]
+        except KeyError:
+            pass
+        regs = dict(zip(USER_REGS[:STOP_REGS], r.regs))
+        regs["fs_base"] = int(r.fs_base)
+        return exitpause.StopRegisters(int(r.serial), int(r.tid), regs)
 
     # -- the allocator of every exec (execpause.py) --------------------------
 

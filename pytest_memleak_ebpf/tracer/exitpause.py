@@ -15,6 +15,7 @@ records are collected: Outcome.kinds maps a block's address to its kind."""
 
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 import time
@@ -62,7 +63,8 @@ def tracer_pid(pid: int) -> int:
 
 def scan(pid: int, blocks: list[tuple[int, int]], limit: float = SCAN_SECONDS, registers=None,
          allocator: str = "glibc") -> Outcome:
-    """Classify the stopped process's blocks [(address, size)]; registers()
+    """Classify the stopped process's blocks [(address, size)] (or an
+    (n, 2) array of them); registers()
     gives its threads' registers; allocator: its allocator's kind."""
     import numpy as np
 
@@ -75,9 +77,13 @@ def scan(pid: int, blocks: list[tuple[int, int]], limit: float = SCAN_SECONDS, r
     except UnsupportedAllocator as exc:
         return Outcome(reason=str(exc))
     t0 = time.monotonic()
-    if not blocks:
+    if len(blocks) == 0:
         return Outcome(kinds={})
-    pairs = np.array(blocks, dtype=np.uint64).reshape(-1, 2)
+    if isinstance(blocks, np.ndarray):
+        pairs = blocks.astype(np.uint64, copy=False).reshape(-1, 2)
+    else:   # [(address, size)]: fromiter is several times faster than np.array on a list of tuples
+        pairs = np.fromiter(itertools.chain.from_iterable(blocks), dtype=np.uint64,
+                            count=2 * len(blocks)).reshape(-1, 2)
     starts, sizes = pairs[:, 0], pairs[:, 1]
     try:
         regs = registers() if registers is not None else None
@@ -95,22 +101,55 @@ def scan(pid: int, blocks: list[tuple[int, int]], limit: float = SCAN_SECONDS, r
                    summary={k: v for k, v in result.summary().items()})
 
 
+@dataclass
+class StopRegisters:
+    """memleak.h stop_regs_t: the registers of the thread `tid` of image
+    `serial` at its stop, as the BPF program copied them (ptrace's names)."""
+
+    serial: int
+    tid: int
+    registers: dict[str, int]
+
+
+def thread_ids(pid: int) -> list[int]:
+    try:
+        return sorted(int(t) for t in os.listdir(f"/proc/{pid}/task"))
+    except (OSError, ValueError):
+        return []
+
+
 class Pauser:
     """Scans paused processes: `take_blocks(tgid, serial)` gives an image's
     live blocks [(address, size)] without removing them (the collection
     role); `watchdog` reads registers (watchdog.Watchdog); `hold(tgid)` lists
     a process in the `pending` map before we stop it, `release(tgid)`
-    removes it once continued. Outcomes are kept per serial until taken (take)."""
+    removes it once continued; `stop_registers(tgid)` takes the registers
+    the BPF program copied at its stop (a StopRegisters, or None).
+    Outcomes are kept per serial until taken (take)."""
 
     def __init__(self, take_blocks, watchdog, hold, release, limit: float = SCAN_SECONDS,
-                 allocator_kind=None):
+                 allocator_kind=None, stop_registers=None):
         self.take_blocks = take_blocks
         # allocator_kind(serial) -> "glibc", "jemalloc", ... or None (not known)
         self.allocator_kind = allocator_kind or (lambda serial: None)
         self.limit = limit
         self.watchdog = watchdog
         self.hold, self.release = hold, release
+        self.stop_registers = stop_registers or (lambda tgid: None)
         self.outcomes: dict[int, Outcome] = {}
+        # where each scan's registers came from: "bpf" (the stop's record) or "ptrace"
+        self.register_sources = {"bpf": 0, "ptrace": 0}
+
+    def registers(self, tgid: int, serial: int, record: StopRegisters | None) -> dict[int, dict[str, int]]:
+        """Every thread's registers of the stopped process: the BPF
+        program's record of its stop when it has that one thread (its
+        registers are the ones ptrace would read), else through the
+        watchdog's ptrace."""
+        if record is not None and record.serial == serial and thread_ids(tgid) == [record.tid]:
+            self.register_sources["bpf"] += 1
+            return {record.tid: record.registers}
+        self.register_sources["ptrace"] += 1
+        return self.watchdog.registers(tgid, self.limit)
 
     def at_exit(self, tgid: int, serial: int, traced: bool, unpaused: bool = False) -> None:
         """EV_EXIT_STOPPED / EV_EXIT_TRACED / EV_EXIT_UNPAUSED of image `serial`."""
@@ -127,13 +166,18 @@ class Pauser:
             _cont(tgid)
             self.release(tgid)
 
-    def _scan_stopped(self, tgid: int, serial: int) -> Outcome:
-        if not wait_stopped(tgid):
+    def _scan_stopped(self, tgid: int, serial: int, own_stop: bool = True) -> Outcome:
+        """own_stop: the process stopped on our SIGSTOP (a record of its
+        registers is taken); else it was stopped before (none is)."""
+        stopped = wait_stopped(tgid)
+        # taken whatever happens: no record outlives its stop
+        record = self.stop_registers(tgid) if own_stop else None
+        if not stopped:
             if tracer_pid(tgid):
                 return Outcome(reason="it is ptraced (a debugger or strace): not paused")
             return Outcome(reason="it did not stop at exit")
         return scan(tgid, self.take_blocks(tgid, serial), self.limit,
-                    registers=lambda: self.watchdog.registers(tgid, self.limit),
+                    registers=lambda: self.registers(tgid, serial, record),
                     allocator=self.allocator_kind(serial) or "glibc")
 
     def scan_running(self, procs: list[tuple[int, int]]) -> None:
@@ -155,7 +199,7 @@ class Pauser:
                     self.release(tgid)
                     continue
             try:
-                self.outcomes[serial] = self._scan_stopped(tgid, serial)
+                self.outcomes[serial] = self._scan_stopped(tgid, serial, own_stop=not was_stopped)
             finally:
                 if not was_stopped:
                     _cont(tgid)

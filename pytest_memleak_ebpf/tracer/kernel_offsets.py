@@ -40,6 +40,14 @@ MEMBERS = {
 }
 
 
+# -D name -> a path of (struct, member) whose offsets add up; optional: a
+# kernel without one only leaves its define out (stop_registers in
+# memleak.bpf.c: the registers at a stop at exit come through ptrace then)
+OPTIONAL = {
+    "OFF_TASK_FSBASE": [("task_struct", "thread"), ("thread_struct", "fsbase")],
+}
+
+
 class _Type(ctypes.Structure):
     _fields_ = [("name_off", ctypes.c_uint32), ("info", ctypes.c_uint32), ("size", ctypes.c_uint32)]
 
@@ -119,6 +127,16 @@ def offsets() -> dict[str, int] | None:
             if off is None:
                 return None
             out[define] = off
+        for define, path in OPTIONAL.items():
+            total = 0
+            for struct, member in path:
+                sid = lib.btf__find_by_name_kind(btf, struct.encode(), _BTF_KIND_STRUCT)
+                off = _member_offset(lib, btf, sid, member) if sid > 0 else None
+                if off is None:
+                    break
+                total += off
+            else:
+                out[define] = total
         return out
     finally:
         lib.btf__free(btf)

@@ -112,7 +112,29 @@ def program_cflags(c: TracerConfig, pidmap_words: int) -> list[str]:
     ]
     if _tracepoint_has_field("sched/sched_process_exit", "group_dead"):
         cflags.append("-DHAVE_GROUP_DEAD=1")
+    if has_task_pt_regs():
+        cflags.append("-DHAVE_TASK_PT_REGS=1")
     return cflags
+
+
+_BPF_PROG_TYPE_TRACEPOINT = 5
+_BPF_FUNC_TASK_PT_REGS = 175
+_BPF_FUNC_GET_CURRENT_TASK_BTF = 158
+
+
+def has_task_pt_regs() -> bool:
+    """Tracepoint programs may call bpf_task_pt_regs and
+    bpf_get_current_task_btf (kernel 5.15+): the registers at a stop at exit
+    come from the BPF program (memleak.bpf.c stop_registers)."""
+    try:
+        lib = libbpf()
+        probe = lib.libbpf_probe_bpf_helper
+    except (RuntimeError, AttributeError):
+        return False
+    probe.restype = ctypes.c_int
+    probe.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
+    return all(probe(_BPF_PROG_TYPE_TRACEPOINT, h, None) == 1
+               for h in (_BPF_FUNC_TASK_PT_REGS, _BPF_FUNC_GET_CURRENT_TASK_BTF))
 
 CACHE_ENV = "PYTEST_MEMLEAK_EBPF_CACHE"
 FORMAT = 1
