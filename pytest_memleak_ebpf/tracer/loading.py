@@ -73,6 +73,7 @@ class TracerConfig:
 
 BLOCK_STORE_ENV = "PYTEST_MEMLEAK_EBPF_BLOCK_STORE"
 BLOCK_STORES = ("table", "hash")
+TABLE_MAX_SLOTS = 1 << 21   # 80 MiB of table (40 bytes a slot)
 
 
 def block_store(c: TracerConfig) -> str:
@@ -86,7 +87,8 @@ def table_geometry(max_blocks: int) -> tuple[int, int]:
     """(buckets, buckets per region) of the live-block table holding
     max_blocks slots (both powers of 2; memleak.h: bucket_t)."""
     ways = abi.TABLE_WAYS
-    buckets = _pow2(max(1, -(-int(max_blocks) // ways)))
+    # preallocated: past TABLE_MAX_SLOTS the rest of the capacity is the hash's
+    buckets = _pow2(max(1, -(-min(int(max_blocks), TABLE_MAX_SLOTS) // ways)))
     return buckets, min(buckets, max(1, abi.TABLE_REGION_SLOTS // ways))
 
 
