@@ -685,8 +685,13 @@ static __always_inline void record_block(struct pt_regs *ctx, struct track_t *t,
             }
             __sync_fetch_and_add(&t->overflowed, 1);
         }
-        __sync_fetch_and_add(&t->alloc_blocks, 1);
-        __sync_fetch_and_add(&t->alloc_bytes, size);
+        if (t->nthreads == 1) {   /* never had a second thread: plain stores */
+            t->alloc_blocks++;
+            t->alloc_bytes += size;
+        } else {
+            __sync_fetch_and_add(&t->alloc_blocks, 1);
+            __sync_fetch_and_add(&t->alloc_bytes, size);
+        }
         return;
     }
 #endif
