@@ -1,9 +1,13 @@
 """Collection: reading the BPF program's maps into builtin types.
 
-Per test: one walk of the block map takes out that test's blocks (batched
-lookups and deletes) and leaves everything else (other clients' tests, open
-in-process windows); the blocks in a still-running process's ring are moved
-to the map first; stacks are looked up, not taken, and collected once the
+Per test: the test's images' blocks are taken out of their regions of the
+live-block table (blocktable.py; images gone at exec are cleared there too),
+and one walk of the block hash -- the table's overflow and the roots'
+in-process blocks; the whole store with the hash store -- takes out that
+test's blocks there (batched lookups and deletes), when one of its images
+overflowed or a window closed, and leaves everything else (other clients'
+tests, open in-process windows); with the hash store the blocks in a
+still-running process's ring are moved to the map first; stacks are looked up, not taken, and collected once the
 map is half full (only stacks no remaining block refers to and unused since
 the walk began); stacks the kernel gave as plain ips are mapped back to
 build-id stacks.
