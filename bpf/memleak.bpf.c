@@ -49,6 +49,13 @@
 #endif
 
 BPF_F_TABLE("hash", u32, struct track_t, tracked, MAX_PROCS, BPF_F_NO_PREALLOC);
+/* the per-process ring (track_t.ring) is for the hash store only: the table
+ * costs about as little */
+#ifdef BLOCK_TABLE
+#define RING_FLAG 0
+#else
+#define RING_FLAG TF_RING
+#endif
 BPF_PERCPU_ARRAY(track_scratch, struct track_t, 1);
 /* One bit per pid (PIDMAP_WORDS = pid_max / 64): set for every tgid in
  * `tracked`. Probes of processes that are not tracked -- every other process
@@ -65,6 +72,18 @@ BPF_ARRAY(pidmap, u64, PIDMAP_WORDS);
 BPF_ARRAY(allocmap, u64, PIDMAP_WORDS);
 BPF_F_TABLE("hash", u64, struct proc_t, procs, MAX_PROCS, BPF_F_NO_PREALLOC);
 BPF_F_TABLE("hash", struct block_key_t, struct block_t, blocks, MAX_BLOCKS, BPF_F_NO_PREALLOC);
+#ifdef BLOCK_TABLE
+#ifndef BPF_F_MMAPABLE
+#define BPF_F_MMAPABLE (1U << 10)
+#endif
+/* The live-block table (memleak.h: bucket_t); TABLE_BUCKETS and
+ * TABLE_REGION_BUCKETS are powers of 2 from the loader. */
+BPF_F_TABLE("array", u32, struct bucket_t, slots, TABLE_BUCKETS, BPF_F_MMAPABLE);
+#define TABLE_REGIONS (TABLE_BUCKETS / TABLE_REGION_BUCKETS)
+/* serials of images gone at exec (-> 1): userspace clears their table
+ * blocks and deletes the entry */
+BPF_F_TABLE("hash", u64, u32, dead, MAX_PROCS, BPF_F_NO_PREALLOC);
+#endif
 BPF_HASH(handoffs, struct handoff_key_t, struct handoff_t, MAX_HANDOFFS);
 BPF_F_TABLE("hash", u64, struct stack_t, stacks, MAX_STACKS, BPF_F_NO_PREALLOC);
 BPF_PERCPU_ARRAY(scratch, struct stack_t, 1);
@@ -246,6 +265,125 @@ static __always_inline void ring_flush(struct track_t *t, u32 tgid)
             ring_spill(t, tgid, &t->ring[i]);
 }
 
+#ifdef BLOCK_TABLE
+static __always_inline u32 mix32(u64 x)
+{
+    return (x * TABLE_MIX) >> 32;
+}
+
+/* The bucket index of choice c (0 or 1) of block (serial, addr) */
+static __always_inline u32 table_bucket(u64 serial, u64 addr, int c)
+{
+    u32 r0 = mix32(serial) & (TABLE_REGIONS - 1);
+    u32 b0 = mix32(addr) & (TABLE_REGION_BUCKETS - 1);
+    if (!c)
+        return r0 * TABLE_REGION_BUCKETS + b0;
+    u32 r = mix32(serial ^ TABLE_MIX2) & (TABLE_REGIONS - 1);
+    u32 b = mix32(addr ^ TABLE_MIX2) & (TABLE_REGION_BUCKETS - 1);
+    if (TABLE_REGIONS > 1 && r == r0)
+        r ^= 1;
+    if (TABLE_REGIONS == 1 && TABLE_REGION_BUCKETS > 1 && b == b0)
+        b ^= 1;
+    return r * TABLE_REGION_BUCKETS + b;
+}
+
+static __always_inline struct bucket_t *table_at(u32 i)
+{
+    return slots.lookup(&i);
+}
+
+/* The slot of (serial, addr) in bucket b, or -1 */
+static __always_inline int bucket_find(struct bucket_t *b, u64 serial, u64 addr)
+{
+#pragma unroll
+    for (int i = 0; i < TABLE_WAYS; i++)
+        if (b->addr[i] == addr && b->serial[i] == serial)
+            return i;
+    return -1;
+}
+
+/* Slot i of b freed: serial first (userspace reads a slot as a block only
+ * while its serial is set), then the address. */
+static __always_inline void slot_clear(struct bucket_t *b, int i)
+{
+    if (i < 0 || i >= TABLE_WAYS)
+        return;
+    b->serial[i] = 0;
+    asm volatile("" ::: "memory");
+    b->addr[i] = 0;
+}
+
+/* Slot i of b filled; its serial last. */
+static __always_inline void slot_fill(struct bucket_t *b, int i, u64 serial, u64 size, u64 ts, u64 stack)
+{
+    if (i < 0 || i >= TABLE_WAYS)
+        return;
+    b->size[i] = size;
+    b->ts[i] = ts;
+    b->stack[i] = stack;
+    asm volatile("" ::: "memory");
+    b->serial[i] = serial;
+}
+
+/* Claim a free slot of b for addr (compare-and-swap of its addr word): its
+ * index, or -1 when the bucket is full */
+static __always_inline int bucket_claim(struct bucket_t *b, u64 addr)
+{
+#pragma unroll
+    for (int i = 0; i < TABLE_WAYS; i++)
+        if (b->addr[i] == 0 && __sync_val_compare_and_swap(&b->addr[i], 0, addr) == 0)
+            return i;
+    return -1;
+}
+
+/* The table slot of block (serial, addr): its bucket (and *slot), or NULL */
+static __always_inline struct bucket_t *table_find(u64 serial, u64 addr, int *slot)
+{
+#pragma unroll
+    for (int c = 0; c < 2; c++) {
+        struct bucket_t *b = table_at(table_bucket(serial, addr, c));
+        if (!b)
+            continue;
+        int i = bucket_find(b, serial, addr);
+        if (i >= 0) {
+            *slot = i;
+            return b;
+        }
+    }
+    return NULL;
+}
+
+/* A free slot for (serial, addr), claimed (its bucket and *slot), or NULL:
+ * both choices are full */
+static __always_inline struct bucket_t *table_claim(u64 serial, u64 addr, int *slot)
+{
+#pragma unroll
+    for (int c = 0; c < 2; c++) {
+        struct bucket_t *b = table_at(table_bucket(serial, addr, c));
+        if (!b)
+            continue;
+        int i = bucket_claim(b, addr);
+        if (i >= 0) {
+            *slot = i;
+            return b;
+        }
+    }
+    return NULL;
+}
+
+/* An overflowed block of the image out of the hash (only its own: a block of
+ * an image gone at exec may have the same key) */
+static __always_inline void overflow_forget(struct track_t *t, u32 tgid, u64 addr, u64 before)
+{
+    struct block_key_t k = {.tgid = tgid, .addr = addr};
+    struct block_t *b = blocks.lookup(&k);
+    if (!b || b->ts >= before || b->serial != t->serial)
+        return;
+    if (blocks.delete(&k) == 0)
+        __sync_fetch_and_add(&t->overflowed, -1);
+}
+#endif
+
 /* Roots (and pids past the bitmaps): the pid bitmap, then the hash. */
 static __always_inline struct track_t *allocs_tracked(u32 tgid)
 {
@@ -335,6 +473,20 @@ static __always_inline int gen_entry(u32 fn, u64 a0, u64 a1)
  * another thread may already have re-used the address). */
 static __always_inline void forget_block(struct track_t *t, u32 tgid, u64 addr, u64 before)
 {
+#ifdef BLOCK_TABLE
+    if (!(t->flags & TF_ROOT)) {
+        int i = 0;
+        struct bucket_t *tb = table_find(t->serial, addr, &i);
+        if (tb) {
+            if (tb->ts[i & (TABLE_WAYS - 1)] < before)
+                slot_clear(tb, i);
+            return;
+        }
+        if (t->overflowed)
+            overflow_forget(t, tgid, addr, before);
+        return;
+    }
+#endif
     if (t->flags & TF_RING) {
         struct ring_ent_t *e = ring_find(t, addr);
         if (e) {
@@ -435,7 +587,9 @@ static __always_inline u64 capture_stack(struct pt_regs *ctx, struct track_t *t,
             u64 kh = known->h;
             struct stack_t *ks = stacks.lookup(&kh);
             if (ks) {
-                ks->used = now;
+                /* a store to a line every thread shares: only when stale */
+                if (now - ks->used > STACK_STAMP_NS)
+                    ks->used = now;
                 return kh;
             }
         }
@@ -501,6 +655,49 @@ static __always_inline void record_block(struct pt_regs *ctx, struct track_t *t,
                                          u32 tgid, u64 addr, u64 size, u64 since, int may_nest)
 {
     struct block_key_t k = {.tgid = tgid, .addr = addr};
+#ifdef BLOCK_TABLE
+    if (!(t->flags & TF_ROOT)) {
+        /* the same block already here: recorded by a nested allocator call
+         * (may_nest), else a free we did not see -- recorded anew in place */
+        int i = 0;
+        u64 serial = t->serial;
+        struct bucket_t *tb = table_find(serial, addr, &i);
+        if (tb && may_nest && tb->ts[i & (TABLE_WAYS - 1)] >= since)
+            return;
+        if (!tb && t->overflowed) {
+            struct block_t *old = blocks.lookup(&k);
+            if (old && old->serial == serial) {
+                if (may_nest && old->ts >= since)
+                    return;
+                if (blocks.delete(&k) == 0)
+                    __sync_fetch_and_add(&t->overflowed, -1);
+            }
+        }
+        u64 now = bpf_ktime_get_ns();
+        u64 stack = capture_stack(ctx, t, now);
+        if (!tb)
+            tb = table_claim(serial, addr, &i);
+        if (tb) {
+            slot_fill(tb, i, serial, size, now, stack);
+        } else {
+            /* both choices full: the overflow hash */
+            struct block_t b = {.size = size, .ts = now, .serial = serial, .stack = stack};
+            if (blocks.update(&k, &b) != 0) {
+                __sync_fetch_and_add(&t->lost_blocks, 1);
+                return;
+            }
+            __sync_fetch_and_add(&t->overflowed, 1);
+        }
+        if (t->nthreads == 1) {   /* never had a second thread: plain stores */
+            t->alloc_blocks++;
+            t->alloc_bytes += size;
+        } else {
+            __sync_fetch_and_add(&t->alloc_blocks, 1);
+            __sync_fetch_and_add(&t->alloc_bytes, size);
+        }
+        return;
+    }
+#endif
     int ring = t->flags & TF_RING;
     if (may_nest) {
         /* already recorded by a nested allocator call? */
@@ -640,6 +837,17 @@ static __always_inline int free_body(struct pt_regs *ctx, u64 addr)
     struct track_t *t = recording(tgid);
     if (!t)
         return 1;
+#ifdef BLOCK_TABLE
+    if (!(t->flags & TF_ROOT)) {
+        int i = 0;
+        struct bucket_t *tb = table_find(t->serial, addr, &i);
+        if (tb)
+            slot_clear(tb, i);
+        else if (t->overflowed)
+            overflow_forget(t, tgid, addr, ~0ULL);
+        return 1;
+    }
+#endif
     if (t->flags & TF_RING) {
         struct ring_ent_t *e = ring_find(t, addr);
         if (e) {
@@ -832,7 +1040,7 @@ TRACEPOINT_PROBE(task, task_newtask)
         return 0;           /* root between tests */
     tp->serial = next_serial();
     tp->test_id = parent->test_id;
-    tp->flags = TF_ALLOCS | TF_RING | (parent->flags & TF_KINDS);
+    tp->flags = TF_ALLOCS | RING_FLAG | (parent->flags & TF_KINDS);
     if (args->clone_flags & CLONE_VFORK)
         tp->flags |= TF_VFORK;
     tp->nthreads = 1;
@@ -1033,7 +1241,15 @@ TRACEPOINT_PROBE(sched, sched_process_exec)
     /* the old image's blocks are dropped with it; the new one has one thread */
     for (int i = 0; i < RING; i++)
         t->ring[i].addr = 0;
-    t->flags |= TF_RING;
+    t->flags |= RING_FLAG;
+#ifdef BLOCK_TABLE
+    /* its blocks in the table: cleared by userspace (its hash ones are
+     * garbage the hash sweep deletes) */
+    u32 one = 1;
+    if (dead.update(&old, &one) != 0)
+        count(CTR_LOST_DEAD);
+    t->overflowed = 0;
+#endif
     t->flags &= ~TF_VFORK;   /* its own memory from now on */
     t->alloc_bytes = 0;
     t->alloc_blocks = 0;
@@ -1210,6 +1426,7 @@ TRACEPOINT_PROBE(sched, sched_process_exit)
         p->lost_blocks = t->lost_blocks;
         p->lost_handoffs = t->lost_handoffs;
         p->lost_stacks = t->lost_stacks;
+        p->overflowed = t->overflowed;
     }
     tracked.delete(&tgid);
     pidmap_clear(tgid);

@@ -79,7 +79,9 @@
 #define CTR_NEW_STACKS     3   /* stacks inserted (userspace sizes its clean-ups) */
 #define CTR_PAUSE_EVENTS   4   /* exec pause records submitted (userspace waits until it
                                   has answered them all before collecting a test) */
-#define CTR_NCOUNTERS      5
+#define CTR_LOST_DEAD      5   /* `dead` map full: an exec'd-away image's table
+                                  blocks are left for a whole-table sweep */
+#define CTR_NCOUNTERS      6
 
 /* A process image's serial: bpf_ktime << SERIAL_CPU_BITS | cpu (unique per
  * CPU; userspace compares serials with times shifted the same way). */
@@ -133,6 +135,8 @@ struct track_t {
     u32 ring_head;
     u32 ring_pad;
     struct ring_ent_t ring[RING];
+    u64 overflowed;      /* BLOCK_TABLE: its blocks in the overflow hash
+                            (`blocks`) now; 0: frees never look there */
 };
 
 /* Per process image (keyed by serial): what outlives the process. */
@@ -158,6 +162,7 @@ struct proc_t {
     u32 alloc_id;        /* the resolved allocator (userspace's answer id),
                             0 = not resolved at exec (paused, or unknown) */
     u32 alloc_pad;
+    u64 overflowed;      /* track_t.overflowed at exit */
 };
 
 struct block_key_t {
@@ -174,6 +179,38 @@ struct block_t {
     u64 ext_ip;          /* root blocks: innermost return address into an
                             extension module found on the stack, 0 = none */
 };
+
+/* The live-block table (builds with BLOCK_TABLE; without it every block is
+ * in the `blocks` hash): a preallocated, mmapable array of buckets of
+ * TABLE_WAYS slots, open-addressed, keyed by (image serial, address) -- no
+ * allocation, no lock. A slot is claimed by a compare-and-swap of its addr
+ * word (0: free), then filled, its serial written last; it is freed serial
+ * first, then addr: userspace reads a slot as a block only when its serial is
+ * set. An image's blocks live in two regions of TABLE_REGION_BUCKETS buckets
+ * (the loader's parameter), chosen by the hash of its serial; within a
+ * region, a block's bucket by the hash of its address (a second choice in the
+ * second region). Userspace takes one image's blocks by reading its two
+ * regions only. Both choices full: the block goes to the `blocks` hash (the
+ * overflow) and its image counts it (track_t.overflowed). Roots' blocks (in-
+ * process windows) are always in the hash. Hashes: the high 32 bits of
+ * x * TABLE_MIX (x ^ TABLE_MIX2 for the second choice); a second choice equal to
+ * the first is the neighbour (index ^ 1). */
+#define TABLE_WAYS         8
+#define TABLE_MIX          0x9e3779b97f4a7c15ULL
+#define TABLE_MIX2         0xc2b2ae3d27d4eb4fULL
+#define TABLE_REGION_SLOTS 65536   /* the largest region, in slots */
+struct bucket_t {
+    u64 addr[TABLE_WAYS];     /* 0: a free slot */
+    u64 serial[TABLE_WAYS];   /* 0: being written, or freed */
+    u64 size[TABLE_WAYS];
+    u64 ts[TABLE_WAYS];       /* bpf_ktime at record time */
+    u64 stack[TABLE_WAYS];
+};
+
+/* A stack entry's `used` is stamped at most once per STACK_STAMP_NS (a store
+ * to a line every thread shares costs more than the check); userspace keeps
+ * the stacks used since its block walk began less twice this. */
+#define STACK_STAMP_NS     1000000
 
 struct handoff_key_t {
     u32 tid;

@@ -82,7 +82,11 @@ int main(int argc, char **argv) {
 MODES = ("thread", "overflow", "lifo", "realloc", "fork", "exec")
 
 
-def test_ring_paths_match_valgrind(pytester, run_plugin, cbuild, tmp_path):
+@pytest.mark.parametrize("store", ["table", "hash"])
+def test_ring_paths_match_valgrind(pytester, run_plugin, cbuild, tmp_path, monkeypatch, store):
+    """The ring is the hash store's; the table store (no ring) must give the
+    same figures on every path."""
+    monkeypatch.setenv("PYTEST_MEMLEAK_EBPF_BLOCK_STORE", store)
     prog = str(cbuild("ring", RING))
     argv = {m: [prog, m] + ([prog] if m == "exec" else []) for m in MODES}
     pidfile = tmp_path / "sleeper.pid"

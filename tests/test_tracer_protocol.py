@@ -117,7 +117,7 @@ def test_a_remote_tracer_is_served_by_the_controllers():
 
 
 def test_the_tracers_modules_import_one_way():
-    """abi <- loading <- probes; abi <- collection; loading <- kernel_offsets;
+    """abi <- loading <- probes; abi <- blocktable; abi <- collection; loading <- kernel_offsets;
     abi, probes <- execpause; exitpause imports none of them; watchdog imports nothing of
     the package (a script); core uses them all; protocol and server use no
     more than probes and collection: no cycle."""
@@ -125,12 +125,12 @@ def test_the_tracers_modules_import_one_way():
     from pathlib import Path
 
     pkg = Path(server.__file__).parent
-    order = ["abi", "loading", "probes", "collection", "kernel_offsets", "execpause", "watchdog", "exitpause",
+    order = ["abi", "loading", "probes", "blocktable", "collection", "kernel_offsets", "execpause", "watchdog", "exitpause",
              "core", "protocol", "server"]
-    allowed = {"abi": set(), "loading": {"abi"}, "probes": {"abi", "loading"}, "collection": {"abi"},
+    allowed = {"abi": set(), "loading": {"abi"}, "probes": {"abi", "loading"}, "blocktable": {"abi"}, "collection": {"abi"},
                "kernel_offsets": {"loading"}, "execpause": {"abi", "probes"}, "watchdog": set(),
                "exitpause": set(),
-               "core": {"abi", "loading", "probes", "collection", "execpause", "kernel_offsets", "exitpause",
+               "core": {"abi", "loading", "probes", "blocktable", "collection", "execpause", "kernel_offsets", "exitpause",
                         "watchdog"},
                "protocol": {"collection", "probes"}, "server": {"probes"}}
     assert sorted(p.stem for p in pkg.glob("*.py") if p.stem != "__init__") == sorted(order)

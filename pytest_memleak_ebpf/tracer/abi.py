@@ -196,6 +196,10 @@ SERIAL_CPU_BITS = _d("SERIAL_CPU_BITS")
 FNV_OFFSET, FNV_PRIME = _d("FNV_OFFSET"), _d("FNV_PRIME")
 BUILD_ID_VALID, BUILD_ID_IP = _d("BUILD_ID_VALID"), _d("BUILD_ID_IP")
 RING = _d("RING")
+CTR_LOST_DEAD = _d("CTR_LOST_DEAD")
+TABLE_WAYS, TABLE_MIX, TABLE_MIX2, TABLE_REGION_SLOTS = (_d("TABLE_WAYS"), _d("TABLE_MIX"), _d("TABLE_MIX2"),
+                                                         _d("TABLE_REGION_SLOTS"))
+STACK_STAMP_NS = _d("STACK_STAMP_NS")
 # placeholder helper id -> kernel function (KFUNC_<NAME> stands for bpf_<name>)
 KFUNCS = {v: "bpf_" + k[len("KFUNC_"):].lower() for k, v in HEADER.defines.items() if k.startswith("KFUNC_")}
 

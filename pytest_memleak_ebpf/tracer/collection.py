@@ -1,9 +1,13 @@
 """Collection: reading the BPF program's maps into builtin types.
 
-Per test: one walk of the block map takes out that test's blocks (batched
-lookups and deletes) and leaves everything else (other clients' tests, open
-in-process windows); the blocks in a still-running process's ring are moved
-to the map first; stacks are looked up, not taken, and collected once the
+Per test: the test's images' blocks are taken out of their regions of the
+live-block table (blocktable.py; images gone at exec are cleared there too),
+and one walk of the block hash -- the table's overflow and the roots'
+in-process blocks; the whole store with the hash store -- takes out that
+test's blocks there (batched lookups and deletes), when one of its images
+overflowed or a window closed, and leaves everything else (other clients'
+tests, open in-process windows); with the hash store the blocks in a
+still-running process's ring are moved to the map first; stacks are looked up, not taken, and collected once the
 map is half full (only stacks no remaining block refers to and unused since
 the walk began); stacks the kernel gave as plain ips are mapped back to
 build-id stacks.
@@ -24,8 +28,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .abi import (BUILD_ID_IP, BUILD_ID_VALID, CTR_NEW_STACKS, EV_EXEC, PF_EXITED, PF_TERMINATED,
-                  SERIAL_CPU_BITS, TF_KINDS, TF_RING, TF_ROOT, Event, fnv_ips)
+from .abi import (BUILD_ID_IP, BUILD_ID_VALID, CTR_LOST_DEAD, CTR_NEW_STACKS, EV_EXEC, PF_EXITED, PF_TERMINATED,
+                  SERIAL_CPU_BITS, STACK_STAMP_NS, TF_KINDS, TF_RING, TF_ROOT, Event, fnv_ips)
 
 # _select() verdict: delete the entry (used, or garbage) without yielding anything
 DELETE = object()
@@ -66,6 +70,7 @@ class Sweep:
     referenced: set = field(default_factory=set)     # stacks of the blocks left in the map
     frames: dict = field(default_factory=dict)       # stack hash -> frames (looked up)
     started_ns: int = field(default_factory=time.monotonic_ns)
+    hash_walked: bool = True                         # the block hash was walked (referenced has its stacks)
 
 
 @dataclass
@@ -164,7 +169,7 @@ def proc_dict(v, running: dict | None) -> dict:
         **counters_of(v),
     }
     if running is not None and not d["exited"]:
-        d.update(running)
+        d.update({k: running[k] for k in COUNTERS if k in running})
     d["running_at_test_end"] = not d["exited"]
     return d
 
@@ -182,8 +187,15 @@ class Collector:
     table; `lib` has the batch calls."""
 
     def __init__(self, maps: dict, lib, *, stack_depth: int, max_stacks: int,
-                 thread_alive=lambda tid: os.path.exists(f"/proc/{tid}")):
+                 thread_alive=lambda tid: os.path.exists(f"/proc/{tid}"), table=None):
+        """table: the live-block table (blocktable.BlockTable) when the program
+        keeps tracked images' blocks there (`blocks` then holds the roots'
+        blocks and the table's overflow), with maps["dead"]: the images gone
+        at exec."""
         self.lib = lib
+        self.table = table
+        self.dead = maps.get("dead")
+        self.dead_lost = 0   # CTR_LOST_DEAD when the table was last swept whole
         self.tracked = maps["tracked"]
         self.procs = maps["procs"]
         self.blocks = maps["blocks"]
@@ -220,22 +232,29 @@ class Collector:
         self.sweep_handoffs()
         live = self.tracked_serials()
         procs: dict[int, dict] = {}
+        garbage: set[int] = set()
+        overflowed = any(v.get("overflowed", 0) for v in running.values())
         for k, v in list(self.procs.items()):
             serial, tid = int_of(k), int(v.test_id)
             if tid == test_id:
                 procs[serial] = proc_dict(v, running.get(serial))
+                overflowed = overflowed or int(v.overflowed) > 0
                 delete(self.procs, k)
             elif tid in active or serial in live:
                 live.add(serial)
             else:   # its test is over (forked while a test was being collected)
+                garbage.add(serial)
                 delete(self.procs, k)
+        if self.table is not None:
+            self.drop_dead_images(garbage, live, t0)
         # Walking the block map costs ~0.4 ms at 1M entries even when empty:
         # skip it when nothing of this test can be in it.
         if procs or window_allocs:
             sweep = self.sweep_blocks(procs, window_serial, live=live, t0=t0, windows=windows,
                                       single_client=single_client,
                                       kinds=block_kinds(procs.keys()) if block_kinds else None,
-                                      window_kinds=window_kinds)
+                                      window_kinds=window_kinds,
+                                      walk_hash=self.table is None or window_allocs or overflowed)
             blocks = self.remap_ip_stacks(sweep, live, t0)
             kinds = {serial: {kind: blocks.pop((serial, kind)) for kind in per} for serial, per in sweep.kinds.items()}
             inproc, inproc_kinds = sweep.inproc, sweep.inproc_kinds
@@ -298,8 +317,28 @@ class Collector:
     def running(self, test_id: int) -> int:
         return sum(1 for _, v in self.tracked.items() if not int(v.flags) & TF_ROOT and int(v.test_id) == test_id)
 
+    def drop_dead_images(self, garbage: set[int], live: set[int], t0: int) -> None:
+        """Free the table blocks of images that are gone and owned by no test:
+        `garbage`, and those the program listed in `dead` at their exec. When
+        it could not list one (the map was full), the whole table is swept of
+        images no live process or test owns."""
+        if self.dead is not None:
+            for k in list(self.dead.keys()):
+                garbage.add(int_of(k))
+                delete(self.dead, k)
+        self.table.take(garbage - live, remove=True)
+        ctrs = self.read_counters()
+        lost = ctrs[CTR_LOST_DEAD] if len(ctrs) > CTR_LOST_DEAD else 0
+        if lost != self.dead_lost:
+            self.dead_lost = lost
+            t0_serial = serial_at(t0)
+            live_now = live | {int_of(k) for k in self.procs.keys()}
+            self.table.sweep(lambda ss: np.fromiter((int(x) in live_now or int(x) >= t0_serial for x in ss.tolist()),
+                                                    dtype=bool, count=len(ss)))
+
     def sweep_blocks(self, procs: dict, wserial: int, *, live: set, t0: int, windows: set[int],
-                     single_client: bool, kinds: dict | None = None, window_kinds: dict | None = None) -> Sweep:
+                     single_client: bool, kinds: dict | None = None, window_kinds: dict | None = None,
+                     walk_hash: bool = True) -> Sweep:
         """One walk of the live-block map: the blocks of `procs` (finished or
         untracked images of the test, per serial and stack) and of the closed
         window `wserial` are taken out; garbage (older than t0, owned by
@@ -340,10 +379,30 @@ class Collector:
                 return None
             return DELETE   # garbage
 
-        # One client, no open window, nothing live: every entry goes (ours or garbage)
-        drain = not live and not windows and single_client
-        for _ in self.select(self.blocks, pick, drain=drain):
-            pass
+        if self.table is not None:
+            # the table: the images' own regions only (they no longer change)
+            for serial, (addrs, sizes, stacks) in self.table.take(procs.keys(), remove=True).items():
+                per = kinds.get(serial)
+                if per is None:
+                    hs, inv = np.unique(stacks, return_inverse=True)
+                    nbytes = np.bincount(inv, weights=sizes.astype(np.float64), minlength=len(hs))
+                    nblocks = np.bincount(inv, minlength=len(hs))
+                    a_ = agg.setdefault(serial, {})
+                    for h, b, n in zip(hs.tolist(), nbytes.tolist(), nblocks.tolist()):
+                        a = a_.setdefault(h, [0, 0])
+                        a[0] += int(b)
+                        a[1] += int(n)
+                else:
+                    for addr, size, h in zip(addrs.tolist(), sizes.tolist(), stacks.tolist()):
+                        a = agg.setdefault((serial, per.get(addr, "unclassified")), {}).setdefault(h, [0, 0])
+                        a[0] += size
+                        a[1] += 1
+        s.hash_walked = walk_hash
+        if walk_hash:
+            # One client, no open window, nothing live: every entry goes (ours or garbage)
+            drain = not live and not windows and single_client
+            for _ in self.select(self.blocks, pick, drain=drain):
+                pass
         s.blocks = {owner: [(b, h, n) for h, (b, n) in per.items()] for owner, per in agg.items()}
         for owner in s.blocks:
             if isinstance(owner, tuple):
@@ -360,6 +419,12 @@ class Collector:
             v = None
         if v is not None and int(v.serial) == serial and int(v.flags) & TF_RING:
             out += [(int(e.addr), int(e.size)) for e in v.ring if e.addr]
+        if self.table is not None:
+            got = self.table.take((serial,), remove=False).get(serial)
+            if got is not None:
+                out += zip(got[0].tolist(), got[1].tolist())
+            if v is None or int(v.serial) != serial or not int(v.overflowed):
+                return out   # nothing of it in the hash (the overflow)
         # vectorised over each batch (a paused process's scan needs its own
         # blocks among every live block of the session)
         for keys, vals, n in self.chunks(self.blocks, None):
@@ -389,7 +454,13 @@ class Collector:
         if new - self.stacks_deleted < self.stack_gc_at:
             return
         keep = sweep.referenced | self.ring_stacks()
-        since = sweep.started_ns
+        if self.table is not None:
+            keep |= self.table.live_stacks()
+        if not sweep.hash_walked:
+            keep |= {int(v.stack) for _, vals, n in self.chunks(self.blocks, None)
+                     for v in (vals[i] for i in range(n))}
+        # the program stamps a stack at most once per STACK_STAMP_NS
+        since = sweep.started_ns - 2 * STACK_STAMP_NS
         dropped = 0
 
         def pick(k, v):
@@ -485,6 +556,8 @@ class Collector:
                 if v is None:
                     continue   # it ended meanwhile: the program finished it
                 running[int(v.serial)] = counters_of(v)
+                if int(v.overflowed):
+                    running[int(v.serial)]["overflowed"] = int(v.overflowed)
                 self.spill_ring(int(k.value), v)
             if not found:
                 break

@@ -23,6 +23,7 @@ from ..preflight import ATTACH_ENV, ATTACH_MODES
 from . import exitpause, kernel_offsets, loading, probes as _probes
 from .abi import (CTR_LOST_EVENTS, CTR_LOST_PROCS, CTR_PAUSE_EVENTS, EV_EXIT_STOPPED, EV_EXIT_TRACED,
                   EV_EXIT_UNPAUSED, PENDING_AT_EXIT, STOP_REGS, TF_ALLOCS, TF_KINDS, TF_ROOT, TF_SPAWNED, TF_SPAWNER)
+from .blocktable import BlockTable
 from .collection import COUNTERS, Collector, RawTest, absolute_path, counters_of, decode_event, delete, serial_at
 from .execpause import ExecPauses
 from .loading import TracerConfig
@@ -93,9 +94,14 @@ class Tracer:
         self.tracepoints = sum(1 for _ in self.bpf.tracepoint_fds)
         self.load_seconds = time.monotonic() - t0
         self._tracked = self.bpf[b"tracked"]
-        self._maps = Collector({name: self.bpf[name.encode()] for name in
-                                ("tracked", "procs", "blocks", "stacks", "counters", "rawcache", "handoffs")},
-                               bcc.lib, stack_depth=c.stack_depth, max_stacks=c.max_stacks)
+        maps = {name: self.bpf[name.encode()] for name in
+                ("tracked", "procs", "blocks", "stacks", "counters", "rawcache", "handoffs")}
+        self.block_store = loading.block_store(c)
+        self._table = None
+        if self.block_store == "table":
+            maps["dead"] = self.bpf[b"dead"]
+            self._table = BlockTable.from_map(self.bpf[b"slots"], loading.table_geometry(c.max_blocks)[1])
+        self._maps = Collector(maps, bcc.lib, stack_depth=c.stack_depth, max_stacks=c.max_stacks, table=self._table)
         self._paths: dict[int, list[str]] = {}
         self._lock = threading.Lock()
         self._closed = False
@@ -691,6 +697,8 @@ class Tracer:
                 th.start()
             for th in threads:
                 th.join()
+            if self._table is not None:
+                _quietly(self._table.close)   # the mapping holds the map's memory
             try:
                 self.bpf.cleanup()
             except Exception:

@@ -65,6 +65,31 @@ class TracerConfig:
     max_rawcache: int = 1 << 16
     scan_words: int = 128
     max_roots: int = 1024
+    # where live blocks are kept: "table" (an open-addressed, preallocated
+    # array, the overflow in the hash; kernel 5.12+) or "hash" (the hash map
+    # only, with the per-process ring); the environment's BLOCK_STORE_ENV wins
+    block_store: str = "table"
+
+
+BLOCK_STORE_ENV = "PYTEST_MEMLEAK_EBPF_BLOCK_STORE"
+BLOCK_STORES = ("table", "hash")
+TABLE_MAX_SLOTS = 1 << 21   # 80 MiB of table (40 bytes a slot)
+
+
+def block_store(c: TracerConfig) -> str:
+    v = (os.environ.get(BLOCK_STORE_ENV) or c.block_store).strip().lower()
+    if v not in BLOCK_STORES:
+        raise ValueError(f"{BLOCK_STORE_ENV}={v!r}: expected one of {', '.join(BLOCK_STORES)}")
+    return v
+
+
+def table_geometry(max_blocks: int) -> tuple[int, int]:
+    """(buckets, buckets per region) of the live-block table holding
+    max_blocks slots (both powers of 2; memleak.h: bucket_t)."""
+    ways = abi.TABLE_WAYS
+    # preallocated: past TABLE_MAX_SLOTS the rest of the capacity is the hash's
+    buckets = _pow2(max(1, -(-min(int(max_blocks), TABLE_MAX_SLOTS) // ways)))
+    return buckets, min(buckets, max(1, abi.TABLE_REGION_SLOTS // ways))
 
 
 # The programs the BPF source builds for each attach mode (preflight.ATTACH_MODES)
@@ -110,6 +135,9 @@ def program_cflags(c: TracerConfig, pidmap_words: int) -> list[str]:
         f"-DMAX_ROOTS={int(c.max_roots)}",
         "-Wno-macro-redefined",
     ]
+    if block_store(c) == "table":
+        buckets, region = table_geometry(c.max_blocks)
+        cflags += ["-DBLOCK_TABLE=1", f"-DTABLE_BUCKETS={buckets}", f"-DTABLE_REGION_BUCKETS={region}"]
     if _tracepoint_has_field("sched/sched_process_exit", "group_dead"):
         cflags.append("-DHAVE_GROUP_DEAD=1")
     if has_task_pt_regs():
