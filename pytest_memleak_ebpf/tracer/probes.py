@@ -94,26 +94,19 @@ def place_pymalloc(tgid: int) -> tuple[str, list[PlacedSite]]:
 
 
 def attach_pymalloc(bpf, mode: str, binary: str, placed: list[PlacedSite], pid: int) -> list[int]:
-    """Links of the placed pymalloc sites in process `pid` only: a uprobe
-    session link (mode session), or an entry and a return uprobe_multi link
-    (multi). The perf mode cannot filter by process: ValueError."""
-    sites = [(p.file_offset, p.site.fn_id) for p in placed]
-    if mode == "session":
-        prog = bpf.load_func(b"alloc_session", bpf.KPROBE, attach_type=BPF_TRACE_UPROBE_SESSION)
-        return [link_uprobe_multi(prog.fd, binary, sites, False, attach_type=BPF_TRACE_UPROBE_SESSION, pid=pid)]
-    if mode == "multi":
-        entry_name, return_name = MULTI_PROGRAMS
-        entry = bpf.load_func(entry_name.encode(), bpf.KPROBE, attach_type=BPF_TRACE_UPROBE_MULTI)
-        ret = bpf.load_func(return_name.encode(), bpf.KPROBE, attach_type=BPF_TRACE_UPROBE_MULTI)
-        links = [link_uprobe_multi(entry.fd, binary, sites, False, pid=pid)]
-        try:
-            links.append(link_uprobe_multi(ret.fd, binary, [(p.file_offset, p.site.fn_id) for p in placed
-                                                            if p.site.has_return], True, pid=pid))
-        except OSError:
-            os.close(links[0])
-            raise
-        return links
-    raise ValueError(f"the {mode} attach mode cannot probe one process only")
+    """Links of the placed pymalloc sites in process `pid` only, made as the
+    allocator sites' are in `mode` (session or multi). The perf mode cannot
+    filter by process: ValueError."""
+    if mode not in ("session", "multi"):
+        raise ValueError(f"the {mode} attach mode cannot probe one process only")
+    links: list[int] = []
+    try:
+        _ATTACH[mode](bpf, binary, placed, links, pid=pid)
+    except OSError:
+        for fd in links:
+            os.close(fd)
+        raise
+    return links
 
 
 @dataclass(frozen=True)
@@ -226,10 +219,10 @@ def attach_allocators(bpf, binary: str, modes=ATTACH_MODES, programs=None, sites
     raise ValueError("no attach mode given")
 
 
-def _attach_session(bpf, binary: str, placed: list[PlacedSite], links: list[int]) -> None:
+def _attach_session(bpf, binary: str, placed: list[PlacedSite], links: list[int], pid: int = 0) -> None:
     """A link per session program: malloc's session (a program of its own),
     the other allocators' session (one program, the attach cookie says
-    which), and free's entry-only uprobe_multi link."""
+    which), and free's entry-only uprobe_multi link. pid: in that process only."""
     groups: dict[str, list[PlacedSite]] = {}
     for p in placed:
         groups.setdefault(p.site.session_program, []).append(p)
@@ -237,16 +230,17 @@ def _attach_session(bpf, binary: str, placed: list[PlacedSite], links: list[int]
         attach_type = BPF_TRACE_UPROBE_SESSION if group[0].site.has_return else BPF_TRACE_UPROBE_MULTI
         prog = bpf.load_func(name.encode(), bpf.KPROBE, attach_type=attach_type)
         links.append(link_uprobe_multi(prog.fd, binary, [(p.file_offset, p.site.fn_id) for p in group],
-                                       False, attach_type=attach_type))
+                                       False, attach_type=attach_type, pid=pid))
 
 
-def _attach_multi(bpf, binary: str, placed: list[PlacedSite], links: list[int]) -> None:
+def _attach_multi(bpf, binary: str, placed: list[PlacedSite], links: list[int], pid: int = 0) -> None:
     entry_name, return_name = MULTI_PROGRAMS
     entry = bpf.load_func(entry_name.encode(), bpf.KPROBE, attach_type=BPF_TRACE_UPROBE_MULTI)
     ret = bpf.load_func(return_name.encode(), bpf.KPROBE, attach_type=BPF_TRACE_UPROBE_MULTI)
-    links.append(link_uprobe_multi(entry.fd, binary, [(p.file_offset, p.site.fn_id) for p in placed], False))
+    links.append(link_uprobe_multi(entry.fd, binary, [(p.file_offset, p.site.fn_id) for p in placed], False,
+                                   pid=pid))
     links.append(link_uprobe_multi(ret.fd, binary, [(p.file_offset, p.site.fn_id) for p in placed
-                                                    if p.site.has_return], True))
+                                                    if p.site.has_return], True, pid=pid))
 
 
 def _attach_perf(bpf, binary: str, placed: list[PlacedSite], links: list[int]) -> None:
