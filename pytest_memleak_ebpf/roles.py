@@ -20,6 +20,7 @@ import functools
 import inspect
 import json
 import os
+import sys
 from typing import Any
 
 import pytest
@@ -101,19 +102,35 @@ def _controller_tracer(config: pytest.Config):
         return None
 
 
-def _probe_pymalloc(tracer, settings) -> str | None:
-    """Have this process's windows probe its pymalloc, when in-process
-    checking is on and pymalloc serves Python objects: None when they will,
-    else why not ("" when nothing was asked)."""
+def _pymalloc_problem(tracer, settings, pid: int, *, probes: bool = True) -> str | None:
+    """Why process `pid`'s windows cannot probe its pymalloc ("" when not
+    asked: in-process checking off, or pymalloc not serving Python objects),
+    or None when they can (`probes`=False: leave out whether its functions
+    can be probed, which enabling them says). The xdist controller asks it
+    of itself for its workers (they run its interpreter)."""
     from .inprocess import free_threaded, pymalloc_active
 
     if settings.in_process == "off" or free_threaded() or not pymalloc_active():
         return ""
     if settings.in_process_kinds:
-        # a freed pymalloc block keeps its words, and the scan cannot tell it from a live one
-        return ("in-process leak kinds tell live heap memory from free chunks through glibc's own lists, "
-                "so Python objects must come from malloc")
-    return tracer.enable_pymalloc_probes()
+        # a freed pymalloc block keeps its words: the scan tells free blocks from
+        # live ones by pymalloc's own structures, which must be found first
+        from .kinds.pymalloc import locate
+        from .procmaps import read_regions
+
+        try:
+            locate(read_regions(pid), os.path.realpath(f"/proc/{pid}/exe"))
+        except (LookupError, OSError) as exc:
+            return f"in-process leak kinds cannot tell pymalloc's free blocks from its live ones: {exc}"
+    return tracer.pymalloc_problem(pid) if probes else None
+
+
+def _probe_pymalloc(tracer, settings) -> str | None:
+    """Have this process's windows probe its pymalloc, when in-process
+    checking is on and pymalloc serves Python objects: None when they will,
+    else why not ("" when nothing was asked)."""
+    problem = _pymalloc_problem(tracer, settings, os.getpid(), probes=False)
+    return problem if problem is not None else tracer.enable_pymalloc_probes()
 
 
 # -- the header ----------------------------------------------------------------
@@ -513,7 +530,7 @@ class DistController:
         # workers cannot restart themselves (and the controller does not collect): their
         # pymalloc is probed in their windows when it can be (they run this interpreter), else
         # the header says how to make Python objects visible
-        notes = (reexec.in_process_notes(probe_problem=tracer.pymalloc_problem(os.getpid()))
+        notes = (reexec.in_process_notes(probe_problem=_pymalloc_problem(tracer, settings, os.getpid()))
                  if settings.in_process != "off" else [])
         return cls(config, settings, tracer, server, notes)
 
@@ -522,12 +539,7 @@ class DistController:
         lines.append(f"ebpf-leaks: distributed: the controller's tracer serves every xdist worker (each "
                      f"allocation runs one BPF program however many workers); in-process checking: "
                      f"{self.settings.in_process}")
-        from .inprocess import pymalloc_active
-
-        if self.settings.in_process != "off" and pymalloc_active():
-            lines.append("ebpf-leaks: with xdist, run pytest with PYTHONMALLOC=malloc to see Python objects "
-                         "that C extensions leak (raw malloc-family blocks are exact either way)")
-        elif self.settings.in_process != "off":
+        if self.settings.in_process != "off":
             lines[-1] += "".join(f"; {n}" for n in self.notes)
         return lines
 

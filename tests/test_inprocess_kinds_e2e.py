@@ -40,13 +40,20 @@ def _by_name(doc):
     return {t["nodeid"].split("::")[-1]: t for t in doc["tests"]}
 
 
+@pytest.mark.parametrize("allocator", ["pymalloc", "malloc"])
 @pytest.mark.parametrize("dist", [[], ["-n", "2"]], ids=["single", "xdist"])
-def test_caches_are_reachable_and_leaks_are_lost(project, run_plugin, leakext_expected, dist, monkeypatch):
+def test_caches_are_reachable_and_leaks_are_lost(project, run_plugin, leakext_expected, dist, allocator,
+                                                 monkeypatch):
     obj = leakext_expected.BYTES_OBJECT_SIZE
-    if dist:
-        monkeypatch.setenv("PYTHONMALLOC", "malloc")    # xdist workers cannot restart with it
+    if allocator == "malloc":
+        monkeypatch.setenv("PYTHONMALLOC", "malloc")
+    else:
+        monkeypatch.delenv("PYTHONMALLOC", raising=False)
     result, doc = run_plugin("--ebpf-leaks-in-process-kinds", *dist)
     out = result.stdout.str()
+    if allocator == "pymalloc":   # its free blocks told from its live ones: no restart
+        assert "pymalloc kept: Python objects are seen through CPython's pymalloc functions" in out
+        assert "restarting pytest" not in out
     t = _by_name(doc)
     outcomes = {n: x["outcome"] for n, x in t.items()}
     assert {n: o for n, o in outcomes.items() if n not in ("test_raw_leak", "test_objects")} == {

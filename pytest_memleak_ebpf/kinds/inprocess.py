@@ -64,6 +64,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 import numpy as np
 
 from . import heap as glibc_heap
+from . import pymalloc as pymalloc_heap
 from .classify import KIND_NAMES, classify
 from .memory import _IOV_MAX, ProcessMemory, _IOVec, _process_vm_readv
 from .roots import RED_ZONE, VtableCheck, _block_segments, _is_device, root_ranges, subtract
@@ -443,13 +444,16 @@ def _inside(addrs: np.ndarray, ranges: List[Range]) -> np.ndarray:
 
 
 def scan_window(pid: int, starts, sizes, *, context: Optional[dict] = None,
-                exclude: Iterable[Range] = ()) -> WindowScan:
+                exclude: Iterable[Range] = (), pymalloc: bool = False) -> WindowScan:
     """Classify the blocks ``starts``/``sizes`` of the running process
     ``pid``, which must hold still meanwhile (it waits for the answer).
     ``context``: :func:`own_context` of its waiting thread (its stack is
     scanned from its stack pointer up, its registers are roots); other
     threads' stacks are scanned whole.  ``exclude``: ranges of its memory
-    that are never roots (a recorder's own buffers)."""
+    that are never roots (a recorder's own buffers).  ``pymalloc``: the
+    process serves Python objects from pymalloc, whose free blocks are told
+    from its live ones by a walk of its arenas (kinds/pymalloc.py);
+    LookupError / ValueError when they cannot be."""
     t0 = time.monotonic()
     starts = np.asarray(starts, dtype=np.uint64).reshape(-1)
     sizes = np.asarray(sizes, dtype=np.uint64).reshape(-1)
@@ -462,10 +466,12 @@ def scan_window(pid: int, starts, sizes, *, context: Optional[dict] = None,
         wait_blocked(pid, int(context["tid"]))
     t1 = time.monotonic()
     maps = read_regions(pid)
+    layout = pymalloc_heap.locate(maps, os.path.realpath(f"/proc/{pid}/exe")) if pymalloc else None
     snap = Snapshot.of_process(pid, maps)
+    pyheap = pymalloc_heap.walk(snap, layout) if layout is not None else None
     t2 = time.monotonic()
     with ProcessMemory(pid) as mem:   # vtables live in read-only file mappings
-        result, stats = classify_image(maps, snap, starts, sizes, context=context, exclude=exclude,
+        result, stats = classify_image(maps, snap, starts, sizes, context=context, exclude=exclude, pyheap=pyheap,
                                        is_vtable=VtableCheck(maps, mem.read),
                                        alive=lambda tid: os.path.exists(f"/proc/{pid}/task/{tid}"))
     t3 = time.monotonic()
@@ -500,10 +506,13 @@ def _explain(path, maps, roots, *, heap_roots, result, registers) -> None:
 
 
 def classify_image(maps: Sequence[Region], snap: Snapshot, starts, sizes, *, context: Optional[dict] = None,
-                   exclude: Iterable[Range] = (), is_vtable=None, alive=lambda tid: True):
+                   exclude: Iterable[Range] = (), is_vtable=None, alive=lambda tid: True,
+                   pyheap: Optional[pymalloc_heap.Heap] = None):
     """The classification of the blocks ``starts``/``sizes`` in the image
     ``snap`` of a process whose mappings are ``maps`` (pure: no I/O; see the
-    module docstring for the roots).  Returns (classify.Classification,
+    module docstring for the roots).  ``pyheap``: its pymalloc arenas
+    (pymalloc.walk), whose live blocks that are not candidates are roots and
+    whose other memory is not.  Returns (classify.Classification,
     {"root_bytes", "live_heap_bytes", "tcaches"})."""
     starts = np.asarray(starts, dtype=np.uint64).reshape(-1)
     sizes = np.asarray(sizes, dtype=np.uint64).reshape(-1)
@@ -518,10 +527,16 @@ def classify_image(maps: Sequence[Region], snap: Snapshot, starts, sizes, *, con
     # candidates: inside an arena's heap (their chunk's user memory is no
     # root), or served by mmap (their mapping is no root)
     in_heap = _inside(starts, heaps)
+    in_arena = pyheap.inside(starts) if pyheap is not None else np.zeros(starts.size, dtype=bool)
     cand_chunks: List[Range] = []
+    cand_blocks: List[Range] = []     # in pymalloc's arenas: the whole block (its size class)
     mmapped: List[Range] = []
     chunk_sizes = _ChunkSizes(snap, heaps)
-    for s, size, ih in zip(starts.tolist(), sizes.tolist(), in_heap.tolist()):
+    for s, size, ih, ia in zip(starts.tolist(), sizes.tolist(), in_heap.tolist(), in_arena.tolist()):
+        if ia:
+            cand_blocks.append((s, s + max(-(-size // pymalloc_heap.ALIGNMENT) * pymalloc_heap.ALIGNMENT,
+                                           pymalloc_heap.ALIGNMENT)))
+            continue
         hdr = snap.word(s - 8)
         if ih:
             csize = chunk_sizes.get(s - 16) or 0     # 0: not a sane header (then the request only)
@@ -535,7 +550,8 @@ def classify_image(maps: Sequence[Region], snap: Snapshot, starts, sizes, *, con
 
     # roots: the mappings as for a launched process (allocator memory out) ...
     dead = [tuple(r) for r in context.get("dead", ())] if context else []
-    holes = exclude + dead + glibc_heap.allocator_ranges(maps, snap.read, main_arena) + mmapped
+    py_arenas = pyheap.arenas if pyheap is not None else []
+    holes = exclude + dead + glibc_heap.allocator_ranges(maps, snap.read, main_arena) + mmapped + py_arenas
     sps = [int(context["sp"])] if context and alive(context.get("tid")) else []
     mapped_roots = root_ranges(maps, sps, holes)
     # ... plus the live chunks of the heaps that are not candidates
@@ -546,6 +562,11 @@ def classify_image(maps: Sequence[Region], snap: Snapshot, starts, sizes, *, con
         words = live_words(snap.view(lo, hi), lo, holes_in_heap)
         live_heap += 8 * words.size
         roots.append((lo, words))
+    # ... and the live blocks of pymalloc's arenas that are not candidates
+    if pyheap is not None:
+        for lo, words in pyheap.root_words(snap, cand_blocks + exclude):
+            live_heap += 8 * words.size
+            roots.append((lo, words))
 
     order = np.argsort(starts, kind="stable")
     segs = _block_segments(starts[order], sizes[order], maps, gap=256)
@@ -557,7 +578,7 @@ def classify_image(maps: Sequence[Region], snap: Snapshot, starts, sizes, *, con
                       hazard_offsets=glibc_heap.hazard_offsets(sizes))
     why = os.environ.get("PYTEST_MEMLEAK_EBPF_SCAN_ROOTS")   # a path: where start pointers were found (diagnosis)
     if why:
-        _explain(why, maps, root_list, heap_roots=heaps, result=result, registers=registers)
+        _explain(why, maps, root_list, heap_roots=heaps + py_arenas, result=result, registers=registers)
     return result, {"root_bytes": sum(hi - lo for lo, hi in mapped_roots) + live_heap,
                     "live_heap_bytes": live_heap, "tcaches": len(tcaches)}
 
@@ -566,7 +587,7 @@ def classify_image(maps: Sequence[Region], snap: Snapshot, starts, sizes, *, con
 
 def serve(rfile=None, wfile=None) -> None:
     """The helper's loop: one JSON request a line, one JSON answer a line.
-    Request: {"pid", "blocks": [[address, size], ...], "context", "exclude"};
+    Request: {"pid", "blocks": [[address, size], ...], "context", "exclude", "pymalloc"};
     answer: {"kinds": "0312..." (one digit a block, classify's codes),
     "seconds", "root_bytes", "live_heap_bytes", "snapshot_bytes"} or
     {"error": text}."""
@@ -581,7 +602,8 @@ def serve(rfile=None, wfile=None) -> None:
             req = json.loads(line)
             blocks = req["blocks"]
             args = (int(req["pid"]), [a for a, _ in blocks], [s for _, s in blocks])
-            kw = {"context": req.get("context"), "exclude": [tuple(r) for r in req.get("exclude", ())]}
+            kw = {"context": req.get("context"), "exclude": [tuple(r) for r in req.get("exclude", ())],
+                  "pymalloc": bool(req.get("pymalloc"))}
             if profile:
                 import cProfile
 
@@ -635,15 +657,16 @@ class WindowScanner:
         _libc.prctl(_PR_SET_PTRACER, ctypes.c_ulong(self.proc.pid), 0, 0, 0)
 
     def scan(self, pid: int, blocks: Sequence[Tuple[int, int]], context: Optional[dict] = None,
-             exclude: Sequence[Range] = ()) -> Outcome:
-        """Classify `blocks` [(address, size)] of process `pid` (which waits)."""
+             exclude: Sequence[Range] = (), pymalloc: bool = False) -> Outcome:
+        """Classify `blocks` [(address, size)] of process `pid` (which waits;
+        `pymalloc`: it serves Python objects from pymalloc)."""
         t0 = time.monotonic()
         if not blocks:
             return Outcome(kinds={})
         if self.proc is None or self.proc.poll() is not None:
             return Outcome(reason=f"the window scanner is not running ({self.stopped or 'it exited'})")
         req = json.dumps({"pid": pid, "blocks": [[int(a), int(s)] for a, s in blocks], "context": context,
-                          "exclude": [[int(lo), int(hi)] for lo, hi in exclude]})
+                          "exclude": [[int(lo), int(hi)] for lo, hi in exclude], "pymalloc": pymalloc})
         try:
             self.proc.stdin.write(req.encode() + b"\n")
             self.proc.stdin.flush()

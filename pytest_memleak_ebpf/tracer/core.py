@@ -547,7 +547,7 @@ class Tracer:
                 from ..kinds.inprocess import KINDS_OFF
 
                 return None, KINDS_OFF
-            out = self._window_scanner.scan(tgid, mine, context, exclude)
+            out = self._window_scanner.scan(tgid, mine, context, exclude, pymalloc=c.pymalloc)
             if out.kinds is None:
                 reasons.append(out.reason)
             else:
