@@ -19,6 +19,7 @@ function name):
 
 from __future__ import annotations
 
+import gc
 import os
 import sys
 import time
@@ -100,6 +101,7 @@ class LeakEngine:
         self.resolver = Resolver()
         self._growth: dict | None = None
         self._empty_window = False
+        self._froze = False                 # gc.freeze() was called at the open window's start
         self.tracer.add_root(os.getpid())
         self.json_entries: list[dict] = []
         self.flamegraphs: list[tuple[str, str]] = []
@@ -207,7 +209,11 @@ class LeakEngine:
             self._ranges_age = 0
         return self._ranges
 
-    def open_window(self) -> None:
+    def open_window(self, *, freeze: bool = True) -> None:
+        """freeze: the window will end with a collection (close_window(collect=True)):
+        the objects older than the window are moved to gc's permanent generation
+        (gc.freeze(), a list splice) while it is open, so that collection walks
+        only the objects the window made; close_window gives them back."""
         ranges = self._extension_ranges()
         if self.settings.in_process == "extensions" and not ranges:
             # nothing could count: attribution needs extension pages set before the
@@ -215,6 +221,10 @@ class LeakEngine:
             self._empty_window = True
             return
         self.tracer.set_extension_pages(ranges)
+        # not when someone else froze objects (their freeze is theirs to undo)
+        self._froze = freeze and gc.get_freeze_count() == 0
+        if self._froze:
+            gc.freeze()
         self.tracer.open_window()
 
     def close_window(self, *, collect: bool = False) -> None:
@@ -227,10 +237,19 @@ class LeakEngine:
         without: it counts what grows)."""
         if self._empty_window:
             return
-        if collect and (self.settings.in_process == "all" or self._extension_ranges()) and self._holds_counted():
-            import gc
-
-            gc.collect()
+        froze, self._froze = self._froze, False
+        try:
+            if collect and (self.settings.in_process == "all" or self._extension_ranges()) \
+                    and self._holds_counted():
+                gc.collect()          # the window's own objects (older ones are frozen)
+                if froze and self._holds_counted():
+                    # garbage that an older object is part of: only a full collection frees it
+                    gc.unfreeze()
+                    froze = False
+                    gc.collect()
+        finally:
+            if froze:
+                gc.unfreeze()
         if collect and self._kinds_wanted and self.settings.in_process_kinds:
             # CPython's type attribute cache holds borrowed pointers, stale once
             # a type changes or goes (a dangling pointer to a freed object's
@@ -288,6 +307,9 @@ class LeakEngine:
     def abandon(self) -> None:
         """Stop tracking the current test without reporting (interrupted)."""
         self._empty_window = False
+        if self._froze:
+            self._froze = False
+            gc.unfreeze()
         if self.tracer.in_window():
             self.tracer.close_window()
         if self._current is not None:

@@ -7,8 +7,9 @@ class FakeEngine:
         self.calls = []
         self.n = 0
 
-    def open_window(self):
+    def open_window(self, *, freeze=True):
         self.calls.append("open")
+        self.freeze = freeze     # growth mode's windows end with full collections: never frozen
 
     def close_window(self, *, collect=False):
         self.calls.append("close")

@@ -103,7 +103,7 @@ HOOKS = """
             self._active = False
         def begin(self, budget=None): self._active = True
         def active(self): return self._active
-        def open_window(self): self.log.append("open")
+        def open_window(self, *, freeze=True): self.log.append("open")
         def close_window(self, *, collect=False): self.log.append("close")
         def snapshot(self): return {"bytes": 0, "blocks": 0}
         def set_growth(self, *a): self.log.append("growth")

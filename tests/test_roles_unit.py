@@ -35,6 +35,7 @@ def test_growth_runs_warmup_then_measured_repetitions():
     assert engine.calls == ["run", "run", "open", "run", "snapshot", "run", "snapshot", "run", "snapshot", "close",
                             ("growth", 2, 3, [{"bytes": 30, "blocks": 3}, {"bytes": 40, "blocks": 4},
                                               {"bytes": 50, "blocks": 5}])]
+    assert engine.freeze is False   # each snapshot follows a full collection of every object
 
 
 def test_growth_closes_the_window_when_the_body_fails():

@@ -127,9 +127,9 @@ class Tracer:
         self._window_scanner = WindowScanner() if window_scans else None
         self._window_reader = None          # the thread that classifies this process's own windows
         self._pymalloc_placed: dict[int, tuple[str, list] | str] = {}   # root -> (binary, sites) or why not
-        self._detaching: list[threading.Thread] = []
         self._reader_stack: tuple[int, int] | None = None
         self.bpf[b"events"].open_ring_buffer(self._on_event)
+        self._wake = os.pipe()              # written once, at close: ends the event thread's wait
         self._poller = threading.Thread(target=self._poll_loop, name="memleak-ebpf-events", daemon=True)
         self._poller.start()
 
@@ -226,8 +226,11 @@ class Tracer:
             self._wait_events(0.02)
 
     def _wait_events(self, seconds: float) -> None:
-        """Sleep until the ring buffer has records (or `seconds` pass), without
-        the lock: a process paused at exit waits for this thread."""
+        """Sleep until the ring buffer has records or the tracer closes,
+        without the lock: a process paused at exit waits for this thread.
+        With no epoll fd to wait on: `seconds` at most. (Never woken for
+        nothing: a thread that runs Python code beside a test changes what it
+        sees, sys.getrefcount(None) for one.)"""
         import ctypes
         import select
 
@@ -245,7 +248,7 @@ class Tracer:
             time.sleep(seconds)
             return
         try:
-            select.select([fd], [], [], seconds)
+            select.select([fd, self._wake[0]], [], [])
         except (OSError, ValueError):
             time.sleep(seconds)
 
@@ -452,13 +455,10 @@ class Tracer:
 
     def _detach_later(self, links: list[int]) -> None:
         """Close pymalloc links off the test's path: a uprobe's release waits
-        for an RCU grace period. Tracer.close waits for these."""
-        if not links:
-            return
-        th = threading.Thread(target=lambda: [_quietly(lambda fd=fd: os.close(fd)) for fd in links],
-                              name="memleak-ebpf-detach", daemon=True)
-        th.start()
-        self._detaching = [t for t in self._detaching if t.is_alive()] + [th]
+        for an RCU grace period, which the watchdog process waits out
+        (Watchdog.release): no thread of this process runs beside the test."""
+        if links:
+            self.watchdog.release(links)
 
     def open_window(self, c: Client | None = None) -> int:
         """Start recording the root's own allocations; returns the window's serial."""
@@ -675,12 +675,11 @@ class Tracer:
         if self._closed:
             return
         self._closed = True
+        _quietly(lambda: os.write(self._wake[1], b"x"))
         self._links += self.exec_pauses.close()
         for c in self._clients:
             self._links += c.pymalloc_links or []
             c.pymalloc_links = None
-        for th in self._detaching:
-            th.join()
         _quietly(self.watchdog.close)
         if self._window_scanner is not None:
             _quietly(self._window_scanner.close)
@@ -699,6 +698,10 @@ class Tracer:
                 th.join()
             if self._table is not None:
                 _quietly(self._table.close)   # the mapping holds the map's memory
+        self._poller.join(timeout=2)          # woken by the pipe; it takes the lock to see _closed
+        with self._lock:
+            for fd in self._wake:
+                _quietly(lambda fd=fd: os.close(fd))
             try:
                 self.bpf.cleanup()
             except Exception:

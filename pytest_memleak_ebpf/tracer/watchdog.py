@@ -24,6 +24,14 @@ kinds/ptrace.py, loaded from its file -- ptrace must come from a process that
 is not the tracee's parent (pytest's own waitpid of a child would take the
 ptrace-stop notifications of a tracer in its thread group). EOF on stdin:
 every key left is continued, then the watchdog exits.
+
+It also closes file descriptors for pytest (:meth:`Watchdog.release`): the
+pymalloc links of a closed in-process window, sent over a socket
+(SCM_RIGHTS). The last close of a uprobe link waits for an RCU grace period
+(~50 ms); done here it is off the test's path, and without a thread of
+pytest's own that would run Python code beside the next test (a test that
+compares ``sys.getrefcount(None)`` before and after a call sees every
+bytecode another thread runs).
 """
 
 from __future__ import annotations
@@ -33,8 +41,10 @@ import json
 import os
 import select
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 
 _NR_BPF = 321                  # x86-64
@@ -102,7 +112,30 @@ def _registers(pid: int, ptrace) -> dict:
         return {"error": f"{type(exc).__name__}: {exc}"}
 
 
-def serve(map_fd: int, limit: float, rfd: int, wfd: int) -> None:
+def _close_received(sock: socket.socket) -> None:
+    """Close every descriptor waiting on `sock` (Watchdog.release)."""
+    while True:
+        try:
+            _, fds, _, _ = socket.recv_fds(sock, 16, 256, socket.MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            return
+        if not fds:
+            return
+        # each last close waits for a grace period: side by side the waits overlap
+        for fd in fds:
+            threading.Thread(target=_close_quietly, args=(fd,), daemon=True).start()
+
+
+def _close_quietly(fd: int) -> None:
+    try:
+        os.close(fd)
+    except OSError:
+        pass
+
+
+def serve(map_fd: int, limit: float, rfd: int, wfd: int, release: socket.socket | None = None) -> None:
     """The watchdog's loop (see the module's text); returns at EOF of rfd."""
     first_seen: dict[int, float] = {}
     buf = b""
@@ -119,10 +152,13 @@ def serve(map_fd: int, limit: float, rfd: int, wfd: int) -> None:
                     del first_seen[tgid]
             next_poll = now + POLL_SECONDS
         try:
-            ready = select.select([rfd], [], [], max(0.0, next_poll - time.monotonic()))[0]
+            ready = select.select([rfd] + ([release] if release is not None else []), [], [],
+                                  max(0.0, next_poll - time.monotonic()))[0]
         except InterruptedError:
             continue
-        if not ready:
+        if release is not None and release in ready:
+            _close_received(release)
+        if rfd not in ready:
             continue
         try:
             chunk = os.read(rfd, 4096)
@@ -147,10 +183,11 @@ def serve(map_fd: int, limit: float, rfd: int, wfd: int) -> None:
 
 def main(argv: list[str]) -> int:
     map_fd, limit = int(argv[1]), float(argv[2])
+    release = socket.socket(fileno=int(argv[3])) if len(argv) > 3 else None
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     try:
-        serve(map_fd, limit, sys.stdin.fileno(), sys.stdout.fileno())
+        serve(map_fd, limit, sys.stdin.fileno(), sys.stdout.fileno(), release)
     finally:
         continue_all(map_fd)
     return 0
@@ -163,11 +200,31 @@ class Watchdog:
 
     def __init__(self, map_fd: int, limit: float):
         self.limit = limit
-        self.proc = subprocess.Popen([sys.executable, "-I", "-S", os.path.abspath(__file__), str(map_fd),
-                                      f"{limit:g}"], pass_fds=(map_fd,), stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                                     start_new_session=True, close_fds=True)
+        self._release, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+        try:
+            self.proc = subprocess.Popen([sys.executable, "-I", "-S", os.path.abspath(__file__), str(map_fd),
+                                          f"{limit:g}", str(theirs.fileno())], pass_fds=(map_fd, theirs.fileno()),
+                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                         start_new_session=True, close_fds=True)
+        finally:
+            theirs.close()
         self._out = b""
+
+    def release(self, fds: list[int]) -> None:
+        """Close `fds` here at once and have the watchdog drop the last
+        reference (what waits for the kernel happens there). Where it cannot
+        be sent, closed here, waiting."""
+        for i in range(0, len(fds), 200):
+            part = fds[i:i + 200]
+            try:
+                socket.send_fds(self._release, [b"x"], part)
+            except OSError:
+                pass     # closed below all the same: the wait is then ours
+            for fd in part:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
 
     def registers(self, pid: int, timeout: float) -> dict[int, dict[str, int]]:
         """The thread registers of the stopped process `pid` (read by the
@@ -194,6 +251,10 @@ class Watchdog:
         return {int(t): r for t, r in answer.items()}
 
     def close(self) -> None:
+        try:
+            self._release.close()
+        except OSError:
+            pass
         try:
             self.proc.stdin.close()
         except OSError:
