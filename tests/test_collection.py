@@ -228,6 +228,20 @@ def test_plain_ip_stacks_are_mapped_back_to_build_id_stacks():
     assert [int(k.serial) for k in rc.keys()] == [SC]
 
 
+def test_the_rawcache_is_walked_only_when_a_stack_is_made_of_plain_ips():
+    maps, lib = fake_maps()
+    proc(maps, SA, tgid=201, test_id=1)
+    stack(maps, 33, [(abi.BUILD_ID_VALID, 0x100), (abi.BUILD_ID_VALID, 0x200)])
+    block(maps, 201, 0xA2, size=20, serial=SA, stack=33)
+    rc = maps["rawcache"]
+    rc[rc.Key(serial=OLD, rawhash=1)] = rc.Leaf(h=33, n=0)    # garbage: left to the LRU map's eviction
+    rc[rc.Key(serial=SA, rawhash=2)] = rc.Leaf(h=33, n=0)
+    rec = collector(maps, lib).collect_test(1, active=set(), window_serial=-1, window_allocs=False,
+                                            windows=set(), single_client=True)
+    assert by_stack(rec.blocks[SA]) == [(20, 33, 1)]
+    assert sorted(int(k.serial) for k in rc.keys()) == sorted([OLD, SA])
+
+
 def test_select_batches_and_skips_keys_deleted_meanwhile(monkeypatch):
     monkeypatch.setattr(collection, "BATCH_CHUNK", 3)
     maps, lib = fake_maps()

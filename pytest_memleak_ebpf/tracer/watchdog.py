@@ -116,7 +116,8 @@ def _close_received(sock: socket.socket) -> None:
     """Close every descriptor waiting on `sock` (Watchdog.release)."""
     while True:
         try:
-            _, fds, _, _ = socket.recv_fds(sock, 16, 256, socket.MSG_DONTWAIT)
+            # a non-blocking socket (main): recv_fds drops its flags argument (CPython 3.11)
+            _, fds, _, _ = socket.recv_fds(sock, 16, 256)
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
@@ -184,6 +185,8 @@ def serve(map_fd: int, limit: float, rfd: int, wfd: int, release: socket.socket 
 def main(argv: list[str]) -> int:
     map_fd, limit = int(argv[1]), float(argv[2])
     release = socket.socket(fileno=int(argv[3])) if len(argv) > 3 else None
+    if release is not None:
+        release.setblocking(False)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     try:
