@@ -41,6 +41,7 @@ therefore not a pointer to ``b`` here.
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import time
 from typing import Callable, Dict, Iterable, Optional, Sequence, Tuple
@@ -442,6 +443,203 @@ def _indirect(n: int, srcs: np.ndarray, tgts: np.ndarray, lost: np.ndarray, scra
     return indirect
 
 
+#: classify in plain Python (_classify_small) up to this many blocks, this
+#: many words inside them and this many root words that fall among them: a
+#: small process's scan is then a few dozen Python steps instead of ~100 small
+#: numpy calls (each costing microseconds whatever its size)
+SMALL_BLOCKS, SMALL_BLOCK_WORDS, SMALL_ROOT_HITS = 64, 8192, 4096
+_M64 = (1 << 64) - 1
+
+
+def _classify_small(starts: np.ndarray, sizes: np.ndarray, roots, heap, registers, heuristics, is_vtable,
+                    hazard_offsets, clock) -> Optional[Classification]:
+    """classify() for small inputs, the same rules step by step in plain
+    Python (tests/test_kinds_classify.py compares it with the vectorised
+    passes on random graphs); None when the input is not small (or a block
+    start is not 8-aligned): the caller takes the vectorised path."""
+    n = int(starts.size)
+    if n > SMALL_BLOCKS:
+        return None
+    S0, Z0 = starts.tolist(), sizes.tolist()
+    if any(a % 8 for a in S0):
+        return None
+    order = sorted(range(n), key=S0.__getitem__)        # stable, as argsort(kind="stable")
+    S = [S0[i] for i in order]
+    Z = [Z0[i] for i in order]
+    E = [a + (z if z > 1 else 1) for a, z in zip(S, Z)]
+    for i in range(n - 1):
+        if E[i] > S[i + 1]:
+            raise ValueError(f"blocks overlap: {S[i]:#x}+{Z[i]} and {S[i + 1]:#x}+{Z[i + 1]}")
+    if hazard_offsets is None:
+        H = None
+    else:
+        hz = np.asarray(hazard_offsets, dtype=np.int64).reshape(-1)
+        if hz.shape != starts.shape:
+            raise ValueError("hazard_offsets must have one entry per block")
+        hz = hz.tolist()
+        H = [(a + hz[i]) & _M64 if hz[i] >= 0 else 0 for a, i in zip(S, order)]
+    # each block's words (aligned starts: from its start to its last whole word)
+    segs = sorted(((int(a), _as_words(w)) for a, w in heap), key=lambda x: x[0])
+    for a, _ in segs:
+        if a % 8:
+            raise ValueError(f"heap segment at {a:#x} is not 8-byte aligned")
+    seg_lo = [a for a, _ in segs]
+    W: list = [None] * n            # None: not covered (no readable content)
+    total = 0
+    for b in range(n):
+        k = bisect.bisect_right(seg_lo, S[b]) - 1
+        last = (S[b] + Z[b]) & ~7
+        if k >= 0:
+            a, w = segs[k]
+            if last <= a + 8 * w.size:
+                total += (last - S[b]) // 8
+                if total > SMALL_BLOCK_WORDS:
+                    return None
+                W[b] = w[(S[b] - a) // 8:(last - a) // 8].tolist()
+    if n:
+        lo, hi = S[0], max(E)
+    clock.lap("blocks")
+
+    def find(v):
+        """(block, is start) of a pointer value, or None."""
+        if v < lo or v >= hi:
+            return None
+        t = bisect.bisect_right(S, v) - 1
+        if t < 0 or v >= E[t] or (H is not None and H[t] and v == H[t]):
+            return None
+        return t, v == S[t]
+
+    def word(t, off):
+        w = W[t]
+        return w[off // 8] if w is not None and Z[t] >= off + 8 else None
+
+    vt_cache: dict = {}
+
+    def vtable(v):
+        if v not in vt_cache:
+            vt_cache[v] = bool(np.asarray(is_vtable(np.array([v], dtype=np.uint64)), dtype=bool)[0])
+        return vt_cache[v]
+
+    def heur(t, v):
+        """The heuristic (1-based) accepting the interior pointer v to block t, 0 for none."""
+        if not heuristics:
+            return 0
+        off, size = v - S[t], Z[t]
+        w0 = word(t, 0)
+        if "stdstring" in heuristics and off == 24:
+            w1 = word(t, 8)
+            if w0 is not None and w1 is not None and (w1 + 25) & _M64 == size and w0 <= w1:
+                return 1
+        if off == 8 and w0 is not None and w0 > 0 and size >= 8:
+            if "length64" in heuristics and size - 8 == w0:
+                return 2
+            if "newarray" in heuristics and (size - 8) % w0 == 0:
+                return 3
+        if "multipleinheritance" in heuristics and is_vtable is not None and v % 8 == 0:
+            if W[t] is not None and off + 8 <= size and w0 is not None:
+                inner = W[t][off // 8]
+                if inner % 8 == 0 and inner >= 4096 and w0 % 8 == 0 and w0 >= 4096 \
+                        and vtable(inner) and vtable(w0):
+                    return 4
+        return 0
+
+    # pointers from the roots: the words among the blocks found by one numpy pass
+    root_words = [_as_words(w) for _, w in roots]
+    regs = np.array([int(r) & _M64 for r in registers], dtype=np.uint64)
+    rhits = []                      # (target, is start, heuristic)
+    if n:
+        all_root = np.concatenate(root_words + [regs]) if (root_words or regs.size) else np.zeros(0, np.uint64)
+        vals = all_root[(all_root >= np.uint64(lo)) & (all_root < np.uint64(hi))]
+        if vals.size > SMALL_ROOT_HITS:
+            return None
+        for v in vals.tolist():
+            f = find(v)
+            if f is not None:
+                rhits.append((f[0], f[1], 0 if f[1] else heur(f[0], v)))
+    # pointers between blocks: per source, (target, is start, heuristic)
+    out = [[] for _ in range(n)]
+    for b in range(n):
+        if W[b] is None:
+            continue
+        for v in W[b]:
+            if lo <= v < hi:
+                f = find(v)
+                if f is not None:
+                    out[b].append((f[0], f[1], 0 if f[1] else heur(f[0], v)))
+    clock.lap("pointers")
+
+    U = _UNREACHED
+    state = [U] * n
+    stack = [t for t, st, h in rhits if st or h]
+    for t in stack:
+        state[t] = REACHABLE
+    while stack:
+        b = stack.pop()
+        for t, st, h in out[b]:
+            if (st or h) and state[t] != REACHABLE:
+                state[t] = REACHABLE
+                stack.append(t)
+    stack = [t for t, _, _ in rhits if state[t] == U]
+    stack += [t for b in range(n) if state[b] == REACHABLE for t, _, _ in out[b] if state[t] == U]
+    for t in stack:
+        state[t] = POSSIBLE
+    while stack:
+        b = stack.pop()
+        for t, _, _ in out[b]:
+            if state[t] == U:
+                state[t] = POSSIBLE
+                stack.append(t)
+    # reachable via heuristic: the first heuristic accepting a pointer from
+    # the roots or a reachable block, unless a start pointer from the roots,
+    # a reachable or a possibly lost block reaches it
+    heur_of = [0] * n
+    from_reach = [e for b in range(n) if state[b] == REACHABLE for e in out[b]]
+    if any(h for _, _, h in rhits) or any(h for _, _, h in from_reach):
+        started = [False] * n
+        for t, st, _ in rhits:
+            if st:
+                started[t] = True
+        for b in range(n):
+            if state[b] != U:
+                for t, st, _ in out[b]:
+                    if st:
+                        started[t] = True
+        for t, _, h in rhits + from_reach:
+            if h and (not heur_of[t] or h < heur_of[t]):
+                heur_of[t] = h
+        for b in range(n):
+            if started[b] or state[b] != REACHABLE:
+                heur_of[b] = 0
+    clock.lap("marking")
+
+    # memcheck's clique pass: in address order, each lost block not yet
+    # marked leads and marks every unmarked lost block it reaches but itself
+    lost = [st == U for st in state]
+    marked = [False] * n
+    for leader in range(n):
+        if not lost[leader] or marked[leader]:
+            continue
+        stack = [leader]
+        while stack:
+            b = stack.pop()
+            for t, _, _ in out[b]:
+                if lost[t] and not marked[t] and t != leader:
+                    marked[t] = True
+                    stack.append(t)
+    for b in range(n):
+        if lost[b]:
+            state[b] = INDIRECT if marked[b] else DEFINITE
+    clock.lap("cliques")
+
+    kinds = np.empty(n, dtype=np.int8)
+    hout = np.zeros(n, dtype=np.int8)
+    for k, i in enumerate(order):
+        kinds[i] = state[k]
+        if state[k] == REACHABLE:
+            hout[i] = heur_of[k]
+    return Classification(starts=starts.copy(), sizes=sizes.copy(), kinds=kinds, heuristic=hout)
+
+
 class _Clock:
     """Seconds per phase into ``timings`` (when it is a dict)."""
 
@@ -460,7 +658,8 @@ def classify(starts, sizes, roots: Iterable[Region], heap: Sequence[Region], *,
              registers: Iterable[int] = (),
              heuristics=DEFAULT_HEURISTICS,
              is_vtable: Optional[Callable[[np.ndarray], np.ndarray]] = None,
-             hazard_offsets=None, timings: Optional[Dict[str, float]] = None) -> Classification:
+             hazard_offsets=None, timings: Optional[Dict[str, float]] = None,
+             small: bool = True) -> Classification:
     """Classify every block; see the module docstring.
 
     ``is_vtable(values)`` -> bool array: memcheck's "looks like a vtable" test
@@ -470,13 +669,23 @@ def classify(starts, sizes, roots: Iterable[Region], heap: Sequence[Region], *,
     dict that gets the seconds each phase took (``blocks``: sorting and
     locating the blocks; ``pointers``: finding the pointers in the roots and
     the blocks, heuristics included; ``marking``: reachable and possibly
-    lost; ``cliques``: the clique pass) -- for bench/kinds.py.
+    lost; ``cliques``: the clique pass) -- for bench/kinds.py.  ``small``:
+    small inputs take the plain-Python path (:func:`_classify_small`); False
+    forces the vectorised one.
     """
     clock = _Clock(timings)
     heuristics = frozenset(heuristics)
     unknown = heuristics - DEFAULT_HEURISTICS
     if unknown:
         raise ValueError(f"unknown leak-check heuristic(s): {', '.join(sorted(unknown))}")
+    starts = np.asarray(starts, dtype=np.uint64).reshape(-1)
+    sizes = np.asarray(sizes, dtype=np.uint64).reshape(-1)
+    if starts.shape != sizes.shape:
+        raise ValueError(f"starts ({starts.size}) and sizes ({sizes.size}) differ in length")
+    if small:
+        got = _classify_small(starts, sizes, roots, heap, registers, heuristics, is_vtable, hazard_offsets, clock)
+        if got is not None:
+            return got
     blocks = _Blocks(starts, sizes, hazard_offsets)
     n = blocks.n
     contents = _Contents(blocks, heap)

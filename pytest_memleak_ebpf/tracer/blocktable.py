@@ -115,23 +115,31 @@ class BlockTable:
         for r, mine in sorted(regions.items()):
             sub = self.a[r * rb:(r + 1) * rb]
             ser = sub[:, SERIAL, :]
+            # the slots' flat indices (bucket * WAYS + way): one compare over
+            # the serial column, then the other columns at those slots only
+            # (boolean masks over every column cost several times more)
             if len(mine) == 1:
                 (one,) = mine
-                mask = ser == np.uint64(one)
+                idx = np.flatnonzero(ser == np.uint64(one))
             else:
-                mask = np.isin(ser, np.fromiter(mine, dtype=np.uint64))
-            if not mask.any():
+                idx = np.flatnonzero(np.isin(ser, np.fromiter(mine, dtype=np.uint64)))
+            if not idx.size:
                 continue
-            got_ser = ser[mask]
-            cols = (sub[:, ADDR, :][mask], sub[:, SIZE, :][mask], sub[:, STACK, :][mask])
+            bk, way = idx // WAYS, idx % WAYS
+            got_ser = ser[bk, way]
+            cols = (sub[bk, ADDR, way], sub[bk, SIZE, way], sub[bk, STACK, way])
             if remove:
-                ser[mask] = 0            # serial first, then the address (as the program does)
-                sub[:, ADDR, :][mask] = 0
+                ser[bk, way] = 0            # serial first, then the address (as the program does)
+                sub[bk, ADDR, way] = 0
+            if len(mine) == 1:
+                out.setdefault(one, []).append(cols)
+                continue
             for s in mine:
                 sel = got_ser == np.uint64(s)
                 if sel.any():
                     out.setdefault(s, []).append(tuple(c[sel] for c in cols))
-        return {s: tuple(np.concatenate([p[i] for p in parts]) for i in range(3)) for s, parts in out.items()}
+        return {s: parts[0] if len(parts) == 1 else tuple(np.concatenate([p[i] for p in parts]) for i in range(3))
+                for s, parts in out.items()}
 
     def live_stacks(self) -> set[int]:
         """The stacks of every block in the table (a whole-table read: for the
