@@ -99,6 +99,8 @@ def _libc_data_ranges(maps: Sequence[Region], static: bool = False) -> List[Tupl
     executable maps)."""
     out = []
     for i, m in enumerate(maps):
+        if not m.writable or (not static and "libc" not in m.path):
+            continue
         base = m.path.rsplit("/", 1)[-1]
         ours = m.file_backed if static else base.startswith("libc.so") or base.startswith("libc-")
         if m.writable and ours:

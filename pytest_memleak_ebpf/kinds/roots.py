@@ -21,6 +21,7 @@ words are read.
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import os
 import stat
@@ -159,7 +160,8 @@ def scan_process(pid: int, starts, sizes, *, exclude: Iterable[Range] = (),
         holes = list(exclude) + subtract(am.ranges, am.keep)
         main = registers.get(pid)
         exit_frames = exitframe.exit_path_hole(maps, main["rsp"], mem.read,
-                                               lambda a, n: mem.words_many([(a, n)])[0]) if main else None
+                                               lambda a, n: mem.words_many([(a, n)])[0],
+                                               read_many=mem.read_many) if main else None
         if exit_frames:
             holes.append(exit_frames)
         roots = root_ranges(maps, [r["rsp"] for r in registers.values()], holes)
@@ -194,12 +196,31 @@ def prefetch_ranges(maps: Sequence[Region]) -> List[Range]:
     return out
 
 
+#: _block_segments works in plain Python up to this many blocks
+SMALL_SEGMENTS = 64
+
+
 def _block_segments(starts: np.ndarray, sizes: np.ndarray, maps: Sequence[Region],
                     gap: int = 1 << 16) -> List[Range]:
     """Cover the (sorted) blocks with few read ranges: blocks of one mapping
     closer than ``gap`` share one."""
     if starts.size == 0:
         return []
+    if starts.size <= SMALL_SEGMENTS:     # a few blocks: plain Python (numpy's per-call cost dominates)
+        mstarts = [m.start for m in maps]
+        out: List[Range] = []
+        prev_which, reach = None, 0
+        for s, z in zip(starts.tolist(), sizes.tolist()):
+            lo, hi = s & ~7, (s + z + 7) & ~7
+            which = bisect.bisect_right(mstarts, s) - 1
+            if out and which == prev_which and lo - reach <= gap:
+                reach = max(reach, hi)
+                out[-1] = (out[-1][0], reach)
+            else:
+                reach = max(reach, hi) if out else hi
+                out.append((lo, reach))
+            prev_which = which
+        return out
     lo = (starts & ~np.uint64(7)).astype(np.int64)
     hi = ((starts + sizes + np.uint64(7)) & ~np.uint64(7)).astype(np.int64)
     mstarts = np.array([m.start for m in maps], dtype=np.uint64)
