@@ -79,6 +79,12 @@ class Classification:
     def summary(self) -> Dict[str, Tuple[int, int]]:
         """``{kind name: (bytes, blocks)}`` for the four kinds."""
         out = {}
+        if self.kinds.size <= SMALL_BLOCKS:        # a few blocks: plain Python
+            acc = [[0, 0] for _ in KIND_NAMES]
+            for k, z in zip(self.kinds.tolist(), self.sizes.tolist()):
+                acc[k][0] += z
+                acc[k][1] += 1
+            return {name: (acc[k][0], acc[k][1]) for k, name in enumerate(KIND_NAMES)}
         for k, name in enumerate(KIND_NAMES):
             sel = self.kinds == k
             out[name] = (int(self.sizes[sel].sum()), int(sel.sum()))

@@ -148,12 +148,12 @@ def scan_process(pid: int, starts, sizes, *, exclude: Iterable[Range] = (),
     starts = np.asarray(starts, dtype=np.uint64)
     sizes = np.asarray(sizes, dtype=np.uint64)
     maps = read_regions(pid)
+    if registers is None:
+        registers = thread_registers(pid)
     with ProcessMemory(pid) as mem:
         # the small writable mappings at once: the allocator's structures, the
         # exit path's frames and the roots are read from them
-        mem.prefetch(prefetch_ranges(maps))
-        if registers is None:
-            registers = thread_registers(pid)
+        mem.prefetch(prefetch_ranges(maps, [r["rsp"] for r in registers.values()]))
         threads = [allocmem.Thread(r["rsp"], r.get("fs_base", 0)) for r in registers.values()]
         am = allocmem.allocator_memory(allocator, maps, mem.read, starts, sizes, threads)
         main_arena = am.main_arena
@@ -183,15 +183,24 @@ PREFETCH_MAPPING = 16 << 20
 PREFETCH_TOTAL = 256 << 20
 
 
-def prefetch_ranges(maps: Sequence[Region]) -> List[Range]:
+def prefetch_ranges(maps: Sequence[Region], stack_pointers: Iterable[int] = ()) -> List[Range]:
     """The readable and writable mappings (devices excepted) of at most
-    PREFETCH_MAPPING bytes each, PREFETCH_TOTAL in all, as (addr, length)."""
+    PREFETCH_MAPPING bytes each, PREFETCH_TOTAL in all, as (addr, length);
+    not ``[heap]`` (glibc's: never a root; its blocks are read as segments),
+    and a mapping holding a thread's stack pointer from ``sp - RED_ZONE`` up
+    (what is below is never read)."""
+    sps = sorted(stack_pointers)
     out, total = [], 0
     for m in maps:
-        n = m.end - m.start
-        if m.readable and m.writable and n <= PREFETCH_MAPPING and total + n <= PREFETCH_TOTAL \
-                and not _is_device(m):
-            out.append((m.start, n))
+        if not (m.readable and m.writable) or m.path == "[heap]":
+            continue
+        lo = m.start
+        i = bisect.bisect_left(sps, m.start)
+        if i < len(sps) and sps[i] < m.end:
+            lo = max(m.start, (sps[i] - RED_ZONE) & ~7)
+        n = m.end - lo
+        if n <= PREFETCH_MAPPING and total + n <= PREFETCH_TOTAL and not _is_device(m):
+            out.append((lo, n))
             total += n
     return out
 
