@@ -529,3 +529,21 @@ def test_a_block_two_heuristics_accept_gets_the_first_in_memchecks_order(small):
     assert c.heuristic.tolist() == [1]
     m.roots = [b + 8]
     assert m.run(small=small).heuristic.tolist() == [3]
+
+
+@pytest.mark.parametrize("scratch", [7, 64, 1 << 18])
+def test_root_words_among_the_blocks_are_found_a_scratch_buffer_at_a_time(monkeypatch, scratch):
+    C = importlib.import_module("pytest_memleak_ebpf.kinds.classify")
+    monkeypatch.setattr(C, "_SCRATCH_WORDS", scratch)
+    rng = np.random.default_rng(scratch)
+    lo, hi = HEAP + 0x100, HEAP + 0x900
+    arrays = []
+    for n in (0, 1, 5, 7, 8, 13, 64, 200):
+        w = rng.integers(HEAP, HEAP + 0x1000, n, dtype=np.uint64)
+        w[::3] = rng.integers(0, 1 << 63, w[::3].size, dtype=np.uint64)     # far away, and wrapping below lo
+        arrays.append(w)
+    want = [int(v) for w in arrays for v in w if lo <= int(v) < hi]
+    assert len(want) > 20
+    assert C._words_in_range(arrays, lo, hi, 10_000) == want
+    assert C._words_in_range(arrays, lo, hi, len(want)) == want
+    assert C._words_in_range(arrays, lo, hi, len(want) - 1) is None

@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
+import threading
 import time
 from typing import Callable, Dict, Iterable, Optional, Sequence, Tuple
 
@@ -106,7 +107,7 @@ def _as_words(words) -> np.ndarray:
     arr = np.asarray(words)
     if arr.dtype != np.uint64:
         arr = arr.astype(np.uint64)
-    return arr.reshape(-1)
+    return arr if arr.ndim == 1 else arr.reshape(-1)
 
 
 class _Blocks:
@@ -457,6 +458,52 @@ SMALL_BLOCKS, SMALL_BLOCK_WORDS, SMALL_ROOT_HITS = 64, 8192, 4096
 _M64 = (1 << 64) - 1
 
 
+_SCRATCH_WORDS = 1 << 18       # 2 MiB + 256 KiB per thread, kept
+_scratch = threading.local()
+
+
+def _words_in_range(arrays: Sequence[np.ndarray], lo: int, hi: int, limit: int) -> Optional[list]:
+    """The words of ``arrays`` in [lo, hi), in order (None past ``limit`` of
+    them): ``(w - lo) mod 2**64 < hi - lo`` over the arrays joined into this
+    thread's scratch buffers, a scratch-full at a time: a handful of numpy
+    calls and no temporary array (each allocation in a traced pytest
+    process is a uprobe hit)."""
+    sc = getattr(_scratch, "bufs", None)
+    if sc is None or sc[0].size != _SCRATCH_WORDS:
+        sc = _scratch.bufs = (np.empty(_SCRATCH_WORDS, dtype=np.uint64), np.empty(_SCRATCH_WORDS, dtype=np.uint64),
+                              np.empty(_SCRATCH_WORDS, dtype=bool))
+    j_all, d_all, m_all = sc
+    low, span = np.uint64(lo), np.uint64(hi - lo)
+    out: list = []
+    group: list = []
+    size = 0
+
+    def run(group, size):
+        j, d, m = j_all[:size], d_all[:size], m_all[:size]
+        if len(group) == 1:
+            j = group[0]
+        else:
+            np.concatenate(group, out=j)
+        np.subtract(j, low, out=d)
+        np.less(d, span, out=m)
+        if m.any():
+            out.extend(j[m].tolist())
+
+    pieces = (w if w.size <= _SCRATCH_WORDS else w[i:i + _SCRATCH_WORDS]
+              for w in arrays for i in range(0, w.size, _SCRATCH_WORDS))
+    for part in pieces:
+        if size + part.size > _SCRATCH_WORDS:
+            run(group, size)
+            if len(out) > limit:
+                return None
+            group, size = [], 0
+        group.append(part)
+        size += part.size
+    if size:
+        run(group, size)
+    return None if len(out) > limit else out
+
+
 def _classify_small(starts: np.ndarray, sizes: np.ndarray, roots, heap, registers, heuristics, is_vtable,
                     hazard_offsets, clock) -> Optional[Classification]:
     """classify() for small inputs, the same rules step by step in plain
@@ -549,16 +596,18 @@ def _classify_small(starts: np.ndarray, sizes: np.ndarray, roots, heap, register
                     return 4
         return 0
 
-    # pointers from the roots: the words among the blocks found by one numpy pass
-    root_words = [_as_words(w) for _, w in roots]
-    regs = np.array([int(r) & _M64 for r in registers], dtype=np.uint64)
+    # pointers from the roots: the words among the blocks, found by numpy
+    # passes over scratch buffers (no temporary arrays: in a traced pytest
+    # process every malloc and free is a uprobe hit)
     rhits = []                      # (target, is start, heuristic)
     if n:
-        all_root = np.concatenate(root_words + [regs]) if (root_words or regs.size) else np.zeros(0, np.uint64)
-        vals = all_root[(all_root >= np.uint64(lo)) & (all_root < np.uint64(hi))]
-        if vals.size > SMALL_ROOT_HITS:
+        vals = _words_in_range([_as_words(w) for _, w in roots], lo, hi, SMALL_ROOT_HITS)
+        if vals is None:
             return None
-        for v in vals.tolist():
+        vals += [r for r in (int(x) & _M64 for x in registers) if lo <= r < hi]
+        if len(vals) > SMALL_ROOT_HITS:
+            return None
+        for v in vals:
             f = find(v)
             if f is not None:
                 rhits.append((f[0], f[1], 0 if f[1] else heur(f[0], v)))
