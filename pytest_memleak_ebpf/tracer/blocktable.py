@@ -17,6 +17,7 @@ addr, as the program does.
 from __future__ import annotations
 
 import mmap
+import threading
 
 import numpy as np
 
@@ -54,6 +55,7 @@ class BlockTable:
         self.buckets, self.region_buckets = buckets, region_buckets
         self.regions = buckets // region_buckets
         self._buf = buf
+        self._local = threading.local()
         self.a = np.frombuffer(buf, dtype="<u8", count=buckets * 5 * WAYS).reshape(buckets, 5, WAYS)
 
     @classmethod
@@ -99,6 +101,13 @@ class BlockTable:
 
     # -- reads ----------------------------------------------------------------
 
+    def _scratch(self) -> np.ndarray:
+        """This thread's (region_buckets, WAYS) bool buffer for one region's compare."""
+        m = getattr(self._local, "mask", None)
+        if m is None:
+            m = self._local.mask = np.empty((self.region_buckets, WAYS), dtype=bool)
+        return m
+
     def take(self, serials, *, remove: bool) -> dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]]:
         """{serial: (addresses, sizes, stacks)} of these images' blocks, read
         from their regions only; remove: their slots are freed (only for images
@@ -120,7 +129,11 @@ class BlockTable:
             # (boolean masks over every column cost several times more)
             if len(mine) == 1:
                 (one,) = mine
-                idx = np.flatnonzero(ser == np.uint64(one))
+                m = self._scratch()
+                np.equal(ser, np.uint64(one), out=m)      # no temporary: it is 64 KiB
+                if not m.any():
+                    continue
+                idx = np.flatnonzero(m)
             else:
                 idx = np.flatnonzero(np.isin(ser, np.fromiter(mine, dtype=np.uint64)))
             if not idx.size:
