@@ -531,7 +531,7 @@ def test_a_block_two_heuristics_accept_gets_the_first_in_memchecks_order(small):
     assert m.run(small=small).heuristic.tolist() == [3]
 
 
-@pytest.mark.parametrize("scratch", [7, 64, 1 << 18])
+@pytest.mark.parametrize("scratch", [7, 64, 1 << 16])
 def test_root_words_among_the_blocks_are_found_a_scratch_buffer_at_a_time(monkeypatch, scratch):
     C = importlib.import_module("pytest_memleak_ebpf.kinds.classify")
     monkeypatch.setattr(C, "_SCRATCH_WORDS", scratch)

@@ -458,7 +458,7 @@ SMALL_BLOCKS, SMALL_BLOCK_WORDS, SMALL_ROOT_HITS = 64, 8192, 4096
 _M64 = (1 << 64) - 1
 
 
-_SCRATCH_WORDS = 1 << 18       # 2 MiB + 256 KiB per thread, kept
+_SCRATCH_WORDS = 1 << 16       # 1.1 MiB per thread, kept
 _scratch = threading.local()
 
 
