@@ -161,7 +161,7 @@ def scan_process(pid: int, starts, sizes, *, exclude: Iterable[Range] = (),
         main = registers.get(pid)
         exit_frames = exitframe.exit_path_hole(maps, main["rsp"], mem.read,
                                                lambda a, n: mem.words_many([(a, n)])[0],
-                                               read_many=mem.read_many) if main else None
+                                               mem.read_many) if main else None
         if exit_frames:
             holes.append(exit_frames)
         roots = root_ranges(maps, [r["rsp"] for r in registers.values()], holes)
