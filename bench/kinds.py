@@ -94,7 +94,7 @@ import json, os, time
 # test session never pays. The wrapping is done at session start, once the
 # plugin has imported them itself.
 _rec = {"at_exit": [], "scan": [], "blocks": [], "wait_stopped": [], "take_blocks": [], "stop_registers": [],
-        "registers": [], "scan_process": []}
+        "registers": [], "scan_process": [], "stop_waits": []}
 _pausers = []
 
 
@@ -128,7 +128,15 @@ def scan_stopped(self, tgid, serial):
         self.take_blocks = _timed("take_blocks", self.take_blocks)
         self.stop_registers = _timed("stop_registers", self.stop_registers)
         _pausers.append(self)
-    return _orig["scan_stopped"](self, tgid, serial)
+    n = len(_rec["wait_stopped"])
+    try:
+        return _orig["scan_stopped"](self, tgid, serial)
+    finally:
+        # a pause that did not wait for /proc to show the stop (the BPF record
+        # of it was there) waited 0 s: per-pause medians stay per pause
+        _rec["stop_waits"].append(len(_rec["wait_stopped"]) - n)
+        if len(_rec["wait_stopped"]) == n:
+            _rec["wait_stopped"].append(0.0)
 
 
 def pytest_sessionstart(session):
@@ -267,7 +275,9 @@ def bench_small(cfg: dict, res: dict) -> None:
         "added_per_process_ms": ms(m_def - m_all),
         "pauser_at_exit_ms": ms(med(pr.get("at_exit", []))),
         "pauser_scan_ms": ms(med(scans)),
-        "pauser_split_ms": {k: ms(med(v)) for k, v in pr.items() if isinstance(v, list) and k != "blocks"},
+        "pauser_split_ms": {k: ms(med(v)) for k, v in pr.items() if isinstance(v, list)
+                            and k not in ("blocks", "stop_waits")},
+        "pauses_that_waited_for_the_stop": sum(1 for w in pr.get("stop_waits", []) if w),
         "register_sources": pr.get("register_sources"),
         "pythonmalloc": pr.get("pythonmalloc"),
         "pauses": len(pr.get("at_exit", [])),
@@ -458,7 +468,8 @@ def bench_many(cfg: dict, res: dict) -> None:
         "pauses": len((last["probe"] or {}).get("at_exit", [])),
         "pauser_at_exit_ms": ms(med((last["probe"] or {}).get("at_exit", []))),
         "pauser_split_ms": {k: ms(med(v)) for k, v in (last["probe"] or {}).items()
-                            if isinstance(v, list) and k != "blocks"},
+                            if isinstance(v, list) and k not in ("blocks", "stop_waits")},
+        "pauses_that_waited_for_the_stop": sum(1 for w in (last["probe"] or {}).get("stop_waits", []) if w),
         "register_sources": (last["probe"] or {}).get("register_sources"),
         # the block map holds every exited process's blocks until the test ends: does listing one
         # process's blocks grow with it?
@@ -556,10 +567,19 @@ def _sources_text(src) -> str:
     return f" ({src.get('bpf', 0)} from the BPF record of the stop, {src.get('ptrace', 0)} through ptrace)"
 
 
-def _split_text(sp: dict, src=None) -> str:
+def _waits_text(d: dict) -> str:
+    w = d.get("pauses_that_waited_for_the_stop")
+    if w is None:
+        return ""
+    return (f" (0 when the BPF record of the stop was there at once; {w} of {d.get('pauses')} pauses waited for "
+            f"/proc to show it)")
+
+
+def _split_text(sp: dict, src=None, d=None) -> str:
     if not sp:
         return ""
-    return (f"Per pause, in the Pauser (ms): waiting for the stop {_f(sp.get('wait_stopped'), 3)}, listing the "
+    return (f"Per pause, in the Pauser (ms): waiting for the stop {_f(sp.get('wait_stopped'), 3)}"
+            f"{_waits_text(d or {})}, listing the "
             f"process's blocks from the BPF map (take_blocks) {_f(sp.get('take_blocks'), 3)}, taking the BPF "
             f"record of the registers at the stop {_f(sp.get('stop_registers'), 3)}, the threads' registers "
             f"{_f(sp.get('registers'), 3)}{_sources_text(src)}, roots.scan_process "
@@ -589,7 +609,7 @@ def markdown(res: dict) -> str:
                  f"SIGCONT) {_f(sm['pauser_at_exit_ms'], 3)} ms, of which the scan (Outcome.seconds) "
                  f"{_f(sm['pauser_scan_ms'], 3)} ms; {sm['pauses']} pauses, "
                  f"{sm['classified']['classified']}/{sm['classified']['processes']} processes classified. "
-                 + _split_text(sm.get("pauser_split_ms") or {}, sm.get("register_sources")) + "\n")
+                 + _split_text(sm.get("pauser_split_ms") or {}, sm.get("register_sources"), sm) + "\n")
     hp = res.get("heap")
     if hp:
         L.append("**A 100 MB heap** (`kinds_heap`: 1,000,000 blocks of 96 B in chains of 10 and 8 of 1 MiB, "
@@ -632,7 +652,7 @@ def markdown(res: dict) -> str:
             fl = mn.get("take_blocks_ms_first_last_100") or [None, None]
             L.append("")
             L.append(f"Per pause (default kinds, ms): {_f(sp.get('at_exit'), 3)} in the Pauser — waiting for the "
-                     f"stop {_f(sp.get('wait_stopped'), 3)}, listing the blocks from the BPF map "
+                     f"stop {_f(sp.get('wait_stopped'), 3)}{_waits_text(mn)}, listing the blocks from the BPF map "
                      f"{_f(sp.get('take_blocks'), 3)} (first 100 processes {_f(fl[0], 3)}, last 100 {_f(fl[1], 3)}: the "
                      f"map holds every exited process's blocks until the test ends), registers "
                      f"{_f(sp.get('registers'), 3)}{_sources_text(mn.get('register_sources'))}, scan_process {_f(sp.get('scan_process'), 3)}; "

@@ -150,7 +150,7 @@ def test_a_paused_images_blocks_come_from_its_regions(monkeypatch):
     c = collector(maps, lib, t)
     A, B = serial_at(1000), serial_at(1001)
     tr = maps["tracked"]
-    tr[201] = tr.Leaf(serial=A, test_id=1, flags=abi.TF_ALLOCS | abi.TF_KINDS, nthreads=1)
+    tr[201] = tr.Leaf(serial=A, test_id=1, flags=abi.TF_ALLOCS | abi.TF_KINDS, nthreads=1, alloc_blocks=5)
     for i in range(5):
         assert put(t, A, 0x100 + 16 * i, 10 + i)
         assert put(t, B, 0x100 + 16 * i, 99)
@@ -159,9 +159,28 @@ def test_a_paused_images_blocks_come_from_its_regions(monkeypatch):
     assert not lib.calls                                       # no hash walk: nothing overflowed
     bl = maps["blocks"]
     bl[bl.Key(tgid=201, addr=0x999)] = bl.Leaf(size=3, ts=1, serial=A, stack=0)
-    tr[201] = tr.Leaf(serial=A, test_id=1, flags=abi.TF_ALLOCS | abi.TF_KINDS, nthreads=1, overflowed=1)
+    tr[201] = tr.Leaf(serial=A, test_id=1, flags=abi.TF_ALLOCS | abi.TF_KINDS, nthreads=1, overflowed=1,
+                      alloc_blocks=6)
     assert (0x999, 3) in c.image_blocks(201, A)
     assert t.count() == 10
+
+
+def test_an_image_that_never_recorded_a_block_has_none_and_its_regions_are_not_read(monkeypatch):
+    maps, lib = fake_maps()
+    t = new_table()
+    c = collector(maps, lib, t)
+    A = serial_at(1000)
+    tr = maps["tracked"]
+    tr[201] = tr.Leaf(serial=A, test_id=1, flags=abi.TF_ALLOCS | abi.TF_KINDS, nthreads=1, alloc_blocks=0)
+    monkeypatch.setattr(t, "take", lambda *a, **k: pytest.fail("the table was read"))
+    lib.calls.clear()
+    assert c.image_blocks(201, A) == []
+    assert not lib.calls
+    # an older image of the same pid (its entry has another serial now): read as before
+    monkeypatch.undo()
+    assert put(t, A, 0x100, 10)
+    tr[201] = tr.Leaf(serial=A + 1, test_id=1, flags=abi.TF_ALLOCS | abi.TF_KINDS, nthreads=1, alloc_blocks=0)
+    assert c.image_blocks(201, A) == [(0x100, 10)]
 
 
 def test_a_bad_store_name_is_a_clear_error(monkeypatch):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+
 import numpy as np
 import pytest
 
@@ -411,3 +413,137 @@ def test_word_ranges_are_found_a_chunk_at_a_time(monkeypatch):
     want = np.nonzero((v >= 300) & (v < 310))[0].tolist()
     monkeypatch.setattr(C, "_CHUNK_WORDS", 777)
     assert C._in_range(v, np.uint64(300), np.uint64(310)).tolist() == want and len(want) > 50
+
+
+def _random_case(rng, n):
+    """Blocks with pointers of every kind between them and from the roots:
+    start and interior pointers, cycles, std::string / length64 / new[]
+    layouts, vtable-like words, glibc's next-chunk headers, blocks with no
+    content, 0-byte blocks."""
+    m = Mem()
+    ids = [m.alloc(int(rng.choice([0, 8, 16, 24, 32, 40, 64, 96]))) for _ in range(n)]
+    sizes = dict(m.blocks)
+    vt = {0x4000_0000 + 64 * k for k in range(4)}          # "vtables"
+    hz = hazard_offsets(np.array([sizes[i] for i in ids]))
+    for _ in range(int(rng.integers(0, 3 * n + 1))):
+        a, b = (int(x) for x in rng.choice(n, 2))
+        if sizes[ids[a]] < 8:
+            continue
+        slot = ids[a] + 8 * int(rng.integers(0, sizes[ids[a]] // 8))
+        r = rng.random()
+        if r < 0.5:
+            v = ids[b]
+        elif r < 0.7:
+            v = ids[b] + int(rng.integers(0, max(sizes[ids[b]], 1)))
+        elif r < 0.8:
+            v = ids[b] + int(hz[b])                     # the next chunk's header
+        elif r < 0.9:
+            v = int(rng.choice(sorted(vt)))
+        else:
+            v = ids[b] + int(rng.choice([8, 24]))
+        m.put(slot, v)
+    for b in rng.choice(n, int(rng.integers(0, n // 2 + 1))).tolist():   # heuristic layouts
+        s, z = ids[b], sizes[ids[b]]
+        if z >= 16:
+            kind = rng.integers(0, 3)
+            if kind == 0:
+                m.put(s, z - 8)                          # length64
+            elif kind == 1:
+                m.put(s, int(rng.choice([1, 2, 4, 8])))  # new[] count
+            elif z >= 32:
+                m.put(s + 8, z - 25)                     # std::string capacity
+                m.put(s, int(rng.integers(0, z - 24)))
+    roots = []
+    for _ in range(int(rng.integers(0, 6))):
+        b = int(rng.integers(0, n))
+        roots.append(ids[b] + int(rng.choice([0, 0, 8, 24, 3, int(hz[b])])))
+    m.roots = roots
+    m.regs = [ids[int(rng.integers(0, n))] + 8] if rng.random() < 0.3 else []
+    return m, vt, hz
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_plain_python_path_for_small_inputs_matches_the_vectorised_passes(seed):
+    """_classify_small (up to SMALL_BLOCKS blocks) against the numpy passes on
+    random graphs: every kind and every heuristic mark the same."""
+    C = importlib.import_module("pytest_memleak_ebpf.kinds.classify")
+
+    rng = np.random.default_rng(1000 + seed)
+    taken = 0
+    for case in range(150):
+        n = int(rng.integers(1, C.SMALL_BLOCKS + 1))
+        m, vt, hz = _random_case(rng, n)
+        is_vt = lambda vals: np.array([int(v) in vt for v in vals], dtype=bool)  # noqa: E731
+        # some cases: a block at the end with no content (its segment ends before it)
+        cut = rng.random() < 0.2
+        starts = [s for s, _ in m.blocks]
+        sizes = [z for _, z in m.blocks]
+        hi = max([m.at] + [a + 8 for a in m.words])
+        seg = np.zeros((hi - HEAP) // 8, dtype=np.uint64)
+        for a, v in m.words.items():
+            seg[(a - HEAP) // 8] = v
+        if cut:
+            seg = seg[:max(0, (starts[-1] - HEAP) // 8)]
+        roots = [(ROOT, np.array(m.roots, dtype=np.uint64))]
+        kw = dict(registers=m.regs, is_vtable=is_vt, hazard_offsets=hz if rng.random() < 0.7 else None,
+                  heuristics=DEFAULT_HEURISTICS if rng.random() < 0.8 else ())
+        small = C._classify_small(np.array(starts, np.uint64), np.array(sizes, np.uint64), roots,
+                                  [(HEAP, seg)], m.regs, frozenset(kw["heuristics"]), is_vt,
+                                  kw["hazard_offsets"], C._Clock(None))
+        assert small is not None
+        taken += 1
+        big = classify(starts, sizes, roots, [(HEAP, seg)], small=False, **kw)
+        assert small.kinds.tolist() == big.kinds.tolist(), (seed, case)
+        assert small.heuristic.tolist() == big.heuristic.tolist(), (seed, case)
+        assert small.starts.tolist() == starts and small.sizes.tolist() == sizes
+    assert taken == 150
+
+
+def test_inputs_past_the_small_limits_take_the_vectorised_path(monkeypatch):
+    C = importlib.import_module("pytest_memleak_ebpf.kinds.classify")
+
+    m = Mem()
+    for _ in range(C.SMALL_BLOCKS + 1):
+        m.alloc(8)
+    starts = np.array([s for s, _ in m.blocks], np.uint64)
+    sizes = np.array([z for _, z in m.blocks], np.uint64)
+    assert C._classify_small(starts, sizes, [], [], [], frozenset(), None, None, C._Clock(None)) is None
+    assert C._classify_small(starts[:2] + np.uint64(4), sizes[:2], [], [], [], frozenset(), None, None,
+                             C._Clock(None)) is None        # not 8-aligned
+    monkeypatch.setattr(C, "SMALL_BLOCK_WORDS", 1)
+    assert C._classify_small(starts[:2], sizes[:2], [], [(HEAP, np.zeros(64, np.uint64))], [], frozenset(),
+                             None, None, C._Clock(None)) is None
+
+
+@pytest.mark.parametrize("small", [True, False])
+def test_a_block_two_heuristics_accept_gets_the_first_in_memchecks_order(small):
+    """57 bytes, length 7 at +0 and capacity 32 at +8: std::string (via +24)
+    and new[] of 7 (via +8) both accept it; memcheck tries stdstring first."""
+    m = Mem()
+    b = m.alloc(57)
+    m.put(b, 7)
+    m.put(b + 8, 32)
+    m.roots = [b + 8, b + 24]
+    c = m.run(small=small)
+    assert kinds(c) == [REACHABLE]
+    assert c.heuristic.tolist() == [1]
+    m.roots = [b + 8]
+    assert m.run(small=small).heuristic.tolist() == [3]
+
+
+@pytest.mark.parametrize("scratch", [7, 64, 1 << 16])
+def test_root_words_among_the_blocks_are_found_a_scratch_buffer_at_a_time(monkeypatch, scratch):
+    C = importlib.import_module("pytest_memleak_ebpf.kinds.classify")
+    monkeypatch.setattr(C, "_SCRATCH_WORDS", scratch)
+    rng = np.random.default_rng(scratch)
+    lo, hi = HEAP + 0x100, HEAP + 0x900
+    arrays = []
+    for n in (0, 1, 5, 7, 8, 13, 64, 200):
+        w = rng.integers(HEAP, HEAP + 0x1000, n, dtype=np.uint64)
+        w[::3] = rng.integers(0, 1 << 63, w[::3].size, dtype=np.uint64)     # far away, and wrapping below lo
+        arrays.append(w)
+    want = [int(v) for w in arrays for v in w if lo <= int(v) < hi]
+    assert len(want) > 20
+    assert C._words_in_range(arrays, lo, hi, 10_000) == want
+    assert C._words_in_range(arrays, lo, hi, len(want)) == want
+    assert C._words_in_range(arrays, lo, hi, len(want) - 1) is None

@@ -375,3 +375,41 @@ def test_the_registers_of_a_stop_come_from_its_bpf_record_when_the_process_has_t
         for proc in (one, two):
             proc.kill()
             proc.wait()
+
+
+def test_a_stop_with_its_bpf_record_and_one_thread_is_scanned_without_waiting_for_proc(monkeypatch):
+    """Pauser._scan_stopped: the record of our SIGSTOP (written with the
+    siglock held up to the group stop) and one thread: no wait for /proc
+    to show the stop. No record yet, or more threads: wait, and the record
+    is taken after the wait (no record outlives its stop)."""
+    from pytest_memleak_ebpf.tracer import exitpause
+    from pytest_memleak_ebpf.tracer.exitpause import Pauser, StopRegisters
+
+    regs = {"rsp": 0x7FFF0000, "fs_base": 0}
+    waits, scans = [], []
+    monkeypatch.setattr(exitpause, "wait_stopped", lambda pid: waits.append(pid) or True)
+    monkeypatch.setattr(exitpause, "scan", lambda pid, blocks, limit, registers, allocator:
+                        scans.append(registers()) or exitpause.Outcome(kinds={}))
+    records = []
+    p = Pauser(lambda tgid, serial: [], None, None, None, stop_registers=lambda tgid: records.pop(0) if records
+               else None)
+    monkeypatch.setattr(exitpause, "thread_ids", lambda pid: [pid])
+    records[:] = [StopRegisters(7, 100, regs)]
+    p._scan_stopped(100, 7)
+    assert waits == [] and scans == [{100: regs}]
+    # the record comes only after the stop shows: waited, then taken
+    records[:] = []
+    p.stop_registers = lambda tgid, seq=[None, StopRegisters(7, 100, regs)]: seq.pop(0)
+    p._scan_stopped(100, 7)
+    assert waits == [100] and scans[-1] == {100: regs}
+    # two threads: waited (and the registers through ptrace)
+    monkeypatch.setattr(exitpause, "thread_ids", lambda pid: [pid, pid + 1])
+    p.watchdog = type("W", (), {"registers": lambda self, pid, t: {pid: {"rsp": 1}, pid + 1: {"rsp": 2}}})()
+    p.stop_registers = lambda tgid: StopRegisters(7, 100, regs)
+    p._scan_stopped(100, 7)
+    assert waits == [100, 100] and scans[-1] == {100: {"rsp": 1}, 101: {"rsp": 2}}
+    # a record of another image: waited
+    monkeypatch.setattr(exitpause, "thread_ids", lambda pid: [pid])
+    p.stop_registers = lambda tgid: StopRegisters(6, 100, regs)
+    p._scan_stopped(100, 7)
+    assert waits == [100, 100, 100]

@@ -85,3 +85,31 @@ def test_vtable_check_is_memchecks():
     assert got.tolist() == [True, False, False, False, False, False]
     put(0x402fe8, 0x401100)
     assert check(np.array([0x402fe8], dtype=np.uint64)).tolist() == [True]
+
+
+def test_block_segments_of_a_few_blocks_in_plain_python_are_the_vectorised_ones(monkeypatch):
+    import numpy as np
+
+    from pytest_memleak_ebpf.kinds import roots as R
+    from pytest_memleak_ebpf.procmaps import Region
+
+    rng = np.random.default_rng(5)
+    # adjacent mappings; blocks laid one after the other with gaps around `gap`
+    maps = [Region(0x100000 + 0x40000 * k, 0x140000 + 0x40000 * k, "rw-p", 0, "00:00", 0, "") for k in range(4)]
+    for _ in range(300):
+        n = int(rng.integers(1, R.SMALL_SEGMENTS + 1))
+        gap = int(rng.choice([0, 64, 1 << 12]))
+        starts, sizes, at = [], [], maps[0].start + 16
+        for _ in range(n):
+            z = int(rng.integers(0, 0x2000))
+            if at + z >= maps[-1].end:
+                break
+            starts.append(at)
+            sizes.append(z)
+            at = (at + z + 15) // 16 * 16 + int(rng.choice([0, 16, gap - 8, gap, gap + 8, 3 * gap + 16]))
+            at += (-at) % 16
+        starts, sizes = np.array(starts, dtype=np.uint64), np.array(sizes, dtype=np.uint64)
+        small = R._block_segments(starts, sizes, maps, gap)
+        monkeypatch.setattr(R, "SMALL_SEGMENTS", 0)
+        assert small == R._block_segments(starts, sizes, maps, gap)
+        monkeypatch.setattr(R, "SMALL_SEGMENTS", 64)

@@ -41,7 +41,9 @@ therefore not a pointer to ``b`` here.
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
+import threading
 import time
 from typing import Callable, Dict, Iterable, Optional, Sequence, Tuple
 
@@ -78,6 +80,12 @@ class Classification:
     def summary(self) -> Dict[str, Tuple[int, int]]:
         """``{kind name: (bytes, blocks)}`` for the four kinds."""
         out = {}
+        if self.kinds.size <= SMALL_BLOCKS:        # a few blocks: plain Python
+            acc = [[0, 0] for _ in KIND_NAMES]
+            for k, z in zip(self.kinds.tolist(), self.sizes.tolist()):
+                acc[k][0] += z
+                acc[k][1] += 1
+            return {name: (acc[k][0], acc[k][1]) for k, name in enumerate(KIND_NAMES)}
         for k, name in enumerate(KIND_NAMES):
             sel = self.kinds == k
             out[name] = (int(self.sizes[sel].sum()), int(sel.sum()))
@@ -99,7 +107,7 @@ def _as_words(words) -> np.ndarray:
     arr = np.asarray(words)
     if arr.dtype != np.uint64:
         arr = arr.astype(np.uint64)
-    return arr.reshape(-1)
+    return arr if arr.ndim == 1 else arr.reshape(-1)
 
 
 class _Blocks:
@@ -442,6 +450,251 @@ def _indirect(n: int, srcs: np.ndarray, tgts: np.ndarray, lost: np.ndarray, scra
     return indirect
 
 
+#: classify in plain Python (_classify_small) up to this many blocks, this
+#: many words inside them and this many root words that fall among them: a
+#: small process's scan is then a few dozen Python steps instead of ~100 small
+#: numpy calls (each costing microseconds whatever its size)
+SMALL_BLOCKS, SMALL_BLOCK_WORDS, SMALL_ROOT_HITS = 64, 8192, 4096
+_M64 = (1 << 64) - 1
+
+
+_SCRATCH_WORDS = 1 << 16       # 1.1 MiB per thread, kept
+_scratch = threading.local()
+
+
+def _words_in_range(arrays: Sequence[np.ndarray], lo: int, hi: int, limit: int) -> Optional[list]:
+    """The words of ``arrays`` in [lo, hi), in order (None past ``limit`` of
+    them): ``(w - lo) mod 2**64 < hi - lo`` over the arrays joined into this
+    thread's scratch buffers, a scratch-full at a time: a handful of numpy
+    calls and no temporary array (each allocation in a traced pytest
+    process is a uprobe hit)."""
+    sc = getattr(_scratch, "bufs", None)
+    if sc is None or sc[0].size != _SCRATCH_WORDS:
+        sc = _scratch.bufs = (np.empty(_SCRATCH_WORDS, dtype=np.uint64), np.empty(_SCRATCH_WORDS, dtype=np.uint64),
+                              np.empty(_SCRATCH_WORDS, dtype=bool))
+    j_all, d_all, m_all = sc
+    low, span = np.uint64(lo), np.uint64(hi - lo)
+    out: list = []
+    group: list = []
+    size = 0
+
+    def run(group, size):
+        j, d, m = j_all[:size], d_all[:size], m_all[:size]
+        if len(group) == 1:
+            j = group[0]
+        else:
+            np.concatenate(group, out=j)
+        np.subtract(j, low, out=d)
+        np.less(d, span, out=m)
+        if m.any():
+            out.extend(j[m].tolist())
+
+    pieces = (w if w.size <= _SCRATCH_WORDS else w[i:i + _SCRATCH_WORDS]
+              for w in arrays for i in range(0, w.size, _SCRATCH_WORDS))
+    for part in pieces:
+        if size + part.size > _SCRATCH_WORDS:
+            run(group, size)
+            if len(out) > limit:
+                return None
+            group, size = [], 0
+        group.append(part)
+        size += part.size
+    if size:
+        run(group, size)
+    return None if len(out) > limit else out
+
+
+def _classify_small(starts: np.ndarray, sizes: np.ndarray, roots, heap, registers, heuristics, is_vtable,
+                    hazard_offsets, clock) -> Optional[Classification]:
+    """classify() for small inputs, the same rules step by step in plain
+    Python (tests/test_kinds_classify.py compares it with the vectorised
+    passes on random graphs); None when the input is not small (or a block
+    start is not 8-aligned): the caller takes the vectorised path."""
+    n = int(starts.size)
+    if n > SMALL_BLOCKS:
+        return None
+    S0, Z0 = starts.tolist(), sizes.tolist()
+    if any(a % 8 for a in S0):
+        return None
+    order = sorted(range(n), key=S0.__getitem__)        # stable, as argsort(kind="stable")
+    S = [S0[i] for i in order]
+    Z = [Z0[i] for i in order]
+    E = [a + (z if z > 1 else 1) for a, z in zip(S, Z)]
+    for i in range(n - 1):
+        if E[i] > S[i + 1]:
+            raise ValueError(f"blocks overlap: {S[i]:#x}+{Z[i]} and {S[i + 1]:#x}+{Z[i + 1]}")
+    if hazard_offsets is None:
+        H = None
+    else:
+        hz = np.asarray(hazard_offsets, dtype=np.int64).reshape(-1)
+        if hz.shape != starts.shape:
+            raise ValueError("hazard_offsets must have one entry per block")
+        hz = hz.tolist()
+        H = [(a + hz[i]) & _M64 if hz[i] >= 0 else 0 for a, i in zip(S, order)]
+    # each block's words (aligned starts: from its start to its last whole word)
+    segs = sorted(((int(a), _as_words(w)) for a, w in heap), key=lambda x: x[0])
+    for a, _ in segs:
+        if a % 8:
+            raise ValueError(f"heap segment at {a:#x} is not 8-byte aligned")
+    seg_lo = [a for a, _ in segs]
+    W: list = [None] * n            # None: not covered (no readable content)
+    total = 0
+    for b in range(n):
+        k = bisect.bisect_right(seg_lo, S[b]) - 1
+        last = (S[b] + Z[b]) & ~7
+        if k >= 0:
+            a, w = segs[k]
+            if last <= a + 8 * w.size:
+                total += (last - S[b]) // 8
+                if total > SMALL_BLOCK_WORDS:
+                    return None
+                W[b] = w[(S[b] - a) // 8:(last - a) // 8].tolist()
+    if n:
+        lo, hi = S[0], max(E)
+    clock.lap("blocks")
+
+    def find(v):
+        """(block, is start) of a pointer value, or None."""
+        if v < lo or v >= hi:
+            return None
+        t = bisect.bisect_right(S, v) - 1
+        if t < 0 or v >= E[t] or (H is not None and H[t] and v == H[t]):
+            return None
+        return t, v == S[t]
+
+    def word(t, off):
+        w = W[t]
+        return w[off // 8] if w is not None and Z[t] >= off + 8 else None
+
+    vt_cache: dict = {}
+
+    def vtable(v):
+        if v not in vt_cache:
+            vt_cache[v] = bool(np.asarray(is_vtable(np.array([v], dtype=np.uint64)), dtype=bool)[0])
+        return vt_cache[v]
+
+    def heur(t, v):
+        """The heuristic (1-based) accepting the interior pointer v to block t, 0 for none."""
+        if not heuristics:
+            return 0
+        off, size = v - S[t], Z[t]
+        w0 = word(t, 0)
+        if "stdstring" in heuristics and off == 24:
+            w1 = word(t, 8)
+            if w0 is not None and w1 is not None and (w1 + 25) & _M64 == size and w0 <= w1:
+                return 1
+        if off == 8 and w0 is not None and w0 > 0 and size >= 8:
+            if "length64" in heuristics and size - 8 == w0:
+                return 2
+            if "newarray" in heuristics and (size - 8) % w0 == 0:
+                return 3
+        if "multipleinheritance" in heuristics and is_vtable is not None and v % 8 == 0:
+            if W[t] is not None and off + 8 <= size and w0 is not None:
+                inner = W[t][off // 8]
+                if inner % 8 == 0 and inner >= 4096 and w0 % 8 == 0 and w0 >= 4096 \
+                        and vtable(inner) and vtable(w0):
+                    return 4
+        return 0
+
+    # pointers from the roots: the words among the blocks, found by numpy
+    # passes over scratch buffers (no temporary arrays: in a traced pytest
+    # process every malloc and free is a uprobe hit)
+    rhits = []                      # (target, is start, heuristic)
+    if n:
+        vals = _words_in_range([_as_words(w) for _, w in roots], lo, hi, SMALL_ROOT_HITS)
+        if vals is None:
+            return None
+        vals += [r for r in (int(x) & _M64 for x in registers) if lo <= r < hi]
+        if len(vals) > SMALL_ROOT_HITS:
+            return None
+        for v in vals:
+            f = find(v)
+            if f is not None:
+                rhits.append((f[0], f[1], 0 if f[1] else heur(f[0], v)))
+    # pointers between blocks: per source, (target, is start, heuristic)
+    out = [[] for _ in range(n)]
+    for b in range(n):
+        if W[b] is None:
+            continue
+        for v in W[b]:
+            if lo <= v < hi:
+                f = find(v)
+                if f is not None:
+                    out[b].append((f[0], f[1], 0 if f[1] else heur(f[0], v)))
+    clock.lap("pointers")
+
+    U = _UNREACHED
+    state = [U] * n
+    stack = [t for t, st, h in rhits if st or h]
+    for t in stack:
+        state[t] = REACHABLE
+    while stack:
+        b = stack.pop()
+        for t, st, h in out[b]:
+            if (st or h) and state[t] != REACHABLE:
+                state[t] = REACHABLE
+                stack.append(t)
+    stack = [t for t, _, _ in rhits if state[t] == U]
+    stack += [t for b in range(n) if state[b] == REACHABLE for t, _, _ in out[b] if state[t] == U]
+    for t in stack:
+        state[t] = POSSIBLE
+    while stack:
+        b = stack.pop()
+        for t, _, _ in out[b]:
+            if state[t] == U:
+                state[t] = POSSIBLE
+                stack.append(t)
+    # reachable via heuristic: the first heuristic accepting a pointer from
+    # the roots or a reachable block, unless a start pointer from the roots,
+    # a reachable or a possibly lost block reaches it
+    heur_of = [0] * n
+    from_reach = [e for b in range(n) if state[b] == REACHABLE for e in out[b]]
+    if any(h for _, _, h in rhits) or any(h for _, _, h in from_reach):
+        started = [False] * n
+        for t, st, _ in rhits:
+            if st:
+                started[t] = True
+        for b in range(n):
+            if state[b] != U:
+                for t, st, _ in out[b]:
+                    if st:
+                        started[t] = True
+        for t, _, h in rhits + from_reach:
+            if h and (not heur_of[t] or h < heur_of[t]):
+                heur_of[t] = h
+        for b in range(n):
+            if started[b] or state[b] != REACHABLE:
+                heur_of[b] = 0
+    clock.lap("marking")
+
+    # memcheck's clique pass: in address order, each lost block not yet
+    # marked leads and marks every unmarked lost block it reaches but itself
+    lost = [st == U for st in state]
+    marked = [False] * n
+    for leader in range(n):
+        if not lost[leader] or marked[leader]:
+            continue
+        stack = [leader]
+        while stack:
+            b = stack.pop()
+            for t, _, _ in out[b]:
+                if lost[t] and not marked[t] and t != leader:
+                    marked[t] = True
+                    stack.append(t)
+    for b in range(n):
+        if lost[b]:
+            state[b] = INDIRECT if marked[b] else DEFINITE
+    clock.lap("cliques")
+
+    kinds = np.empty(n, dtype=np.int8)
+    hout = np.zeros(n, dtype=np.int8)
+    for k, i in enumerate(order):
+        kinds[i] = state[k]
+        if state[k] == REACHABLE:
+            hout[i] = heur_of[k]
+    return Classification(starts=starts.copy(), sizes=sizes.copy(), kinds=kinds, heuristic=hout)
+
+
 class _Clock:
     """Seconds per phase into ``timings`` (when it is a dict)."""
 
@@ -460,7 +713,8 @@ def classify(starts, sizes, roots: Iterable[Region], heap: Sequence[Region], *,
              registers: Iterable[int] = (),
              heuristics=DEFAULT_HEURISTICS,
              is_vtable: Optional[Callable[[np.ndarray], np.ndarray]] = None,
-             hazard_offsets=None, timings: Optional[Dict[str, float]] = None) -> Classification:
+             hazard_offsets=None, timings: Optional[Dict[str, float]] = None,
+             small: bool = True) -> Classification:
     """Classify every block; see the module docstring.
 
     ``is_vtable(values)`` -> bool array: memcheck's "looks like a vtable" test
@@ -470,13 +724,23 @@ def classify(starts, sizes, roots: Iterable[Region], heap: Sequence[Region], *,
     dict that gets the seconds each phase took (``blocks``: sorting and
     locating the blocks; ``pointers``: finding the pointers in the roots and
     the blocks, heuristics included; ``marking``: reachable and possibly
-    lost; ``cliques``: the clique pass) -- for bench/kinds.py.
+    lost; ``cliques``: the clique pass) -- for bench/kinds.py.  ``small``:
+    small inputs take the plain-Python path (:func:`_classify_small`); False
+    forces the vectorised one.
     """
     clock = _Clock(timings)
     heuristics = frozenset(heuristics)
     unknown = heuristics - DEFAULT_HEURISTICS
     if unknown:
         raise ValueError(f"unknown leak-check heuristic(s): {', '.join(sorted(unknown))}")
+    starts = np.asarray(starts, dtype=np.uint64).reshape(-1)
+    sizes = np.asarray(sizes, dtype=np.uint64).reshape(-1)
+    if starts.shape != sizes.shape:
+        raise ValueError(f"starts ({starts.size}) and sizes ({sizes.size}) differ in length")
+    if small:
+        got = _classify_small(starts, sizes, roots, heap, registers, heuristics, is_vtable, hazard_offsets, clock)
+        if got is not None:
+            return got
     blocks = _Blocks(starts, sizes, hazard_offsets)
     n = blocks.n
     contents = _Contents(blocks, heap)

@@ -27,7 +27,7 @@ from __future__ import annotations
 import functools
 import os
 import re
-from typing import Callable, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -68,11 +68,14 @@ def _libc_exit(maps: Sequence[Region]) -> Optional[Tuple[int, Sequence[Region]]]
 
 
 def exit_path_hole(maps: Sequence[Region], main_sp: int, read: Callable[[int, int], bytes],
-                   words: Optional[Callable[[int, int], np.ndarray]] = None) -> Optional[Range]:
+                   words: Optional[Callable[[int, int], np.ndarray]] = None,
+                   read_many: Optional[Callable[[Sequence[Tuple[int, int]]], List[bytes]]] = None) -> Optional[Range]:
     """The main thread's exit path frames, ``[sp - 128, return slot)`` (see
     the module's text), or None when the process is not inside the ``exit``
     that ``__libc_start_call_main`` called. ``words(addr, n)``: the aligned
-    words there as a uint64 array (else they come from ``read``)."""
+    words there as a uint64 array (else they come from ``read``);
+    ``read_many(ranges)``: many ``(addr, length)`` reads at once, each
+    shorter when unreadable (else one ``read`` each)."""
     found = _libc_exit(maps)
     if found is None:
         return None
@@ -93,12 +96,20 @@ def exit_path_hole(maps: Sequence[Region], main_sp: int, read: Callable[[int, in
     in_code = np.zeros(words.size, dtype=bool)
     for m in code:
         in_code |= (words >= np.uint64(m.start + 5)) & (words < np.uint64(m.end))
-    for i in np.nonzero(in_code)[0][::-1]:        # the highest slot first
-        ret = int(words[i])
-        try:
-            insn = read(ret - 5, 5)
-        except OSError:
-            continue
+    slots = np.nonzero(in_code)[0][::-1].tolist()     # the highest slot first
+    rets = words[slots].tolist() if slots else []
+    # the 5 bytes before each return address, in one read when the caller can
+    # (read_many: one process_vm_readv for them all)
+    if read_many is not None:
+        insns = read_many([(ret - 5, 5) for ret in rets])
+    else:
+        insns = []
+        for ret in rets:
+            try:
+                insns.append(read(ret - 5, 5))
+            except OSError:
+                insns.append(b"")
+    for i, ret, insn in zip(slots, rets, insns):
         if len(insn) == 5 and insn[0] == 0xE8 and ret + int.from_bytes(insn[1:], "little", signed=True) == exit_addr:
             slot = lo + 8 * int(i)
             return (lo, slot) if slot > lo else None

@@ -99,6 +99,8 @@ def _libc_data_ranges(maps: Sequence[Region], static: bool = False) -> List[Tupl
     executable maps)."""
     out = []
     for i, m in enumerate(maps):
+        if not m.writable or (not static and "libc" not in m.path):
+            continue
         base = m.path.rsplit("/", 1)[-1]
         ours = m.file_backed if static else base.startswith("libc.so") or base.startswith("libc-")
         if m.writable and ours:
@@ -113,14 +115,18 @@ def _looks_like_arena(w: np.ndarray, i: int, base: int) -> bool:
     if i < 0 or i + ARENA_SIZE // 8 > w.size:
         return False
     x = base + 8 * i
-    bins = w[i + OFF_BINS // 8: i + OFF_BINS // 8 + NBINS_WORDS]
-    fd, bk = bins[0::2].astype(np.int64), bins[1::2].astype(np.int64)
-    own = x + OFF_TOP + 16 * np.arange(NBINS_WORDS // 2, dtype=np.int64)
-    empty = (fd == own) & (bk == own)
-    if empty.sum() < NBINS_WORDS // 4:
-        return False
-    # a non-empty bin holds pointers into chunk memory, both directions set
-    if bool(((fd == 0) | (bk == 0))[~empty].any()):
+    # plain Python over the 254 bin words (a dozen numpy calls cost more)
+    bins = w[i + OFF_BINS // 8: i + OFF_BINS // 8 + NBINS_WORDS].tolist()
+    own = x + OFF_TOP
+    empty = 0
+    for fd, bk in zip(bins[0::2], bins[1::2]):
+        if fd == own and bk == own:
+            empty += 1
+        elif fd == 0 or bk == 0:
+            # a non-empty bin holds pointers into chunk memory, both directions set
+            return False
+        own += 16
+    if empty < NBINS_WORDS // 4:
         return False
     nxt = int(w[i + OFF_NEXT // 8])
     return nxt != 0 and nxt % 8 == 0

@@ -21,6 +21,7 @@ words are read.
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import os
 import stat
@@ -147,19 +148,20 @@ def scan_process(pid: int, starts, sizes, *, exclude: Iterable[Range] = (),
     starts = np.asarray(starts, dtype=np.uint64)
     sizes = np.asarray(sizes, dtype=np.uint64)
     maps = read_regions(pid)
+    if registers is None:
+        registers = thread_registers(pid)
     with ProcessMemory(pid) as mem:
         # the small writable mappings at once: the allocator's structures, the
         # exit path's frames and the roots are read from them
-        mem.prefetch(prefetch_ranges(maps))
-        if registers is None:
-            registers = thread_registers(pid)
+        mem.prefetch(prefetch_ranges(maps, [r["rsp"] for r in registers.values()]))
         threads = [allocmem.Thread(r["rsp"], r.get("fs_base", 0)) for r in registers.values()]
         am = allocmem.allocator_memory(allocator, maps, mem.read, starts, sizes, threads)
         main_arena = am.main_arena
         holes = list(exclude) + subtract(am.ranges, am.keep)
         main = registers.get(pid)
         exit_frames = exitframe.exit_path_hole(maps, main["rsp"], mem.read,
-                                               lambda a, n: mem.words_many([(a, n)])[0]) if main else None
+                                               lambda a, n: mem.words_many([(a, n)])[0],
+                                               mem.read_many) if main else None
         if exit_frames:
             holes.append(exit_frames)
         roots = root_ranges(maps, [r["rsp"] for r in registers.values()], holes)
@@ -181,17 +183,30 @@ PREFETCH_MAPPING = 16 << 20
 PREFETCH_TOTAL = 256 << 20
 
 
-def prefetch_ranges(maps: Sequence[Region]) -> List[Range]:
+def prefetch_ranges(maps: Sequence[Region], stack_pointers: Iterable[int] = ()) -> List[Range]:
     """The readable and writable mappings (devices excepted) of at most
-    PREFETCH_MAPPING bytes each, PREFETCH_TOTAL in all, as (addr, length)."""
+    PREFETCH_MAPPING bytes each, PREFETCH_TOTAL in all, as (addr, length);
+    not ``[heap]`` (glibc's: never a root; its blocks are read as segments),
+    and a mapping holding a thread's stack pointer from ``sp - RED_ZONE`` up
+    (what is below is never read)."""
+    sps = sorted(stack_pointers)
     out, total = [], 0
     for m in maps:
-        n = m.end - m.start
-        if m.readable and m.writable and n <= PREFETCH_MAPPING and total + n <= PREFETCH_TOTAL \
-                and not _is_device(m):
-            out.append((m.start, n))
+        if not (m.readable and m.writable) or m.path == "[heap]":
+            continue
+        lo = m.start
+        i = bisect.bisect_left(sps, m.start)
+        if i < len(sps) and sps[i] < m.end:
+            lo = max(m.start, (sps[i] - RED_ZONE) & ~7)
+        n = m.end - lo
+        if n <= PREFETCH_MAPPING and total + n <= PREFETCH_TOTAL and not _is_device(m):
+            out.append((lo, n))
             total += n
     return out
+
+
+#: _block_segments works in plain Python up to this many blocks
+SMALL_SEGMENTS = 64
 
 
 def _block_segments(starts: np.ndarray, sizes: np.ndarray, maps: Sequence[Region],
@@ -200,6 +215,21 @@ def _block_segments(starts: np.ndarray, sizes: np.ndarray, maps: Sequence[Region
     closer than ``gap`` share one."""
     if starts.size == 0:
         return []
+    if starts.size <= SMALL_SEGMENTS:     # a few blocks: plain Python (numpy's per-call cost dominates)
+        mstarts = [m.start for m in maps]
+        out: List[Range] = []
+        prev_which, reach = None, 0
+        for s, z in zip(starts.tolist(), sizes.tolist()):
+            lo, hi = s & ~7, (s + z + 7) & ~7
+            which = bisect.bisect_right(mstarts, s) - 1
+            if out and which == prev_which and lo - reach <= gap:
+                reach = max(reach, hi)
+                out[-1] = (out[-1][0], reach)
+            else:
+                reach = max(reach, hi) if out else hi
+                out.append((lo, reach))
+            prev_which = which
+        return out
     lo = (starts & ~np.uint64(7)).astype(np.int64)
     hi = ((starts + sizes + np.uint64(7)) & ~np.uint64(7)).astype(np.int64)
     mstarts = np.array([m.start for m in maps], dtype=np.uint64)

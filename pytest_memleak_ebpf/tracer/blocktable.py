@@ -17,6 +17,7 @@ addr, as the program does.
 from __future__ import annotations
 
 import mmap
+import threading
 
 import numpy as np
 
@@ -54,6 +55,7 @@ class BlockTable:
         self.buckets, self.region_buckets = buckets, region_buckets
         self.regions = buckets // region_buckets
         self._buf = buf
+        self._local = threading.local()
         self.a = np.frombuffer(buf, dtype="<u8", count=buckets * 5 * WAYS).reshape(buckets, 5, WAYS)
 
     @classmethod
@@ -99,6 +101,13 @@ class BlockTable:
 
     # -- reads ----------------------------------------------------------------
 
+    def _scratch(self) -> np.ndarray:
+        """This thread's (region_buckets, WAYS) bool buffer for one region's compare."""
+        m = getattr(self._local, "mask", None)
+        if m is None:
+            m = self._local.mask = np.empty((self.region_buckets, WAYS), dtype=bool)
+        return m
+
     def take(self, serials, *, remove: bool) -> dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]]:
         """{serial: (addresses, sizes, stacks)} of these images' blocks, read
         from their regions only; remove: their slots are freed (only for images
@@ -115,23 +124,35 @@ class BlockTable:
         for r, mine in sorted(regions.items()):
             sub = self.a[r * rb:(r + 1) * rb]
             ser = sub[:, SERIAL, :]
+            # the slots' flat indices (bucket * WAYS + way): one compare over
+            # the serial column, then the other columns at those slots only
+            # (boolean masks over every column cost several times more)
             if len(mine) == 1:
                 (one,) = mine
-                mask = ser == np.uint64(one)
+                m = self._scratch()
+                np.equal(ser, np.uint64(one), out=m)      # no temporary: it is 64 KiB
+                if not m.any():
+                    continue
+                idx = np.flatnonzero(m)
             else:
-                mask = np.isin(ser, np.fromiter(mine, dtype=np.uint64))
-            if not mask.any():
+                idx = np.flatnonzero(np.isin(ser, np.fromiter(mine, dtype=np.uint64)))
+            if not idx.size:
                 continue
-            got_ser = ser[mask]
-            cols = (sub[:, ADDR, :][mask], sub[:, SIZE, :][mask], sub[:, STACK, :][mask])
+            bk, way = idx // WAYS, idx % WAYS
+            got_ser = ser[bk, way]
+            cols = (sub[bk, ADDR, way], sub[bk, SIZE, way], sub[bk, STACK, way])
             if remove:
-                ser[mask] = 0            # serial first, then the address (as the program does)
-                sub[:, ADDR, :][mask] = 0
+                ser[bk, way] = 0            # serial first, then the address (as the program does)
+                sub[bk, ADDR, way] = 0
+            if len(mine) == 1:
+                out.setdefault(one, []).append(cols)
+                continue
             for s in mine:
                 sel = got_ser == np.uint64(s)
                 if sel.any():
                     out.setdefault(s, []).append(tuple(c[sel] for c in cols))
-        return {s: tuple(np.concatenate([p[i] for p in parts]) for i in range(3)) for s, parts in out.items()}
+        return {s: parts[0] if len(parts) == 1 else tuple(np.concatenate([p[i] for p in parts]) for i in range(3))
+                for s, parts in out.items()}
 
     def live_stacks(self) -> set[int]:
         """The stacks of every block in the table (a whole-table read: for the

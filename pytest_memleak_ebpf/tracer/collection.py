@@ -419,6 +419,8 @@ class Collector:
             v = None
         if v is not None and int(v.serial) == serial and int(v.flags) & TF_RING:
             out += [(int(e.addr), int(e.size)) for e in v.ring if e.addr]
+        if v is not None and int(v.serial) == serial and not int(v.alloc_blocks):
+            return out   # it never recorded a block: none in the table or the hash (no region read)
         if self.table is not None:
             got = self.table.take((serial,), remove=False).get(serial)
             if got is not None:

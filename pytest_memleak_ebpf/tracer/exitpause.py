@@ -40,14 +40,19 @@ class Outcome:
 
 
 def wait_stopped(pid: int, seconds: float = STOP_WAIT_SECONDS) -> bool:
+    """Whether `pid` is (or gets) stopped within `seconds`. A process sent
+    SIGSTOP at its exit stops within microseconds: the checks start 20 us
+    apart and back off to 0.5 ms."""
     deadline = time.monotonic() + seconds
+    step = 0.00002
     while True:
         st = process_state(pid)
         if st in ("T", "t"):
             return True
         if st is None or st in ("Z", "X") or time.monotonic() >= deadline:
             return False
-        time.sleep(0.0005)
+        time.sleep(step)
+        step = min(step * 2, 0.0005)
 
 
 def tracer_pid(pid: int) -> int:
@@ -140,12 +145,15 @@ class Pauser:
         # where each scan's registers came from: "bpf" (the stop's record) or "ptrace"
         self.register_sources = {"bpf": 0, "ptrace": 0}
 
-    def registers(self, tgid: int, serial: int, record: StopRegisters | None) -> dict[int, dict[str, int]]:
+    def registers(self, tgid: int, serial: int, record: StopRegisters | None,
+                  threads: list[int] | None = None) -> dict[int, dict[str, int]]:
         """Every thread's registers of the stopped process: the BPF
         program's record of its stop when it has that one thread (its
         registers are the ones ptrace would read), else through the
-        watchdog's ptrace."""
-        if record is not None and record.serial == serial and thread_ids(tgid) == [record.tid]:
+        watchdog's ptrace. threads: its thread ids, when just listed."""
+        if threads is None and record is not None:
+            threads = thread_ids(tgid)
+        if record is not None and record.serial == serial and threads == [record.tid]:
             self.register_sources["bpf"] += 1
             return {record.tid: record.registers}
         self.register_sources["ptrace"] += 1
@@ -169,15 +177,27 @@ class Pauser:
     def _scan_stopped(self, tgid: int, serial: int, own_stop: bool = True) -> Outcome:
         """own_stop: the process stopped on our SIGSTOP (a record of its
         registers is taken); else it was stopped before (none is)."""
-        stopped = wait_stopped(tgid)
-        # taken whatever happens: no record outlives its stop
+        # The BPF record of the stop is written when its thread dequeues our
+        # SIGSTOP, with the siglock held up to the group stop: a process of
+        # that one thread cannot touch its memory again before our SIGCONT
+        # (which cancels a stop not completed yet): no need to wait for the
+        # stop to show in /proc. Else wait for it, and take the record then.
         record = self.stop_registers(tgid) if own_stop else None
+        threads = thread_ids(tgid) if record is not None else None
+        if record is not None and record.serial == serial and threads == [record.tid]:
+            stopped = True
+        else:
+            stopped = wait_stopped(tgid)
+            # taken whatever happens: no record outlives its stop
+            if own_stop and record is None:
+                record = self.stop_registers(tgid)
+            threads = None
         if not stopped:
             if tracer_pid(tgid):
                 return Outcome(reason="it is ptraced (a debugger or strace): not paused")
             return Outcome(reason="it did not stop at exit")
         return scan(tgid, self.take_blocks(tgid, serial), self.limit,
-                    registers=lambda: self.registers(tgid, serial, record),
+                    registers=lambda: self.registers(tgid, serial, record, threads),
                     allocator=self.allocator_kind(serial) or "glibc")
 
     def scan_running(self, procs: list[tuple[int, int]]) -> None:
