@@ -102,6 +102,7 @@ class LeakEngine:
         self._growth: dict | None = None
         self._empty_window = False
         self._froze = False                 # gc.freeze() was called at the open window's start
+        self._nothing_counted = False       # the closed window held no block that could count
         self.tracer.add_root(os.getpid())
         self.json_entries: list[dict] = []
         self.flamegraphs: list[tuple[str, str]] = []
@@ -123,6 +124,7 @@ class LeakEngine:
         wanted = budget.classify if budget is not None else self.settings.default_budget.classify
         self._current = self.tracer.begin_test(wanted)
         self._kinds_wanted = wanted
+        self._nothing_counted = False
 
     def active(self) -> bool:
         return self._current is not None
@@ -238,19 +240,22 @@ class LeakEngine:
         if self._empty_window:
             return
         froze, self._froze = self._froze, False
+        counted = False      # a block that could count is live (then it may be worth a scan)
         try:
-            if collect and (self.settings.in_process == "all" or self._extension_ranges()) \
-                    and self._holds_counted():
-                gc.collect()          # the window's own objects (older ones are frozen)
-                if froze and self._holds_counted():
-                    # garbage that an older object is part of: only a full collection frees it
-                    gc.unfreeze()
-                    froze = False
-                    gc.collect()
+            if collect and (self.settings.in_process == "all" or self._extension_ranges()):
+                counted = self._holds_counted()
+                if counted:
+                    gc.collect()          # the window's own objects (older ones are frozen)
+                    if froze and self._holds_counted():
+                        # garbage that an older object is part of: only a full collection frees it
+                        gc.unfreeze()
+                        froze = False
+                        gc.collect()
         finally:
             if froze:
                 gc.unfreeze()
-        if collect and self._kinds_wanted and self.settings.in_process_kinds:
+        self._nothing_counted = collect and not counted
+        if collect and counted and self._kinds_wanted and self.settings.in_process_kinds:
             # CPython's type attribute cache holds borrowed pointers, stale once
             # a type changes or goes (a dangling pointer to a freed object's
             # address, which a leaked block may now have): empty it before the
@@ -295,10 +300,13 @@ class LeakEngine:
         return result
 
     def _inproc_off(self) -> str | None:
-        """Why the window was not scanned when kinds are wanted but the scan is off."""
-        from .kinds.inprocess import KINDS_OFF
+        """Why the window was not scanned when kinds are wanted: the scan is
+        off, or nothing that could count was live at its close (then none was asked for)."""
+        from .kinds.inprocess import KINDS_OFF, NOTHING_TO_CLASSIFY
 
-        return None if self.settings.in_process_kinds else KINDS_OFF
+        if not self.settings.in_process_kinds:
+            return KINDS_OFF
+        return NOTHING_TO_CLASSIFY if self._nothing_counted else None
 
     def _suppressions(self, budget: Budget) -> list:
         """The session's suppressions plus the test's marker's own."""

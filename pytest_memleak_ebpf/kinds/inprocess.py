@@ -636,6 +636,8 @@ class Outcome:
     phases: Dict[str, float] = dataclasses.field(default_factory=dict)
 
 
+# why a window's blocks were not classified: none of them could count
+NOTHING_TO_CLASSIFY = "no block that could count was live at the window's end: nothing to classify"
 # why a window's blocks were not classified when in-process leak kinds are not on
 KINDS_OFF = "in-process leak kinds are off (--ebpf-leaks-in-process-kinds turns them on)"
 
