@@ -934,6 +934,18 @@ def bench_real(cfg: dict, res: dict) -> None:
                 runs.append(gated(mk(vg)))
             put(d, "valgrind", runs)
             log(f"real {key} valgrind {d['valgrind_s']['median']:.3f} s")
+        # the raw floor (issue 17): empty BPF programs at the tracer's probe sites, as for churn
+        try:
+            fl = Floor()
+            try:
+                for key, _comm, _desc, mk in programs:
+                    d = out["programs"][key]
+                    put(d, "floor", timed_runs(lambda: mk(())(), cfg))
+                    log(f"real {key} floor {d['floor_s']['median']:.3f} s")
+            finally:
+                fl.close()
+        except Exception as e:
+            log(f"real floor failed: {e}")
         t = load_tracer("as-is")
         try:
             t.add_root(os.getpid())
@@ -960,6 +972,8 @@ def bench_real(cfg: dict, res: dict) -> None:
                 d[f"valgrind_slowdown{sfx}"] = ratio(v, b)
                 d[f"valgrind_slowdown_over_tracer_slowdown{sfx}"] = ratio(d[f"valgrind_slowdown{sfx}"],
                                                                           d[f"tracer_slowdown{sfx}"])
+                if f"floor{sfx}_s" in d:
+                    d[f"tracer_over_floor{sfx}"] = ratio(tr, d[f"floor{sfx}_s"]["median"])
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -1250,6 +1264,9 @@ def targets(res: dict) -> list[dict]:
         row(f"{key}: slowdown ≥ 5× smaller than valgrind's", "≥ 5×",
             d.get("valgrind_slowdown_over_tracer_slowdown"), d.get("valgrind_slowdown_over_tracer_slowdown_cpu"),
             lambda v: v >= 5, nd=1, unit="×")
+        if "tracer_over_floor" in d:
+            row(f"{key}: tracer ≤ 1.2× its raw floor (issue 17)", "≤ 1.2×", d.get("tracer_over_floor"),
+                d.get("tracer_over_floor_cpu"), lambda v: v <= 1.2, unit="×")
     pt = res.get("pytest")
     if pt:
         row("fixed cost per test", "≤ 2 ms", pt.get("per_test_ms"), pt.get("per_test_cpu_ms"),
@@ -1448,14 +1465,17 @@ def markdown(res: dict) -> str:
     rl = res.get("real")
     if rl:
         L.append("## 2. Real programs (whole process)\n")
-        L.append("| program | baseline (s) | tracer (s) | valgrind (s) | tracer slowdown | valgrind slowdown | "
-                 "valgrind slowdown / tracer slowdown | same on CPU time | allocations |")
-        L.append("|---|---|---|---|---|---|---|---|---|")
+        L.append("| program | baseline (s) | raw floor (s) | tracer (s) | valgrind (s) | tracer slowdown | "
+                 "tracer / floor (CPU) | valgrind slowdown | valgrind slowdown / tracer slowdown | same on CPU time | "
+                 "allocations |")
+        L.append("|---|---|---|---|---|---|---|---|---|---|---|")
         for key, d in rl["programs"].items():
             if not all(k in d for k in ("baseline_s", "tracer_s", "valgrind_s")):
                 continue
-            L.append(f"| {d['what']} | {f(d['baseline_s']['median'])} | {f(d['tracer_s']['median'])} | "
+            L.append(f"| {d['what']} | {f(d['baseline_s']['median'])} | {f(d.get('floor_s', {}).get('median'))} | "
+                     f"{f(d['tracer_s']['median'])} | "
                      f"{f(d['valgrind_s']['median'], 2)} | {f(d.get('tracer_slowdown'), 2, '×')} | "
+                     f"{f(d.get('tracer_over_floor_cpu'), 2, '×')} | "
                      f"{f(d.get('valgrind_slowdown'), 1, '×')} | "
                      f"{f(d.get('valgrind_slowdown_over_tracer_slowdown'), 1, '×')} | "
                      f"{f(d.get('valgrind_slowdown_over_tracer_slowdown_cpu'), 1, '×')} "

@@ -94,6 +94,25 @@ struct rawbuf_t {
 /* (image, hash of its plain-ip stack) -> build-id stack (memleak.h: rawkey_t) */
 BPF_TABLE("lru_hash", struct rawkey_t, struct rawval_t, rawcache, MAX_RAWCACHE);
 BPF_PERCPU_ARRAY(rawscratch, struct rawbuf_t, 1);
+/* In front of rawcache and the stack map, per CPU: (image, hash of its
+ * plain-ip stack) -> build-id stack, direct-mapped (SCACHE entries, a power of
+ * 2). A hit costs neither the LRU lookup nor the stack map's: it stands for
+ * them while the stack's `used` stamp it saw is younger than STACK_STAMP_NS
+ * (the stamp is at least that recent, as after a stack map lookup: userspace
+ * deletes only stacks stamped more than 2 * STACK_STAMP_NS before its block
+ * walk began, so the stack is still there). The mapping itself never goes
+ * stale: an image's serial is never reused. */
+#define SCACHE 256
+struct scache_ent_t {
+    u64 serial;
+    u64 rawhash;
+    u64 h;               /* the build-id stack's hash */
+    u64 stamp;           /* the stack's `used` as this CPU last saw or set it */
+};
+struct scache_t {
+    struct scache_ent_t e[SCACHE];
+};
+BPF_PERCPU_ARRAY(scache, struct scache_t, 1);
 BPF_PERCPU_ARRAY(rawval_scratch, struct rawval_t, 1);
 BPF_PERCPU_ARRAY(proc_scratch, struct proc_t, 1);
 BPF_ARRAY(counters, u64, CTR_NCOUNTERS);
@@ -567,10 +586,21 @@ static __always_inline u32 walk_stack(struct pt_regs *ctx, u64 *ip)
     return n;
 }
 
+static __always_inline void scache_fill(struct scache_ent_t *ce, u64 serial, u64 rawhash, u64 h, u64 stamp)
+{
+    if (!ce)
+        return;
+    ce->serial = serial;
+    ce->rawhash = rawhash;
+    ce->h = h;
+    ce->stamp = stamp;
+}
+
 static __always_inline u64 capture_stack(struct pt_regs *ctx, struct track_t *t, u64 now)
 {
     u32 zero = 0;
     struct rawkey_t rk = {.serial = t->serial};
+    struct scache_ent_t *ce = NULL;
     u32 rn = 0;
     struct rawbuf_t *rb = rawscratch.lookup(&zero);
     if (rb) {
@@ -582,14 +612,27 @@ static __always_inline u64 capture_stack(struct pt_regs *ctx, struct track_t *t,
             rh = (rh ^ rb->ip[i]) * FNV_PRIME;
         }
         rk.rawhash = rh;
+        struct scache_t *sc = scache.lookup(&zero);
+        if (sc) {
+            ce = &sc->e[(rh ^ rk.serial) & (SCACHE - 1)];
+            /* (a stamp from another CPU's later clock: no hit) */
+            if (ce->rawhash == rh && ce->serial == rk.serial && now - ce->stamp < STACK_STAMP_NS)
+                return ce->h;
+        }
         struct rawval_t *known = rawcache.lookup(&rk);
         if (known) {
             u64 kh = known->h;
             struct stack_t *ks = stacks.lookup(&kh);
             if (ks) {
-                /* a store to a line every thread shares: only when stale */
-                if (now - ks->used > STACK_STAMP_NS)
+                /* a store to a line every thread shares: only when stale
+                 * (half the period: the per-CPU entry then lasts at least
+                 * the other half) */
+                u64 used = ks->used;
+                if (now - used > STACK_STAMP_NS / 2) {
                     ks->used = now;
+                    used = now;
+                }
+                scache_fill(ce, rk.serial, rh, kh, used);
                 return kh;
             }
         }
@@ -644,7 +687,8 @@ static __always_inline u64 capture_stack(struct pt_regs *ctx, struct track_t *t,
             rv->h = h;
             rv->n = rn;
             __builtin_memcpy(rv->ip, rb->ip, sizeof(rv->ip));
-            rawcache.update(&rk, rv);
+            if (rawcache.update(&rk, rv) == 0)
+                scache_fill(ce, rk.serial, rk.rawhash, h, now);
         }
     }
     return h;
