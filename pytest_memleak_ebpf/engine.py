@@ -44,7 +44,7 @@ class Settings:
     on_incomplete: str = "error"          # "error" | "warn"
     in_process: str = "extensions"        # "extensions" | "all" | "off"
     in_process_scope: str = "call"        # "call" | "test" (setup + call + teardown)
-    in_process_kinds: bool = False        # classify the window's blocks (kinds/inprocess.py): opt-in
+    in_process_kinds: bool = True         # classify the window's blocks (kinds/inprocess.py)
     own_modules: frozenset = frozenset()  # modules the plugin itself loaded (never extensions)
     suppressions: tuple = ()              # default + files (Suppression objects)
     flamegraph_dir: str | None = None
@@ -86,6 +86,49 @@ def new_tracer(settings: Settings):
     from .tracer import Tracer
 
     return Tracer(tracer_config(settings), window_scans=settings.in_process_kinds)
+
+
+class _GcFreeze:
+    """gc.freeze() for a window (LeakEngine.open_window), undone at its close
+    or as soon as the test itself uses the collector: while frozen, gc's
+    functions are wrapped so that any call of them first thaws every object
+    (a test that collects, counts objects or looks for referrers sees the
+    interpreter as it would without the plugin)."""
+
+    WRAPPED = ("collect", "get_objects", "get_referrers", "get_count", "get_stats", "freeze", "unfreeze",
+               "get_freeze_count")
+    collect = staticmethod(gc.collect)
+    _real = {name: getattr(gc, name) for name in WRAPPED}
+    _engine = None
+
+    @classmethod
+    def freeze(cls, engine) -> None:
+        cls._real["freeze"]()
+        cls._engine = engine
+        for name, fn in cls._real.items():
+            setattr(gc, name, cls._thawing(fn))
+
+    @classmethod
+    def _thawing(cls, fn):
+        import functools
+
+        @functools.wraps(fn)
+        def call(*args, **kwargs):
+            if cls._engine is not None:
+                cls.thaw(cls._engine)
+            return fn(*args, **kwargs)
+        return call
+
+    @classmethod
+    def thaw(cls, engine) -> None:
+        """Give the window's frozen objects back (nothing when not frozen)."""
+        if not engine._froze:
+            return
+        engine._froze = False
+        cls._engine = None
+        for name, fn in cls._real.items():
+            setattr(gc, name, fn)
+        cls._real["unfreeze"]()
 
 
 class LeakEngine:
@@ -226,7 +269,7 @@ class LeakEngine:
         # not when someone else froze objects (their freeze is theirs to undo)
         self._froze = freeze and gc.get_freeze_count() == 0
         if self._froze:
-            gc.freeze()
+            _GcFreeze.freeze(self)
         self.tracer.open_window()
 
     def close_window(self, *, collect: bool = False) -> None:
@@ -239,28 +282,29 @@ class LeakEngine:
         without: it counts what grows)."""
         if self._empty_window:
             return
-        froze, self._froze = self._froze, False
         counted = False      # a block that could count is live (then it may be worth a scan)
         try:
             if collect and (self.settings.in_process == "all" or self._extension_ranges()):
                 counted = self._holds_counted()
                 if counted:
-                    gc.collect()          # the window's own objects (older ones are frozen)
-                    if froze and self._holds_counted():
+                    _GcFreeze.collect()   # the window's own objects (older ones are frozen)
+                    if self._froze and self._holds_counted():
                         # garbage that an older object is part of: only a full collection frees it
-                        gc.unfreeze()
-                        froze = False
-                        gc.collect()
+                        _GcFreeze.thaw(self)
+                        _GcFreeze.collect()
         finally:
-            if froze:
-                gc.unfreeze()
+            _GcFreeze.thaw(self)
         self._nothing_counted = collect and not counted
         if collect and counted and self._kinds_wanted and self.settings.in_process_kinds:
             # CPython's type attribute cache holds borrowed pointers, stale once
             # a type changes or goes (a dangling pointer to a freed object's
-            # address, which a leaked block may now have): empty it before the
-            # scan (it refills on the next lookups)
-            sys._clear_type_cache()
+            # address, which a leaked block may now have): the scans leave its
+            # memory out when it was found (kinds.inprocess.type_cache_range),
+            # else it is emptied first (it refills on the next lookups)
+            from .kinds import inprocess
+
+            if inprocess.found_type_cache() is None:   # never a child process here: a test's
+                sys._clear_type_cache()
             self.tracer.close_window(self.settings.in_process)
         else:
             self.tracer.close_window()
@@ -315,9 +359,7 @@ class LeakEngine:
     def abandon(self) -> None:
         """Stop tracking the current test without reporting (interrupted)."""
         self._empty_window = False
-        if self._froze:
-            self._froze = False
-            gc.unfreeze()
+        _GcFreeze.thaw(self)
         if self.tracer.in_window():
             self.tracer.close_window()
         if self._current is not None:

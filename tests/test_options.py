@@ -176,6 +176,27 @@ def test_command_line_over_ini(pytester):
     assert [x.pattern for x in s.suppressions] == ["from_cli"]
 
 
+@pytest.mark.parametrize("args, ini, expected", [
+    ((), "", True),                                                      # on by default
+    (("--ebpf-leaks-no-in-process-kinds",), "", False),
+    ((), "ebpf_leaks_in_process_kinds = false\n", False),
+    (("--ebpf-leaks-in-process-kinds",), "ebpf_leaks_in_process_kinds = false\n", True),
+    (("--ebpf-leaks-no-in-process-kinds",), "ebpf_leaks_in_process_kinds = true\n", False),
+], ids=["default", "off", "ini-off", "cli-over-ini", "off-over-ini"])
+def test_in_process_kinds_are_on_unless_turned_off(pytester, args, ini, expected):
+    assert settings(pytester, "--ebpf-leaks", *args, ini=ini).in_process_kinds is expected
+
+
+def test_both_in_process_kinds_options_are_a_usage_error(pytester, no_tracer):
+    pytester.makepyfile(test_m="def test_x(): pass")
+    result = pytester.runpytest_subprocess("--ebpf-leaks", "--ebpf-leaks-in-process-kinds",
+                                           "--ebpf-leaks-no-in-process-kinds", "-p", "no:cacheprovider")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    err = result.stderr.str()
+    assert "--ebpf-leaks-in-process-kinds and --ebpf-leaks-no-in-process-kinds contradict" in err
+    assert "Traceback" not in err
+
+
 def test_growth_options_take_the_other_default(pytester):
     b = settings(pytester, "--ebpf-leaks", "--ebpf-leaks-warmup=0").default_budget
     assert (b.warmup, b.repeat) == (0, 3)

@@ -84,6 +84,84 @@ _PR_SET_PTRACER = 0x59616d61
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
+# --- CPython's type attribute cache: never roots --------------------------------
+
+# Its 4,096 entries {unsigned version; PyObject *name; PyObject *value} (CPython
+# 3.10+, MCACHE_SIZE_EXP 12): `value` is a borrowed pointer, dangling once its
+# type changes or goes -- and a block the window leaked may now have that
+# address. Emptying the cache (sys._clear_type_cache) before each scan would do,
+# but it fills every entry's name with None, and as the entries refill, None's
+# reference count falls: a test comparing sys.getrefcount(None) around a call
+# (ujson's own suite has them) would fail. So its memory is left out of the
+# roots instead; its names are interned strings, reachable through the
+# interned table anyway.
+_TYPE_CACHE_ENTRIES, _TYPE_CACHE_ENTRY = 4096, 24
+_type_cache: Optional[Tuple[int, int]] = None
+_type_cache_known = False
+
+_FIND_TYPE_CACHE = r"""
+import ctypes, os, sys
+sys._clear_type_cache()
+runtime = ctypes.addressof(ctypes.c_char.in_dll(ctypes.pythonapi, "_PyRuntime"))
+none, best = id(None), None
+fd = os.open("/proc/self/mem", os.O_RDONLY)
+for line in open("/proc/self/maps").read().splitlines():
+    f = line.split()
+    lo, hi = (int(x, 16) for x in f[0].split("-"))
+    if not f[1].startswith("rw") or not lo <= runtime < hi + (1 << 20):
+        continue
+    try:
+        data = os.pread(fd, hi - lo, lo)
+    except OSError:
+        continue
+    w = memoryview(data)[:len(data) // 8 * 8].cast("Q")
+    for r in range(3):
+        flags = [1 if x == none else 0 for x in w[r::3]]
+        run = sum(flags[:4096])
+        for i in range(len(flags) - 4096 + 1):
+            if best is None or run > best[0]:
+                best = (run, lo + 8 * (r + 3 * i))
+            if i + 4096 < len(flags):
+                run += flags[i + 4096] - flags[i]
+print(-1 if best is None or best[0] < 3900 else best[1] - 8 - runtime)
+"""
+
+
+def type_cache_range() -> Optional[Tuple[int, int]]:
+    """[lo, hi) of this interpreter's type attribute cache, or None when it
+    cannot be told. Found once, before any test: a child of the same
+    interpreter empties its own cache (every name None) and finds it
+    relative to `_PyRuntime` (the layout is the binary's); here the entries
+    at that place are checked to read as a cache (names NULL, None or str)."""
+    global _type_cache, _type_cache_known
+    if _type_cache_known:
+        return _type_cache
+    _type_cache_known = True
+    try:
+        out = subprocess.run([sys.executable, "-I", "-S", "-c", _FIND_TYPE_CACHE], capture_output=True, text=True,
+                             timeout=20, check=True).stdout.split()
+        off = int(out[-1])
+        if off < 0:
+            return None
+        runtime = ctypes.addressof(ctypes.c_char.in_dll(ctypes.pythonapi, "_PyRuntime"))
+        lo = runtime + off
+        names = (ctypes.c_uint64 * (3 * _TYPE_CACHE_ENTRIES)).from_address(lo)[1::3]
+        good = sum(1 for n in names if n in (0, id(None))
+                   or ctypes.c_void_p.from_address(n + 8).value == id(str))
+    except (OSError, ValueError, IndexError, subprocess.SubprocessError):
+        return None
+    if good < 0.99 * _TYPE_CACHE_ENTRIES:
+        return None
+    _type_cache = (lo, lo + _TYPE_CACHE_ENTRIES * _TYPE_CACHE_ENTRY)
+    return _type_cache
+
+
+def found_type_cache() -> Optional[Tuple[int, int]]:
+    """type_cache_range()'s answer if it was asked before, else None (never
+    a child process: during a test it would be one of the test's)."""
+    return _type_cache
+
+
 def own_context() -> dict:
     """The calling thread's id, stack pointer and general-purpose registers
     (glibc ``getcontext``): what a scan of this process needs from the thread
@@ -97,8 +175,11 @@ def own_context() -> dict:
     del gregs
     ctypes.memset(buf, 0, _UCONTEXT_BYTES)
     named = dict(zip(_GREGS, regs))
+    dead = _dead_datastack(sys._getframe())
+    if _type_cache is not None:
+        dead.append(_type_cache)
     return {"tid": threading.get_native_id(), "sp": named["rsp"],
-            "registers": [named[r] for r in _GREGS if r != "rip"], "dead": _dead_datastack(sys._getframe())}
+            "registers": [named[r] for r in _GREGS if r != "rip"], "dead": dead}
 
 
 # CPython 3.11: PyFrameObject.f_frame, and in _PyInterpreterFrame f_code,
@@ -639,7 +720,8 @@ class Outcome:
 # why a window's blocks were not classified: none of them could count
 NOTHING_TO_CLASSIFY = "no block that could count was live at the window's end: nothing to classify"
 # why a window's blocks were not classified when in-process leak kinds are not on
-KINDS_OFF = "in-process leak kinds are off (--ebpf-leaks-in-process-kinds turns them on)"
+KINDS_OFF = ("in-process leak kinds are off (--ebpf-leaks-no-in-process-kinds, or ini "
+             "ebpf_leaks_in_process_kinds = false)")
 
 
 class WindowScanner:
