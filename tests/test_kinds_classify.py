@@ -36,14 +36,18 @@ class Mem:
         assert addr % 8 == 0
         self.words[addr] = value
 
-    def run(self, **kw):
+    def inputs(self):
+        """(starts, sizes, roots, the heap's words from HEAP on)."""
         starts = [s for s, _ in self.blocks]
         sizes = [n for _, n in self.blocks]
         hi = max([self.at] + [a + 8 for a in self.words])
         seg = np.zeros((hi - HEAP) // 8, dtype=np.uint64)
         for a, v in self.words.items():
             seg[(a - HEAP) // 8] = v
-        roots = [(ROOT, np.array(self.roots, dtype=np.uint64))]
+        return starts, sizes, [(ROOT, np.array(self.roots, dtype=np.uint64))], seg
+
+    def run(self, **kw):
+        starts, sizes, roots, seg = self.inputs()
         return classify(starts, sizes, roots, [(HEAP, seg)], registers=self.regs, **kw)
 
 
@@ -476,15 +480,9 @@ def test_plain_python_path_for_small_inputs_matches_the_vectorised_passes(seed):
         is_vt = lambda vals: np.array([int(v) in vt for v in vals], dtype=bool)  # noqa: E731
         # some cases: a block at the end with no content (its segment ends before it)
         cut = rng.random() < 0.2
-        starts = [s for s, _ in m.blocks]
-        sizes = [z for _, z in m.blocks]
-        hi = max([m.at] + [a + 8 for a in m.words])
-        seg = np.zeros((hi - HEAP) // 8, dtype=np.uint64)
-        for a, v in m.words.items():
-            seg[(a - HEAP) // 8] = v
+        starts, sizes, roots, seg = m.inputs()
         if cut:
             seg = seg[:max(0, (starts[-1] - HEAP) // 8)]
-        roots = [(ROOT, np.array(m.roots, dtype=np.uint64))]
         kw = dict(registers=m.regs, is_vtable=is_vt, hazard_offsets=hz if rng.random() < 0.7 else None,
                   heuristics=DEFAULT_HEURISTICS if rng.random() < 0.8 else ())
         small = C._classify_small(np.array(starts, np.uint64), np.array(sizes, np.uint64), roots,
