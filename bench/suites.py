@@ -13,9 +13,8 @@ suite runs:
 
   plain        python -m pytest <its tests>
   plugin       ... --ebpf-leaks                 (the default: pymalloc probed in the
-                                                 windows, their blocks classified)
-  nokinds      ... --ebpf-leaks --ebpf-leaks-no-in-process-kinds
-                                                (every block a window leaves counts)
+                                                 windows; every block a window leaves counts)
+  kinds        ... --ebpf-leaks --ebpf-leaks-in-process-kinds (the window's blocks classified)
   memray       ... --memray (pytest-memray), when it can be installed here
 
 Per mode: the median wall time of --runs whole sessions, and the tests that
@@ -65,7 +64,7 @@ RELEASE_PAIR = dict(package="ujson", leaking="5.11.0", fixed="5.12.0", commit="4
                     test="tests/test_ujson.py::test_encode_decode_big_int",
                     what="the buffer Object_newIntegerFromString takes with PyObject_Malloc for "
                          "every big integer it decodes is never freed")
-MODES = ("plain", "plugin", "nokinds", "memray")
+MODES = ("plain", "plugin", "kinds", "memray")
 VENV_PACKAGES = ["pytest", "hypothesis", "cython", "setuptools>=80", "setuptools-scm", "wheel"]
 
 
@@ -146,10 +145,10 @@ def session(py: Path, tree: Path, tests: list[str], mode: str, junit: Path, pyar
     tests = ["--pyargs", *tests] if pyargs else [str(tree / t) for t in tests]
     args = [str(py), "-m", "pytest", "-q", "-p", "no:cacheprovider", "--import-mode=importlib",
             f"--junitxml={junit}", *tests]
-    if mode in ("plugin", "nokinds"):
+    if mode in ("plugin", "kinds"):
         args.append("--ebpf-leaks")
-    if mode == "nokinds":
-        args.append("--ebpf-leaks-no-in-process-kinds")
+    if mode == "kinds":
+        args.append("--ebpf-leaks-in-process-kinds")
     if mode == "memray":
         args.append("--memray")
     t0 = time.monotonic()
@@ -201,7 +200,7 @@ def release_pair(py: Path, sources: Path, clone: bool) -> dict:
 def markdown(res: dict) -> str:
     lines = [f"Real C-extension suites (bench/suites.py, {res['date']}, {res['runs']} run(s) per mode, "
              "median wall time; *only here*: tests failing under the mode that pass plain)", "",
-             "| suite | tests | plain | `--ebpf-leaks` | with `--ebpf-leaks-no-in-process-kinds` | pytest-memray |",
+             "| suite | tests | plain | `--ebpf-leaks` | with `--ebpf-leaks-in-process-kinds` | pytest-memray |",
              "|---|---|---|---|---|---|"]
     for name, s in res["suites"].items():
         cells = []

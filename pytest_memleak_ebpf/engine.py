@@ -44,7 +44,7 @@ class Settings:
     on_incomplete: str = "error"          # "error" | "warn"
     in_process: str = "extensions"        # "extensions" | "all" | "off"
     in_process_scope: str = "call"        # "call" | "test" (setup + call + teardown)
-    in_process_kinds: bool = True         # classify the window's blocks (kinds/inprocess.py)
+    in_process_kinds: bool = False        # classify the window's blocks (kinds/inprocess.py): opt-in
     own_modules: frozenset = frozenset()  # modules the plugin itself loaded (never extensions)
     suppressions: tuple = ()              # default + files (Suppression objects)
     flamegraph_dir: str | None = None

@@ -163,10 +163,10 @@ def add_options(parser: pytest.Parser) -> None:
     _valued(group, "--ebpf-leaks-suppressions", "FILE", action="append",
             help="LSan-style suppression file (leak:<pattern> lines); may be given several times")
     group.addoption("--ebpf-leaks-in-process-kinds", action="store_true", default=None,
-                    help="classify the pytest process's own window's blocks (scan its memory at the "
-                         "window's end): caches kept reachable do not count (the default)")
+                    help="classify the pytest process's own window's blocks too (scan its memory at the "
+                         "window's end): caches kept reachable no longer count; figures may move (README)")
     group.addoption("--ebpf-leaks-no-in-process-kinds", action="store_true", default=None,
-                    help="do not classify the in-process window's blocks: every one of them counts")
+                    help="do not classify the in-process window's blocks, whatever the ini file says")
     group.addoption("--ebpf-leaks-no-default-suppressions", action="store_true", default=None,
                     help="do not suppress the memory glibc, ld.so and libstdc++ keep on purpose until exit")
     group.addoption("--ebpf-leaks-gen-suppressions", action="store_true", default=None,
@@ -191,8 +191,8 @@ def add_options(parser: pytest.Parser) -> None:
     parser.addini("ebpf_leaks_max_processes", default="", help="process map capacity")
     parser.addini("ebpf_leaks_on_incomplete", default="error", help="error|warn")
     parser.addini("ebpf_leaks_in_process", default="extensions", help="extensions|all|off")
-    parser.addini("ebpf_leaks_in_process_kinds", type="bool", default=True,
-                  help="classify the pytest process's own window's blocks (default true)")
+    parser.addini("ebpf_leaks_in_process_kinds", type="bool", default=False,
+                  help="classify the pytest process's own window's blocks too (default false)")
     parser.addini("ebpf_leaks_suppressions", type="paths", default=[], help="suppression files")
     parser.addini("ebpf_leaks_default_suppressions", type="bool", default=True,
                   help="suppress memory glibc/ld.so/libstdc++ keep until exit (default true)")
@@ -262,8 +262,8 @@ def _suppressions(config: pytest.Config) -> list:
 
 
 def _in_process_kinds(config: pytest.Config) -> bool:
-    """On unless --ebpf-leaks-no-in-process-kinds, or the ini says false and
-    --ebpf-leaks-in-process-kinds is not given; both options: a usage error."""
+    """--ebpf-leaks-in-process-kinds, else not --ebpf-leaks-no-in-process-kinds
+    and the ini's (default false); both options: a usage error."""
     on, off = config.getoption("ebpf_leaks_in_process_kinds"), config.getoption("ebpf_leaks_no_in_process_kinds")
     if on and off:
         raise pytest.UsageError("--ebpf-leaks-in-process-kinds and --ebpf-leaks-no-in-process-kinds contradict "

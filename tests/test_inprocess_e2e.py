@@ -214,7 +214,7 @@ def test_full_collection_only_when_a_block_that_could_count_is_live(pytester, ru
                       "test_extension_block_freed_by_the_test": 0}
 
 
-@pytest.mark.parametrize("kinds", [["--ebpf-leaks-no-in-process-kinds"], []], ids=["kinds-off", "default"])
+@pytest.mark.parametrize("kinds", [[], ["--ebpf-leaks-in-process-kinds"]], ids=["default", "in-process-kinds"])
 def test_a_session_with_warnings_as_errors_ends_cleanly(pytester, run_plugin, leakext, kinds):
     """A project whose ini turns every warning into an error (as many do):
     nothing the plugin opened is left for the garbage collector (an unclosed

@@ -1,6 +1,5 @@
 """End-to-end: leak kinds of the pytest process's own window (C extensions),
-with real eBPF; on by default (--ebpf-leaks-no-in-process-kinds turns them off), with pymalloc probed or
-PYTHONMALLOC=malloc. At the default kinds a cache an extension keeps (a static
+with real eBPF; opt-in (--ebpf-leaks-in-process-kinds), with pymalloc probed or PYTHONMALLOC=malloc. At the default kinds a cache an extension keeps (a static
 list, a module-level dict, a first-call static) is still reachable and does
 not fail its test; what nobody references (raw blocks, objects missing a
 Py_DECREF) is classified block by block, its lost part counted — a leaked
@@ -50,7 +49,7 @@ def test_caches_are_reachable_and_leaks_are_lost(project, run_plugin, leakext_ex
         monkeypatch.setenv("PYTHONMALLOC", "malloc")
     else:
         monkeypatch.delenv("PYTHONMALLOC", raising=False)
-    result, doc = run_plugin(*dist)     # the default: no option needed
+    result, doc = run_plugin("--ebpf-leaks-in-process-kinds", *dist)
     out = result.stdout.str()
     if allocator == "pymalloc":   # its free blocks told from its live ones: no restart
         assert "pymalloc kept: Python objects are seen through CPython's pymalloc functions" in out
@@ -104,11 +103,13 @@ def test_kinds_all_keeps_the_figures_of_before(project, run_plugin, leakext_expe
     assert "3,000 B in 3 blocks from the pytest process (in-process):" in out
 
 
-def test_in_process_kinds_can_be_turned_off(project, run_plugin, leakext_expected):
-    """With --ebpf-leaks-no-in-process-kinds the window is not scanned: its
-    blocks are unclassified (they count at the default kinds), with the
-    reason, and the figures are exactly those of before."""
+def test_in_process_kinds_are_opt_in(project, run_plugin, leakext_expected):
+    """Without --ebpf-leaks-in-process-kinds (and with
+    --ebpf-leaks-no-in-process-kinds over an ini that turns them on) the
+    window is not scanned: its blocks are unclassified (they count at the
+    default kinds), with the reason, and the figures are exactly those of before."""
     obj = leakext_expected.BYTES_OBJECT_SIZE
+    project.makeini("[pytest]\nebpf_leaks_in_process_kinds = true\n")
     result, doc = run_plugin("--ebpf-leaks-no-in-process-kinds")
     t = _by_name(doc)
     ip = {n: x["in_process"] for n, x in t.items()}
@@ -118,8 +119,7 @@ def test_in_process_kinds_can_be_turned_off(project, run_plugin, leakext_expecte
     assert ip["test_clean"]["leaked"] == {"bytes": 0, "blocks": 0}
     for x in ip.values():
         assert x["classified"] is False
-        assert x["reason"] == ("in-process leak kinds are off (--ebpf-leaks-no-in-process-kinds, or ini "
-                               "ebpf_leaks_in_process_kinds = false)")
+        assert x["reason"] == "in-process leak kinds are off (--ebpf-leaks-in-process-kinds turns them on)"
         assert x["reachability"]["unclassified"] == x["outstanding"]
     assert "in_process_scans" not in doc.get("session", {})
 
@@ -144,7 +144,7 @@ def test_refcounts_a_test_compares_do_not_move(pytester, run_plugin, leakext_mod
             assert Fresh().attr_first_looked_up_here == 1    # fills a type cache entry
             assert sys.getrefcount(None) == before
     """)
-    result, doc = run_plugin()
+    result, doc = run_plugin("--ebpf-leaks-in-process-kinds")
     assert {t["nodeid"].split("::")[-1]: t["outcome"] for t in doc["tests"]} == {
         "test_scanned": "passed", "test_none_refcount": "passed"}, result.stdout.str()
     assert doc["tests"][0]["in_process"]["classified"] is True

@@ -177,13 +177,13 @@ def test_command_line_over_ini(pytester):
 
 
 @pytest.mark.parametrize("args, ini, expected", [
-    ((), "", True),                                                      # on by default
-    (("--ebpf-leaks-no-in-process-kinds",), "", False),
-    ((), "ebpf_leaks_in_process_kinds = false\n", False),
+    ((), "", False),                                                     # opt-in
+    (("--ebpf-leaks-in-process-kinds",), "", True),
+    ((), "ebpf_leaks_in_process_kinds = true\n", True),
     (("--ebpf-leaks-in-process-kinds",), "ebpf_leaks_in_process_kinds = false\n", True),
     (("--ebpf-leaks-no-in-process-kinds",), "ebpf_leaks_in_process_kinds = true\n", False),
-], ids=["default", "off", "ini-off", "cli-over-ini", "off-over-ini"])
-def test_in_process_kinds_are_on_unless_turned_off(pytester, args, ini, expected):
+], ids=["default", "on", "ini-on", "cli-over-ini", "off-over-ini"])
+def test_in_process_kinds_are_opt_in(pytester, args, ini, expected):
     assert settings(pytester, "--ebpf-leaks", *args, ini=ini).in_process_kinds is expected
 
 

@@ -720,8 +720,7 @@ class Outcome:
 # why a window's blocks were not classified: none of them could count
 NOTHING_TO_CLASSIFY = "no block that could count was live at the window's end: nothing to classify"
 # why a window's blocks were not classified when in-process leak kinds are not on
-KINDS_OFF = ("in-process leak kinds are off (--ebpf-leaks-no-in-process-kinds, or ini "
-             "ebpf_leaks_in_process_kinds = false)")
+KINDS_OFF = "in-process leak kinds are off (--ebpf-leaks-in-process-kinds turns them on)"
 
 
 class WindowScanner:
