@@ -128,13 +128,7 @@ def _pymalloc_problem(tracer, settings, pid: int, *, probes: bool = True) -> str
 def _probe_pymalloc(tracer, settings) -> str | None:
     """Have this process's windows probe its pymalloc, when in-process
     checking is on and pymalloc serves Python objects: None when they will,
-    else why not ("" when nothing was asked). With in-process kinds, also
-    finds the type attribute cache the scans leave out (a child process:
-    before any test)."""
-    if settings.in_process != "off" and settings.in_process_kinds:
-        from .kinds.inprocess import type_cache_range
-
-        type_cache_range()
+    else why not ("" when nothing was asked)."""
     problem = _pymalloc_problem(tracer, settings, os.getpid(), probes=False)
     return problem if problem is not None else tracer.enable_pymalloc_probes()
 

@@ -6,7 +6,6 @@ classified against it."""
 
 from __future__ import annotations
 
-import ctypes
 import struct
 
 import numpy as np
@@ -245,26 +244,3 @@ def test_live_words_leave_out_every_word_a_hole_touches():
     assert ip.live_words(words, 1000, []).tolist() == list(range(10))
     assert ip.live_words(words, 1000, [(0, 5000)]).size == 0
 
-
-def test_the_type_attribute_cache_is_found_and_left_out_of_the_roots():
-    """type_cache_range() finds this interpreter's type attribute cache (a
-    child empties its own and finds it by its None names); an attribute
-    looked up now has its interned name in one of the range's entries, and
-    own_context() gives the range (the scan reads its borrowed values as 0)."""
-    import sys
-
-    from pytest_memleak_ebpf.kinds import inprocess
-
-    lo, hi = inprocess.type_cache_range()
-    assert hi - lo == 4096 * 24
-    assert inprocess.found_type_cache() == (lo, hi)
-
-    class Fresh:
-        pass
-
-    name = sys.intern("attribute_looked_up_by_this_test_only")
-    setattr(Fresh, name, 1)
-    assert getattr(Fresh(), name) == 1
-    names = (ctypes.c_uint64 * (3 * 4096)).from_address(lo)[1::3]
-    assert id(name) in names
-    assert inprocess.own_context()["type_cache"] == [lo, hi]

@@ -84,85 +84,6 @@ _PR_SET_PTRACER = 0x59616d61
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
-# --- CPython's type attribute cache: never roots --------------------------------
-
-# Its 4,096 entries {unsigned version; PyObject *name; PyObject *value} (CPython
-# 3.10+, MCACHE_SIZE_EXP 12): `value` is a borrowed pointer, dangling once its
-# type changes or goes -- and a block the window leaked may now have that
-# address. Emptying the cache (sys._clear_type_cache) before each scan would do,
-# but it fills every entry's name with None, and as the entries refill, None's
-# reference count falls: a test comparing sys.getrefcount(None) around a call
-# (ujson's own suite has them) would fail. So the scan reads every entry's
-# `value` as 0 instead (classify_image); its `name` is a strong reference (an
-# attribute name an extension made with PyObject_GetAttrString may be kept
-# by nothing else) and stays a root.
-_TYPE_CACHE_ENTRIES, _TYPE_CACHE_ENTRY = 4096, 24
-_type_cache: Optional[Tuple[int, int]] = None
-_type_cache_known = False
-
-_FIND_TYPE_CACHE = r"""
-import ctypes, os, sys
-sys._clear_type_cache()
-runtime = ctypes.addressof(ctypes.c_char.in_dll(ctypes.pythonapi, "_PyRuntime"))
-none, best = id(None), None
-fd = os.open("/proc/self/mem", os.O_RDONLY)
-for line in open("/proc/self/maps").read().splitlines():
-    f = line.split()
-    lo, hi = (int(x, 16) for x in f[0].split("-"))
-    if not f[1].startswith("rw") or not lo <= runtime < hi + (1 << 20):
-        continue
-    try:
-        data = os.pread(fd, hi - lo, lo)
-    except OSError:
-        continue
-    w = memoryview(data)[:len(data) // 8 * 8].cast("Q")
-    for r in range(3):
-        flags = [1 if x == none else 0 for x in w[r::3]]
-        run = sum(flags[:4096])
-        for i in range(len(flags) - 4096 + 1):
-            if best is None or run > best[0]:
-                best = (run, lo + 8 * (r + 3 * i))
-            if i + 4096 < len(flags):
-                run += flags[i + 4096] - flags[i]
-print(-1 if best is None or best[0] < 3900 else best[1] - 8 - runtime)
-"""
-
-
-def type_cache_range() -> Optional[Tuple[int, int]]:
-    """[lo, hi) of this interpreter's type attribute cache, or None when it
-    cannot be told. Found once, before any test: a child of the same
-    interpreter empties its own cache (every name None) and finds it
-    relative to `_PyRuntime` (the layout is the binary's); here the entries
-    at that place are checked to read as a cache (names NULL, None or str)."""
-    global _type_cache, _type_cache_known
-    if _type_cache_known:
-        return _type_cache
-    _type_cache_known = True
-    try:
-        out = subprocess.run([sys.executable, "-I", "-S", "-c", _FIND_TYPE_CACHE], capture_output=True, text=True,
-                             timeout=20, check=True).stdout.split()
-        off = int(out[-1])
-        if off < 0:
-            return None
-        runtime = ctypes.addressof(ctypes.c_char.in_dll(ctypes.pythonapi, "_PyRuntime"))
-        lo = runtime + off
-        names = (ctypes.c_uint64 * (3 * _TYPE_CACHE_ENTRIES)).from_address(lo)[1::3]
-        good = sum(1 for n in names if n in (0, id(None))
-                   or ctypes.c_void_p.from_address(n + 8).value == id(str))
-    except (OSError, ValueError, IndexError, subprocess.SubprocessError):
-        return None
-    if good < 0.99 * _TYPE_CACHE_ENTRIES:
-        return None
-    _type_cache = (lo, lo + _TYPE_CACHE_ENTRIES * _TYPE_CACHE_ENTRY)
-    return _type_cache
-
-
-def found_type_cache() -> Optional[Tuple[int, int]]:
-    """type_cache_range()'s answer if it was asked before, else None (never
-    a child process: during a test it would be one of the test's)."""
-    return _type_cache
-
-
 def own_context() -> dict:
     """The calling thread's id, stack pointer and general-purpose registers
     (glibc ``getcontext``): what a scan of this process needs from the thread
@@ -176,11 +97,8 @@ def own_context() -> dict:
     del gregs
     ctypes.memset(buf, 0, _UCONTEXT_BYTES)
     named = dict(zip(_GREGS, regs))
-    out = {"tid": threading.get_native_id(), "sp": named["rsp"],
-           "registers": [named[r] for r in _GREGS if r != "rip"], "dead": _dead_datastack(sys._getframe())}
-    if _type_cache is not None:
-        out["type_cache"] = list(_type_cache)
-    return out
+    return {"tid": threading.get_native_id(), "sp": named["rsp"],
+            "registers": [named[r] for r in _GREGS if r != "rip"], "dead": _dead_datastack(sys._getframe())}
 
 
 # CPython 3.11: PyFrameObject.f_frame, and in _PyInterpreterFrame f_code,
@@ -598,12 +516,6 @@ def classify_image(maps: Sequence[Region], snap: Snapshot, starts, sizes, *, con
     {"root_bytes", "live_heap_bytes", "tcaches"})."""
     starts = np.asarray(starts, dtype=np.uint64).reshape(-1)
     sizes = np.asarray(sizes, dtype=np.uint64).reshape(-1)
-    if context and context.get("type_cache"):
-        # the type attribute cache's borrowed `value` pointers are never roots (own_context)
-        lo, hi = (int(x) for x in context["type_cache"])
-        cache = snap.view(lo, hi)
-        if cache.size == (hi - lo) // 8 and cache.size % 3 == 0:
-            cache.reshape(-1, 3)[:, 2] = 0
     main_arena = find_main_arena(maps, snap)
     if main_arena is None:
         raise LookupError("glibc's main_arena was not found in libc's data")
