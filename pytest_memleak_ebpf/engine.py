@@ -19,6 +19,7 @@ function name):
 
 from __future__ import annotations
 
+import functools
 import gc
 import os
 import sys
@@ -110,8 +111,6 @@ class _GcFreeze:
 
     @classmethod
     def _thawing(cls, fn):
-        import functools
-
         @functools.wraps(fn)
         def call(*args, **kwargs):
             if cls._engine is not None:

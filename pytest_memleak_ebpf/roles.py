@@ -20,7 +20,6 @@ import functools
 import inspect
 import json
 import os
-import sys
 from typing import Any
 
 import pytest

@@ -243,4 +243,3 @@ def test_live_words_leave_out_every_word_a_hole_touches():
     assert ip.live_words(words, 1000, holes).tolist() == [4, 5, 6]
     assert ip.live_words(words, 1000, []).tolist() == list(range(10))
     assert ip.live_words(words, 1000, [(0, 5000)]).size == 0
-

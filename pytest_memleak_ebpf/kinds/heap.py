@@ -103,7 +103,7 @@ def _libc_data_ranges(maps: Sequence[Region], static: bool = False) -> List[Tupl
             continue
         base = m.path.rsplit("/", 1)[-1]
         ours = m.file_backed if static else base.startswith("libc.so") or base.startswith("libc-")
-        if m.writable and ours:
+        if ours:
             out.append((m.start, m.end))
             if i + 1 < len(maps) and maps[i + 1].path == "" and maps[i + 1].start == m.end and maps[i + 1].writable:
                 out.append((maps[i + 1].start, maps[i + 1].end))

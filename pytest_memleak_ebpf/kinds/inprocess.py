@@ -84,10 +84,8 @@ _PR_SET_PTRACER = 0x59616d61
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
-def own_context() -> dict:
-    """The calling thread's id, stack pointer and general-purpose registers
-    (glibc ``getcontext``): what a scan of this process needs from the thread
-    that waits for it.  Values are plain ints."""
+def _own_registers() -> Dict[str, int]:
+    """The calling thread's general-purpose registers (glibc ``getcontext``)."""
     buf = ctypes.create_string_buffer(_UCONTEXT_BYTES)
     if _libc.getcontext(buf) != 0:
         raise OSError(ctypes.get_errno(), "getcontext failed")
@@ -96,7 +94,19 @@ def own_context() -> dict:
     regs = [gregs[i] for i in range(len(_GREGS))]
     del gregs
     ctypes.memset(buf, 0, _UCONTEXT_BYTES)
-    named = dict(zip(_GREGS, regs))
+    return dict(zip(_GREGS, regs))
+
+
+def own_stack_pointer() -> int:
+    """The calling thread's stack pointer (no /proc read)."""
+    return _own_registers()["rsp"]
+
+
+def own_context() -> dict:
+    """The calling thread's id, stack pointer and general-purpose registers
+    (glibc ``getcontext``): what a scan of this process needs from the thread
+    that waits for it.  Values are plain ints."""
+    named = _own_registers()
     return {"tid": threading.get_native_id(), "sp": named["rsp"],
             "registers": [named[r] for r in _GREGS if r != "rip"], "dead": _dead_datastack(sys._getframe())}
 
@@ -527,7 +537,7 @@ def classify_image(maps: Sequence[Region], snap: Snapshot, starts, sizes, *, con
     # candidates: inside an arena's heap (their chunk's user memory is no
     # root), or served by mmap (their mapping is no root)
     in_heap = _inside(starts, heaps)
-    in_arena = pyheap.inside(starts) if pyheap is not None else np.zeros(starts.size, dtype=bool)
+    in_arena = _inside(starts, pyheap.arenas if pyheap is not None else [])
     cand_chunks: List[Range] = []
     cand_blocks: List[Range] = []     # in pymalloc's arenas: the whole block (its size class)
     mmapped: List[Range] = []

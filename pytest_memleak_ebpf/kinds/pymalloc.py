@@ -30,6 +30,7 @@ why, and the scan is unclassified, never silently made of stale words.
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import os
 import re
@@ -63,17 +64,20 @@ class Layout:
     source: str = ""            # the file whose symbols gave them
 
 
-_symbols_cache: Dict[Tuple[str, int, int], Optional[Tuple[int, int]]] = {}
+_symbols_cache: Dict[Tuple[str, int, int], Tuple[Optional[Tuple[int, int]], list]] = {}
 
 
-def _object_symbols(path: str) -> Optional[Tuple[int, int]]:
-    """(st_value of `arenas`, of `maxarenas`) in `path`'s .symtab, or None."""
+def _object_symbols(path: str) -> Tuple[Optional[Tuple[int, int]], list]:
+    """((st_value of `arenas`, of `maxarenas`) in `path`'s .symtab, or None;
+    its PT_LOADs, elf.load_segments), read once per file."""
     st = os.stat(path)
     key = (path, st.st_ino, st.st_mtime_ns)
     if key in _symbols_cache:
         return _symbols_cache[key]
     from elftools.elf.elffile import ELFFile
     from elftools.elf.sections import SymbolTableSection
+
+    from ..elf import load_segments
 
     found: Dict[str, int] = {}
     with open(path, "rb") as f:
@@ -85,7 +89,7 @@ def _object_symbols(path: str) -> Optional[Tuple[int, int]]:
                     if sym["st_info"]["type"] == "STT_OBJECT" and sym["st_shndx"] != "SHN_UNDEF":
                         found[name] = sym["st_value"]
                         break
-    out = (found["arenas"], found["maxarenas"]) if len(found) == 2 else None
+    out = ((found["arenas"], found["maxarenas"]) if len(found) == 2 else None, load_segments(path))
     _symbols_cache[key] = out
     return out
 
@@ -99,8 +103,6 @@ def locate(maps: Sequence[Region], exe: Optional[str] = None) -> Layout:
     """The pymalloc state of the process whose mappings are `maps` (its
     libpython's, else its executable's `exe`). LookupError saying why when
     it cannot be known."""
-    from ..elf import load_segments
-
     files = [m.path for m in maps if os.path.basename(m.path).startswith("libpython")]
     if exe:
         files.append(exe)
@@ -112,8 +114,7 @@ def locate(maps: Sequence[Region], exe: Optional[str] = None) -> Layout:
                          "(read here for 3.10 and 3.11)")
             continue
         try:
-            syms = _object_symbols(path)
-            loads = load_segments(path)
+            syms, loads = _object_symbols(path)
         except (OSError, ValueError) as exc:
             tried.append(f"{path}: {exc}")
             continue
@@ -144,24 +145,12 @@ class Heap:
     live_blocks: int = 0
     free_blocks: int = 0
 
-    def inside(self, addrs: np.ndarray) -> np.ndarray:
-        """Which of `addrs` lie in an arena."""
-        if not self.arenas or addrs.size == 0:
-            return np.zeros(addrs.size, dtype=bool)
-        lo = np.array([a for a, _ in self.arenas], dtype=np.uint64)
-        hi = np.array([b for _, b in self.arenas], dtype=np.uint64)
-        i = np.searchsorted(lo, addrs, side="right").astype(np.int64) - 1
-        ok = i >= 0
-        return ok & (addrs < hi[np.where(ok, i, 0)])
-
     def root_words(self, snap, holes: Sequence[Range]) -> List[Tuple[int, np.ndarray]]:
         """The words of the live blocks outside `holes` (the candidates),
         one array per arena."""
         out = []
         holes = sorted(holes)
         hlo = [a for a, _ in holes]
-        import bisect
-
         for lo, mask in self.live:
             hi = lo + 8 * mask.size
             keep = mask
@@ -241,7 +230,6 @@ def _mark_pool(snap, words, mask, arena: int, w0: int, pool: int, count: int, sz
     free = 0
     b = freeblock
     end = pool + POOL_OVERHEAD + carved * size
-    mv = words
     while b:
         if not (pool + POOL_OVERHEAD <= b < end) or (b - pool - POOL_OVERHEAD) % size:
             raise ValueError(f"pymalloc pool {pool:#x}: free block {b:#x} is not one of its blocks")
@@ -250,7 +238,7 @@ def _mark_pool(snap, words, mask, arena: int, w0: int, pool: int, count: int, sz
         free += 1
         if free > carved:
             raise ValueError(f"pymalloc pool {pool:#x}: its free list loops")
-        b = int(mv[i])
+        b = int(words[i])
     if carved - free != count:
         raise ValueError(f"pymalloc pool {pool:#x}: {carved - free} live blocks, its count says {count}")
     heap.live_blocks += count

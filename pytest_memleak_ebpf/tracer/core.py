@@ -532,10 +532,10 @@ class Tracer:
         return out[0]
 
     def _classify_own_window(self, c: Client, scan: str, context: dict | None):
-        from ..kinds.inprocess import own_context
+        from ..kinds.inprocess import own_stack_pointer
         from ..procmaps import read_regions
 
-        sp = own_context()["sp"]
+        sp = own_stack_pointer()
         if self._reader_stack is None or not self._reader_stack[0] <= sp < self._reader_stack[1]:
             self._reader_stack = next(((m.start, m.end) for m in read_regions(os.getpid()) if m.start <= sp < m.end),
                                       (sp, sp))

@@ -118,9 +118,7 @@ def _close_received(sock: socket.socket) -> None:
         try:
             # a non-blocking socket (main): recv_fds drops its flags argument (CPython 3.11)
             _, fds, _, _ = socket.recv_fds(sock, 16, 256)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError:
+        except OSError:          # BlockingIOError: nothing more waiting
             return
         if not fds:
             return
